@@ -1,0 +1,292 @@
+"""Configuration: pydantic models of ``params.yaml``, validated once at the boundary.
+
+``params.yaml`` has one section per pipeline stage. Unknown keys are rejected, and every error
+names the dotted key and the allowed values, e.g. ``corruption.kind: 'flip' is not one of
+'none', 'label_flip', 'backdoor'``.
+
+:func:`fingerprint` hashes the parts of the configuration that a stage depends on; it is stored
+beside every artifact and as an MLflow tag.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cleanse.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _open_fraction(value: float, *, allow_zero: bool = False) -> float:
+    low_ok = value >= 0 if allow_zero else value > 0
+    if not (low_ok and value < 1):
+        interval = "[0, 1)" if allow_zero else "(0, 1)"
+        raise ValueError(f"must lie in {interval}, got {value}")
+    return value
+
+
+class DataConfig(_Section):
+    """Where the data comes from and how it is split."""
+
+    source: str = Field(
+        "sklearn:digits",
+        description="sklearn:digits | sklearn:breast_cancer | sklearn:wine | sklearn:iris, "
+        "or a .parquet / .npz file (local path or s3:// URI).",
+    )
+    val_fraction: float = Field(0.15, description="Fraction of all samples held out for validation.")
+    test_fraction: float = Field(0.25, description="Fraction of all samples held out for testing.")
+    features: str | list[str] = Field(
+        "features",
+        description="Parquet only: the name of a list/array column, or a list of scalar feature columns.",
+    )
+    label_column: str = Field("label", description="Parquet only: the integer label column.")
+    id_column: str | None = Field(
+        None, description="Parquet only: an int64 id column; by default the row number is the id."
+    )
+    image_shape: list[int] | None = Field(
+        None, description="User data only: (C, H, W) to reshape flat features into images."
+    )
+    standardize: bool = Field(True, description="Tabular data: z-score features with train statistics.")
+
+    @field_validator("val_fraction", "test_fraction")
+    @classmethod
+    def _fraction(cls, value: float) -> float:
+        return _open_fraction(value)
+
+    @model_validator(mode="after")
+    def _splits_leave_training_data(self) -> DataConfig:
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError(
+                f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction:.2f} leaves "
+                "too little training data; keep the sum below 0.9"
+            )
+        return self
+
+
+class CorruptionConfig(_Section):
+    """Corruption injected into the training split, with ground truth kept."""
+
+    kind: Literal["none", "label_flip", "backdoor"] = "label_flip"
+    fraction: float = Field(0.1, description="Fraction of training samples to corrupt, in (0, 1).")
+    mode: Literal["symmetric", "pair"] = Field(
+        "symmetric", description="label_flip: uniform over other classes, or y -> (y + 1) mod C."
+    )
+    target_class: int = Field(0, ge=0, description="backdoor: the class the trigger maps to.")
+    trigger_size: int = Field(3, ge=1, description="backdoor: patch side (images) or #features (tabular).")
+
+    @field_validator("fraction")
+    @classmethod
+    def _fraction(cls, value: float) -> float:
+        return _open_fraction(value)
+
+
+class ModelConfig(_Section):
+    """Architecture and training recipe (one trainer for every model)."""
+
+    arch: Literal["logreg", "mlp", "cnn"] = "mlp"
+    hidden: list[int] | None = Field(
+        None, description="MLP hidden widths (default [64]); CNN channel counts (default [16, 32])."
+    )
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(0.01, gt=0)
+    weight_decay: float = Field(1e-3, ge=0, description="L2 coefficient: loss + wd/2 * ||theta||^2.")
+    optimizer: Literal["adam", "sgd", "lbfgs"] = "adam"
+    checkpoints: int = Field(5, ge=1, description="Checkpoints saved at evenly spaced epochs (TracIn).")
+
+    @field_validator("hidden", mode="before")
+    @classmethod
+    def _hidden_as_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, int) else value
+
+    @field_validator("hidden")
+    @classmethod
+    def _positive_widths(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (not value or any(width < 1 for width in value)):
+            raise ValueError(f"must be one or more positive widths, got {value}")
+        return value
+
+
+class LossOptions(_Section):
+    statistic: Literal["loss", "margin"] = Field(
+        "loss", description="loss: final cross-entropy; margin: minus the final logit margin."
+    )
+
+
+class CleanlabOptions(_Section):
+    folds: int = Field(5, ge=2, description="K for the out-of-sample predicted probabilities.")
+    method: Literal["self_confidence", "normalized_margin", "confidence_weighted_entropy"] = "self_confidence"
+
+
+class InfluenceOptions(_Section):
+    solver: Literal["auto", "exact", "cg", "lissa"] = Field(
+        "auto", description="auto = exact when #params <= exact_max_params, else cg."
+    )
+    damping: float = Field(1e-3, ge=0, description="lambda in (H + lambda I)^-1.")
+    exact_max_params: int = Field(6000, ge=1)
+    cg_max_iter: int = Field(100, ge=1)
+    cg_tol: float = Field(1e-5, gt=0, description="Relative residual at which CG stops.")
+    lissa_depth: int = Field(200, ge=1)
+    lissa_repeats: int = Field(4, ge=1)
+    lissa_scale: float | None = Field(
+        None, description="LiSSA scaling s (must bound the Hessian's top eigenvalue); None = estimated."
+    )
+    lissa_batch_size: int = Field(128, ge=1)
+
+
+class TracInOptions(_Section):
+    checkpoints: Literal["all", "last"] = Field("all", description="Which saved checkpoints to sum over.")
+    chunk_size: int = Field(256, ge=1, description="Samples per vmap chunk of per-sample gradients.")
+
+
+class ScorerOptions(_Section):
+    """Per-estimator options. Changing one section reruns only that estimator downstream."""
+
+    loss: LossOptions = LossOptions()
+    cleanlab: CleanlabOptions = CleanlabOptions()
+    influence: InfluenceOptions = InfluenceOptions()
+    influence_val: InfluenceOptions = InfluenceOptions()
+    tracin: TracInOptions = TracInOptions()
+
+
+class DetectConfig(_Section):
+    """How many samples each estimator flags."""
+
+    budget: Literal["auto", "fraction", "count"] = Field(
+        "auto", description="auto: chosen from the score distribution alone (never the ground truth)."
+    )
+    fraction: float = Field(0.1, description="budget=fraction: flag this fraction of the training set.")
+    count: int = Field(50, ge=1, description="budget=count: flag this many samples.")
+    max_fraction: float = Field(0.5, description="budget=auto: never flag more than this fraction.")
+
+    @field_validator("fraction", "max_fraction")
+    @classmethod
+    def _fraction(cls, value: float) -> float:
+        return _open_fraction(value)
+
+
+class TrackingConfig(_Section):
+    enabled: bool = Field(True, description="Log the run to MLflow.")
+    experiment: str = "cleanse"
+
+
+class Params(_Section):
+    """The whole of ``params.yaml``."""
+
+    seed: int = Field(0, ge=0)
+    data: DataConfig = DataConfig()
+    corruption: CorruptionConfig = CorruptionConfig()
+    model: ModelConfig = ModelConfig()
+    estimators: list[str] = Field(["loss", "cleanlab", "influence", "influence_val", "tracin"])
+    scorers: ScorerOptions = ScorerOptions()
+    detect: DetectConfig = DetectConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @field_validator("estimators")
+    @classmethod
+    def _known_estimators(cls, value: list[str]) -> list[str]:
+        from cleanse.estimators import registry
+
+        known = registry.names()
+        unknown = [name for name in value if name not in known]
+        if unknown:
+            raise ValueError(
+                f"unknown estimator {', '.join(map(repr, unknown))}; allowed: {', '.join(known)}"
+            )
+        if not value:
+            raise ValueError(f"name at least one estimator; allowed: {', '.join(known)}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"estimators are listed twice: {value}")
+        return value
+
+
+def _format_validation_error(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "params"
+        message = item["msg"]
+        if item["type"] == "literal_error":
+            expected = item.get("ctx", {}).get("expected", "")
+            message = f"{item['input']!r} is not one of {expected}"
+        elif item["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif message.startswith("Value error, "):
+            message = message.removeprefix("Value error, ")
+        lines.append(f"{key}: {message}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``dotted.key=value`` into its key path and a YAML-typed value."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected dotted.key=value")
+    key, raw = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"--set {text!r}: empty key")
+    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with each ``dotted.key=value`` override applied."""
+    merged = json.loads(json.dumps(raw))
+    for text in overrides:
+        path, value = parse_override(text)
+        node = merged
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return merged
+
+
+def load_params(path: str | Path | None = None, overrides: list[str] | None = None) -> Params:
+    """Read, override and validate a ``params.yaml``. ``None`` means the embedded defaults."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"params file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        raw = loaded or {}
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc)) from None
+
+
+def fingerprint(*parts: BaseModel | dict[str, Any] | list[Any] | str | int | float) -> str:
+    """A 16-hex-digit sha256 of the given configuration parts, stable across processes."""
+    payload = [part.model_dump(mode="json") if isinstance(part, BaseModel) else part for part in parts]
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return digest[:16]
+
+
+def flatten(params: Params) -> dict[str, str]:
+    """Dotted-key view of the configuration (for MLflow params)."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, child in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, child)
+        else:
+            out[prefix] = json.dumps(value) if isinstance(value, list) else str(value)
+
+    walk("", params.model_dump(mode="json"))
+    return out

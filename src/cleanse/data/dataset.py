@@ -1,0 +1,107 @@
+"""In-memory data containers shared by every stage.
+
+Orientation: row ``i`` of ``features``, ``label``, ``label_clean`` and ``is_corrupted`` belongs to
+``sample_id[i]``. ``features`` has shape ``(n, *feature_shape)`` and dtype float32; for images
+``feature_shape`` is ``(C, H, W)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split of the data. Labels are int64 class indices in ``[0, n_classes)``."""
+
+    sample_id: np.ndarray
+    features: np.ndarray
+    label: np.ndarray
+    label_clean: np.ndarray
+    is_corrupted: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.sample_id.shape[0])
+
+    def subset(self, mask_or_index: np.ndarray) -> Split:
+        return Split(
+            sample_id=self.sample_id[mask_or_index],
+            features=self.features[mask_or_index],
+            label=self.label[mask_or_index],
+            label_clean=self.label_clean[mask_or_index],
+            is_corrupted=self.is_corrupted[mask_or_index],
+        )
+
+    def without(self, sample_ids: np.ndarray) -> Split:
+        """The split minus the rows whose ``sample_id`` is in ``sample_ids``."""
+        return self.subset(~np.isin(self.sample_id, sample_ids))
+
+    def to_frame(self) -> pl.DataFrame:
+        flat = self.features.reshape(len(self), -1).astype(np.float32)
+        return pl.DataFrame(
+            {
+                "sample_id": pl.Series(self.sample_id, dtype=pl.Int64),
+                "features": pl.Series(flat, dtype=pl.Array(pl.Float32, flat.shape[1])),
+                "label": pl.Series(self.label, dtype=pl.Int64),
+                "label_clean": pl.Series(self.label_clean, dtype=pl.Int64),
+                "is_corrupted": pl.Series(self.is_corrupted, dtype=pl.Boolean),
+            }
+        )
+
+    @classmethod
+    def from_frame(cls, frame: pl.DataFrame, feature_shape: tuple[int, ...]) -> Split:
+        n = frame.height
+        features = frame["features"].to_numpy().astype(np.float32).reshape((n, *feature_shape))
+        return cls(
+            sample_id=frame["sample_id"].to_numpy().astype(np.int64),
+            features=features,
+            label=frame["label"].to_numpy().astype(np.int64),
+            label_clean=frame["label_clean"].to_numpy().astype(np.int64),
+            is_corrupted=frame["is_corrupted"].to_numpy().astype(bool),
+        )
+
+
+@dataclass(frozen=True)
+class DatasetMeta:
+    """What every stage needs to know about the staged data."""
+
+    name: str
+    n_classes: int
+    feature_shape: tuple[int, ...]
+    corruption: dict[str, Any] = field(default_factory=dict)
+    trigger: dict[str, Any] | None = None
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.feature_shape) == 3
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "n_classes": self.n_classes,
+            "feature_shape": list(self.feature_shape),
+            "corruption": self.corruption,
+            "trigger": self.trigger,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DatasetMeta:
+        return cls(
+            name=data["name"],
+            n_classes=int(data["n_classes"]),
+            feature_shape=tuple(data["feature_shape"]),
+            corruption=data.get("corruption", {}),
+            trigger=data.get("trigger"),
+        )
+
+
+@dataclass(frozen=True)
+class StagedData:
+    train: Split
+    val: Split
+    test: Split
+    meta: DatasetMeta

@@ -1,0 +1,196 @@
+"""Data sources: built-in scikit-learn sets and user files (.parquet, .npz; local or s3://).
+
+Every loader returns a :class:`RawData` with a stable int64 ``sample_id`` per row (the row number
+in the source unless the user names an id column), float32 features of shape
+``(n, *feature_shape)`` and int64 labels in ``[0, n_classes)``. Input is checked here, once:
+unknown sources, unreadable files, NaN/inf features and out-of-range labels raise
+:class:`~cleanse.errors.DataError` naming the problem.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cleanse.config import DataConfig
+from cleanse.errors import DataError
+from cleanse.storage import fetch_input
+
+BUILTIN_SOURCES = ("sklearn:digits", "sklearn:breast_cancer", "sklearn:wine", "sklearn:iris")
+
+
+@dataclass(frozen=True)
+class RawData:
+    name: str
+    sample_id: np.ndarray
+    features: np.ndarray
+    label: np.ndarray
+    n_classes: int
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        return tuple(self.features.shape[1:])
+
+
+def load_source(config: DataConfig) -> RawData:
+    """Load and validate ``config.source``."""
+    source = config.source
+    if source.startswith("sklearn:"):
+        raw = _load_builtin(source)
+    elif source.endswith(".parquet"):
+        raw = _load_parquet(fetch_input(source), config)
+    elif source.endswith(".npz"):
+        raw = _load_npz(fetch_input(source), config)
+    else:
+        raise DataError(
+            f"data.source: unknown source {source!r}; allowed: {', '.join(BUILTIN_SOURCES)}, "
+            "or a path / s3:// URI ending in .parquet or .npz"
+        )
+    return _validated(raw)
+
+
+def _load_builtin(source: str) -> RawData:
+    from sklearn import datasets
+
+    loaders = {
+        "sklearn:digits": datasets.load_digits,
+        "sklearn:breast_cancer": datasets.load_breast_cancer,
+        "sklearn:wine": datasets.load_wine,
+        "sklearn:iris": datasets.load_iris,
+    }
+    if source not in loaders:
+        raise DataError(f"data.source: unknown source {source!r}; allowed: {', '.join(BUILTIN_SOURCES)}")
+    bunch = loaders[source]()
+    features = np.asarray(bunch.data, dtype=np.float32)
+    if source == "sklearn:digits":
+        features = (features / 16.0).reshape(-1, 1, 8, 8)
+    label = np.asarray(bunch.target, dtype=np.int64)
+    return RawData(
+        name=source.removeprefix("sklearn:"),
+        sample_id=np.arange(len(label), dtype=np.int64),
+        features=features,
+        label=label,
+        n_classes=int(label.max()) + 1,
+    )
+
+
+def _reshape(features: np.ndarray, config: DataConfig) -> np.ndarray:
+    if config.image_shape is None:
+        return features
+    shape = tuple(config.image_shape)
+    if int(np.prod(shape)) != features.shape[1]:
+        raise DataError(
+            f"data.image_shape {list(shape)} holds {int(np.prod(shape))} values but the data has "
+            f"{features.shape[1]} features per sample"
+        )
+    return features.reshape((-1, *shape))
+
+
+def _as_labels(values: np.ndarray, where: str) -> np.ndarray:
+    if values.dtype.kind == "f":
+        if not np.all(np.isfinite(values)) or not np.all(values == np.round(values)):
+            raise DataError(f"{where}: labels must be integers")
+    elif values.dtype.kind not in "iub":
+        raise DataError(f"{where}: labels must be integers, got dtype {values.dtype}")
+    return values.astype(np.int64)
+
+
+def _load_npz(path: Path, config: DataConfig) -> RawData:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            missing = [key for key in ("X", "y") if key not in archive.files]
+            if missing:
+                raise DataError(f"data.source {path}: missing array(s) {missing}; expected X and y")
+            features = np.asarray(archive["X"], dtype=np.float32)
+            label = _as_labels(np.asarray(archive["y"]), f"data.source {path}")
+            ids = np.asarray(archive["sample_id"], dtype=np.int64) if "sample_id" in archive.files else None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"data.source {path}: not a readable .npz file ({exc})") from exc
+    if features.ndim < 2 or features.shape[0] != label.shape[0]:
+        raise DataError(
+            f"data.source {path}: X must be (n, ...) and y (n,); got X{features.shape}, y{label.shape}"
+        )
+    features = _reshape(features.reshape(features.shape[0], -1), config) if features.ndim == 2 else features
+    return RawData(
+        name=path.stem,
+        sample_id=ids if ids is not None else np.arange(len(label), dtype=np.int64),
+        features=features,
+        label=label,
+        n_classes=int(label.max()) + 1 if len(label) else 0,
+    )
+
+
+def _load_parquet(path: Path, config: DataConfig) -> RawData:
+    import polars as pl
+
+    try:
+        frame = pl.read_parquet(path)
+    except Exception as exc:  # noqa: BLE001 - polars raises several error types for bad files
+        raise DataError(f"data.source {path}: not a readable parquet file ({exc})") from exc
+    columns = [config.features] if isinstance(config.features, str) else list(config.features)
+    needed = [*columns, config.label_column] + ([config.id_column] if config.id_column else [])
+    missing = [column for column in needed if column not in frame.columns]
+    if missing:
+        raise DataError(
+            f"data.source {path}: missing column(s) {missing}; present: {frame.columns}. "
+            "Set data.features / data.label_column / data.id_column."
+        )
+    if isinstance(config.features, str):
+        column = frame[config.features]
+        if not isinstance(column.dtype, (pl.List, pl.Array)):
+            raise DataError(
+                f"data.features: column {config.features!r} has dtype {column.dtype}; expected a list/array "
+                "column, or give data.features as a list of scalar columns"
+            )
+        lengths = column.list.len() if isinstance(column.dtype, pl.List) else None
+        if lengths is not None and lengths.n_unique() != 1:
+            raise DataError(f"data.features: rows of column {config.features!r} differ in length")
+        rows = [[np.nan if v is None else v for v in row] if row is not None else None for row in column.to_list()]
+        if any(row is None for row in rows):
+            raise DataError(f"data.source {path}: some rows of column {config.features!r} are null")
+        features = np.asarray(rows, dtype=np.float32)
+    else:
+        features = frame.select(columns).cast(pl.Float32).fill_null(float("nan")).to_numpy().astype(np.float32)
+    label = _as_labels(frame[config.label_column].fill_null(-1).to_numpy(), f"data.label_column {config.label_column!r}")
+    ids = (
+        frame[config.id_column].cast(pl.Int64).to_numpy()
+        if config.id_column
+        else np.arange(frame.height, dtype=np.int64)
+    )
+    return RawData(
+        name=path.stem,
+        sample_id=ids,
+        features=_reshape(features, config),
+        label=label,
+        n_classes=int(label.max()) + 1 if len(label) else 0,
+    )
+
+
+def _validated(raw: RawData) -> RawData:
+    n = raw.label.shape[0]
+    if n == 0:
+        raise DataError(f"data.source {raw.name}: no samples")
+    bad = ~np.isfinite(raw.features.reshape(n, -1)).all(axis=1)
+    if bad.any():
+        first = ", ".join(str(i) for i in raw.sample_id[bad][:5])
+        raise DataError(f"data.source {raw.name}: {int(bad.sum())} sample(s) have NaN or infinite features (sample_id {first}, ...)")
+    if (raw.label < 0).any():
+        first = ", ".join(str(i) for i in raw.sample_id[raw.label < 0][:5])
+        raise DataError(
+            f"data.source {raw.name}: labels out of range: {int((raw.label < 0).sum())} label(s) are negative "
+            f"or missing (sample_id {first}, ...); labels must be class indices 0..C-1"
+        )
+    counts = np.bincount(raw.label, minlength=raw.n_classes)
+    absent = np.flatnonzero(counts == 0)
+    if absent.size:
+        raise DataError(
+            f"data.source {raw.name}: labels out of range: classes 0..{raw.n_classes - 1} are implied by the "
+            f"largest label, but class(es) {absent.tolist()[:10]} never occur; relabel to 0..C-1"
+        )
+    if raw.n_classes < 2:
+        raise DataError(f"data.source {raw.name}: need at least 2 classes, found {raw.n_classes}")
+    if len(np.unique(raw.sample_id)) != n:
+        raise DataError(f"data.source {raw.name}: sample ids are not unique")
+    return raw

@@ -1,0 +1,48 @@
+"""The ``stage`` step as a pure function: source -> validated, split, standardised, corrupted data."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cleanse.config import Params
+from cleanse.data.corruption import corrupt
+from cleanse.data.dataset import DatasetMeta, Split, StagedData
+from cleanse.data.sources import load_source
+from cleanse.data.splits import standardizer, stratified_split
+
+
+def stage_data(params: Params) -> StagedData:
+    """Load ``params.data.source``, split it, and corrupt the training split.
+
+    Validation and test splits stay clean. Tabular features are standardised with the training
+    split's statistics (computed before corruption); images are left as loaded.
+    """
+    raw = load_source(params.data)
+    train_idx, val_idx, test_idx = stratified_split(
+        raw.label, val_fraction=params.data.val_fraction, test_fraction=params.data.test_fraction, seed=params.seed
+    )
+    features = raw.features
+    is_image = features.ndim == 4
+    if params.data.standardize and not is_image:
+        flat = features.reshape(features.shape[0], -1)
+        mean, scale = standardizer(flat[train_idx])
+        features = ((flat - mean) / scale).reshape(features.shape).astype(np.float32)
+
+    def split(index: np.ndarray) -> Split:
+        return Split(
+            sample_id=raw.sample_id[index],
+            features=features[index],
+            label=raw.label[index],
+            label_clean=raw.label[index],
+            is_corrupted=np.zeros(index.size, dtype=bool),
+        )
+
+    train, trigger = corrupt(split(train_idx), params.corruption, n_classes=raw.n_classes, seed=params.seed)
+    meta = DatasetMeta(
+        name=raw.name,
+        n_classes=raw.n_classes,
+        feature_shape=raw.feature_shape,
+        corruption={**params.corruption.model_dump(mode="json"), "n_corrupted": int(train.is_corrupted.sum())},
+        trigger=trigger,
+    )
+    return StagedData(train=train, val=split(val_idx), test=split(test_idx), meta=meta)

@@ -1,0 +1,1 @@
+"""Estimators: one module each, one line each in :mod:`cleanse.estimators.registry`."""

@@ -1,0 +1,79 @@
+"""The estimator protocol shared by every method.
+
+An estimator reads a :class:`ScoringContext` (the staged data and the trained model) and its own
+options, and returns a :class:`ScoreResult`: a polars table with one row per training sample, in
+the order of ``context.train.sample_id``, and columns
+
+- ``sample_id`` (int64),
+- ``score`` (float64; **higher = more likely harmful**),
+- ``score_se`` (float64 standard error) where the method gives one,
+- any method-specific columns (self-influence, label quality, ...).
+
+Estimators that can attribute behaviour on query points also implement :meth:`Estimator.pairwise`,
+returning a ``(n_query, n_train)`` matrix in which **positive means the training sample supports
+(helps) the query's observed label**, i.e. removing it would raise the query's loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+import polars as pl
+import torch
+from pydantic import BaseModel
+
+from cleanse.config import ModelConfig
+from cleanse.data.dataset import DatasetMeta, Split
+from cleanse.models.trainer import TrainedModel
+
+
+@dataclass(frozen=True)
+class ScoringContext:
+    """What an estimator may look at. Estimators must not read ``is_corrupted``/``label_clean``."""
+
+    train: Split
+    val: Split
+    meta: DatasetMeta
+    model: TrainedModel
+    model_config: ModelConfig
+    seed: int
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def tensors(self, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.as_tensor(split.features, dtype=torch.float32, device=self.device)
+        y = torch.as_tensor(split.label, dtype=torch.long, device=self.device)
+        return x, y
+
+
+@dataclass
+class ScoreResult:
+    table: pl.DataFrame
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Estimator(Protocol):
+    name: ClassVar[str]
+    options_type: ClassVar[type[BaseModel]]
+
+    def score(self, context: ScoringContext, options: BaseModel) -> ScoreResult: ...
+
+
+@runtime_checkable
+class PairwiseEstimator(Estimator, Protocol):
+    def pairwise(self, context: ScoringContext, options: BaseModel, query: Split) -> np.ndarray: ...
+
+
+def score_table(sample_id: np.ndarray, score: np.ndarray, **columns: np.ndarray) -> pl.DataFrame:
+    """Build the standard table; every extra column must have one value per sample."""
+    data: dict[str, pl.Series] = {
+        "sample_id": pl.Series(sample_id, dtype=pl.Int64),
+        "score": pl.Series(np.asarray(score, dtype=np.float64), dtype=pl.Float64),
+    }
+    for name, values in columns.items():
+        values = np.asarray(values)
+        dtype = pl.Boolean if values.dtype == bool else pl.Float64
+        data[name] = pl.Series(values.astype(bool if dtype == pl.Boolean else np.float64), dtype=dtype)
+    return pl.DataFrame(data)

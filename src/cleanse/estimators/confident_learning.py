@@ -1,0 +1,55 @@
+"""Confident learning (Northcutt, Jiang & Chuang, JAIR 2021) through the cleanlab package.
+
+Out-of-sample predicted probabilities come from K stratified folds, each model trained with the
+same recipe as the main model (seed ``seed + 1000 + fold``). ``score = 1 - label quality`` (the
+cleanlab ``get_label_quality_scores`` value for the chosen method), and ``is_label_issue`` is
+cleanlab's own ``find_label_issues`` verdict (prune by noise rate), kept for reference.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+from sklearn.model_selection import StratifiedKFold
+
+from cleanse.config import CleanlabOptions
+from cleanse.errors import DataError
+from cleanse.estimators.base import ScoreResult, ScoringContext, score_table
+from cleanse.models.trainer import predict_proba, train_model
+
+
+def out_of_sample_probabilities(context: ScoringContext, folds: int) -> np.ndarray:
+    """``(n_train, n_classes)`` probabilities, each row from a model that did not see that row."""
+    train = context.train
+    counts = np.bincount(train.label, minlength=context.meta.n_classes)
+    if counts.min() < folds:
+        raise DataError(
+            f"scorers.cleanlab.folds: {folds} folds need >= {folds} samples of every observed class, "
+            f"but class {int(counts.argmin())} has {int(counts.min())}"
+        )
+    probabilities = np.zeros((len(train), context.meta.n_classes))
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=context.seed)
+    for fold, (fit_rows, held_rows) in enumerate(splitter.split(train.features.reshape(len(train), -1), train.label)):
+        model = train_model(
+            context.model.spec, train.features[fit_rows], train.label[fit_rows], context.model_config,
+            seed=context.seed + 1000 + fold, device=context.device,
+        )
+        probabilities[held_rows] = predict_proba(model.module(context.device), train.features[held_rows])
+    return probabilities
+
+
+class ConfidentLearningEstimator:
+    name: ClassVar[str] = "cleanlab"
+    options_type: ClassVar[type] = CleanlabOptions
+
+    def score(self, context: ScoringContext, options: CleanlabOptions) -> ScoreResult:
+        from cleanlab.filter import find_label_issues
+        from cleanlab.rank import get_label_quality_scores
+
+        probabilities = out_of_sample_probabilities(context, options.folds)
+        labels = context.train.label
+        quality = get_label_quality_scores(labels, probabilities, method=options.method)
+        issues = find_label_issues(labels, probabilities, filter_by="prune_by_noise_rate")
+        table = score_table(context.train.sample_id, 1.0 - quality, label_quality=quality, is_label_issue=issues)
+        return ScoreResult(table, {"folds": options.folds, "method": options.method, "cleanlab_issue_count": int(issues.sum())})

@@ -1,0 +1,30 @@
+"""The estimator registry: name -> "module:Class". Adding an estimator = one module + one line here.
+
+Entries are import strings so that listing names (for configuration errors and ``--help``) does
+not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from cleanse.errors import ConfigError
+
+_REGISTRY: dict[str, str] = {
+    "loss": "cleanse.estimators.loss:LossEstimator",
+    "cleanlab": "cleanse.estimators.confident_learning:ConfidentLearningEstimator",
+    "influence": "cleanse.estimators.influence:SelfInfluenceEstimator",
+    "influence_val": "cleanse.estimators.influence:ValidationInfluenceEstimator",
+    "tracin": "cleanse.estimators.tracin:TracInEstimator",
+}
+
+
+def names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def get(name: str):  # noqa: ANN201 - returns an Estimator instance
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown estimator {name!r}; allowed: {', '.join(_REGISTRY)}")
+    module_name, class_name = _REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)()

@@ -1,0 +1,271 @@
+"""Per-sample gradients, Hessian-vector products and inverse-HVP solvers, all via ``torch.func``.
+
+Conventions. Parameters are handled as one flat vector ``theta`` of length ``p`` (the order of
+``module.named_parameters()``). The training objective is
+``J(theta) = mean_i l(z_i; theta) + weight_decay / 2 * ||theta||^2`` (what the trainer minimises),
+and ``H`` is its Hessian. Per-sample gradients ``g_i = grad_theta l(z_i; theta)`` exclude the
+penalty. Matrices of gradients have shape ``(n, p)``.
+
+Solvers (Koh & Liang, 2017; Agarwal et al., 2017 for LiSSA) all solve ``(H + damping I) X = B`` for
+a block of right-hand sides ``B`` of shape ``(p, k)``:
+
+- :func:`exact_inverse` eigendecomposes ``H`` in float64 (small models);
+- :func:`cg_solve` runs conjugate gradients column-wise on batched HVPs;
+- :func:`lissa_solve` runs the stochastic Neumann recursion on random minibatch HVPs.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jvp, vmap
+
+
+@dataclass
+class FunctionalModel:
+    """A module split into a pure function of a flat parameter vector."""
+
+    module: nn.Module
+    names: list[str]
+    shapes: list[torch.Size]
+    theta: torch.Tensor
+    weight_decay: float
+
+    @classmethod
+    def of(cls, module: nn.Module, weight_decay: float) -> FunctionalModel:
+        module = module.eval()
+        named = [(name, parameter) for name, parameter in module.named_parameters()]
+        theta = torch.cat([parameter.detach().reshape(-1) for _, parameter in named])
+        return cls(module, [n for n, _ in named], [p.shape for _, p in named], theta, weight_decay)
+
+    @property
+    def n_params(self) -> int:
+        return int(self.theta.numel())
+
+    def unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        out, offset = {}, 0
+        for name, shape in zip(self.names, self.shapes):
+            size = math.prod(shape)
+            out[name] = theta[offset : offset + size].reshape(shape)
+            offset += size
+        return out
+
+    def logits(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.module, self.unflatten(theta), (x,))
+
+    def sample_loss(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of one sample (``x`` without a batch axis)."""
+        logits = self.logits(theta, x.unsqueeze(0))
+        return nn.functional.cross_entropy(logits, y.unsqueeze(0))
+
+    def losses(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-sample cross-entropy, shape ``(n,)``."""
+        return nn.functional.cross_entropy(self.logits(theta, x), y, reduction="none")
+
+    def objective(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean loss plus the L2 penalty: the trainer's objective."""
+        return self.losses(theta, x, y).mean() + 0.5 * self.weight_decay * (theta * theta).sum()
+
+
+def per_sample_grads(
+    fm: FunctionalModel, x: torch.Tensor, y: torch.Tensor, *, chunk_size: int = 256, theta: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-sample loss gradients ``g_i``, shape ``(n, p)``, via ``vmap(grad)`` in chunks."""
+    theta = fm.theta if theta is None else theta
+    one = vmap(grad(fm.sample_loss), in_dims=(None, 0, 0))
+    blocks = [one(theta, x[s : s + chunk_size], y[s : s + chunk_size]) for s in range(0, x.shape[0], chunk_size)]
+    return torch.cat(blocks) if blocks else x.new_zeros((0, fm.n_params))
+
+
+def grad_dots(
+    fm: FunctionalModel, x: torch.Tensor, y: torch.Tensor, direction: torch.Tensor, *,
+    chunk_size: int = 4096, theta: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``g_i . direction`` for every sample, shape ``(n,)``, as one forward-mode derivative of the
+    per-sample losses along ``direction`` (no per-sample gradient is materialised)."""
+    theta = fm.theta if theta is None else theta
+    out = []
+    for s in range(0, x.shape[0], chunk_size):
+        xb, yb = x[s : s + chunk_size], y[s : s + chunk_size]
+        _, tangent = jvp(lambda t: fm.losses(t, xb, yb), (theta,), (direction,))
+        out.append(tangent)
+    return torch.cat(out) if out else x.new_zeros(0)
+
+
+def mean_grad(fm: FunctionalModel, x: torch.Tensor, y: torch.Tensor, theta: torch.Tensor | None = None) -> torch.Tensor:
+    """Gradient of the mean loss over ``(x, y)`` (no penalty), shape ``(p,)``."""
+    theta = fm.theta if theta is None else theta
+    return grad(lambda t: fm.losses(t, x, y).mean())(theta)
+
+
+HVP = Callable[[torch.Tensor], torch.Tensor]
+
+
+def hvp_fn(fm: FunctionalModel, x: torch.Tensor, y: torch.Tensor) -> HVP:
+    """``V -> H V`` for a block ``V`` of shape ``(p, k)``: forward-over-reverse, vmapped over columns."""
+    objective_grad = grad(lambda t: fm.objective(t, x, y))
+
+    def single(v: torch.Tensor) -> torch.Tensor:
+        return jvp(objective_grad, (fm.theta,), (v,))[1]
+
+    batched = vmap(single, in_dims=1, out_dims=1)
+
+    def apply(block: torch.Tensor) -> torch.Tensor:
+        return batched(block)
+
+    return apply
+
+
+def exact_hessian(fm: FunctionalModel, x: torch.Tensor, y: torch.Tensor, *, chunk_size: int = 128) -> torch.Tensor:
+    """The full ``(p, p)`` Hessian of the objective, float64, built from blocks of HVPs."""
+    apply = hvp_fn(fm, x, y)
+    p = fm.n_params
+    eye = torch.eye(p, dtype=fm.theta.dtype, device=fm.theta.device)
+    columns = [apply(eye[:, s : s + chunk_size]) for s in range(0, p, chunk_size)]
+    hessian = torch.cat(columns, dim=1).double()
+    return 0.5 * (hessian + hessian.T)
+
+
+@dataclass
+class SolverReport:
+    """How a solve went; stored in the score metadata."""
+
+    solver: str
+    damping: float
+    converged: bool
+    iterations: int = 0
+    residual: float = 0.0
+    note: str = ""
+
+
+@dataclass
+class ExactInverse:
+    """``(H + damping I)^-1`` in eigen form: ``Q diag(1 / (lambda + damping)) Q^T``."""
+
+    eigenvectors: torch.Tensor
+    inverse_eigenvalues: torch.Tensor
+    report: SolverReport
+
+    def solve(self, block: torch.Tensor) -> torch.Tensor:
+        q = self.eigenvectors
+        rhs = block.double()
+        return (q @ (self.inverse_eigenvalues[:, None] * (q.T @ rhs))).to(block.dtype)
+
+    def quadratic_form(self, rows: torch.Tensor) -> torch.Tensor:
+        """``g_i^T (H + damping I)^-1 g_i`` for rows ``g_i`` of shape ``(n, p)``, shape ``(n,)``."""
+        projected = rows.double() @ self.eigenvectors
+        return (projected.pow(2) * self.inverse_eigenvalues).sum(dim=1)
+
+
+def exact_inverse(hessian: torch.Tensor, damping: float) -> ExactInverse:
+    """Eigendecompose ``hessian``; if ``H + damping I`` is not positive definite (a non-convex
+    model), damping is raised to ``|lambda_min| + damping`` and a warning names the new value."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(hessian.double())
+    smallest = float(eigenvalues.min())
+    effective = damping
+    note = ""
+    if smallest + damping <= 0:
+        effective = -smallest + max(damping, 1e-6)
+        note = f"Hessian has eigenvalue {smallest:.3g}; damping raised from {damping:g} to {effective:.3g}"
+        warnings.warn(note, stacklevel=2)
+    inverse = 1.0 / (eigenvalues + effective)
+    return ExactInverse(eigenvectors, inverse, SolverReport("exact", effective, True, note=note))
+
+
+def cg_solve(apply_h: HVP, rhs: torch.Tensor, *, damping: float, max_iter: int, tol: float) -> tuple[torch.Tensor, SolverReport]:
+    """Conjugate gradients on ``(H + damping I) X = B`` column by column (``B``: ``(p, k)``).
+
+    Stops when every column's relative residual is below ``tol``; warns if ``max_iter`` is hit
+    first. CG assumes ``H + damping I`` is positive definite; a column that meets negative
+    curvature stops early and is reported as not converged.
+    """
+    def op(block: torch.Tensor) -> torch.Tensor:
+        return apply_h(block) + damping * block
+
+    solution = torch.zeros_like(rhs)
+    residual = rhs.clone()
+    direction = residual.clone()
+    rs_old = (residual * residual).sum(0)
+    rhs_norm = rhs.norm(dim=0).clamp_min(1e-30)
+    active = torch.ones(rhs.shape[1], dtype=torch.bool, device=rhs.device)
+    negative_curvature = torch.zeros_like(active)
+    iteration = 0
+    for iteration in range(1, max_iter + 1):
+        hd = op(direction)
+        curvature = (direction * hd).sum(0)
+        bad = curvature <= 0
+        negative_curvature |= bad & active
+        active &= ~bad
+        alpha = torch.where(active, rs_old / curvature.where(curvature > 0, torch.ones_like(curvature)), 0.0)
+        solution += alpha * direction
+        residual -= alpha * hd
+        rs_new = (residual * residual).sum(0)
+        active &= rs_new.sqrt() / rhs_norm > tol
+        if not active.any():
+            break
+        direction = residual + (rs_new / rs_old.clamp_min(1e-30)) * direction
+        rs_old = rs_new
+    relative = float((residual.norm(dim=0) / rhs_norm).max())
+    converged = relative <= tol and not bool(negative_curvature.any())
+    report = SolverReport("cg", damping, converged, iteration, relative)
+    if not converged:
+        report.note = (
+            f"CG did not converge: relative residual {relative:.2e} > tol {tol:g} after {iteration} iterations"
+            + ("; negative curvature met (raise the damping)" if negative_curvature.any() else "")
+        )
+        warnings.warn(report.note, stacklevel=2)
+    return solution, report
+
+
+def top_eigenvalue(apply_h: HVP, p: int, *, iterations: int = 30, seed: int = 0, device: torch.device | None = None,
+                   dtype: torch.dtype = torch.float32) -> float:
+    """Largest-magnitude Hessian eigenvalue by power iteration (for LiSSA's scale)."""
+    generator = torch.Generator().manual_seed(seed)
+    v = torch.randn(p, 1, generator=generator, dtype=dtype).to(device)
+    v /= v.norm()
+    value = 0.0
+    for _ in range(iterations):
+        hv = apply_h(v)
+        value = float((v * hv).sum())
+        v = hv / hv.norm().clamp_min(1e-30)
+    return abs(value)
+
+
+def lissa_solve(
+    fm: FunctionalModel, x: torch.Tensor, y: torch.Tensor, rhs: torch.Tensor, *, damping: float, depth: int,
+    repeats: int, scale: float | None, batch_size: int, seed: int,
+) -> tuple[torch.Tensor, SolverReport]:
+    """LiSSA (Agarwal et al., 2017; as used by Koh & Liang, 2017).
+
+    Recursion per repeat: ``h_0 = B``; ``h_j = B + h_{j-1} - (H_Bj + damping I) h_{j-1} / s`` with
+    ``H_Bj`` the objective's Hessian on a random minibatch; the estimate is ``h_J / s``. ``s`` must
+    exceed the top eigenvalue of ``H + damping I`` for the series to converge; by default it is
+    1.5 x a power-iteration estimate. Returns the per-repeat estimates, shape
+    ``(repeats, p, k)``, and a report. Divergence (non-finite or growing
+    iterates) is reported, not hidden.
+    """
+    p, n = fm.n_params, x.shape[0]
+    if scale is None:
+        scale = 1.5 * (top_eigenvalue(hvp_fn(fm, x, y), p, seed=seed, device=rhs.device, dtype=rhs.dtype) + damping)
+    generator = torch.Generator().manual_seed(seed)
+    estimates = []
+    diverged = False
+    for _ in range(repeats):
+        h = rhs.clone()
+        for _ in range(depth):
+            batch = torch.randint(0, n, (min(batch_size, n),), generator=generator).to(x.device)
+            hv = hvp_fn(fm, x[batch], y[batch])(h) + damping * h
+            h = rhs + h - hv / scale
+        if not torch.isfinite(h).all():
+            diverged = True
+        estimates.append(h / scale)
+    report = SolverReport("lissa", damping, not diverged, depth, note=f"scale={scale:.4g}")
+    if diverged:
+        report.note += "; LiSSA diverged: raise lissa_scale or damping"
+        warnings.warn(report.note, stacklevel=2)
+    return torch.stack(estimates), report

@@ -1,0 +1,93 @@
+"""Model architectures: multinomial logistic regression, an MLP and a small CNN.
+
+All take inputs of shape ``(batch, *feature_shape)`` and return logits ``(batch, n_classes)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from cleanse.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild a model's structure (weights live in safetensors)."""
+
+    arch: str
+    feature_shape: tuple[int, ...]
+    n_classes: int
+    hidden: tuple[int, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "feature_shape": list(self.feature_shape), "hidden": list(self.hidden)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelSpec:
+        return cls(
+            arch=data["arch"],
+            feature_shape=tuple(data["feature_shape"]),
+            n_classes=int(data["n_classes"]),
+            hidden=tuple(data["hidden"]),
+        )
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    """A freshly initialised model (initialisation uses torch's global RNG; seed it first)."""
+    n_inputs = 1
+    for size in spec.feature_shape:
+        n_inputs *= size
+    if spec.arch == "logreg":
+        return nn.Sequential(nn.Flatten(), nn.Linear(n_inputs, spec.n_classes))
+    if spec.arch == "mlp":
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = n_inputs
+        for hidden in spec.hidden:
+            layers += [nn.Linear(width, hidden), nn.ReLU()]
+            width = hidden
+        layers.append(nn.Linear(width, spec.n_classes))
+        return nn.Sequential(*layers)
+    if spec.arch == "cnn":
+        if len(spec.feature_shape) != 3:
+            raise ConfigError(
+                f"model.arch: 'cnn' needs image data (C, H, W) but the features have shape {list(spec.feature_shape)}; "
+                "use 'logreg' or 'mlp', or set data.image_shape"
+            )
+        channels, height, width = spec.feature_shape
+        conv_layers: list[nn.Module] = []
+        for out_channels in spec.hidden:
+            conv_layers += [nn.Conv2d(channels, out_channels, kernel_size=3, stride=2, padding=1), nn.ReLU()]
+            channels = out_channels
+            height, width = (height + 1) // 2, (width + 1) // 2
+        return nn.Sequential(*conv_layers, nn.Flatten(), nn.Linear(channels * height * width, spec.n_classes))
+    raise ConfigError(f"model.arch: {spec.arch!r} is not one of 'logreg', 'mlp', 'cnn'")
+
+
+def n_parameters(model: nn.Module) -> int:
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+DEFAULT_HIDDEN = {"logreg": [], "mlp": [64], "cnn": [16, 32]}
+
+
+def spec_for(arch: str, hidden: list[int] | None, feature_shape: tuple[int, ...], n_classes: int) -> ModelSpec:
+    """The :class:`ModelSpec` for a configured architecture; ``hidden=None`` takes the arch's default."""
+    if arch == "logreg":
+        hidden = []
+    elif hidden is None:
+        hidden = DEFAULT_HIDDEN[arch]
+    return ModelSpec(arch=arch, feature_shape=tuple(feature_shape), n_classes=n_classes, hidden=tuple(hidden))
+
+
+def default_device() -> torch.device:
+    """CUDA when present (or ``CLEANSE_DEVICE`` when set), else the CPU."""
+    import os
+
+    requested = os.environ.get("CLEANSE_DEVICE")
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

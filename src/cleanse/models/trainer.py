@@ -1,0 +1,143 @@
+"""One trainer for every model: seeded, bit-for-bit repeatable on the CPU, with checkpoints.
+
+Objective (the one influence functions differentiate): the mean cross-entropy over the training
+set plus ``weight_decay / 2 * ||theta||^2`` over all parameters. The penalty is part of the loss,
+not a decoupled optimizer step, so the Hessian used by :mod:`cleanse.estimators.influence` is the
+Hessian of exactly what was minimised.
+
+Checkpoints are taken at ``model.checkpoints`` evenly spaced epochs (the last one is the final
+model), each with the learning rate in effect, for TracInCP (Pruthi et al., 2020).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from cleanse.config import ModelConfig
+from cleanse.models.architectures import ModelSpec, build_model, default_device
+
+State = dict[str, torch.Tensor]
+
+
+@dataclass
+class Checkpoint:
+    epoch: int
+    lr: float
+    state: State
+
+
+@dataclass
+class TrainedModel:
+    spec: ModelSpec
+    state: State
+    checkpoints: list[Checkpoint] = field(default_factory=list)
+    final_train_loss: float = float("nan")
+
+    def module(self, device: torch.device | None = None) -> nn.Module:
+        model = build_model(self.spec)
+        model.load_state_dict(self.state)
+        return model.to(device or torch.device("cpu")).eval()
+
+
+def checkpoint_epochs(epochs: int, count: int) -> list[int]:
+    """``count`` evenly spaced epochs in ``1..epochs``, always ending with ``epochs``."""
+    count = min(count, epochs)
+    return sorted({int(round(epochs * (k + 1) / count)) for k in range(count)})
+
+
+def l2_penalty(parameters: dict[str, torch.Tensor] | list[torch.Tensor], weight_decay: float) -> torch.Tensor:
+    values = parameters.values() if isinstance(parameters, dict) else parameters
+    return 0.5 * weight_decay * sum((p * p).sum() for p in values)
+
+
+def train_model(
+    spec: ModelSpec,
+    features: np.ndarray,
+    label: np.ndarray,
+    config: ModelConfig,
+    *,
+    seed: int,
+    device: torch.device | None = None,
+    init_state: State | None = None,
+) -> TrainedModel:
+    """Train ``spec`` on ``features`` ``(n, *feature_shape)`` and int labels ``(n,)``.
+
+    The same ``seed`` gives the same initialisation and minibatch order; with fewer samples (a
+    retrain after removal) the order is drawn from the same generator. ``init_state`` warm-starts
+    (used by leave-one-out retraining).
+    """
+    device = device or default_device()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_model(spec)
+    if init_state is not None:
+        model.load_state_dict(init_state)
+    model = model.to(device)
+    x = torch.as_tensor(features, dtype=torch.float32, device=device)
+    y = torch.as_tensor(label, dtype=torch.long, device=device)
+    n = x.shape[0]
+    params = list(model.parameters())
+    loss_fn = nn.CrossEntropyLoss()
+    save_at = set(checkpoint_epochs(config.epochs, config.checkpoints))
+    checkpoints: list[Checkpoint] = []
+
+    def objective(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        return loss_fn(model(xb), yb) + l2_penalty(params, config.weight_decay)
+
+    if config.optimizer == "lbfgs":
+        optimizer = torch.optim.LBFGS(
+            params, lr=config.lr, max_iter=50, tolerance_grad=1e-9, tolerance_change=1e-12,
+            history_size=20, line_search_fn="strong_wolfe",
+        )
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = objective(x, y)
+            loss.backward()
+            return loss
+
+        for epoch in range(1, config.epochs + 1):
+            optimizer.step(closure)
+            if epoch in save_at:
+                checkpoints.append(Checkpoint(epoch, config.lr, _snapshot(model)))
+    else:
+        optimizer = (
+            torch.optim.Adam(params, lr=config.lr)
+            if config.optimizer == "adam"
+            else torch.optim.SGD(params, lr=config.lr, momentum=0.9)
+        )
+        order_rng = torch.Generator().manual_seed(seed)
+        model.train()
+        for epoch in range(1, config.epochs + 1):
+            order = torch.randperm(n, generator=order_rng).to(device)
+            for start in range(0, n, config.batch_size):
+                batch = order[start : start + config.batch_size]
+                optimizer.zero_grad()
+                objective(x[batch], y[batch]).backward()
+                optimizer.step()
+            if epoch in save_at:
+                checkpoints.append(Checkpoint(epoch, config.lr, _snapshot(model)))
+    model.eval()
+    with torch.no_grad():
+        final_loss = float(objective(x, y))
+    return TrainedModel(spec=spec, state=_snapshot(model), checkpoints=checkpoints, final_train_loss=final_loss)
+
+
+def _snapshot(model: nn.Module) -> State:
+    return {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()}
+
+
+@torch.no_grad()
+def predict_proba(model: TrainedModel | nn.Module, features: np.ndarray, *, batch_size: int = 4096) -> np.ndarray:
+    """Softmax probabilities, shape ``(n, n_classes)``, float64."""
+    module = model.module() if isinstance(model, TrainedModel) else model
+    device = next(module.parameters()).device
+    out = []
+    for start in range(0, features.shape[0], batch_size):
+        xb = torch.as_tensor(features[start : start + batch_size], dtype=torch.float32, device=device)
+        out.append(torch.softmax(module(xb), dim=1).double().cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, 0))

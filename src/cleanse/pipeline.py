@@ -1,0 +1,295 @@
+"""The pipeline's stages as functions of ``(params, layout)``: the one code path behind the CLI,
+the DVC stages and the Prefect tasks.
+
+Each stage reads its inputs from the output root, writes its outputs atomically, and records a
+fingerprint of everything it depends on (its configuration and its inputs' fingerprints) in a
+``meta.json`` written *last*. :func:`is_fresh` compares that fingerprint, so a killed
+``cleanse run`` resumes from the first stage whose outputs are missing or stale.
+
+Stages: ``stage -> train -> score(estimator) -> detect(estimator) -> retrain(estimator)``,
+``references`` (baseline / oracle / random removal) and ``report``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from cleanse.config import Params, fingerprint
+from cleanse.data.dataset import DatasetMeta, Split, StagedData
+from cleanse.errors import ArtifactError
+from cleanse.storage import Layout, read_json, read_table, read_tensors, write_json, write_table, write_tensors
+
+STAGE_META_NAME = "meta.json"
+
+
+# ----------------------------------------------------------------------------- fingerprints
+
+
+def stage_fingerprint(params: Params) -> str:
+    return fingerprint("stage", params.seed, params.data, params.corruption)
+
+
+def train_fingerprint(params: Params) -> str:
+    return fingerprint("train", stage_fingerprint(params), params.model)
+
+
+def score_fingerprint(params: Params, estimator: str) -> str:
+    return fingerprint("score", train_fingerprint(params), estimator, getattr(params.scorers, estimator))
+
+
+def detect_fingerprint(params: Params, estimator: str) -> str:
+    return fingerprint("detect", score_fingerprint(params, estimator), params.detect)
+
+
+def retrain_fingerprint(params: Params, estimator: str) -> str:
+    return fingerprint("retrain", detect_fingerprint(params, estimator))
+
+
+def references_fingerprint(params: Params) -> str:
+    return fingerprint("references", train_fingerprint(params))
+
+
+def run_fingerprint(params: Params) -> str:
+    """The whole configuration's fingerprint (an MLflow tag)."""
+    return fingerprint("run", params)
+
+
+def is_fresh(meta_path: Path, expected: str) -> bool:
+    """True when ``meta_path`` exists and records ``expected`` as its fingerprint."""
+    if not meta_path.is_file():
+        return False
+    try:
+        return read_json(meta_path).get("fingerprint") == expected
+    except (ValueError, ArtifactError):
+        return False
+
+
+def _require_fresh(meta_path: Path, expected: str, what: str) -> None:
+    if not meta_path.is_file():
+        raise ArtifactError(f"missing {what} ({meta_path}); run the stage that produces it first")
+    if not is_fresh(meta_path, expected):
+        raise ArtifactError(
+            f"{what} at {meta_path.parent} was produced with another configuration; rerun that stage "
+            "(or `cleanse run`) with the current params"
+        )
+
+
+# ----------------------------------------------------------------------------- stage
+
+
+def run_stage(params: Params, layout: Layout) -> Path:
+    """Write ``data/staged/{train,val,test}.parquet`` and ``meta.json``."""
+    from cleanse.data.stage import stage_data
+
+    layout.ensure_root()
+    staged = stage_data(params)
+    for name in ("train", "val", "test"):
+        write_table(getattr(staged, name).to_frame(), layout.split(name))
+    write_json({**staged.meta.to_json(), "fingerprint": stage_fingerprint(params),
+                "n": {name: len(getattr(staged, name)) for name in ("train", "val", "test")}}, layout.staged_meta)
+    return layout.staged
+
+
+def load_staged(layout: Layout, params: Params | None = None) -> StagedData:
+    if params is not None:
+        _require_fresh(layout.staged_meta, stage_fingerprint(params), "staged data")
+    meta = DatasetMeta.from_json(read_json(layout.staged_meta))
+    splits = {name: Split.from_frame(read_table(layout.split(name)), meta.feature_shape) for name in ("train", "val", "test")}
+    return StagedData(meta=meta, **splits)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def save_model(model: Any, directory: Path, extra: dict[str, Any]) -> None:
+    """Weights and checkpoints as safetensors; ``meta.json`` (with the fingerprint) last."""
+    write_tensors(model.state, directory / "model.safetensors")
+    checkpoints = []
+    for checkpoint in model.checkpoints:
+        name = f"epoch_{checkpoint.epoch:04d}.safetensors"
+        write_tensors(checkpoint.state, directory / "checkpoints" / name)
+        checkpoints.append({"epoch": checkpoint.epoch, "lr": checkpoint.lr, "file": f"checkpoints/{name}"})
+    write_json({"spec": model.spec.to_json(), "checkpoints": checkpoints,
+                "final_train_objective": model.final_train_loss, **extra}, directory / STAGE_META_NAME)
+
+
+def load_model(directory: Path) -> Any:
+    from cleanse.models.architectures import ModelSpec
+    from cleanse.models.trainer import Checkpoint, TrainedModel
+
+    meta = read_json(directory / STAGE_META_NAME)
+    checkpoints = [Checkpoint(c["epoch"], c["lr"], read_tensors(directory / c["file"])) for c in meta["checkpoints"]]
+    return TrainedModel(ModelSpec.from_json(meta["spec"]), read_tensors(directory / "model.safetensors"), checkpoints,
+                        meta.get("final_train_objective", float("nan")))
+
+
+def _spec(params: Params, meta: DatasetMeta) -> Any:
+    from cleanse.models.architectures import spec_for
+
+    return spec_for(params.model.arch, params.model.hidden, meta.feature_shape, meta.n_classes)
+
+
+def evaluate_model(model: Any, staged: StagedData) -> dict[str, float]:
+    """Test accuracy (clean labels) and, for backdoors, the attack success rate."""
+    from cleanse.evaluate import accuracy, attack_success_rate, triggered_test_inputs
+    from cleanse.models.trainer import predict_proba
+
+    module = model.module()
+    out = {"test_accuracy": accuracy(predict_proba(module, staged.test.features), staged.test.label_clean)}
+    if staged.meta.trigger is not None:
+        triggered = triggered_test_inputs(staged.test, staged.meta.trigger)
+        out["attack_success_rate"] = attack_success_rate(predict_proba(module, triggered), staged.meta.trigger["target_class"])
+    return out
+
+
+def run_train(params: Params, layout: Layout) -> Path:
+    """Train the base model on the (corrupted) training split; write ``models/base/``."""
+    from cleanse.models.architectures import default_device
+    from cleanse.models.trainer import train_model
+
+    staged = load_staged(layout, params)
+    started = time.perf_counter()
+    model = train_model(_spec(params, staged.meta), staged.train.features, staged.train.label, params.model,
+                        seed=params.seed, device=default_device())
+    seconds = time.perf_counter() - started
+    save_model(model, layout.base_model, {"fingerprint": train_fingerprint(params), "seconds": seconds,
+                                          **evaluate_model(model, staged)})
+    return layout.base_model
+
+
+# ----------------------------------------------------------------------------- score
+
+
+def scoring_context(params: Params, layout: Layout) -> Any:
+    from cleanse.estimators.base import ScoringContext
+    from cleanse.models.architectures import default_device
+
+    staged = load_staged(layout, params)
+    _require_fresh(layout.base_model / STAGE_META_NAME, train_fingerprint(params), "base model")
+    return ScoringContext(train=staged.train, val=staged.val, meta=staged.meta, model=load_model(layout.base_model),
+                          model_config=params.model, seed=params.seed, device=default_device())
+
+
+def run_score(params: Params, layout: Layout, estimator: str) -> Path:
+    """Write ``scores/<estimator>.parquet`` and its ``.meta.json``."""
+    from cleanse.estimators import registry
+
+    scorer = registry.get(estimator)
+    context = scoring_context(params, layout)
+    started = time.perf_counter()
+    result = scorer.score(context, getattr(params.scorers, estimator))
+    seconds = time.perf_counter() - started
+    table = result.table
+    if table["sample_id"].to_list() != context.train.sample_id.tolist():
+        raise RuntimeError(f"estimator {estimator} returned rows out of training order")
+    write_table(table, layout.scores(estimator))
+    write_json({"estimator": estimator, "fingerprint": score_fingerprint(params, estimator), "seconds": seconds,
+                "orientation": "one row per training sample; higher score = more likely harmful",
+                "options": getattr(params.scorers, estimator).model_dump(mode="json"), **result.meta},
+               layout.scores_meta(estimator))
+    return layout.scores(estimator)
+
+
+# ----------------------------------------------------------------------------- detect
+
+
+def run_detect(params: Params, layout: Layout, estimator: str) -> Path:
+    """Write ``flags/<estimator>.parquet`` (``sample_id, score, rank, is_flagged``)."""
+    from cleanse.detect import flag
+
+    _require_fresh(layout.scores_meta(estimator), score_fingerprint(params, estimator), f"{estimator} scores")
+    flags = flag(read_table(layout.scores(estimator)), params.detect)
+    write_table(flags, layout.flags(estimator))
+    write_json({"estimator": estimator, "fingerprint": detect_fingerprint(params, estimator),
+                "n_flagged": int(flags["is_flagged"].sum()), "budget": params.detect.budget},
+               layout.flags(estimator).with_suffix(".meta.json"))
+    return layout.flags(estimator)
+
+
+# ----------------------------------------------------------------------------- retrain
+
+
+def retrain_without(params: Params, staged: StagedData, removed_ids: np.ndarray) -> dict[str, float]:
+    """Retrain with the same seed and recipe on the training split minus ``removed_ids``."""
+    from cleanse.models.architectures import default_device
+    from cleanse.models.trainer import train_model
+
+    kept = staged.train.without(removed_ids)
+    model = train_model(_spec(params, staged.meta), kept.features, kept.label, params.model, seed=params.seed,
+                        device=default_device())
+    return {**evaluate_model(model, staged), "n_removed": int(len(staged.train) - len(kept)),
+            "n_corrupted_removed": int(staged.train.is_corrupted[np.isin(staged.train.sample_id, removed_ids)].sum())}
+
+
+def random_ids(staged: StagedData, count: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed + 104729)
+    return rng.choice(staged.train.sample_id, size=min(count, len(staged.train)), replace=False)
+
+
+def run_retrain(params: Params, layout: Layout, estimator: str) -> Path:
+    """Retrain without the estimator's flags, and without a random set of the same size."""
+    staged = load_staged(layout, params)
+    meta_path = layout.flags(estimator).with_suffix(".meta.json")
+    _require_fresh(meta_path, detect_fingerprint(params, estimator), f"{estimator} flags")
+    flags = read_table(layout.flags(estimator))
+    flagged = flags.filter(pl.col("is_flagged"))["sample_id"].to_numpy()
+    started = time.perf_counter()
+    cleaned = retrain_without(params, staged, flagged)
+    random = retrain_without(params, staged, random_ids(staged, flagged.size, params.seed))
+    write_json({"estimator": estimator, "fingerprint": retrain_fingerprint(params, estimator),
+                "seconds": time.perf_counter() - started, "n_flagged": int(flagged.size),
+                "cleaned": cleaned, "random_same_count": random}, layout.retrain_result(estimator))
+    return layout.retrain_result(estimator)
+
+
+def run_references(params: Params, layout: Layout) -> Path:
+    """Baseline (the base model: no removal), oracle (exactly the corrupted removed), and random
+    removal of as many samples as were corrupted."""
+    staged = load_staged(layout, params)
+    base_meta = read_json(layout.base_model / STAGE_META_NAME)
+    _require_fresh(layout.base_model / STAGE_META_NAME, train_fingerprint(params), "base model")
+    baseline = {key: base_meta[key] for key in ("test_accuracy", "attack_success_rate") if key in base_meta}
+    out: dict[str, Any] = {"fingerprint": references_fingerprint(params), "baseline": baseline}
+    corrupted = staged.train.sample_id[staged.train.is_corrupted]
+    if corrupted.size:
+        out["oracle"] = retrain_without(params, staged, corrupted)
+        out["random"] = retrain_without(params, staged, random_ids(staged, corrupted.size, params.seed))
+    write_json(out, layout.retrain_result("references"))
+    return layout.retrain_result("references")
+
+
+# ----------------------------------------------------------------------------- whole run
+
+
+def run_all(params: Params, layout: Layout, *, resume: bool = True, log: Any = print) -> dict[str, Any]:
+    """Run every stage in order, skipping those whose outputs are fresh; return the metrics."""
+    from cleanse.report import run_report
+
+    steps: list[tuple[str, Path, str, Any]] = [
+        ("stage", layout.staged_meta, stage_fingerprint(params), lambda: run_stage(params, layout)),
+        ("train", layout.base_model / STAGE_META_NAME, train_fingerprint(params), lambda: run_train(params, layout)),
+    ]
+    for name in params.estimators:
+        steps += [
+            (f"score {name}", layout.scores_meta(name), score_fingerprint(params, name),
+             lambda name=name: run_score(params, layout, name)),
+            (f"detect {name}", layout.flags(name).with_suffix(".meta.json"), detect_fingerprint(params, name),
+             lambda name=name: run_detect(params, layout, name)),
+            (f"retrain {name}", layout.retrain_result(name), retrain_fingerprint(params, name),
+             lambda name=name: run_retrain(params, layout, name)),
+        ]
+    steps.append(("references", layout.retrain_result("references"), references_fingerprint(params),
+                  lambda: run_references(params, layout)))
+    for label, meta_path, expected, action in steps:
+        if resume and is_fresh(meta_path, expected):
+            log(f"[skip] {label}: up to date")
+            continue
+        started = time.perf_counter()
+        action()
+        log(f"[done] {label} ({time.perf_counter() - started:.1f} s)")
+    return run_report(params, layout)

@@ -1,0 +1,206 @@
+"""The ``report`` stage: ``reports/metrics.json``, PR curves, plots and a human HTML report.
+
+``metrics.json`` follows the schema in the architecture document::
+
+    {"dataset": {"name", "n_train", "n_corrupted"},
+     "baseline": {"test_accuracy", ["attack_success_rate"]},
+     "oracle":   {...},                      # only with ground truth
+     "random":   {...},                      # random removal of n_corrupted samples
+     "estimators": {name: {"detection": {roc_auc, average_precision, precision_at_k, recall_at_k, k},
+                           "retrain": {test_accuracy, [attack_success_rate], random_test_accuracy, n_removed},
+                           "n_flagged", "seconds"}}}
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from cleanse.config import Params
+from cleanse.storage import Layout, read_json, read_table, write_bytes, write_json, write_table, write_text
+
+
+def collect_metrics(params: Params, layout: Layout) -> dict[str, Any]:
+    from cleanse.evaluate import detection_metrics
+    from cleanse.pipeline import load_staged
+
+    staged = load_staged(layout, params)
+    references = read_json(layout.retrain_result("references"))
+    truth = dict(zip(staged.train.sample_id.tolist(), staged.train.is_corrupted.tolist()))
+    n_corrupted = int(staged.train.is_corrupted.sum())
+    metrics: dict[str, Any] = {
+        "dataset": {"name": staged.meta.name, "n_train": len(staged.train), "n_corrupted": n_corrupted,
+                    "corruption": staged.meta.corruption.get("kind", "none")},
+        "baseline": references["baseline"],
+        "estimators": {},
+    }
+    for key in ("oracle", "random"):
+        if key in references:
+            metrics[key] = {k: v for k, v in references[key].items() if k in ("test_accuracy", "attack_success_rate", "n_removed")}
+    for name in params.estimators:
+        scores = read_table(layout.scores(name))
+        is_corrupted = np.array([truth[i] for i in scores["sample_id"].to_list()], dtype=bool)
+        retrain = read_json(layout.retrain_result(name))
+        cleaned = retrain["cleaned"]
+        metrics["estimators"][name] = {
+            "detection": detection_metrics(scores["score"].to_numpy(), is_corrupted),
+            "retrain": {
+                **{k: cleaned[k] for k in ("test_accuracy", "attack_success_rate") if k in cleaned},
+                "random_test_accuracy": retrain["random_same_count"]["test_accuracy"],
+                "n_removed": cleaned["n_removed"],
+                "n_corrupted_removed": cleaned["n_corrupted_removed"],
+            },
+            "n_flagged": retrain["n_flagged"],
+            "seconds": read_json(layout.scores_meta(name))["seconds"],
+        }
+    return metrics
+
+
+def comparison_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per reference and estimator, for tables (CLI, Prefect artifact, HTML)."""
+    rows = []
+    asr = "attack_success_rate" in metrics["baseline"]
+    for key, label in (("baseline", "baseline (no removal)"), ("random", "random removal (k = #corrupted)"), ("oracle", "oracle")):
+        if key in metrics:
+            row = {"method": label, "roc_auc": None, "ap": None, "p_at_k": None, "flagged": metrics[key].get("n_removed", 0),
+                   "test_acc": metrics[key]["test_accuracy"], "seconds": None}
+            if asr:
+                row["asr"] = metrics[key].get("attack_success_rate")
+            rows.append(row)
+    for name, result in metrics["estimators"].items():
+        detection = result["detection"]
+        row = {"method": name, "roc_auc": detection["roc_auc"], "ap": detection["average_precision"],
+               "p_at_k": detection["precision_at_k"], "flagged": result["n_flagged"],
+               "test_acc": result["retrain"]["test_accuracy"], "seconds": result["seconds"]}
+        if asr:
+            row["asr"] = result["retrain"].get("attack_success_rate")
+        rows.append(row)
+    return rows
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def markdown_table(metrics: dict[str, Any]) -> str:
+    rows = comparison_rows(metrics)
+    headers = list(rows[0])
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(_fmt(row[h]) for h in headers) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _png(figure: Any) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def write_plots(params: Params, layout: Layout, metrics: dict[str, Any]) -> list[str]:
+    """PR curves, score histograms (corrupted vs clean) and a grid of the top flagged samples."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cleanse.evaluate import pr_curve
+    from cleanse.models.trainer import predict_proba
+    from cleanse.pipeline import load_model, load_staged
+
+    staged = load_staged(layout, params)
+    truth = dict(zip(staged.train.sample_id.tolist(), staged.train.is_corrupted.tolist()))
+    written: list[str] = []
+    has_truth = 0 < metrics["dataset"]["n_corrupted"] < metrics["dataset"]["n_train"]
+    names = list(metrics["estimators"])
+    pr_figure, pr_axis = plt.subplots(figsize=(5.5, 4.5))
+    hist_figure, hist_axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 2.8), squeeze=False)
+    for axis, name in zip(hist_axes[0], names):
+        scores = read_table(layout.scores(name))
+        score = scores["score"].to_numpy()
+        is_corrupted = np.array([truth[i] for i in scores["sample_id"].to_list()], dtype=bool)
+        if has_truth:
+            precision, recall = pr_curve(score, is_corrupted)
+            pr_axis.plot(recall, precision, label=f"{name} (AP {metrics['estimators'][name]['detection']['average_precision']:.2f})")
+            write_table(pl.DataFrame({"recall": recall, "precision": precision}), layout.reports / "pr" / f"{name}.csv")
+            ranked = np.argsort(np.argsort(-score))
+            bins = np.linspace(0, 1, 31)
+            quantile = ranked / max(len(score) - 1, 1)
+            axis.hist(quantile[~is_corrupted], bins=bins, alpha=0.6, label="clean", color="tab:blue")
+            axis.hist(quantile[is_corrupted], bins=bins, alpha=0.6, label="corrupted", color="tab:red")
+            axis.set_xlabel("score rank (0 = most harmful)")
+        else:
+            axis.hist(score, bins=30, color="tab:blue")
+            axis.set_xlabel("score")
+        axis.set_title(name)
+    hist_axes[0][0].legend(fontsize=7)
+    if has_truth:
+        pr_axis.axhline(metrics["dataset"]["n_corrupted"] / metrics["dataset"]["n_train"], color="grey", ls=":", label="chance")
+        pr_axis.set_xlabel("recall")
+        pr_axis.set_ylabel("precision")
+        pr_axis.set_title("Finding the corrupted samples")
+        pr_axis.legend(fontsize=7)
+        write_bytes(_png(pr_figure), layout.reports / "pr_curves.png")
+        written.append("pr_curves.png")
+    write_bytes(_png(hist_figure), layout.reports / "score_histograms.png")
+    written.append("score_histograms.png")
+    plt.close("all")
+    if staged.meta.is_image:
+        module = load_model(layout.base_model).module()
+        predicted = predict_proba(module, staged.train.features).argmax(1)
+        for name in names:
+            flags = read_table(layout.flags(name)).head(24)
+            index = {sid: i for i, sid in enumerate(staged.train.sample_id.tolist())}
+            rows = [index[sid] for sid in flags["sample_id"].to_list()]
+            columns = 8
+            figure, axes = plt.subplots((len(rows) + columns - 1) // columns, columns, figsize=(columns * 1.3, 1.6 * ((len(rows) + columns - 1) // columns)), squeeze=False)
+            for axis in axes.ravel():
+                axis.axis("off")
+            for axis, row in zip(axes.ravel(), rows):
+                image = staged.train.features[row]
+                axis.imshow(image[0] if image.shape[0] == 1 else np.moveaxis(image, 0, -1), cmap="gray")
+                colour = "red" if staged.train.is_corrupted[row] else "black"
+                axis.set_title(f"given {staged.train.label[row]} pred {predicted[row]}", fontsize=7, color=colour)
+            figure.suptitle(f"{name}: top flagged (red = known corrupted)", fontsize=9)
+            write_bytes(_png(figure), layout.reports / f"top_flagged_{name}.png")
+            written.append(f"top_flagged_{name}.png")
+            plt.close(figure)
+    return written
+
+
+def write_html(metrics: dict[str, Any], images: list[str], layout: Layout) -> Path:
+    rows = comparison_rows(metrics)
+    headers = list(rows[0])
+    table = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in headers) + "</tr>"
+    table += "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(row[h]))}</td>" for h in headers) + "</tr>" for row in rows)
+    figures = "".join(f'<figure><img src="{html.escape(name)}" alt="{html.escape(name)}"><figcaption>{html.escape(name)}</figcaption></figure>' for name in images)
+    dataset = metrics["dataset"]
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>cleanse report</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}th{{background:#eee}}td:first-child{{text-align:left}}img{{max-width:100%}}</style>
+</head><body><h1>cleanse report</h1>
+<p>Dataset <b>{html.escape(str(dataset['name']))}</b>: {dataset['n_train']} training samples, {dataset['n_corrupted']} corrupted ({html.escape(str(dataset['corruption']))}).
+Detection metrics use k = number corrupted; <i>test_acc</i> is after removing each method's flags and retraining with the same seed and recipe.</p>
+<table>{table}</table>
+<p><a href="metrics.json">metrics.json</a></p>
+{figures}
+</body></html>"""
+    return write_text(page, layout.reports / "report.html")
+
+
+def run_report(params: Params, layout: Layout) -> dict[str, Any]:
+    """Write the metrics, plots and the HTML report; return the metrics."""
+    metrics = collect_metrics(params, layout)
+    images = write_plots(params, layout, metrics)
+    write_html(metrics, images, layout)
+    write_text(markdown_table(metrics) + "\n", layout.reports / "comparison.md")
+    write_json(metrics, layout.metrics)
+    return metrics

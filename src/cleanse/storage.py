@@ -1,0 +1,207 @@
+"""The only module that touches files: atomic writes, tables, tensors and the output layout.
+
+Every write goes to a temporary name in the destination folder and is renamed into place, so a
+killed run leaves either the old artifact or the new one, never half of one. Tables are parquet
+(via polars), tensors are safetensors or ``.npy`` (memory-mappable), metadata is JSON. Nothing is
+pickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from cleanse.errors import ArtifactError, DataError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path``; rename it to ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(data: Any, path: str | Path) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return Path(path)
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"missing artifact {path}; run the stage that produces it first")
+    return json.loads(path.read_text())
+
+
+def write_text(text: str, path: str | Path) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_bytes(data: bytes, path: str | Path) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_table(frame: pl.DataFrame, path: str | Path) -> Path:
+    """Write a polars table as parquet. Statistics are off so equal tables give equal bytes."""
+    with atomic_path(path) as tmp:
+        frame.write_parquet(tmp, statistics=False, compression="zstd")
+    return Path(path)
+
+
+def read_table(path: str | Path) -> pl.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"missing artifact {path}; run the stage that produces it first")
+    return pl.read_parquet(path)
+
+
+def write_npy(array: np.ndarray, path: str | Path) -> Path:
+    """Write an ``.npy`` file (readable with ``np.load(path, mmap_mode='r')``)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            np.save(handle, np.ascontiguousarray(array))
+    return Path(path)
+
+
+def write_tensors(tensors: dict[str, Any], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write torch tensors as safetensors."""
+    from safetensors.torch import save_file
+
+    contiguous = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(contiguous, str(tmp), metadata=metadata)
+    return Path(path)
+
+
+def read_tensors(path: str | Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"missing artifact {path}; run the stage that produces it first")
+    return load_file(str(path))
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def fetch_input(uri: str, cache_dir: str | Path | None = None) -> Path:
+    """Return a local path for ``uri``; ``s3://`` objects are downloaded (credentials from the
+    environment or the AWS profile, endpoint from ``AWS_ENDPOINT_URL`` when set)."""
+    if uri.startswith("file://"):
+        uri = uri.removeprefix("file://")
+    if not is_remote(uri):
+        path = Path(uri).expanduser()
+        if not path.exists():
+            raise DataError(f"data.source: file not found: {path}")
+        if not path.is_file():
+            raise DataError(f"data.source: not a file: {path}")
+        return path
+    if not uri.startswith("s3://"):
+        raise DataError(f"data.source: unsupported URI scheme in {uri!r}; use a local path or s3://")
+    import fsspec
+
+    target_dir = Path(cache_dir or tempfile.mkdtemp(prefix="cleanse-s3-"))
+    target = target_dir / Path(uri).name
+    options: dict[str, Any] = {"config_kwargs": {"retries": {"max_attempts": 3, "mode": "standard"}}}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+    if endpoint:
+        options["client_kwargs"] = {"endpoint_url": endpoint}
+    try:
+        fs = fsspec.filesystem("s3", **options)
+        with atomic_path(target) as tmp:
+            fs.get(uri, str(tmp))
+    except FileNotFoundError as exc:
+        raise DataError(f"data.source: no such object {uri}") from exc
+    except Exception as exc:  # noqa: BLE001 - any transport failure is reported by name
+        raise DataError(f"data.source: cannot read {uri}: {type(exc).__name__}: {exc}") from exc
+    return target
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each artifact lives under an output root (``--out``)."""
+
+    root: Path
+
+    @classmethod
+    def at(cls, root: str | Path) -> Layout:
+        root = Path(root).expanduser().absolute()
+        if root.exists() and not root.is_dir():
+            raise ArtifactError(f"--out {root} exists and is not a directory")
+        return cls(root)
+
+    @property
+    def staged(self) -> Path:
+        return self.root / "data" / "staged"
+
+    def split(self, name: str) -> Path:
+        return self.staged / f"{name}.parquet"
+
+    @property
+    def staged_meta(self) -> Path:
+        return self.staged / "meta.json"
+
+    @property
+    def base_model(self) -> Path:
+        return self.root / "models" / "base"
+
+    def retrain_model(self, name: str) -> Path:
+        return self.root / "models" / "retrain" / name
+
+    def scores(self, estimator: str) -> Path:
+        return self.root / "scores" / f"{estimator}.parquet"
+
+    def scores_meta(self, estimator: str) -> Path:
+        return self.root / "scores" / f"{estimator}.meta.json"
+
+    def flags(self, estimator: str) -> Path:
+        return self.root / "flags" / f"{estimator}.parquet"
+
+    def retrain_result(self, name: str) -> Path:
+        return self.root / "retrain" / f"{name}.json"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def metrics(self) -> Path:
+        return self.reports / "metrics.json"
+
+    @property
+    def pr_curves(self) -> Path:
+        return self.reports / "pr_curves.csv"
+
+    def ensure_root(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+
+
+def remove_tree(path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)

@@ -1,0 +1,83 @@
+"""MLflow logging: the only module that imports mlflow.
+
+One parent run per pipeline run (flattened params, reference metrics, the report and plots) and
+one nested child run per estimator (its detection and retrain metrics, scores and flags). Tags:
+``git_commit`` and ``config_fingerprint``.
+
+Tracking URI: ``MLFLOW_TRACKING_URI`` when set (a server, for the UI); otherwise the embedded
+default, a sqlite file ``<out>/mlflow.db`` with artifacts in ``<out>/mlartifacts``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from cleanse.config import Params, flatten
+from cleanse.storage import Layout
+
+
+def tracking_uri(layout: Layout) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{layout.root / 'mlflow.db'}"
+
+
+def git_commit(cwd: Path | None = None) -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True,
+                              timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _numeric(prefix: str, values: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_numeric(f"{prefix}{key}.", value))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
+            out[f"{prefix}{key}"] = float(value)
+    return out
+
+
+def log_pipeline(params: Params, layout: Layout, metrics: dict[str, Any], *, run_name: str | None = None) -> str:
+    """Log a finished pipeline run; returns the parent run id."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from cleanse.pipeline import run_fingerprint
+
+    uri = tracking_uri(layout)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(params.tracking.experiment)
+    if experiment is None:
+        location = None if "MLFLOW_TRACKING_URI" in os.environ else (layout.root / "mlartifacts").as_uri()
+        experiment_id = client.create_experiment(params.tracking.experiment, artifact_location=location)
+    else:
+        experiment_id = experiment.experiment_id
+    tags = {"git_commit": git_commit(), "config_fingerprint": run_fingerprint(params),
+            "dataset": metrics["dataset"]["name"], "corruption": metrics["dataset"]["corruption"]}
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name or f"cleanse-{metrics['dataset']['name']}",
+                          tags=tags) as parent:
+        mlflow.log_params(flatten(params))
+        reference = {key: metrics[key] for key in ("baseline", "oracle", "random") if key in metrics}
+        mlflow.log_metrics(_numeric("", reference) | {"n_train": metrics["dataset"]["n_train"],
+                                                      "n_corrupted": metrics["dataset"]["n_corrupted"]})
+        if layout.reports.is_dir():
+            mlflow.log_artifacts(str(layout.reports), artifact_path="reports")
+        for name, result in metrics["estimators"].items():
+            with mlflow.start_run(experiment_id=experiment_id, run_name=name, nested=True,
+                                  tags={**tags, "estimator": name}):
+                options = {key.removeprefix(f"scorers.{name}."): value for key, value in flatten(params).items()
+                           if key.startswith(f"scorers.{name}.")}
+                mlflow.log_params(options | {"estimator": name})
+                mlflow.log_metrics(_numeric("", {k: v for k, v in result.items() if k != "detection"}) |
+                                   _numeric("", result["detection"]))
+                for path in (layout.scores(name), layout.scores_meta(name), layout.flags(name)):
+                    if path.is_file():
+                        mlflow.log_artifact(str(path), artifact_path=path.parent.name)
+                for plot in layout.reports.glob(f"top_flagged_{name}.png"):
+                    mlflow.log_artifact(str(plot), artifact_path="plots")
+        return parent.info.run_id
