@@ -86,8 +86,11 @@ def run_stage(params: Params, layout: Layout) -> Path:
     """Write ``data/staged/{train,val,test}.parquet`` and ``meta.json``."""
     from cleanse.data.stage import stage_data
 
-    layout.ensure_root()
+    from cleanse.models.architectures import build_model
+
     staged = stage_data(params)
+    build_model(_spec(params, staged.meta))  # the model must fit the data before anything is written
+    layout.ensure_root()
     for name in ("train", "val", "test"):
         write_table(getattr(staged, name).to_frame(), layout.split(name))
     write_json({**staged.meta.to_json(), "fingerprint": stage_fingerprint(params),

@@ -1,0 +1,89 @@
+"""Shared fixtures: tiny seeded problems that train in well under a second."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("CLEANSE_DEVICE", "cpu")
+
+from cleanse.config import ModelConfig, Params  # noqa: E402
+from cleanse.data.dataset import DatasetMeta, Split  # noqa: E402
+from cleanse.estimators.base import ScoringContext  # noqa: E402
+
+SMALL_OVERRIDES = [
+    "data.source=sklearn:wine",
+    "model.arch=mlp",
+    "model.hidden=[16]",
+    "model.epochs=40",
+    "model.batch_size=32",
+    "model.lr=0.02",
+    "corruption.fraction=0.2",
+    "scorers.cleanlab.folds=3",
+    "tracking.enabled=false",
+]
+
+
+def small_params(*extra: str) -> Params:
+    from cleanse.config import load_params
+
+    return load_params(None, [*SMALL_OVERRIDES, *extra])
+
+
+def make_split(features: np.ndarray, label: np.ndarray, *, start_id: int = 0) -> Split:
+    n = label.shape[0]
+    return Split(
+        sample_id=np.arange(start_id, start_id + n, dtype=np.int64),
+        features=features.astype(np.float32),
+        label=label.astype(np.int64),
+        label_clean=label.astype(np.int64),
+        is_corrupted=np.zeros(n, dtype=bool),
+    )
+
+
+def context_for(params: Params):
+    """Stage and train ``params`` in memory; return a :class:`ScoringContext` and the staged data."""
+    import torch
+
+    from cleanse.data.stage import stage_data
+    from cleanse.models.architectures import spec_for
+    from cleanse.models.trainer import train_model
+
+    staged = stage_data(params)
+    spec = spec_for(params.model.arch, params.model.hidden, staged.meta.feature_shape, staged.meta.n_classes)
+    model = train_model(spec, staged.train.features, staged.train.label, params.model, seed=params.seed,
+                        device=torch.device("cpu"))
+    context = ScoringContext(train=staged.train, val=staged.val, meta=staged.meta, model=model,
+                             model_config=params.model, seed=params.seed)
+    return context, staged
+
+
+@pytest.fixture(scope="session")
+def wine_context():
+    """Wine, an MLP with 275 parameters, 20% symmetric label flips."""
+    return context_for(small_params())
+
+
+@pytest.fixture(scope="session")
+def digits_logreg():
+    """Digits (300 train / 100 test), L2-regularised logistic regression fitted by L-BFGS."""
+    from sklearn.datasets import load_digits
+
+    from cleanse.models.architectures import spec_for
+    from cleanse.models.trainer import train_model
+
+    digits = load_digits()
+    features = (digits.data / 16).astype(np.float32)
+    label = digits.target.astype(np.int64)
+    order = np.random.default_rng(0).permutation(label.size)
+    train = make_split(features[order[:300]], label[order[:300]])
+    test = make_split(features[order[300:400]], label[order[300:400]], start_id=10_000)
+    config = ModelConfig(arch="logreg", optimizer="lbfgs", lr=1.0, epochs=30, weight_decay=0.01, checkpoints=1)
+    spec = spec_for("logreg", None, (64,), 10)
+    model = train_model(spec, train.features, train.label, config, seed=0)
+    context = ScoringContext(train=train, val=test, meta=DatasetMeta("digits", 10, (64,)), model=model,
+                             model_config=config, seed=0)
+    return context, test

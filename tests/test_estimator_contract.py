@@ -1,0 +1,79 @@
+"""The contract every registered estimator must pass (picked up from the registry automatically):
+shapes and ids, dtype, sign (higher = more harmful), determinism, blindness to ground truth,
+uncertainty columns, and, for pairwise estimators, orientation and the self-score diagonal."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import polars as pl
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from cleanse.config import ScorerOptions
+from cleanse.estimators import registry
+from cleanse.estimators.base import Estimator, PairwiseEstimator
+
+
+def _options(name: str):
+    return getattr(ScorerOptions(), name)
+
+
+@pytest.fixture(scope="module")
+def scored(wine_context):
+    context, _ = wine_context
+    return {name: registry.get(name).score(context, _options(name)) for name in registry.names()}
+
+
+@pytest.mark.parametrize("name", registry.names())
+def test_table_contract(name, scored, wine_context):
+    context, _ = wine_context
+    estimator = registry.get(name)
+    assert isinstance(estimator, Estimator)
+    assert estimator.name == name
+    table = scored[name].table
+    assert table.height == len(context.train)
+    assert table["sample_id"].dtype == pl.Int64
+    assert table["sample_id"].to_list() == context.train.sample_id.tolist()
+    assert table["score"].dtype == pl.Float64
+    assert np.isfinite(table["score"].to_numpy()).all()
+    if "score_se" in table.columns:
+        se = table["score_se"].to_numpy()
+        assert np.isfinite(se).all() and (se >= 0).all()
+
+
+@pytest.mark.parametrize("name", registry.names())
+def test_higher_score_means_more_harmful(name, scored, wine_context):
+    """20% flipped labels: every estimator must rank the flips above the clean samples
+    better than chance (the sign contract; quality is judged by the benchmarks)."""
+    context, _ = wine_context
+    auc = roc_auc_score(context.train.is_corrupted, scored[name].table["score"].to_numpy())
+    assert auc > 0.55, f"{name}: AUC {auc:.3f}"
+
+
+@pytest.mark.parametrize("name", registry.names())
+def test_deterministic_and_blind_to_ground_truth(name, scored, wine_context):
+    context, _ = wine_context
+    rng = np.random.default_rng(5)
+    scrambled = replace(
+        context,
+        train=replace(context.train, is_corrupted=rng.permutation(context.train.is_corrupted),
+                      label_clean=rng.permutation(context.train.label_clean)),
+    )
+    again = registry.get(name).score(scrambled, _options(name)).table
+    assert again.equals(scored[name].table)
+
+
+@pytest.mark.parametrize("name", [n for n in registry.names() if isinstance(registry.get(n), PairwiseEstimator)])
+def test_pairwise_orientation_and_diagonal(name, wine_context, scored):
+    context, _ = wine_context
+    rows = np.array([0, 5, 9])
+    matrix = registry.get(name).pairwise(context, _options(name), context.train.subset(rows))
+    assert matrix.shape == (3, len(context.train))  # (n_query, n_train)
+    diagonal = matrix[np.arange(3), rows]
+    assert (diagonal > 0).all(), "a training sample supports its own label"
+    self_influence = scored[name].table["self_influence"].to_numpy() if "self_influence" in scored[name].table.columns else None
+    if self_influence is not None:
+        scale = len(context.train) if name.startswith("influence") else 1.0
+        assert np.allclose(diagonal * scale, self_influence[rows], rtol=1e-3)
