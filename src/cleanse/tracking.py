@@ -5,7 +5,8 @@ one nested child run per estimator (its detection and retrain metrics, scores an
 ``git_commit`` and ``config_fingerprint``.
 
 Tracking URI: ``MLFLOW_TRACKING_URI`` when set (a server, for the UI); otherwise the embedded
-default, a sqlite file ``<out>/mlflow.db`` with artifacts in ``<out>/mlartifacts``.
+default, a sqlite file ``<out>/mlflow.db``. With any local store, artifacts go to
+``<out>/mlartifacts``; with a server, to the server's artifact destination.
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ def log_pipeline(params: Params, layout: Layout, metrics: dict[str, Any], *, run
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name(params.tracking.experiment)
     if experiment is None:
-        location = None if "MLFLOW_TRACKING_URI" in os.environ else (layout.root / "mlartifacts").as_uri()
+        # A tracking server decides where artifacts go; a local store keeps them beside the outputs
+        # (MLflow's own default would be ./mlruns in whatever directory the run started from).
+        location = None if uri.startswith(("http://", "https://")) else (layout.root / "mlartifacts").as_uri()
         experiment_id = client.create_experiment(params.tracking.experiment, artifact_location=location)
     else:
         experiment_id = experiment.experiment_id
