@@ -84,7 +84,7 @@ def test_image_grid_and_backdoor_attack_success(tmp_path):
     assert metrics["baseline"]["attack_success_rate"] > 0.5  # the backdoor took
     assert metrics["oracle"]["attack_success_rate"] < 0.2  # and removing the poisons undoes it
     assert "attack_success_rate" in metrics["estimators"]["tracin"]["retrain"]
-    assert (tmp_path / "reports" / "top_flagged_tracin.png").stat().st_size > 1000
+    assert (tmp_path / "reports" / "flagged" / "tracin.png").stat().st_size > 1000
 
 
 def test_mlflow_parent_and_child_runs(finished, monkeypatch):

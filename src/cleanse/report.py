@@ -21,7 +21,7 @@ import numpy as np
 import polars as pl
 
 from cleanse.config import Params
-from cleanse.storage import Layout, read_json, read_table, write_bytes, write_json, write_table, write_text
+from cleanse.storage import Layout, read_json, read_table, write_bytes, write_json, write_text
 
 
 def collect_metrics(params: Params, layout: Layout) -> dict[str, Any]:
@@ -131,7 +131,8 @@ def write_plots(params: Params, layout: Layout, metrics: dict[str, Any]) -> list
         if has_truth:
             precision, recall = pr_curve(score, is_corrupted)
             pr_axis.plot(recall, precision, label=f"{name} (AP {metrics['estimators'][name]['detection']['average_precision']:.2f})")
-            write_table(pl.DataFrame({"recall": recall, "precision": precision}), layout.reports / "pr" / f"{name}.csv")
+            write_text(pl.DataFrame({"recall": recall, "precision": precision}).write_csv(),
+                       layout.reports / "pr" / f"{name}.csv")
             ranked = np.argsort(np.argsort(-score))
             bins = np.linspace(0, 1, 31)
             quantile = ranked / max(len(score) - 1, 1)
@@ -143,7 +144,14 @@ def write_plots(params: Params, layout: Layout, metrics: dict[str, Any]) -> list
             axis.set_xlabel("score")
         axis.set_title(name)
     hist_axes[0][0].legend(fontsize=7)
-    if has_truth:
+    if not has_truth:
+        for name in names:
+            write_text("recall,precision\n", layout.reports / "pr" / f"{name}.csv")
+        pr_axis.text(0.5, 0.5, "no ground truth: PR curves need injected corruption", ha="center", va="center")
+        pr_axis.set_axis_off()
+        write_bytes(_png(pr_figure), layout.reports / "pr_curves.png")
+        written.append("pr_curves.png")
+    else:
         pr_axis.axhline(metrics["dataset"]["n_corrupted"] / metrics["dataset"]["n_train"], color="grey", ls=":", label="chance")
         pr_axis.set_xlabel("recall")
         pr_axis.set_ylabel("precision")
@@ -154,12 +162,21 @@ def write_plots(params: Params, layout: Layout, metrics: dict[str, Any]) -> list
     write_bytes(_png(hist_figure), layout.reports / "score_histograms.png")
     written.append("score_histograms.png")
     plt.close("all")
+    module = load_model(layout.base_model).module()
+    predicted = predict_proba(module, staged.train.features).argmax(1)
+    index = {sid: i for i, sid in enumerate(staged.train.sample_id.tolist())}
+    for name in names:
+        flags = read_table(layout.flags(name)).head(50)
+        rows = [index[sid] for sid in flags["sample_id"].to_list()]
+        top = flags.with_columns(
+            pl.Series("given_label", staged.train.label[rows]),
+            pl.Series("predicted_label", predicted[rows]),
+            pl.Series("is_corrupted", staged.train.is_corrupted[rows]),
+        )
+        write_text(top.write_csv(), layout.reports / "flagged" / f"{name}.csv")
     if staged.meta.is_image:
-        module = load_model(layout.base_model).module()
-        predicted = predict_proba(module, staged.train.features).argmax(1)
         for name in names:
             flags = read_table(layout.flags(name)).head(24)
-            index = {sid: i for i, sid in enumerate(staged.train.sample_id.tolist())}
             rows = [index[sid] for sid in flags["sample_id"].to_list()]
             columns = 8
             figure, axes = plt.subplots((len(rows) + columns - 1) // columns, columns, figsize=(columns * 1.3, 1.6 * ((len(rows) + columns - 1) // columns)), squeeze=False)
@@ -171,8 +188,8 @@ def write_plots(params: Params, layout: Layout, metrics: dict[str, Any]) -> list
                 colour = "red" if staged.train.is_corrupted[row] else "black"
                 axis.set_title(f"given {staged.train.label[row]} pred {predicted[row]}", fontsize=7, color=colour)
             figure.suptitle(f"{name}: top flagged (red = known corrupted)", fontsize=9)
-            write_bytes(_png(figure), layout.reports / f"top_flagged_{name}.png")
-            written.append(f"top_flagged_{name}.png")
+            write_bytes(_png(figure), layout.reports / "flagged" / f"{name}.png")
+            written.append(f"flagged/{name}.png")
             plt.close(figure)
     return written
 
@@ -184,13 +201,14 @@ def write_html(metrics: dict[str, Any], images: list[str], layout: Layout) -> Pa
     table += "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(row[h]))}</td>" for h in headers) + "</tr>" for row in rows)
     figures = "".join(f'<figure><img src="{html.escape(name)}" alt="{html.escape(name)}"><figcaption>{html.escape(name)}</figcaption></figure>' for name in images)
     dataset = metrics["dataset"]
+    flagged = " ".join(f'<a href="flagged/{html.escape(name)}.csv">{html.escape(name)}</a>' for name in metrics["estimators"])
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>cleanse report</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}th{{background:#eee}}td:first-child{{text-align:left}}img{{max-width:100%}}</style>
 </head><body><h1>cleanse report</h1>
 <p>Dataset <b>{html.escape(str(dataset['name']))}</b>: {dataset['n_train']} training samples, {dataset['n_corrupted']} corrupted ({html.escape(str(dataset['corruption']))}).
 Detection metrics use k = number corrupted; <i>test_acc</i> is after removing each method's flags and retraining with the same seed and recipe.</p>
 <table>{table}</table>
-<p><a href="metrics.json">metrics.json</a></p>
+<p><a href="metrics.json">metrics.json</a> · top flagged samples per estimator: {flagged}</p>
 {figures}
 </body></html>"""
     return write_text(page, layout.reports / "report.html")

@@ -194,10 +194,6 @@ class Layout:
     def metrics(self) -> Path:
         return self.reports / "metrics.json"
 
-    @property
-    def pr_curves(self) -> Path:
-        return self.reports / "pr_curves.csv"
-
     def ensure_root(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
 

@@ -81,6 +81,6 @@ def log_pipeline(params: Params, layout: Layout, metrics: dict[str, Any], *, run
                 for path in (layout.scores(name), layout.scores_meta(name), layout.flags(name)):
                     if path.is_file():
                         mlflow.log_artifact(str(path), artifact_path=path.parent.name)
-                for plot in layout.reports.glob(f"top_flagged_{name}.png"):
-                    mlflow.log_artifact(str(plot), artifact_path="plots")
+                for plot in (layout.reports / "flagged").glob(f"{name}.*"):
+                    mlflow.log_artifact(str(plot), artifact_path="flagged")
         return parent.info.run_id
