@@ -153,3 +153,17 @@ def test_validation_influence_sign(digits_logreg):
     table = ValidationInfluenceEstimator().score(context, InfluenceOptions(solver="exact")).table
     assert np.allclose(table["score"].to_numpy(), -table["delta_val_loss"].to_numpy())
     assert table["delta_val_loss"].min() < 0 < table["delta_val_loss"].max()
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_layerwise_squared_norms_equal_materialised_gradients(arch):
+    from cleanse.models.architectures import build_model, spec_for
+    from cleanse.grads import per_sample_sq_norms
+
+    torch.manual_seed(0)
+    shape = (1, 8, 8)
+    module = build_model(spec_for(arch, [12, 6] if arch == "cnn" else [16, 8], shape, 4))
+    fm = FunctionalModel.of(module, weight_decay=0.0)
+    x, y = torch.randn(37, *shape), torch.randint(0, 4, (37,))
+    reference = per_sample_grads(fm, x, y).double().pow(2).sum(1)
+    assert torch.allclose(per_sample_sq_norms(fm, x, y, chunk_size=10), reference, rtol=1e-4)

@@ -144,7 +144,7 @@ class InfluenceOptions(_Section):
 
 class TracInOptions(_Section):
     checkpoints: Literal["all", "last"] = Field("all", description="Which saved checkpoints to sum over.")
-    chunk_size: int = Field(256, ge=1, description="Samples per vmap chunk of per-sample gradients.")
+    chunk_size: int = Field(2048, ge=1, description="Samples per chunk of per-sample gradient work.")
 
 
 class ScorerOptions(_Section):

@@ -82,6 +82,66 @@ def per_sample_grads(
     return torch.cat(blocks) if blocks else x.new_zeros((0, fm.n_params))
 
 
+def _linear_only(module: nn.Module) -> list[nn.Linear] | None:
+    """The module's Linear layers if they hold every parameter, else ``None``."""
+    linears = []
+    for child in module.modules():
+        own = list(child.parameters(recurse=False))
+        if not own:
+            continue
+        if not isinstance(child, nn.Linear):
+            return None
+        linears.append(child)
+    return linears
+
+
+def per_sample_sq_norms(
+    fm: FunctionalModel, x: torch.Tensor, y: torch.Tensor, *, chunk_size: int = 4096, theta: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``||g_i||^2`` for every sample, shape ``(n,)``, float64.
+
+    For networks whose parameters all sit in ``nn.Linear`` layers fed 2-D inputs, the per-sample
+    gradient of a layer is the outer product ``delta_i a_i^T`` (plus ``delta_i`` for the bias), so
+    ``||g_i||^2 = sum_layers ||a_i||^2 ||delta_i||^2 + ||delta_i||^2``: one forward and one
+    backward pass per chunk, the cost of a training step, and no per-sample gradient is
+    materialised. Other architectures fall back to :func:`per_sample_grads`.
+    """
+    theta = fm.theta if theta is None else theta
+    linears = _linear_only(fm.module)
+    if linears is None:
+        return torch.cat([per_sample_grads(fm, x[s : s + 256], y[s : s + 256], theta=theta).double().pow(2).sum(1)
+                          for s in range(0, x.shape[0], 256)]) if x.shape[0] else x.new_zeros(0, dtype=torch.float64)
+    totals = []
+    for s in range(0, x.shape[0], chunk_size):
+        xb, yb = x[s : s + chunk_size], y[s : s + chunk_size]
+        captured: list[tuple[nn.Linear, torch.Tensor, torch.Tensor]] = []
+
+        def keep(layer: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            output.retain_grad()
+            captured.append((layer, inputs[0].detach(), output))
+
+        handles = [layer.register_forward_hook(keep) for layer in linears]
+        try:
+            leaf = theta.detach().requires_grad_(True)
+            with torch.enable_grad():
+                loss = nn.functional.cross_entropy(fm.logits(leaf, xb), yb, reduction="sum")
+                loss.backward()
+        finally:
+            for handle in handles:
+                handle.remove()
+        if any(inputs.dim() != 2 for _, inputs, _ in captured):
+            totals.append(per_sample_grads(fm, xb, yb, theta=theta).double().pow(2).sum(1))
+            continue
+        total = torch.zeros(xb.shape[0], dtype=torch.float64, device=x.device)
+        for layer, inputs, output in captured:
+            delta_sq = output.grad.double().pow(2).sum(1)
+            total += inputs.double().pow(2).sum(1) * delta_sq
+            if layer.bias is not None:
+                total += delta_sq
+        totals.append(total)
+    return torch.cat(totals) if totals else x.new_zeros(0, dtype=torch.float64)
+
+
 def grad_dots(
     fm: FunctionalModel, x: torch.Tensor, y: torch.Tensor, direction: torch.Tensor, *,
     chunk_size: int = 4096, theta: torch.Tensor | None = None,

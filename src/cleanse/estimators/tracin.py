@@ -4,8 +4,10 @@
 
 over the saved checkpoints ``theta_c`` with learning rate ``lr_c``. Positive = proponent (training
 on ``i`` lowered ``q``'s loss). Self-influence ``sum_c lr_c ||g_i(theta_c)||^2`` is the mislabel
-score (higher = more harmful). Self-influence materialises per-sample gradients in vmap chunks;
-train -> query scores use one forward-mode product per query and checkpoint instead.
+score (higher = more harmful). Self-influence uses the layer-wise identity
+``||delta a^T||^2 = ||delta||^2 ||a||^2`` for Linear layers (one forward and backward pass per
+chunk) and vmapped per-sample gradients otherwise; train -> query scores use one forward-mode
+product per query and checkpoint.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from cleanse.config import TracInOptions
 from cleanse.data.dataset import Split
 from cleanse.estimators.base import ScoreResult, ScoringContext, score_table
-from cleanse.grads import FunctionalModel, grad_dots, per_sample_grads
+from cleanse.grads import FunctionalModel, grad_dots, per_sample_grads, per_sample_sq_norms
 from cleanse.models.trainer import Checkpoint
 
 
@@ -45,9 +47,7 @@ class TracInEstimator:
         used = _checkpoints(context, options)
         for checkpoint in used:
             fm = _functional(context, checkpoint)
-            for start in range(0, x.shape[0], options.chunk_size):
-                grads = per_sample_grads(fm, x[start : start + options.chunk_size], y[start : start + options.chunk_size])
-                total[start : start + grads.shape[0]] += checkpoint.lr * grads.double().pow(2).sum(1)
+            total += checkpoint.lr * per_sample_sq_norms(fm, x, y, chunk_size=options.chunk_size)
         score = total.cpu().numpy()
         return ScoreResult(
             score_table(context.train.sample_id, score, self_influence=score),

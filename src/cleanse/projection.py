@@ -1,0 +1,153 @@
+"""Random projections of per-sample gradients, streamed to a resumable ``.npy`` memmap.
+
+``phi_i = P^T g_i / sqrt(k)`` with ``P`` a ``(p, k)`` matrix of i.i.d. Rademacher (+-1) or standard
+Gaussian entries (Johnson-Lindenstrauss): ``E[phi_i . phi_j] = g_i . g_j``. ``P`` is generated
+blockwise from ``seed`` so the same seed gives the same projection on every machine, and it is
+held once in memory (``p * k`` floats); per-sample gradients are materialised only one chunk of
+samples at a time, so memory does not grow with ``n``. This is the featurisation TRAK (Park et
+al., ICML 2023) builds on; the CPU path here is the reference for any accelerated one.
+
+Resumability: :class:`ProjectedGradientStore` writes ``features.npy`` (``(n, k)`` float32, open
+with ``np.load(path, mmap_mode="r")``), ``done.npy`` (one flag per chunk, set after the chunk is
+flushed) and ``meta.json`` (shape, projection kind, seed, fingerprint). Reopening with another
+fingerprint is refused; reopening with the same one skips finished chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from cleanse.errors import ArtifactError
+from cleanse.storage import write_json
+
+ProjectionKind = Literal["rademacher", "gaussian"]
+
+
+def projection_matrix(p: int, k: int, *, kind: ProjectionKind = "rademacher", seed: int = 0,
+                      block_rows: int = 65536, dtype: torch.dtype = torch.float32,
+                      device: torch.device | None = None) -> torch.Tensor:
+    """The ``(p, k)`` projection, scaled by ``1/sqrt(k)``; rows are generated in seeded blocks."""
+    blocks = []
+    for block, start in enumerate(range(0, p, block_rows)):
+        rows = min(block_rows, p - start)
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + block)
+        if kind == "rademacher":
+            values = torch.randint(0, 2, (rows, k), generator=generator, dtype=torch.int8).to(dtype) * 2 - 1
+        elif kind == "gaussian":
+            values = torch.randn(rows, k, generator=generator, dtype=dtype)
+        else:
+            raise ValueError(f"projection kind {kind!r} is not one of 'rademacher', 'gaussian'")
+        blocks.append(values)
+    return (torch.cat(blocks) / math.sqrt(k)).to(device or torch.device("cpu"))
+
+
+@dataclass
+class ProjectedGradientStore:
+    """An ``(n, k)`` float32 memmap filled chunk by chunk, with per-chunk done flags."""
+
+    directory: Path
+    n: int
+    k: int
+    chunk_size: int
+    fingerprint: str
+
+    @property
+    def n_chunks(self) -> int:
+        return math.ceil(self.n / self.chunk_size)
+
+    @property
+    def features_path(self) -> Path:
+        return self.directory / "features.npy"
+
+    @property
+    def done_path(self) -> Path:
+        return self.directory / "done.npy"
+
+    def open(self) -> tuple[np.memmap, np.memmap]:
+        """Open (creating if needed) the feature memmap and the done flags."""
+        meta_path = self.directory / "meta.json"
+        meta = {"shape": [self.n, self.k], "dtype": "float32", "chunk_size": self.chunk_size,
+                "orientation": "one row per training sample", "fingerprint": self.fingerprint}
+        if meta_path.is_file():
+            existing = json.loads(meta_path.read_text())
+            if existing != meta:
+                raise ArtifactError(
+                    f"{self.directory} holds projected gradients of another configuration "
+                    f"(fingerprint {existing.get('fingerprint')}, shape {existing.get('shape')}); "
+                    "remove it or choose another directory"
+                )
+            features = np.load(self.features_path, mmap_mode="r+")
+            done = np.load(self.done_path, mmap_mode="r+")
+            return features, done
+        self.directory.mkdir(parents=True, exist_ok=True)
+        features = np.lib.format.open_memmap(self.features_path, mode="w+", dtype=np.float32, shape=(self.n, self.k))
+        done = np.lib.format.open_memmap(self.done_path, mode="w+", dtype=np.bool_, shape=(self.n_chunks,))
+        done.flush()
+        write_json(meta, meta_path)  # last: its presence means the files above exist
+        return features, done
+
+    def is_complete(self) -> bool:
+        return self.done_path.is_file() and bool(np.load(self.done_path).all())
+
+
+def project_to_store(
+    per_sample_grads: Callable[[int, int], torch.Tensor],
+    projection: torch.Tensor,
+    store: ProjectedGradientStore,
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> np.memmap:
+    """Fill ``store`` with ``per_sample_grads(start, stop) @ projection`` chunk by chunk.
+
+    ``per_sample_grads(start, stop)`` returns the ``(stop - start, p)`` gradients of those rows.
+    Chunks already flagged done are skipped, so a killed run resumes where it stopped.
+    """
+    features, done = store.open()
+    for chunk in range(store.n_chunks):
+        if done[chunk]:
+            continue
+        start, stop = chunk * store.chunk_size, min((chunk + 1) * store.chunk_size, store.n)
+        grads = per_sample_grads(start, stop)
+        features[start:stop] = (grads.to(projection.dtype) @ projection).cpu().numpy()
+        features.flush()
+        done[chunk] = True
+        done.flush()
+        if progress is not None:
+            progress(stop - start)
+    return features
+
+
+def gram_matrix(features: np.ndarray, *, chunk_size: int = 65536) -> np.ndarray:
+    """``Phi^T Phi`` (``(k, k)``, float64) accumulated over row chunks of an ``(n, k)`` (memmap) array."""
+    k = features.shape[1]
+    gram = np.zeros((k, k), dtype=np.float64)
+    for start in range(0, features.shape[0], chunk_size):
+        block = np.asarray(features[start : start + chunk_size], dtype=np.float64)
+        gram += block.T @ block
+    return gram
+
+
+def projected_self_scores(features: np.ndarray, *, damping: float = 1e-3, chunk_size: int = 65536) -> np.ndarray:
+    """``phi_i^T (Phi^T Phi + damping * mean_diag * I)^-1 phi_i`` for every row, shape ``(n,)``.
+
+    The TRAK self-score (a leverage score of the projected gradients). Two streaming passes over
+    the memmap; memory is ``O(k^2 + chunk_size * k)`` whatever ``n`` is. ``damping`` is relative
+    to the mean diagonal of ``Phi^T Phi`` so it does not depend on the gradient scale.
+    """
+    gram = gram_matrix(features, chunk_size=chunk_size)
+    ridge = damping * max(float(np.trace(gram)) / gram.shape[0], 1e-30)
+    factor = np.linalg.cholesky(gram + ridge * np.eye(gram.shape[0]))
+    out = np.empty(features.shape[0], dtype=np.float64)
+    for start in range(0, features.shape[0], chunk_size):
+        block = np.asarray(features[start : start + chunk_size], dtype=np.float64)
+        solved = np.linalg.solve(factor, block.T)  # L^-1 phi_i, column-wise
+        out[start : start + block.shape[0]] = (solved * solved).sum(0)
+    return out
