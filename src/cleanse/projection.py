@@ -142,12 +142,14 @@ def projected_self_scores(features: np.ndarray, *, damping: float = 1e-3, chunk_
     the memmap; memory is ``O(k^2 + chunk_size * k)`` whatever ``n`` is. ``damping`` is relative
     to the mean diagonal of ``Phi^T Phi`` so it does not depend on the gradient scale.
     """
+    from scipy.linalg import solve_triangular
+
     gram = gram_matrix(features, chunk_size=chunk_size)
     ridge = damping * max(float(np.trace(gram)) / gram.shape[0], 1e-30)
     factor = np.linalg.cholesky(gram + ridge * np.eye(gram.shape[0]))
     out = np.empty(features.shape[0], dtype=np.float64)
     for start in range(0, features.shape[0], chunk_size):
         block = np.asarray(features[start : start + chunk_size], dtype=np.float64)
-        solved = np.linalg.solve(factor, block.T)  # L^-1 phi_i, column-wise
+        solved = solve_triangular(factor, block.T, lower=True)  # L^-1 phi_i, column-wise
         out[start : start + block.shape[0]] = (solved * solved).sum(0)
     return out
