@@ -10,9 +10,9 @@ import pytest
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("CLEANSE_DEVICE", "cpu")
 
-from cleanse.config import ModelConfig, Params  # noqa: E402
-from cleanse.data.dataset import DatasetMeta, Split  # noqa: E402
-from cleanse.estimators.base import ScoringContext  # noqa: E402
+from cleanse.config import ModelConfig, Params
+from cleanse.data.dataset import DatasetMeta, Split
+from cleanse.estimators.base import ScoringContext
 
 SMALL_OVERRIDES = [
     "data.source=sklearn:wine",

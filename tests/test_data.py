@@ -11,7 +11,6 @@ from cleanse.data.corruption import apply_trigger, corrupt
 from cleanse.data.sources import load_source
 from cleanse.data.stage import stage_data
 from cleanse.errors import DataError
-
 from tests.conftest import make_split, small_params
 
 

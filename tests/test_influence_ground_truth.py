@@ -157,8 +157,8 @@ def test_validation_influence_sign(digits_logreg):
 
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
 def test_layerwise_squared_norms_equal_materialised_gradients(arch):
-    from cleanse.models.architectures import build_model, spec_for
     from cleanse.grads import per_sample_sq_norms
+    from cleanse.models.architectures import build_model, spec_for
 
     torch.manual_seed(0)
     shape = (1, 8, 8)

@@ -9,7 +9,6 @@ import pytest
 
 from cleanse.pipeline import run_all
 from cleanse.storage import Layout
-
 from tests.conftest import small_params
 
 ESTIMATORS = "estimators=[loss,cleanlab,influence,influence_val,tracin]"

@@ -18,7 +18,6 @@ from cleanse.data.dataset import Split
 from cleanse.estimators.influence import ValidationInfluenceEstimator
 from cleanse.estimators.tracin import TracInEstimator
 from cleanse.models.trainer import train_model
-
 from tests.conftest import small_params
 
 

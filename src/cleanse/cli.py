@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Find the training data that hurts a model, remove it, retrain, and compare.")
 
-ParamsOption = Annotated[Optional[Path], typer.Option("--params", "-p", help="params.yaml (default: ./params.yaml if present, else built-in defaults).")]
-SetOption = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a key: dotted.key=value (repeatable).")]
+ParamsOption = Annotated[Path | None, typer.Option("--params", "-p", help="params.yaml (default: ./params.yaml if present, else built-in defaults).")]
+SetOption = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a key: dotted.key=value (repeatable).")]
 OutOption = Annotated[Path, typer.Option("--out", "-o", help="Output root for data/, models/, scores/, flags/, reports/.")]
 EstimatorOption = Annotated[str, typer.Option("--estimator", "-e", help="Registered estimator name.")]
 
@@ -26,7 +26,7 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _setup(params_file: Optional[Path], overrides: Optional[list[str]], out: Path) -> tuple[Any, Any]:
+def _setup(params_file: Path | None, overrides: list[str] | None, out: Path) -> tuple[Any, Any]:
     from cleanse.config import load_params
     from cleanse.storage import Layout
 

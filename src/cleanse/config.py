@@ -270,7 +270,7 @@ def load_params(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(_format_validation_error(exc)) from None
 
 
-def fingerprint(*parts: BaseModel | dict[str, Any] | list[Any] | str | int | float) -> str:
+def fingerprint(*parts: BaseModel | dict[str, Any] | list[Any] | str | float) -> str:
     """A 16-hex-digit sha256 of the given configuration parts, stable across processes."""
     payload = [part.model_dump(mode="json") if isinstance(part, BaseModel) else part for part in parts]
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

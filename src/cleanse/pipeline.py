@@ -22,7 +22,15 @@ import polars as pl
 from cleanse.config import Params, fingerprint
 from cleanse.data.dataset import DatasetMeta, Split, StagedData
 from cleanse.errors import ArtifactError
-from cleanse.storage import Layout, read_json, read_table, read_tensors, write_json, write_table, write_tensors
+from cleanse.storage import (
+    Layout,
+    read_json,
+    read_table,
+    read_tensors,
+    write_json,
+    write_table,
+    write_tensors,
+)
 
 STAGE_META_NAME = "meta.json"
 
@@ -85,7 +93,6 @@ def _require_fresh(meta_path: Path, expected: str, what: str) -> None:
 def run_stage(params: Params, layout: Layout) -> Path:
     """Write ``data/staged/{train,val,test}.parquet`` and ``meta.json``."""
     from cleanse.data.stage import stage_data
-
     from cleanse.models.architectures import build_model
 
     staged = stage_data(params)

@@ -81,9 +81,8 @@ def read_table(path: str | Path) -> pl.DataFrame:
 
 def write_npy(array: np.ndarray, path: str | Path) -> Path:
     """Write an ``.npy`` file (readable with ``np.load(path, mmap_mode='r')``)."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle:
-            np.save(handle, np.ascontiguousarray(array))
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, np.ascontiguousarray(array))
     return Path(path)
 
 
@@ -138,7 +137,7 @@ def fetch_input(uri: str, cache_dir: str | Path | None = None) -> Path:
             fs.get(uri, str(tmp))
     except FileNotFoundError as exc:
         raise DataError(f"data.source: no such object {uri}") from exc
-    except Exception as exc:  # noqa: BLE001 - any transport failure is reported by name
+    except Exception as exc:
         raise DataError(f"data.source: cannot read {uri}: {type(exc).__name__}: {exc}") from exc
     return target
 

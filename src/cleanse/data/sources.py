@@ -127,7 +127,7 @@ def _load_parquet(path: Path, config: DataConfig) -> RawData:
 
     try:
         frame = pl.read_parquet(path)
-    except Exception as exc:  # noqa: BLE001 - polars raises several error types for bad files
+    except Exception as exc:
         raise DataError(f"data.source {path}: not a readable parquet file ({exc})") from exc
     columns = [config.features] if isinstance(config.features, str) else list(config.features)
     needed = [*columns, config.label_column] + ([config.id_column] if config.id_column else [])

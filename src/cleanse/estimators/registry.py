@@ -23,7 +23,7 @@ def names() -> list[str]:
     return list(_REGISTRY)
 
 
-def get(name: str):  # noqa: ANN201 - returns an Estimator instance
+def get(name: str):
     if name not in _REGISTRY:
         raise ConfigError(f"unknown estimator {name!r}; allowed: {', '.join(_REGISTRY)}")
     module_name, class_name = _REGISTRY[name].split(":")

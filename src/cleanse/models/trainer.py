@@ -11,6 +11,7 @@ model), each with the learning rate in effect, for TracInCP (Pruthi et al., 2020
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -54,6 +55,9 @@ def l2_penalty(parameters: dict[str, torch.Tensor] | list[torch.Tensor], weight_
     return 0.5 * weight_decay * sum((p * p).sum() for p in values)
 
 
+_GLOBAL_RNG_LOCK = threading.Lock()
+
+
 def train_model(
     spec: ModelSpec,
     features: np.ndarray,
@@ -71,7 +75,9 @@ def train_model(
     (used by leave-one-out retraining).
     """
     device = device or default_device()
-    with torch.random.fork_rng(devices=[]):
+    # fork_rng saves and restores the process-wide generator: two threads (concurrent Prefect task
+    # branches) interleaving here would build each other's initialisation.
+    with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_model(spec)
     if init_state is not None:
