@@ -60,3 +60,22 @@ def test_projected_self_scores_match_the_dense_formula():
     ridge = 1e-2 * np.trace(gram) / 16
     expected = np.einsum("ik,kl,il->i", dense, np.linalg.inv(gram + ridge * np.eye(16)), dense)
     assert np.allclose(projected_self_scores(features, damping=1e-2, chunk_size=77), expected, rtol=1e-8)
+
+
+def test_positional_row_io_round_trips_through_the_npy_file(tmp_path):
+    from cleanse.projection import row_blocks, write_rows
+
+    rng = np.random.default_rng(3)
+    expected = rng.standard_normal((53, 6)).astype(np.float32)
+    path = tmp_path / "rows.npy"
+    np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=expected.shape).flush()
+    write_rows(path, 0, expected[:20])
+    write_rows(path, 20, expected[20:])
+    mapped = np.load(path, mmap_mode="r")
+    blocks = list(row_blocks(mapped, 7))
+    assert [start for start, _ in blocks] == list(range(0, 53, 7))
+    assert np.array_equal(np.concatenate([block for _, block in blocks]), expected)
+    # A slice of the memmap (not the whole file) falls back to plain slicing and still agrees.
+    assert np.array_equal(np.concatenate([b for _, b in row_blocks(mapped[5:30], 4)]), expected[5:30])
+    with pytest.raises(ValueError, match="do not fit"):
+        write_rows(path, 50, expected[:10])

@@ -75,10 +75,24 @@ class FunctionalModel:
 def per_sample_grads(
     fm: FunctionalModel, x: torch.Tensor, y: torch.Tensor, *, chunk_size: int = 256, theta: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Per-sample loss gradients ``g_i``, shape ``(n, p)``, via ``vmap(grad)`` in chunks."""
+    """Per-sample loss gradients ``g_i``, shape ``(n, p)``, via ``vmap(grad)`` in chunks.
+
+    The gradient is taken with respect to the parameter dictionary and flattened afterwards:
+    differentiating through the flat vector's slicing would make every sample's backward pass
+    scatter into a zero vector of length ``p``, which measured about 3x slower.
+    """
     theta = fm.theta if theta is None else theta
-    one = vmap(grad(fm.sample_loss), in_dims=(None, 0, 0))
-    blocks = [one(theta, x[s : s + chunk_size], y[s : s + chunk_size]) for s in range(0, x.shape[0], chunk_size)]
+    params = fm.unflatten(theta)
+
+    def sample_loss(named: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        logits = functional_call(fm.module, named, (xi.unsqueeze(0),))
+        return nn.functional.cross_entropy(logits, yi.unsqueeze(0))
+
+    one = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+    blocks = []
+    for s in range(0, x.shape[0], chunk_size):
+        named = one(params, x[s : s + chunk_size], y[s : s + chunk_size])
+        blocks.append(torch.cat([named[name].reshape(named[name].shape[0], -1) for name in fm.names], dim=1))
     return torch.cat(blocks) if blocks else x.new_zeros((0, fm.n_params))
 
 
