@@ -574,86 +574,125 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def _detect_once(det: Detector, bench: Bench, seed: int) -> dict[str, Any]:
+    """Run one detector on one trained model: scores, detection metrics and the top-k ids."""
+    train = bench.staged.train
+    torch.manual_seed(seed)
+    started = time.perf_counter()
+    try:
+        score, extra = det.fn(bench)
+    except Exception as exc:  # noqa: BLE001 - one broken detector must not stop the grid
+        return {"status": "failed", "reason": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=6)}
+    seconds = time.perf_counter() - started
+    score = np.asarray(score, dtype=np.float64).reshape(-1)
+    if score.shape[0] != len(train):
+        return {"status": "failed", "reason": f"returned {score.shape[0]} scores for {len(train)} samples"}
+    out: dict[str, Any] = {"status": "ok"}
+    if not np.all(np.isfinite(score)):
+        out["non_finite_scores"] = int((~np.isfinite(score)).sum())
+        score = np.nan_to_num(score, nan=-np.inf)
+    prep = float(extra.pop("prep_seconds", 0.0))
+    metrics = detection_metrics(score, train.is_corrupted)
+    k = int(train.is_corrupted.sum())
+    order = np.lexsort((np.arange(score.size), -score))
+    out.update(score_seconds=float(extra.pop("score_seconds", seconds - prep)), prep_seconds=prep,
+               extra=_jsonable(extra), top_k=train.sample_id[order[:k]],
+               metrics={"roc_auc": metrics["roc_auc"], "average_precision": metrics["average_precision"],
+                        "precision_at_k": metrics["precision_at_k"]})
+    return out
+
+
 def score_cell(cell: Cell, seeds: list[int], dets: list[Detector], retrainer: Retrainer,
                log: Callable[[str], None]) -> dict[str, Any]:
-    """Train the detection model, run every detector, queue the retrains. Returns the cell record
-    with retrain *keys* (resolved by :func:`resolve_cell` once the retrains are done)."""
+    """Stage once (split and corruption fixed by the first seed); for every training seed, train the
+    detection model, run every detector on it and queue the retrain without its top-k with that
+    seed. Returns the cell record with retrain *keys* (resolved by :func:`resolve_cell`).
+
+    Detection metrics and scoring times are reported as the mean over seeds, with the sd and the
+    per-seed values alongside.
+    """
     params = cell.params(seed=seeds[0])
     staged = stage_data(params)
     train = staged.train
     spec = spec_for(params.model.arch, params.model.hidden, staged.meta.feature_shape, staged.meta.n_classes)
-    started = time.perf_counter()
-    model = train_model(spec, train.features, train.label, params.model, seed=seeds[0], device=torch.device("cpu"))
-    train_seconds = time.perf_counter() - started
-    fitted = predict_proba(model, train.features).argmax(1) == train.label
-    n_params = n_parameters(model.module())
     k = int(train.is_corrupted.sum())
     record: dict[str, Any] = {
         "dataset": cell.dataset, "corruption": cell.corruption, "model": cell.model, "key": cell.key,
-        "regimes": cell.regimes, "n_train": len(train), "n_test": len(staged.test), "k": k, "n_params": n_params,
-        "model_config": params.model.model_dump(mode="json"),
-        "detection_model": {
-            "seed": seeds[0], "train_seconds": train_seconds, "train_accuracy": float(fitted.mean()),
+        "regimes": cell.regimes, "n_train": len(train), "n_test": len(staged.test), "k": k,
+        "model_config": params.model.model_dump(mode="json"), "detection_models": [], "detectors": {},
+    }
+    references: dict[str, list[str]] = {"no removal": [], "random": [], "oracle": []}
+    runs: dict[str, list[dict[str, Any]]] = {det.name: [] for det in dets}
+    skipped: dict[str, str] = {}
+    for seed in seeds:
+        started = time.perf_counter()
+        model = train_model(spec, train.features, train.label, params.model, seed=seed, device=torch.device("cpu"))
+        train_seconds = time.perf_counter() - started
+        fitted = predict_proba(model, train.features).argmax(1) == train.label
+        n_params = n_parameters(model.module())
+        record["n_params"] = n_params
+        record["detection_models"].append({
+            "seed": seed, "train_seconds": train_seconds, "train_accuracy": float(fitted.mean()),
             "train_accuracy_on_corrupted": float(fitted[train.is_corrupted].mean()) if k else None,
             **evaluate_model(model, staged),
-        },
-        "detectors": {},
-    }
-    log(f"[{cell.key}] n={len(train)} k={k} params={n_params} train {train_seconds:.1f}s "
-        f"train_acc={fitted.mean():.3f} (corrupted {record['detection_model']['train_accuracy_on_corrupted']})")
-
-    # No removal with the first seed is the detection model itself (same seed, same data).
-    no_removal = np.zeros(0, dtype=np.int64)
-    retrainer.preset(Retrainer.key(cell, no_removal, seeds[0]),
-                     {**evaluate_model(model, staged), "n_removed": 0, "n_corrupted_removed": 0})
-    references = {
-        "no removal": [retrainer.submit(cell, params, staged, no_removal, s) for s in seeds],
-        "random": [retrainer.submit(cell, params, staged, random_ids(staged, k, s), s) for s in seeds],
-        "oracle": [retrainer.submit(cell, params, staged, train.sample_id[train.is_corrupted], s) for s in seeds],
-    }
+        })
+        log(f"[{cell.key} seed {seed}] n={len(train)} k={k} params={n_params} train {train_seconds:.1f}s "
+            f"train_acc={fitted.mean():.3f} (corrupted {record['detection_models'][-1]['train_accuracy_on_corrupted']})")
+        # No removal with this seed is the detection model itself (same seed, same data).
+        no_removal = np.zeros(0, dtype=np.int64)
+        retrainer.preset(Retrainer.key(cell, no_removal, seed),
+                         {**evaluate_model(model, staged), "n_removed": 0, "n_corrupted_removed": 0})
+        references["no removal"].append(retrainer.submit(cell, params, staged, no_removal, seed))
+        references["random"].append(retrainer.submit(cell, params, staged, random_ids(staged, k, seed), seed))
+        references["oracle"].append(retrainer.submit(cell, params, staged, train.sample_id[train.is_corrupted], seed))
+        with tempfile.TemporaryDirectory(prefix="quality_") as workdir:
+            bench = Bench(cell, params, staged, model, Path(workdir))
+            for det in dets:
+                if det.name in skipped:
+                    continue
+                reason = _peer_status(det.requires)
+                if reason is None:
+                    reason = next((why for name, applies, why in SKIP_RULES
+                                   if name == det.name and applies(cell, n_params)), None)
+                if reason is not None:
+                    skipped[det.name] = reason
+                    continue
+                retrainer.pump(1)
+                run = _detect_once(det, bench, params.seed)
+                runs[det.name].append(run)
+                if run["status"] != "ok":
+                    log(f"  {det.name:<22} FAILED {run['reason']}")
+                    continue
+                run["retrain"] = retrainer.submit(cell, params, staged, run.pop("top_k"), seed)
+                m = run["metrics"]
+                log(f"  {det.name:<22} AUC={m['roc_auc']:.3f} AP={m['average_precision']:.3f} "
+                    f"P@k={m['precision_at_k']:.3f}  {run['score_seconds']:.2f}s (+{run['prep_seconds']:.1f}s prep)")
+    record["detection_model"] = record["detection_models"][0]
     record["references"] = references
-
-    with tempfile.TemporaryDirectory(prefix="quality_") as workdir:
-        bench = Bench(cell, params, staged, model, Path(workdir))
-        for det in dets:
-            entry: dict[str, Any] = {"family": det.family}
-            record["detectors"][det.name] = entry
-            reason = _peer_status(det.requires)
-            if reason is None:
-                reason = next((why for name, applies, why in SKIP_RULES if name == det.name and applies(cell, n_params)),
-                              None)
-            if reason is not None:
-                entry.update(status="skipped", reason=reason)
-                continue
-            retrainer.pump(1)
-            torch.manual_seed(params.seed)
-            started = time.perf_counter()
-            try:
-                score, extra = det.fn(bench)
-            except Exception as exc:  # noqa: BLE001 - one broken detector must not stop the grid
-                entry.update(status="failed", reason=f"{type(exc).__name__}: {exc}",
-                             traceback=traceback.format_exc(limit=6))
-                log(f"  {det.name:<22} FAILED {type(exc).__name__}: {exc}")
-                continue
-            seconds = time.perf_counter() - started
-            score = np.asarray(score, dtype=np.float64).reshape(-1)
-            if score.shape[0] != len(train):
-                entry.update(status="failed", reason=f"returned {score.shape[0]} scores for {len(train)} samples")
-                continue
-            if not np.all(np.isfinite(score)):
-                entry["non_finite_scores"] = int((~np.isfinite(score)).sum())
-                score = np.nan_to_num(score, nan=-np.inf)
-            prep = float(extra.pop("prep_seconds", 0.0))
-            scoring = float(extra.pop("score_seconds", seconds - prep))
-            metrics = detection_metrics(score, train.is_corrupted)
-            order = np.lexsort((np.arange(score.size), -score))
-            top_k = train.sample_id[order[:k]]
-            entry.update(status="ok", score_seconds=scoring, prep_seconds=prep, extra=_jsonable(extra),
-                         metrics={"roc_auc": metrics["roc_auc"], "average_precision": metrics["average_precision"],
-                                  "precision_at_k": metrics["precision_at_k"]},
-                         retrain=[retrainer.submit(cell, params, staged, top_k, s) for s in seeds])
-            log(f"  {det.name:<22} AUC={metrics['roc_auc']:.3f} AP={metrics['average_precision']:.3f} "
-                f"P@k={metrics['precision_at_k']:.3f}  {scoring:.2f}s (+{prep:.1f}s prep)")
+    for det in dets:
+        entry: dict[str, Any] = {"family": det.family}
+        record["detectors"][det.name] = entry
+        if det.name in skipped:
+            entry.update(status="skipped", reason=skipped[det.name])
+            continue
+        failed = [run for run in runs[det.name] if run["status"] != "ok"]
+        if failed:
+            entry.update(status="failed", reason=failed[0]["reason"], traceback=failed[0].get("traceback"))
+            continue
+        ok = runs[det.name]
+        per_metric = {name: [run["metrics"][name] for run in ok] for name in ok[0]["metrics"]}
+        entry.update(
+            status="ok",
+            metrics={name: (float(np.mean(v)) if all(x is not None for x in v) else None) for name, v in per_metric.items()},
+            metrics_sd={name: (float(np.std(v, ddof=1)) if len(v) > 1 and all(x is not None for x in v) else 0.0)
+                        for name, v in per_metric.items()},
+            metrics_values=per_metric,
+            score_seconds=float(np.mean([run["score_seconds"] for run in ok])),
+            prep_seconds=float(np.mean([run["prep_seconds"] for run in ok])),
+            extra=ok[0]["extra"], retrain=[run["retrain"] for run in ok],
+        )
+        if any("non_finite_scores" in run for run in ok):
+            entry["non_finite_scores"] = max(run.get("non_finite_scores", 0) for run in ok)
     for name, why in NOT_RUN.items():
         record["detectors"][name] = {"family": "peer", "status": "skipped", "reason": why}
     return record
@@ -770,10 +809,16 @@ def _cell_table(record: dict[str, Any]) -> list[str]:
     for name, e in ok.items():
         m = e["metrics"]
         acc = e["retrain"]["test_accuracy"]
+        sd = e.get("metrics_sd", {})
+
+        def with_sd(metric: str) -> str:
+            text = _fmt(m[metric])
+            return f"{text} ± {sd[metric]:.3f}" if m[metric] is not None and sd.get(metric) else text
+
         cells = [name, e["family"],
-                 bold(_fmt(m["roc_auc"]), m["roc_auc"], best["roc_auc"]),
-                 bold(_fmt(m["average_precision"]), m["average_precision"], best["average_precision"]),
-                 bold(_fmt(m["precision_at_k"]), m["precision_at_k"], best["precision_at_k"]),
+                 bold(with_sd("roc_auc"), m["roc_auc"], best["roc_auc"]),
+                 bold(with_sd("average_precision"), m["average_precision"], best["average_precision"]),
+                 bold(with_sd("precision_at_k"), m["precision_at_k"], best["precision_at_k"]),
                  f"{e['score_seconds']:.2f}", f"{e['prep_seconds']:.2f}",
                  bold(_pm(acc), acc["mean"] if acc else None, best["acc"])]
         if backdoor:
@@ -932,7 +977,9 @@ def render_markdown(data: dict[str, Any], md_path: Path, img_dir: Path | None = 
                 f"train accuracy {dm['train_accuracy']:.3f} on the given labels "
                 f"({_fmt(fitted)} on the corrupted ones), test accuracy {dm['test_accuracy']:.3f}"
                 + (f", ASR {dm['attack_success_rate']:.3f}" if "attack_success_rate" in dm else "")
-                + f"; trained in {dm['train_seconds']:.1f} s.", ""]
+                + f"; trained in {dm['train_seconds']:.1f} s (seed {dm['seed']}). Detection metrics and scoring times "
+                f"are means (± sd) over the {len(record.get('detection_models', [dm]))} training seeds, each "
+                "seed's detectors scoring that seed's model.", ""]
         out += _cell_table(record)
         skipped = [f"{n} ({e['status']}: {e['reason']})" for n, e in record["detectors"].items()
                    if e.get("status") in ("skipped", "failed") and n not in NOT_RUN]
@@ -1024,6 +1071,30 @@ def run(grid: str, seeds: list[int], out: Path, docs: Path | None, jobs: int, on
     return data
 
 
+def merge_runs(runs: list[dict[str, Any]], out: Path) -> dict[str, Any]:
+    """One result from runs over disjoint cell subsets (e.g. run side by side on a many-core machine)."""
+    order = {cell.key: i for i, cell in enumerate(full_grid())}
+    cells: dict[str, dict[str, Any]] = {}
+    for run_data in runs:
+        for record in run_data["cells"]:
+            if record["key"] in cells:
+                raise SystemExit(f"cell {record['key']} appears in more than one run")
+            cells[record["key"]] = record
+    meta = dict(runs[0]["meta"])
+    meta.update(
+        command=f"{len(runs)} runs of python benchmarks/quality.py --cells ... side by side, merged with --merge",
+        runtime_seconds=max(r["meta"]["runtime_seconds"] for r in runs),
+        n_retrains=sum(r["meta"]["n_retrains"] for r in runs),
+        machine=f"{len(runs)} processes side by side: " + runs[0]["meta"]["machine"],
+        json=str(out.relative_to(ROOT) if out.is_relative_to(ROOT) else out),
+    )
+    records = sorted(cells.values(), key=lambda r: order.get(r["key"], len(order)))
+    data = {"meta": meta, "cells": records, "targets": evaluate_targets(records)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(_jsonable(data), indent=1))
+    return data
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1040,7 +1111,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cells", default=None, help="comma-separated glob patterns on dataset/corruption/model, "
                                                        "e.g. 'digits/*/mlp_mem'; default the whole grid")
     parser.add_argument("--render-only", action="store_true", help="regenerate the docs from --out and exit")
+    parser.add_argument("--merge", nargs="+", type=Path, default=None,
+                        help="combine the JSONs of runs on disjoint --cells into --out (grid order), recompute "
+                             "the targets and regenerate the docs")
     args = parser.parse_args(argv)
+    if args.merge:
+        data = merge_runs([json.loads(path.read_text()) for path in args.merge], args.out)
+        if not args.no_docs:
+            render_markdown(data, args.docs)
+        print(f"merged {len(args.merge)} runs ({len(data['cells'])} cells) into {args.out}")
+        return 0
     if args.render_only:
         render_markdown(json.loads(args.out.read_text()), args.docs)
         print(f"wrote {args.docs}")
