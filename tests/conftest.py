@@ -87,3 +87,12 @@ def digits_logreg():
     context = ScoringContext(train=train, val=test, meta=DatasetMeta("digits", 10, (64,)), model=model,
                              model_config=config, seed=0)
     return context, test
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A temporary Prefect API for the whole session (shared by every flow test)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
