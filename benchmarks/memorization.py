@@ -41,11 +41,13 @@ class Grid:
     quality_hidden: int
     quality_epochs: int
     planted: int
+    speed_epochs: int | None = None  # None = params.yaml's
 
 
 GRIDS = {
-    "full": Grid(speed_models=1000, sequential=20, quality_models=200, quality_hidden=256, quality_epochs=50, planted=5),
-    "smoke": Grid(speed_models=16, sequential=2, quality_models=16, quality_hidden=16, quality_epochs=3, planted=1),
+    "full": Grid(speed_models=1000, sequential=10, quality_models=100, quality_hidden=256, quality_epochs=50, planted=5),
+    "smoke": Grid(speed_models=16, sequential=2, quality_models=16, quality_hidden=16, quality_epochs=3, planted=1,
+                  speed_epochs=2),
 }
 
 
@@ -68,6 +70,8 @@ def speed(grid: Grid) -> dict[str, Any]:
     from cleanse.models.trainer import train_model
 
     params, staged = _digits(0.0)
+    if grid.speed_epochs is not None:
+        params = params.model_copy(update={"model": params.model.model_copy(update={"epochs": grid.speed_epochs})})
     train = staged.train
     spec = spec_for(params.model.arch, params.model.hidden, staged.meta.feature_shape, staged.meta.n_classes)
     masks, seeds = model_plan(len(train), 0, grid.speed_models, 0.7, params.seed)

@@ -91,8 +91,9 @@ def digits_logreg():
 
 @pytest.fixture(scope="session")
 def prefect_api():
-    """A temporary Prefect API for the whole session (shared by every flow test)."""
+    """A temporary Prefect API for the whole session (shared by every flow test); the generous
+    startup timeout is for a loaded 2-core machine."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=60):
+    with prefect_test_harness(server_startup_timeout=180):
         yield

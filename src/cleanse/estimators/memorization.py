@@ -244,12 +244,12 @@ def query_values(shards: list[Shard], query: Split, statistic: str) -> np.ndarra
 
 def heldout_predictions(shards: list[Shard], features: np.ndarray) -> np.ndarray:
     """For each training row, the majority label of the models that did not see it ``(n,)``."""
-    votes = None
+    n_classes = shards[0].ensemble.spec.n_classes
+    votes = np.zeros((features.shape[0], n_classes), dtype=np.int64)
     for shard in shards:
         predicted = ensemble_logits(shard.ensemble, features).argmax(-1).cpu().numpy()  # (K, n)
-        n_classes = shard.ensemble.spec.n_classes
-        one_hot = np.eye(n_classes, dtype=np.int64)[predicted] * (~shard.masks)[..., None]
-        votes = one_hot.sum(0) if votes is None else votes + one_hot.sum(0)
+        for c in range(n_classes):
+            votes[:, c] += ((predicted == c) & ~shard.masks).sum(0)
     return votes.argmax(1)
 
 
