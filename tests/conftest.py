@@ -91,8 +91,15 @@ def digits_logreg():
 
 @pytest.fixture(scope="session")
 def prefect_api():
-    """A temporary Prefect API for the whole session (shared by every flow test); the generous
-    startup timeout is for a loaded 2-core machine."""
+    """A temporary Prefect API for the whole session (shared by every flow test), or the server at
+    ``CLEANSE_TEST_PREFECT_API_URL`` when set (one started beforehand, for a loaded machine)."""
+    external = os.environ.get("CLEANSE_TEST_PREFECT_API_URL")
+    if external:
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings({PREFECT_API_URL: external}):
+            yield
+        return
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=180):
