@@ -135,7 +135,7 @@ def quality(grid: Grid) -> dict[str, Any]:
         values = stacked(shards, statistic)[1]
         mem = self_estimate(masks, values).value[:n]
         out[statistic] = {"roc_auc": float(roc_auc_score(flipped, mem)), "ap": float(average_precision_score(flipped, mem))}
-        ks = [k for k in (25, 50, 100, 200, 400, 800) if k <= grid.quality_models]
+        ks = sorted({max(2, grid.quality_models // 2**h) for h in range(4)})  # K/8, K/4, K/2, K
         mean_se = [float(self_estimate(masks[:k], values[:k]).se.mean()) for k in ks]
         half = grid.quality_models // 2
         first, second = self_estimate(masks[:half], values[:half]), self_estimate(masks[half:], values[half:])
