@@ -87,3 +87,20 @@ def digits_logreg():
     context = ScoringContext(train=train, val=test, meta=DatasetMeta("digits", 10, (64,)), model=model,
                              model_config=config, seed=0)
     return context, test
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A temporary Prefect API for the whole session (shared by every flow test), or the server at
+    ``CLEANSE_TEST_PREFECT_API_URL`` when set (one started beforehand, for a loaded machine)."""
+    external = os.environ.get("CLEANSE_TEST_PREFECT_API_URL")
+    if external:
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings({PREFECT_API_URL: external}):
+            yield
+        return
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield

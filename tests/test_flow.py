@@ -17,14 +17,6 @@ ESTIMATORS = ["loss", "tracin", "influence"]
 TINY = ["data.source=sklearn:iris", "model.arch=logreg", "model.epochs=5", "corruption.fraction=0.15"]
 
 
-@pytest.fixture(scope="session")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
-
-
 @pytest.mark.timeout(180)
 def test_flow_runs_every_stage_and_reports(prefect_api, tmp_path, monkeypatch):
     from prefect.client.orchestration import get_client

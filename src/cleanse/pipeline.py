@@ -182,7 +182,8 @@ def scoring_context(params: Params, layout: Layout) -> Any:
     staged = load_staged(layout, params)
     _require_fresh(layout.base_model / STAGE_META_NAME, train_fingerprint(params), "base model")
     return ScoringContext(train=staged.train, val=staged.val, meta=staged.meta, model=load_model(layout.base_model),
-                          model_config=params.model, seed=params.seed, device=default_device())
+                          model_config=params.model, seed=params.seed, device=default_device(),
+                          cache_dir=layout.root / "cache")
 
 
 def run_score(params: Params, layout: Layout, estimator: str) -> Path:
@@ -198,6 +199,10 @@ def run_score(params: Params, layout: Layout, estimator: str) -> Path:
     if table["sample_id"].to_list() != context.train.sample_id.tolist():
         raise RuntimeError(f"estimator {estimator} returned rows out of training order")
     write_table(table, layout.scores(estimator))
+    if hasattr(scorer, "write_artifacts"):  # e.g. memorization's (n_test, n_train) influence memmap
+        artifacts = scorer.write_artifacts(context, getattr(params.scorers, estimator), load_staged(layout).test,
+                                           layout.root / "scores" / estimator)
+        result.meta["artifacts"] = artifacts
     write_json({"estimator": estimator, "fingerprint": score_fingerprint(params, estimator), "seconds": seconds,
                 "orientation": "one row per training sample; higher score = more likely harmful",
                 "options": getattr(params.scorers, estimator).model_dump(mode="json"), **result.meta},

@@ -84,3 +84,34 @@ def log_pipeline(params: Params, layout: Layout, metrics: dict[str, Any], *, run
                 for plot in (layout.reports / "flagged").glob(f"{name}.*"):
                     mlflow.log_artifact(str(plot), artifact_path="flagged")
         return parent.info.run_id
+
+
+def log_longtail(params: Params, layout: Layout, report: dict[str, Any]) -> str:
+    """Log the memorization long-tail report (numbers, report.md/json and images) as one run."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from cleanse.pipeline import score_fingerprint
+
+    uri = tracking_uri(layout)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(params.tracking.experiment)
+    if experiment is None:
+        location = None if uri.startswith(("http://", "https://")) else (layout.root / "mlartifacts").as_uri()
+        experiment_id = client.create_experiment(params.tracking.experiment, artifact_location=location)
+    else:
+        experiment_id = experiment.experiment_id
+    tags = {"git_commit": git_commit(), "config_fingerprint": score_fingerprint(params, "memorization"),
+            "estimator": "memorization"}
+    with mlflow.start_run(experiment_id=experiment_id, run_name="memorization-longtail", tags=tags) as run:
+        options = {key.removeprefix("scorers.memorization."): value for key, value in flatten(params).items()
+                   if key.startswith("scorers.memorization.")}
+        mlflow.log_params(options)
+        numbers = {key: report[key] for key in ("mem", "marginal_utility")}
+        numbers["pairs"] = {key: value for key, value in report["pairs"].items() if key != "top"}
+        mlflow.log_metrics(_numeric("", numbers))
+        directory = layout.reports / "memorization"
+        if directory.is_dir():
+            mlflow.log_artifacts(str(directory), artifact_path="memorization")
+        return run.info.run_id

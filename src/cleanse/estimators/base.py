@@ -17,6 +17,7 @@ returning a ``(n_query, n_train)`` matrix in which **positive means the training
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
@@ -40,6 +41,7 @@ class ScoringContext:
     model_config: ModelConfig
     seed: int
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    cache_dir: Path | None = None  # where expensive intermediates may be kept for resuming (None: in memory)
 
     def tensors(self, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.as_tensor(split.features, dtype=torch.float32, device=self.device)

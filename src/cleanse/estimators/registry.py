@@ -16,6 +16,7 @@ _REGISTRY: dict[str, str] = {
     "influence": "cleanse.estimators.influence:SelfInfluenceEstimator",
     "influence_val": "cleanse.estimators.influence:ValidationInfluenceEstimator",
     "tracin": "cleanse.estimators.tracin:TracInEstimator",
+    "memorization": "cleanse.estimators.memorization:MemorizationEstimator",
 }
 
 

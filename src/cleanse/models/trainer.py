@@ -58,6 +58,17 @@ def l2_penalty(parameters: dict[str, torch.Tensor] | list[torch.Tensor], weight_
 _GLOBAL_RNG_LOCK = threading.Lock()
 
 
+def seeded_model(spec: ModelSpec, seed: int) -> nn.Module:
+    """``build_model(spec)`` initialised from ``seed`` (the initialisation every trainer uses)."""
+    # fork_rng saves and restores the process-wide generator: two threads (concurrent Prefect task
+    # branches) interleaving here would build each other's initialisation.
+    # Only the CPU generator initialises parameters; torch.manual_seed would also queue a lazy
+    # CUDA/XPU/MTIA seeding with a captured stack per call, which dominates for many small models.
+    with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        return build_model(spec)
+
+
 def train_model(
     spec: ModelSpec,
     features: np.ndarray,
@@ -75,11 +86,7 @@ def train_model(
     (used by leave-one-out retraining).
     """
     device = device or default_device()
-    # fork_rng saves and restores the process-wide generator: two threads (concurrent Prefect task
-    # branches) interleaving here would build each other's initialisation.
-    with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = build_model(spec)
+    model = seeded_model(spec, seed)
     if init_state is not None:
         model.load_state_dict(init_state)
     model = model.to(device)
