@@ -16,6 +16,8 @@ _REGISTRY: dict[str, str] = {
     "influence": "cleanse.estimators.influence:SelfInfluenceEstimator",
     "influence_val": "cleanse.estimators.influence:ValidationInfluenceEstimator",
     "tracin": "cleanse.estimators.tracin:TracInEstimator",
+    "spectral_signatures": "cleanse.estimators.activations:SpectralSignatureEstimator",
+    "activation_clustering": "cleanse.estimators.activations:ActivationClusteringEstimator",
 }
 
 
