@@ -27,12 +27,13 @@ Writes ``benchmarks/results/backdoor.json`` and the ``backdoor`` section of ``do
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -51,9 +52,10 @@ QUERY = ["query.kind=triggered", "query.size=8", "query.aggregate=normalized_mea
          "scorers.tracin.normalize=true"]
 CLEANSE_WITH = "tracin"
 
-BACKDOOR_CELLS = [Cell("digits", "backdoor5", "mlp"), Cell("digits", "backdoor5", "cnn"),
+# Cheapest first, so that a run cut short still covers every dataset.
+BACKDOOR_CELLS = [Cell("wine", "backdoor5", "logreg"), Cell("wine", "backdoor5", "mlp"),
                   Cell("breast_cancer", "backdoor5", "logreg"), Cell("breast_cancer", "backdoor5", "mlp"),
-                  Cell("wine", "backdoor5", "logreg"), Cell("wine", "backdoor5", "mlp")]
+                  Cell("digits", "backdoor5", "mlp"), Cell("digits", "backdoor5", "cnn")]
 NOISE_CELLS = [Cell("digits", "sym20", "mlp"), Cell("breast_cancer", "sym20", "mlp"), Cell("wine", "sym20", "mlp")]
 GRIDS = {
     "full": (BACKDOOR_CELLS, NOISE_CELLS),
@@ -123,6 +125,8 @@ def backdoor_job(cell: Cell, seed: int) -> dict[str, Any]:
         score, seconds = _score(name, params, staged, model, query)
         detectors[f"{name} (triggered probes)"] = {**detection_metrics(score, truth), "seconds": seconds}
     for name in SELF_SCORED:
+        if name == "influence" and cell.dataset == "digits":
+            continue  # CG self-influence: one solve per chunk of 64 samples, minutes per seed (see quality.py)
         score, seconds = _score(name, params, staged, model, None)
         detectors[f"{name} (self)"] = {**detection_metrics(score, truth), "seconds": seconds}
     loop = cleanse_iteratively(params, staged, registry.get(CLEANSE_WITH), getattr(params.scorers, CLEANSE_WITH),
@@ -239,6 +243,8 @@ def render(result: dict[str, Any], docs: Path, out: Path, image: Path) -> str:
         f"Targets: best AP ≥ {TARGETS['ap']}; ASR after cleansing ≤ {TARGETS['asr']}; clean test accuracy within "
         f"{TARGETS['accuracy_gap'] * 100:.0f} pt of the oracle.", "",
     ]
+    if meta.get("missing"):
+        lines += ["**Not measured** (the run was cut short): " + ", ".join(meta["missing"]) + ".", ""]
     rows = [r for r in result["summary"] if "best" in r]
     lines.append(md_table(
         ["cell", "k / n", "best (AP)", "ASR before → after (oracle)", "acc after / oracle", "removed (poisons)",
@@ -261,27 +267,48 @@ def render(result: dict[str, Any], docs: Path, out: Path, image: Path) -> str:
     return "\n".join(lines)
 
 
-def run(grid: str, seeds: list[int], out: Path, docs: Path | None, jobs: int) -> dict[str, Any]:
+def _cached(cache: Path | None) -> dict[tuple[str, int], dict[str, Any]]:
+    if cache is None or not cache.is_file():
+        return {}
+    rows = [json.loads(line) for line in cache.read_text().splitlines() if line.strip()]
+    return {(row["cell"], row["seed"]): row for row in rows}
+
+
+def run(grid: str, seeds: list[int], out: Path, docs: Path | None, jobs: int, cache: Path | None = None,
+        cached_only: bool = False) -> dict[str, Any]:
+    """Run every (cell, seed) job not already in ``cache`` (one JSON line per finished job, so a
+    killed run resumes); with ``cached_only``, publish what the cache holds and compute nothing."""
     from _common import publish
 
     started = time.perf_counter()
     backdoor_cells, noise_cells = GRIDS[grid]
     tasks = [(backdoor_job, cell, seed) for cell in backdoor_cells for seed in seeds]
     tasks += [(noise_job, cell, seed) for cell in noise_cells for seed in seeds]
-    if jobs > 0:
+    done = _cached(cache)
+    todo = [] if cached_only else [t for t in tasks if (t[1].key, t[2]) not in done]
+
+    def keep(result: dict[str, Any]) -> None:
+        done[(result["cell"], result["seed"])] = result
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            with cache.open("a") as handle:
+                handle.write(json.dumps(jsonable(result)) + "\n")
+        print(f"done {result['cell']} seed {result['seed']} ({time.perf_counter() - started:.0f} s)", flush=True)
+
+    if jobs > 0 and todo:
         with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(fn, cell, seed) for fn, cell, seed in tasks]
-            results = []
-            for future, (_, cell, seed) in zip(futures, tasks):
-                results.append(future.result())
-                print(f"done {cell.key} seed {seed} ({time.perf_counter() - started:.0f} s)", flush=True)
+            for future in as_completed([pool.submit(fn, cell, seed) for fn, cell, seed in todo]):
+                keep(future.result())
     else:
-        results = [fn(cell, seed) for fn, cell, seed in tasks]
+        for fn, cell, seed in todo:
+            keep(fn(cell, seed))
+    results = [done[(cell.key, seed)] for _, cell, seed in tasks if (cell.key, seed) in done]
+    missing = [f"{cell.key} seed {seed}" for _, cell, seed in tasks if (cell.key, seed) not in done]
     backdoor = [r for r in results if "cleansing" in r]
     result = {
         "meta": {"command": "python benchmarks/backdoor.py " + " ".join(sys.argv[1:]), "grid": grid, "seeds": seeds,
                  "jobs": jobs, "runtime_seconds": time.perf_counter() - started, "environment": environment(1),
-                 "targets": TARGETS},
+                 "targets": TARGETS, "missing": missing},
         "summary": summarise(backdoor) + summarise([r for r in results if "cleansing" not in r]),
         "backdoor_jobs": backdoor,
         "noise_jobs": [r for r in results if "cleansing" not in r],
@@ -297,9 +324,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs", type=Path, default=REPO / "docs/benchmarks.md")
     parser.add_argument("--no-docs", action="store_true")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (0 = this process)")
+    parser.add_argument("--cache", type=Path, default=None, help="JSON-lines file of finished jobs (resume)")
+    parser.add_argument("--cached-only", action="store_true", help="publish the cached jobs; compute nothing")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    result = run(args.grid, seeds, args.out, None if args.no_docs else args.docs, args.jobs)
+    result = run(args.grid, seeds, args.out, None if args.no_docs else args.docs, args.jobs, args.cache,
+                 args.cached_only)
     for row in result["summary"]:
         print(row["cell"], {k: row[k] for k in ("best", "best_ap", "asr_after", "accuracy_after", "oracle_accuracy")
                             if k in row})

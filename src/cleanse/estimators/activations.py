@@ -6,8 +6,8 @@ cluster inside that class.
 
 - ``spectral_signatures`` (Tran, Li & Madry, NeurIPS 2018): centre the class's features, take the
   top right singular vector(s) ``v`` and score ``(h_i - mean)^T v`` squared. To compare classes,
-  each class's scores are divided by their class mean, so a score is "times the class's typical
-  spread along its top direction".
+  each class's scores are divided by their class median (robust to the poisons themselves), so a
+  score is "times the class's typical spread along its top direction".
 - ``activation_clustering`` (Chen et al., 2018): reduce the class's features to ``n_components``
   principal components, split them by 2-means and suspect the smaller cluster. Score
   ``m_i * s_c * (1 - f_c)``: ``m_i = (d_big - d_small) / (d_big + d_small)`` (positive in the
@@ -53,7 +53,7 @@ def spectral_scores(features: np.ndarray, label: np.ndarray, directions: int = 1
         centred = features[rows] - features[rows].mean(0)
         _, _, vt = np.linalg.svd(centred, full_matrices=False)
         raw = ((centred @ vt[:directions].T) ** 2).sum(1)
-        out[rows] = raw / max(raw.mean(), 1e-300)
+        out[rows] = raw / max(float(np.median(raw)), 1e-300)
     return out
 
 
