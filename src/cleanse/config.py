@@ -145,6 +145,16 @@ class InfluenceOptions(_Section):
 class TracInOptions(_Section):
     checkpoints: Literal["all", "last"] = Field("all", description="Which saved checkpoints to sum over.")
     chunk_size: int = Field(2048, ge=1, description="Samples per chunk of per-sample gradient work.")
+    normalize: bool = Field(False, description="Train -> query scores with unit gradients per checkpoint "
+                            "(gradient cosine): large-gradient samples do not dominate a probe's proponents.")
+
+
+class SpectralOptions(_Section):
+    directions: int = Field(1, ge=1, description="Top singular directions per class whose squared projections are summed.")
+
+
+class ActivationClusteringOptions(_Section):
+    n_components: int = Field(10, ge=1, description="Principal components kept before 2-means (Chen et al. use 10).")
 
 
 class MemorizationOptions(_Section):
@@ -178,6 +188,8 @@ class ScorerOptions(_Section):
     influence_val: InfluenceOptions = InfluenceOptions()
     tracin: TracInOptions = TracInOptions()
     memorization: MemorizationOptions = MemorizationOptions()
+    spectral_signatures: SpectralOptions = SpectralOptions()
+    activation_clustering: ActivationClusteringOptions = ActivationClusteringOptions()
 
 
 class DetectConfig(_Section):
@@ -191,6 +203,54 @@ class DetectConfig(_Section):
     max_fraction: float = Field(0.5, description="budget=auto: never flag more than this fraction.")
 
     @field_validator("fraction", "max_fraction")
+    @classmethod
+    def _fraction(cls, value: float) -> float:
+        return _open_fraction(value)
+
+
+class QueryConfig(_Section):
+    """The probe set whose observed behaviour is attributed to training samples (train -> query).
+
+    ``none`` keeps self-influence. Otherwise every estimator that has train -> query scores ranks
+    training samples by their support for the probes' labels (the behaviour to explain), and the
+    estimators without such scores ignore the probes.
+    """
+
+    kind: Literal["none", "val_errors", "triggered", "file"] = Field(
+        "none", description="none: self-influence; val_errors: misclassified validation samples, labelled with "
+        "the wrong prediction; triggered: triggered validation inputs of non-target classes, labelled with the "
+        "backdoor's target class (needs corruption.kind: backdoor); file: probes from query.path.")
+    size: int = Field(8, ge=1, description="Number of probes; the remaining candidates are held out for stopping.")
+    path: str | None = Field(None, description="kind=file: a .parquet (features, label columns) or .npz (X, y).")
+    aggregate: Literal["normalized_mean", "rank_mean"] = Field(
+        "normalized_mean", description="normalized_mean: each probe's row divided by its root mean square, then "
+        "averaged; rank_mean: mean per-probe percentile rank. Either way no single probe dominates.")
+    contrast: Literal["none", "reference"] = Field(
+        "reference", description="reference: subtract the part of the probes' support that also supports the same "
+        "labels on ordinary, correctly classified validation inputs (support for the label in general, not for "
+        "the misbehaviour); none: plain support.")
+
+    @model_validator(mode="after")
+    def _path_for_file(self) -> QueryConfig:
+        if self.kind == "file" and not self.path:
+            raise ValueError("kind 'file' needs query.path (a .parquet or .npz of probe inputs and labels)")
+        if self.kind != "file" and self.path:
+            raise ValueError(f"query.path is only read with kind 'file', not {self.kind!r}")
+        return self
+
+
+class CleansingConfig(_Section):
+    """Iterative (group-aware) cleansing in the retrain stage: remove the top ``step``, retrain,
+    re-score, until the behaviour on held-out probes is gone or the budget is spent."""
+
+    iterative: bool = Field(False, description="Off: remove the detect stage's flags once.")
+    step: int = Field(12, ge=1, description="Samples removed per round.")
+    max_fraction: float = Field(0.15, description="Budget: never remove more than this fraction of the training set.")
+    max_rounds: int = Field(20, ge=1)
+    stop_rate: float = Field(0.02, ge=0, le=1, description="Stop once at most this share of held-out probes "
+                             "still shows the behaviour (is predicted as the probe label).")
+
+    @field_validator("max_fraction")
     @classmethod
     def _fraction(cls, value: float) -> float:
         return _open_fraction(value)
@@ -212,6 +272,19 @@ class Params(_Section):
     scorers: ScorerOptions = ScorerOptions()
     detect: DetectConfig = DetectConfig()
     tracking: TrackingConfig = TrackingConfig()
+    query: QueryConfig = QueryConfig()
+    cleansing: CleansingConfig = CleansingConfig()
+
+    @model_validator(mode="after")
+    def _query_fits_corruption(self) -> Params:
+        if self.query.kind == "triggered" and self.corruption.kind != "backdoor":
+            raise ValueError(
+                f"query.kind 'triggered' stamps the backdoor trigger on probes and needs corruption.kind: backdoor "
+                f"(got {self.corruption.kind!r}); use 'file' for your own probes or 'val_errors'")
+        if self.cleansing.iterative and self.query.kind == "none":
+            raise ValueError("cleansing.iterative needs probes to stop on; set query.kind (val_errors, triggered "
+                             "or file)")
+        return self
 
     @field_validator("estimators")
     @classmethod

@@ -28,6 +28,7 @@ from cleanse.storage import (
     read_table,
     read_tensors,
     write_json,
+    write_npy,
     write_table,
     write_tensors,
 )
@@ -47,7 +48,10 @@ def train_fingerprint(params: Params) -> str:
 
 
 def score_fingerprint(params: Params, estimator: str) -> str:
-    return fingerprint("score", train_fingerprint(params), estimator, getattr(params.scorers, estimator))
+    parts: list[Any] = [train_fingerprint(params), estimator, getattr(params.scorers, estimator)]
+    if params.query.kind != "none":  # probes change what is scored; without them fingerprints stay as they were
+        parts.append(params.query)
+    return fingerprint("score", *parts)
 
 
 def detect_fingerprint(params: Params, estimator: str) -> str:
@@ -55,6 +59,8 @@ def detect_fingerprint(params: Params, estimator: str) -> str:
 
 
 def retrain_fingerprint(params: Params, estimator: str) -> str:
+    if params.cleansing.iterative:
+        return fingerprint("retrain", detect_fingerprint(params, estimator), params.cleansing)
     return fingerprint("retrain", detect_fingerprint(params, estimator))
 
 
@@ -190,11 +196,19 @@ def run_score(params: Params, layout: Layout, estimator: str) -> Path:
     """Write ``scores/<estimator>.parquet`` and its ``.meta.json``."""
     from cleanse.estimators import registry
 
+    from cleanse.attribution import score_with_query
+    from cleanse.query import query_for
+
     scorer = registry.get(estimator)
     context = scoring_context(params, layout)
+    query = query_for(params, load_staged(layout), context.model)
+    if query is not None:
+        write_query(query, layout)
     started = time.perf_counter()
-    result = scorer.score(context, getattr(params.scorers, estimator))
+    result, matrix = score_with_query(scorer, context, getattr(params.scorers, estimator), query, params.query.aggregate)
     seconds = time.perf_counter() - started
+    if matrix is not None:
+        write_npy(matrix, pairwise_path(layout, estimator))
     table = result.table
     if table["sample_id"].to_list() != context.train.sample_id.tolist():
         raise RuntimeError(f"estimator {estimator} returned rows out of training order")
@@ -208,6 +222,22 @@ def run_score(params: Params, layout: Layout, estimator: str) -> Path:
                 "options": getattr(params.scorers, estimator).model_dump(mode="json"), **result.meta},
                layout.scores_meta(estimator))
     return layout.scores(estimator)
+
+
+def query_dir(layout: Layout) -> Path:
+    return layout.root / "query"
+
+
+def pairwise_path(layout: Layout, estimator: str) -> Path:
+    """``(n_query, n_train)`` train -> probe matrix (``np.load(path, mmap_mode="r")``); positive = proponent."""
+    return layout.root / "scores" / f"{estimator}.pairwise.npy"
+
+
+def write_query(query: Any, layout: Layout) -> None:
+    """The probes and held-out probes as tables (``label`` = the behaviour label)."""
+    write_table(query.probes.to_frame(), query_dir(layout) / "probes.parquet")
+    write_table(query.heldout.to_frame(), query_dir(layout) / "heldout.parquet")
+    write_json(query.summary(), query_dir(layout) / "query.json")
 
 
 # ----------------------------------------------------------------------------- detect
@@ -254,10 +284,36 @@ def run_retrain(params: Params, layout: Layout, estimator: str) -> Path:
     flags = read_table(layout.flags(estimator))
     flagged = flags.filter(pl.col("is_flagged"))["sample_id"].to_numpy()
     started = time.perf_counter()
+    if params.cleansing.iterative:
+        return _retrain_iteratively(params, layout, estimator, staged, started)
     cleaned = retrain_without(params, staged, flagged)
     random = retrain_without(params, staged, random_ids(staged, flagged.size, params.seed))
     write_json({"estimator": estimator, "fingerprint": retrain_fingerprint(params, estimator),
                 "seconds": time.perf_counter() - started, "n_flagged": int(flagged.size),
+                "cleaned": cleaned, "random_same_count": random}, layout.retrain_result(estimator))
+    return layout.retrain_result(estimator)
+
+
+def _retrain_iteratively(params: Params, layout: Layout, estimator: str, staged: StagedData, started: float) -> Path:
+    """Iterative cleansing (:mod:`cleanse.cleansing`); every round is kept in the result."""
+    from cleanse.cleansing import cleanse_iteratively
+    from cleanse.estimators import registry
+    from cleanse.query import query_for
+
+    model = load_model(layout.base_model)
+    query = query_for(params, staged, model)
+    scores = read_table(layout.scores(estimator))
+    order = {sid: i for i, sid in enumerate(scores["sample_id"].to_list())}
+    first = scores["score"].to_numpy()[[order[sid] for sid in staged.train.sample_id.tolist()]]
+    loop = cleanse_iteratively(params, staged, registry.get(estimator), getattr(params.scorers, estimator), query,
+                               base_model=model, first_score=first)
+    removed = np.asarray(loop["removed_ids"], dtype=np.int64)
+    cleaned = {**loop["final"], "n_removed": int(removed.size),
+               "n_corrupted_removed": int(staged.train.is_corrupted[np.isin(staged.train.sample_id, removed)].sum())}
+    random = retrain_without(params, staged, random_ids(staged, removed.size, params.seed))
+    write_json({"estimator": estimator, "fingerprint": retrain_fingerprint(params, estimator),
+                "seconds": time.perf_counter() - started, "n_flagged": int(removed.size), "iterative": True,
+                "stopped": loop["stopped"], "rounds": loop["rounds"], "removed_ids": removed.tolist(),
                 "cleaned": cleaned, "random_same_count": random}, layout.retrain_result(estimator))
     return layout.retrain_result(estimator)
 

@@ -21,6 +21,7 @@ import numpy as np
 import polars as pl
 
 from cleanse.config import Params
+from cleanse.data.dataset import Split
 from cleanse.storage import Layout, read_json, read_table, write_bytes, write_json, write_text
 
 
@@ -57,6 +58,12 @@ def collect_metrics(params: Params, layout: Layout) -> dict[str, Any]:
             "n_flagged": retrain["n_flagged"],
             "seconds": read_json(layout.scores_meta(name))["seconds"],
         }
+        if retrain.get("iterative"):
+            metrics["estimators"][name]["cleansing"] = {
+                "stopped": retrain["stopped"],
+                "rounds": [{k: v for k, v in r.items() if k != "flagged_ids"} for r in retrain["rounds"]]}
+    if params.query.kind != "none" and (layout.root / "query" / "query.json").is_file():
+        metrics["query"] = read_json(layout.root / "query" / "query.json")
     return metrics
 
 
@@ -191,6 +198,68 @@ def write_plots(params: Params, layout: Layout, metrics: dict[str, Any]) -> list
             write_bytes(_png(figure), layout.reports / "flagged" / f"{name}.png")
             written.append(f"flagged/{name}.png")
             plt.close(figure)
+    written += write_probe_plots(params, layout, metrics)
+    return written
+
+
+def write_probe_plots(params: Params, layout: Layout, metrics: dict[str, Any], *, top: int = 6) -> list[str]:
+    """Probes next to their top proponents (images; a CSV for any data), and ASR / held-out behaviour
+    against the cleansing rounds."""
+    import matplotlib.pyplot as plt
+
+    from cleanse.attribution import top_proponents
+    from cleanse.pipeline import load_staged, pairwise_path, query_dir
+
+    written: list[str] = []
+    probes_path = query_dir(layout) / "probes.parquet"
+    if params.query.kind == "none" or not probes_path.is_file():
+        return written
+    staged = load_staged(layout, params)
+    probes = Split.from_frame(read_table(probes_path), staged.meta.feature_shape)
+    index = {sid: i for i, sid in enumerate(staged.train.sample_id.tolist())}
+    for name in metrics["estimators"]:
+        path = pairwise_path(layout, name)
+        if not path.is_file():
+            continue
+        matrix = np.load(path, mmap_mode="r")
+        ids = top_proponents(matrix, staged.train.sample_id, top)
+        rows = [{"probe": q, "probe_label": int(probes.label[q]), "rank": r + 1, "sample_id": int(sid),
+                 "given_label": int(staged.train.label[index[sid]]), "support": float(matrix[q, index[sid]]),
+                 "is_corrupted": bool(staged.train.is_corrupted[index[sid]])}
+                for q in range(ids.shape[0]) for r, sid in enumerate(ids[q])]
+        write_text(pl.DataFrame(rows).write_csv(), layout.reports / "probes" / f"{name}.csv")
+        if not staged.meta.is_image:
+            continue
+        figure, axes = plt.subplots(ids.shape[0], top + 1, figsize=(1.2 * (top + 1), 1.35 * ids.shape[0]), squeeze=False)
+        for q in range(ids.shape[0]):
+            images = [(probes.features[q], f"probe -> {probes.label[q]}", "blue")]
+            images += [(staged.train.features[index[sid]], f"given {staged.train.label[index[sid]]}",
+                        "red" if staged.train.is_corrupted[index[sid]] else "black") for sid in ids[q]]
+            for axis, (image, title, colour) in zip(axes[q], images):
+                axis.imshow(image[0] if image.shape[0] == 1 else np.moveaxis(image, 0, -1), cmap="gray")
+                axis.set_title(title, fontsize=6, color=colour)
+                axis.axis("off")
+        figure.suptitle(f"{name}: probes (left) and their top proponents (red = known corrupted)", fontsize=8)
+        write_bytes(_png(figure), layout.reports / "probes" / f"{name}.png")
+        written.append(f"probes/{name}.png")
+        plt.close(figure)
+    looped = {name: result["cleansing"]["rounds"] for name, result in metrics["estimators"].items() if "cleansing" in result}
+    if looped:
+        figure, axis = plt.subplots(figsize=(5.5, 3.8))
+        for name, rounds in looped.items():
+            removed = [r["n_removed"] for r in rounds]
+            if "attack_success_rate" in rounds[0]:
+                axis.plot(removed, [r["attack_success_rate"] for r in rounds], marker="o", label=f"{name}: ASR (test)")
+            axis.plot(removed, [r["heldout_behaviour_rate"] for r in rounds], marker="x", ls="--",
+                      label=f"{name}: held-out probes")
+        axis.set_xlabel("training samples removed (one marker per round)")
+        axis.set_ylabel("share showing the behaviour")
+        axis.set_ylim(-0.02, 1.02)
+        axis.legend(fontsize=7)
+        axis.set_title("Iterative cleansing")
+        write_bytes(_png(figure), layout.reports / "cleansing_rounds.png")
+        written.append("cleansing_rounds.png")
+        plt.close(figure)
     return written
 
 

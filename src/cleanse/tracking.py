@@ -76,13 +76,18 @@ def log_pipeline(params: Params, layout: Layout, metrics: dict[str, Any], *, run
                 options = {key.removeprefix(f"scorers.{name}."): value for key, value in flatten(params).items()
                            if key.startswith(f"scorers.{name}.")}
                 mlflow.log_params(options | {"estimator": name})
-                mlflow.log_metrics(_numeric("", {k: v for k, v in result.items() if k != "detection"}) |
+                mlflow.log_metrics(_numeric("", {k: v for k, v in result.items() if k not in ("detection", "cleansing")}) |
                                    _numeric("", result["detection"]))
+                for round_ in result.get("cleansing", {}).get("rounds", []):
+                    mlflow.log_metrics(_numeric("cleansing.", {k: v for k, v in round_.items() if k != "round"}),
+                                       step=round_["round"])
                 for path in (layout.scores(name), layout.scores_meta(name), layout.flags(name)):
                     if path.is_file():
                         mlflow.log_artifact(str(path), artifact_path=path.parent.name)
                 for plot in (layout.reports / "flagged").glob(f"{name}.*"):
                     mlflow.log_artifact(str(plot), artifact_path="flagged")
+                for plot in (layout.reports / "probes").glob(f"{name}.*"):
+                    mlflow.log_artifact(str(plot), artifact_path="probes")
         return parent.info.run_id
 
 

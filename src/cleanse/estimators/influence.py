@@ -22,6 +22,7 @@ error (``score_se``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import ClassVar
 
@@ -112,11 +113,23 @@ def removal_effects(context: ScoringContext, options: InfluenceOptions, query: S
     """
     fm, x, y, inverse = _setup(context, options)
     xq, yq = context.tensors(query)
+    return train_query_effects(fm, x, y, xq, yq, lambda block: inverse.solve(block).mean(0)), inverse
+
+
+def train_query_effects(fm: FunctionalModel, x: torch.Tensor, y: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor,
+                        inverse_hvp: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:
+    """``delta_i(q) = (1/n) g_q^T (H + lambda I)^-1 g_i`` for any inverse-HVP solver.
+
+    ``inverse_hvp`` maps a block ``(p, k)`` to ``(H + lambda I)^-1`` applied to it, ``(p, k)``
+    (exact, CG, LiSSA, EK-FAC, ...). Returns ``(n_query, n_train)``, float64; positive = training
+    sample ``i`` supports query ``q``'s label. One solve for all queries, then one forward-mode
+    product over the training set per query (no per-sample training gradients are materialised).
+    """
     query_grads = per_sample_grads(fm, xq, yq)  # (n_query, p)
-    solved = inverse.solve(query_grads.T).mean(0)  # (p, n_query)
+    solved = inverse_hvp(query_grads.T)  # (p, n_query)
     n = x.shape[0]
     rows = [grad_dots(fm, x, y, solved[:, q].to(fm.theta.dtype)) / n for q in range(solved.shape[1])]
-    return torch.stack(rows).double().cpu().numpy(), inverse
+    return torch.stack(rows).double().cpu().numpy()
 
 
 class SelfInfluenceEstimator:

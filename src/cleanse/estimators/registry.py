@@ -17,6 +17,8 @@ _REGISTRY: dict[str, str] = {
     "influence_val": "cleanse.estimators.influence:ValidationInfluenceEstimator",
     "tracin": "cleanse.estimators.tracin:TracInEstimator",
     "memorization": "cleanse.estimators.memorization:MemorizationEstimator",
+    "spectral_signatures": "cleanse.estimators.activations:SpectralSignatureEstimator",
+    "activation_clustering": "cleanse.estimators.activations:ActivationClusteringEstimator",
 }
 
 

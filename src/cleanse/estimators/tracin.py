@@ -7,7 +7,9 @@ on ``i`` lowered ``q``'s loss). Self-influence ``sum_c lr_c ||g_i(theta_c)||^2``
 score (higher = more harmful). Self-influence uses the layer-wise identity
 ``||delta a^T||^2 = ||delta||^2 ||a||^2`` for Linear layers (one forward and backward pass per
 chunk) and vmapped per-sample gradients otherwise; train -> query scores use one forward-mode
-product per query and checkpoint.
+product per query and checkpoint. With ``normalize`` the train -> query scores use unit gradients
+(``g_i . g_q / (||g_i|| ||g_q||)`` per checkpoint), so samples with large gradients do not
+dominate every probe's proponents.
 """
 
 from __future__ import annotations
@@ -62,6 +64,10 @@ class TracInEstimator:
         for checkpoint in _checkpoints(context, options):
             fm = _functional(context, checkpoint)
             query_grads = per_sample_grads(fm, xq, yq)
+            scale = torch.ones(x.shape[0], dtype=torch.float64, device=context.device)
+            if options.normalize:
+                scale = per_sample_sq_norms(fm, x, y, chunk_size=options.chunk_size).sqrt().clamp_min(1e-30)
+                query_grads = query_grads / query_grads.norm(dim=1, keepdim=True).clamp_min(1e-30)
             for q in range(query_grads.shape[0]):
-                out[q] += checkpoint.lr * grad_dots(fm, x, y, query_grads[q]).double()
+                out[q] += checkpoint.lr * grad_dots(fm, x, y, query_grads[q]).double() / scale
         return out.cpu().numpy()

@@ -1,0 +1,344 @@
+"""Backdoor benchmark: attribute the observed misbehaviour (triggered probes) and cleanse iteratively.
+
+On the backdoor cells of ``benchmarks/quality.py`` (5% poisons relabelled to class 0; a 3x3 trigger
+patch on digits, a 3-feature trigger pattern on breast_cancer and wine; each cell's model recipe
+unchanged), for every training seed:
+
+1. train the model (split and poisons fixed, seed 0), take ``query.size = 8`` triggered
+   validation inputs it sends to the target class as probes (``query.kind: triggered``);
+2. score the training set: TracIn and influence train -> probe support (contrasted with ordinary
+   inputs of the target class), their self-influence, loss, and the unsupervised references
+   (spectral signatures, activation clustering); AP against the poisoned set;
+3. iterative cleansing with the probe-attributed TracIn ranking (:mod:`cleanse.cleansing`):
+   remove the top ``step``, retrain, re-score, stop when at most 2% of the held-out triggered
+   validation inputs are still sent to the target (or 15% of the training set is removed);
+   clean test accuracy and ASR on the test set, next to the oracle (exactly the poisons removed)
+   retrained with the same seed.
+
+On the label-noise cells (20% symmetric flips) it reports ``query.kind: val_errors`` (8
+misclassified validation samples) next to self-influence, for TracIn and influence.
+
+    .venv/bin/python benchmarks/backdoor.py                        # full, about 40 min on 2 cores
+    .venv/bin/python benchmarks/backdoor.py --grid smoke --out /tmp/b.json --docs /tmp/b.md
+
+Writes ``benchmarks/results/backdoor.json`` and the ``backdoor`` section of ``docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("CLEANSE_DEVICE", "cpu")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from _common import REPO, environment, fmt, jsonable, md_table, update_docs_section  # noqa: E402
+from quality import CORRUPTIONS, MODELS, Cell  # noqa: E402
+
+TARGETS = {"ap": 0.8, "asr": 0.05, "accuracy_gap": 0.01}
+QUERY = ["query.kind=triggered", "query.size=8", "query.aggregate=normalized_mean", "query.contrast=reference",
+         "scorers.tracin.normalize=true"]
+CLEANSE_WITH = "tracin"
+
+# Cheapest first, so that a run cut short still covers every dataset.
+BACKDOOR_CELLS = [Cell("wine", "backdoor5", "logreg"), Cell("wine", "backdoor5", "mlp"),
+                  Cell("breast_cancer", "backdoor5", "logreg"), Cell("breast_cancer", "backdoor5", "mlp"),
+                  Cell("digits", "backdoor5", "mlp"), Cell("digits", "backdoor5", "cnn")]
+NOISE_CELLS = [Cell("digits", "sym20", "mlp"), Cell("breast_cancer", "sym20", "mlp"), Cell("wine", "sym20", "mlp")]
+GRIDS = {
+    "full": (BACKDOOR_CELLS, NOISE_CELLS),
+    "smoke": ([Cell("wine", "backdoor5", "logreg")], [Cell("wine", "sym20", "logreg")]),
+}
+SELF_SCORED = ["tracin", "influence", "loss", "spectral_signatures", "activation_clustering"]
+QUERY_SCORED = ["tracin", "influence"]
+
+
+def cell_params(cell: Cell, seed: int, extra: list[str]) -> Any:
+    from cleanse.config import load_params
+
+    return load_params(None, [f"seed={seed}", f"data.source=sklearn:{cell.dataset}", *CORRUPTIONS[cell.corruption],
+                              *MODELS[cell.model](cell.dataset), "tracking.enabled=false", *extra])
+
+
+def step_for(n_train: int) -> int:
+    """Removals per round: about 1.1% of the training set (12 on digits, 4 on breast_cancer, 2 on wine)."""
+    return max(2, round(0.011 * n_train))
+
+
+def _setup(cell: Cell, seed: int, extra: list[str]) -> tuple[Any, Any, Any]:
+    """Params, staged data (split and corruption fixed: stage seed 0) and the model trained with ``seed``."""
+    from cleanse.data.stage import stage_data
+    from cleanse.models.architectures import spec_for
+    from cleanse.models.trainer import train_model
+
+    staged = stage_data(cell_params(cell, 0, extra))
+    params = cell_params(cell, seed, extra)
+    spec = spec_for(params.model.arch, params.model.hidden, staged.meta.feature_shape, staged.meta.n_classes)
+    model = train_model(spec, staged.train.features, staged.train.label, params.model, seed=seed,
+                        device=torch.device("cpu"))
+    return params, staged, model
+
+
+def _score(name: str, params: Any, staged: Any, model: Any, query: Any) -> tuple[np.ndarray, float]:
+    from cleanse.attribution import score_with_query
+    from cleanse.estimators import registry
+    from cleanse.estimators.base import ScoringContext
+
+    context = ScoringContext(train=staged.train, val=staged.val, meta=staged.meta, model=model,
+                             model_config=params.model, seed=params.seed, device=torch.device("cpu"))
+    started = time.perf_counter()
+    result, _ = score_with_query(registry.get(name), context, getattr(params.scorers, name), query,
+                                 params.query.aggregate)
+    return result.table["score"].to_numpy(), time.perf_counter() - started
+
+
+def backdoor_job(cell: Cell, seed: int) -> dict[str, Any]:
+    from cleanse.cleansing import cleanse_iteratively
+    from cleanse.estimators import registry
+    from cleanse.evaluate import detection_metrics
+    from cleanse.pipeline import evaluate_model, retrain_without
+    from cleanse.query import query_for
+
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    started = time.perf_counter()
+    params, staged, model = _setup(cell, seed, QUERY)
+    n = len(staged.train)
+    params = params.model_copy(update={"cleansing": params.cleansing.model_copy(update={
+        "iterative": True, "step": step_for(n), "max_fraction": 0.15, "stop_rate": 0.02})})
+    truth = staged.train.is_corrupted
+    query = query_for(params, staged, model)
+    detectors: dict[str, Any] = {}
+    for name in QUERY_SCORED:
+        score, seconds = _score(name, params, staged, model, query)
+        detectors[f"{name} (triggered probes)"] = {**detection_metrics(score, truth), "seconds": seconds}
+    for name in SELF_SCORED:
+        if name == "influence" and cell.dataset == "digits":
+            continue  # CG self-influence: one solve per chunk of 64 samples, minutes per seed (see quality.py)
+        score, seconds = _score(name, params, staged, model, None)
+        detectors[f"{name} (self)"] = {**detection_metrics(score, truth), "seconds": seconds}
+    loop = cleanse_iteratively(params, staged, registry.get(CLEANSE_WITH), getattr(params.scorers, CLEANSE_WITH),
+                               query, base_model=model)
+    rounds = [{k: v for k, v in r.items() if k != "flagged_ids"} for r in loop["rounds"]]
+    oracle = retrain_without(params, staged, staged.train.sample_id[truth])
+    return {"cell": cell.key, "seed": seed, "n_train": n, "k": int(truth.sum()), "step": params.cleansing.step,
+            "base": evaluate_model(model, staged), "query": query.summary(), "detectors": detectors,
+            "cleansing": {"estimator": CLEANSE_WITH, "stopped": loop["stopped"], "rounds": rounds,
+                          **loop["final"]},
+            "oracle": {k: oracle[k] for k in ("test_accuracy", "attack_success_rate") if k in oracle},
+            "seconds": time.perf_counter() - started}
+
+
+def noise_job(cell: Cell, seed: int) -> dict[str, Any]:
+    from cleanse.evaluate import detection_metrics
+    from cleanse.query import query_for
+
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    started = time.perf_counter()
+    extra = ["query.kind=val_errors", "query.size=8", "query.contrast=reference", "scorers.tracin.normalize=true"]
+    params, staged, model = _setup(cell, seed, extra)
+    truth = staged.train.is_corrupted
+    query = query_for(params, staged, model)
+    out: dict[str, Any] = {}
+    for name in QUERY_SCORED:
+        out[f"{name} (self)"] = detection_metrics(_score(name, params, staged, model, None)[0], truth)
+        out[f"{name} (val_errors)"] = detection_metrics(_score(name, params, staged, model, query)[0], truth)
+    return {"cell": cell.key, "seed": seed, "k": int(truth.sum()), "query": query.summary(), "detectors": out,
+            "seconds": time.perf_counter() - started}
+
+
+def _mean(values: list[float | None]) -> float | None:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(finite)) if finite else None
+
+
+def summarise(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per cell: means over seeds and the targets."""
+    rows = []
+    for key in dict.fromkeys(job["cell"] for job in jobs):
+        runs = [job for job in jobs if job["cell"] == key]
+        names = list(runs[0]["detectors"])
+        ap = {name: _mean([r["detectors"][name]["average_precision"] for r in runs]) for name in names}
+        row: dict[str, Any] = {"cell": key, "seeds": [r["seed"] for r in runs], "ap": ap,
+                               "auc": {name: _mean([r["detectors"][name]["roc_auc"] for r in runs]) for name in names}}
+        if "cleansing" in runs[0]:
+            best = max(names, key=lambda name: ap[name] if ap[name] is not None else -1)
+            row.update({
+                "k": runs[0]["k"], "n_train": runs[0]["n_train"], "step": runs[0]["step"],
+                "best": best, "best_ap": ap[best],
+                "asr_before": _mean([r["base"]["attack_success_rate"] for r in runs]),
+                "accuracy_before": _mean([r["base"]["test_accuracy"] for r in runs]),
+                "asr_after": _mean([r["cleansing"]["attack_success_rate"] for r in runs]),
+                "accuracy_after": _mean([r["cleansing"]["test_accuracy"] for r in runs]),
+                "removed": _mean([r["cleansing"]["n_removed"] for r in runs]),
+                "poisons_removed": _mean([r["cleansing"]["n_corrupted_removed"] for r in runs]),
+                "rounds": _mean([len(r["cleansing"]["rounds"]) - 1 for r in runs]),
+                "stopped": [r["cleansing"]["stopped"] for r in runs],
+                "oracle_accuracy": _mean([r["oracle"]["test_accuracy"] for r in runs]),
+                "oracle_asr": _mean([r["oracle"]["attack_success_rate"] for r in runs]),
+            })
+            row["ap_met"] = row["best_ap"] is not None and row["best_ap"] >= TARGETS["ap"]
+            row["asr_met"] = row["asr_after"] is not None and row["asr_after"] <= TARGETS["asr"]
+            row["accuracy_gap"] = row["oracle_accuracy"] - row["accuracy_after"]
+            row["accuracy_met"] = row["accuracy_gap"] <= TARGETS["accuracy_gap"] + 1e-12
+        rows.append(row)
+    return rows
+
+
+def plot(result: dict[str, Any], image: Path) -> None:
+    """ASR on the test set against cleansing rounds, one line per backdoor cell and seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    jobs = result["backdoor_jobs"]
+    cells = list(dict.fromkeys(job["cell"] for job in jobs))
+    figure, axes = plt.subplots(1, max(1, len(cells)), figsize=(3.2 * max(1, len(cells)), 3.0), squeeze=False)
+    for axis, cell in zip(axes[0], cells):
+        for job in (j for j in jobs if j["cell"] == cell):
+            removed = [r["n_removed"] for r in job["cleansing"]["rounds"]]
+            axis.plot(removed, [r["attack_success_rate"] for r in job["cleansing"]["rounds"]], marker="o",
+                      label=f"seed {job['seed']}")
+        axis.axhline(TARGETS["asr"], color="grey", ls=":")
+        axis.set_title(cell, fontsize=8)
+        axis.set_xlabel("samples removed")
+        axis.set_ylim(-0.02, 1.02)
+    axes[0][0].set_ylabel("ASR (test)")
+    axes[0][0].legend(fontsize=7)
+    figure.tight_layout()
+    image.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(image, dpi=110)
+    plt.close(figure)
+
+
+def render(result: dict[str, Any], docs: Path, out: Path, image: Path) -> str:
+    from _common import relative_link
+
+    meta = result["meta"]
+    lines = [
+        "## Backdoor: probe attribution and iterative cleansing", "",
+        f"Generated by `{meta['command']}` ({meta['job_seconds'] / 60:.1f} min of job wall time in {meta['jobs']} "
+        f"worker process(es) on {meta['environment']['cpu_count']} CPU cores shared with other work, commit "
+        f"`{meta['environment']['git_commit']}`). "
+        f"Raw numbers per seed: `{relative_link(out, REPO)}`. Cells and model recipes are `benchmarks/quality.py`'s "
+        "backdoor cells; split and poisons fixed (seed 0), training seeds "
+        f"{meta['seeds']}; every number is a mean over the seeds.", "",
+        "Probes: `query.kind: triggered`, `query.size: 8` (triggered validation inputs of non-target classes that "
+        "the model sends to the target), contrasted with 8 correctly classified validation inputs of the target "
+        "class (`query.contrast: reference`); TracIn with unit gradients (`scorers.tracin.normalize`). Cleansing: "
+        f"the `{CLEANSE_WITH}` probe ranking, ~1.1% of the training set removed per round, retrain from scratch, "
+        "re-score; stop once ≤ 2% of the held-out triggered validation inputs still go to the target, or at 15% "
+        "removed. ASR and accuracy are on the test set, which the loop never sees.", "",
+        f"Targets: best AP ≥ {TARGETS['ap']}; ASR after cleansing ≤ {TARGETS['asr']}; clean test accuracy within "
+        f"{TARGETS['accuracy_gap'] * 100:.0f} pt of the oracle.", "",
+    ]
+    if meta.get("missing"):
+        lines += ["**Not measured** (the run was cut short): " + ", ".join(meta["missing"]) + ".", ""]
+    rows = [r for r in result["summary"] if "best" in r]
+    lines.append(md_table(
+        ["cell", "k / n", "best (AP)", "ASR before → after (oracle)", "acc after / oracle", "removed (poisons)",
+         "rounds", "AP ≥ 0.8", "ASR ≤ 0.05", "acc ≥ oracle − 1 pt"],
+        [[r["cell"], f"{r['k']} / {r['n_train']}", f"{r['best']} ({fmt(r['best_ap'], 3)})",
+          f"{fmt(r['asr_before'], 3)} → {fmt(r['asr_after'], 3)} ({fmt(r['oracle_asr'], 3)})",
+          f"{fmt(r['accuracy_after'], 3)} / {fmt(r['oracle_accuracy'], 3)}",
+          f"{fmt(r['removed'], 1)} ({fmt(r['poisons_removed'], 1)})", fmt(r["rounds"], 1),
+          fmt(r["ap_met"]), fmt(r["asr_met"]), fmt(r["accuracy_met"])] for r in rows]))
+    lines += ["", f"![ASR against cleansing rounds]({relative_link(image, docs.parent)})", "",
+              "AP against the poisoned set per detector (mean over seeds; chance = k / n):", ""]
+    names = list(rows[0]["ap"]) if rows else []
+    lines.append(md_table(["cell", *names], [[r["cell"], *(fmt(r["ap"][n], 3) for n in names)] for r in rows]))
+    noise = [r for r in result["summary"] if "best" not in r]
+    if noise:
+        names = list(noise[0]["ap"])
+        lines += ["", "Label noise (20% symmetric flips): `query.kind: val_errors` (8 misclassified validation "
+                  "samples, labelled with the wrong prediction) next to self-influence, AP (mean over seeds):", ""]
+        lines.append(md_table(["cell", *names], [[r["cell"], *(fmt(r["ap"][n], 3) for n in names)] for r in noise]))
+    return "\n".join(lines)
+
+
+def _cached(cache: Path | None) -> dict[tuple[str, int], dict[str, Any]]:
+    if cache is None or not cache.is_file():
+        return {}
+    rows = [json.loads(line) for line in cache.read_text().splitlines() if line.strip()]
+    return {(row["cell"], row["seed"]): row for row in rows}
+
+
+def run(grid: str, seeds: list[int], out: Path, docs: Path | None, jobs: int, cache: Path | None = None,
+        cached_only: bool = False) -> dict[str, Any]:
+    """Run every (cell, seed) job not already in ``cache`` (one JSON line per finished job, so a
+    killed run resumes); with ``cached_only``, publish what the cache holds and compute nothing."""
+    from _common import publish
+
+    started = time.perf_counter()
+    backdoor_cells, noise_cells = GRIDS[grid]
+    tasks = [(backdoor_job, cell, seed) for cell in backdoor_cells for seed in seeds]
+    tasks += [(noise_job, cell, seed) for cell in noise_cells for seed in seeds]
+    done = _cached(cache)
+    todo = [] if cached_only else [t for t in tasks if (t[1].key, t[2]) not in done]
+
+    def keep(result: dict[str, Any]) -> None:
+        done[(result["cell"], result["seed"])] = result
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            with cache.open("a") as handle:
+                handle.write(json.dumps(jsonable(result)) + "\n")
+        print(f"done {result['cell']} seed {result['seed']} ({time.perf_counter() - started:.0f} s)", flush=True)
+
+    if jobs > 0 and todo:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+            for future in as_completed([pool.submit(fn, cell, seed) for fn, cell, seed in todo]):
+                keep(future.result())
+    else:
+        for fn, cell, seed in todo:
+            keep(fn(cell, seed))
+    results = [done[(cell.key, seed)] for _, cell, seed in tasks if (cell.key, seed) in done]
+    missing = [f"{cell.key} seed {seed}" for _, cell, seed in tasks if (cell.key, seed) not in done]
+    backdoor = [r for r in results if "cleansing" in r]
+    result = {
+        "meta": {"command": "python benchmarks/backdoor.py " + " ".join(sys.argv[1:]), "grid": grid, "seeds": seeds,
+                 "jobs": jobs, "runtime_seconds": time.perf_counter() - started, "environment": environment(1),
+                 "job_seconds": float(sum(r.get("seconds", 0.0) for r in results)),
+                 "targets": TARGETS, "missing": missing},
+        "summary": summarise(backdoor) + summarise([r for r in results if "cleansing" not in r]),
+        "backdoor_jobs": backdoor,
+        "noise_jobs": [r for r in results if "cleansing" not in r],
+    }
+    return publish(jsonable(result), out, docs, "backdoor", plot, render)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--grid", choices=sorted(GRIDS), default="full")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/backdoor.json")
+    parser.add_argument("--docs", type=Path, default=REPO / "docs/benchmarks.md")
+    parser.add_argument("--no-docs", action="store_true")
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes (0 = this process)")
+    parser.add_argument("--cache", type=Path, default=None, help="JSON-lines file of finished jobs (resume)")
+    parser.add_argument("--cached-only", action="store_true", help="publish the cached jobs; compute nothing")
+    args = parser.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    result = run(args.grid, seeds, args.out, None if args.no_docs else args.docs, args.jobs, args.cache,
+                 args.cached_only)
+    for row in result["summary"]:
+        print(row["cell"], {k: row[k] for k in ("best", "best_ap", "asr_after", "accuracy_after", "oracle_accuracy")
+                            if k in row})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""Smoke test of benchmarks/backdoor.py: the tiny grid end to end (one seed), so the script cannot rot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "backdoor.py"
+
+
+def test_smoke_grid_measures_and_renders_its_section(tmp_path):
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text("# Benchmarks\n\n<!-- speed:start -->\nkeep me\n<!-- speed:end -->\n")
+    out = tmp_path / "backdoor.json"
+    cache = tmp_path / "jobs.jsonl"
+    command = [sys.executable, str(SCRIPT), "--grid", "smoke", "--seeds", "0", "--jobs", "0", "--out", str(out),
+               "--docs", str(docs), "--cache", str(cache)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    backdoor = next(row for row in data["summary"] if row["cell"] == "wine/backdoor5/logreg")
+    # Probes find what self-influence cannot, and cleansing lowers the attack success rate.
+    assert backdoor["ap"]["tracin (triggered probes)"] > backdoor["ap"]["tracin (self)"] + 0.3
+    assert backdoor["asr_after"] < backdoor["asr_before"]
+    rounds = data["backdoor_jobs"][0]["cleansing"]["rounds"]
+    assert rounds[0]["n_removed"] == 0 and len(rounds) >= 2
+    noise = next(row for row in data["summary"] if row["cell"] == "wine/sym20/logreg")
+    assert set(noise["ap"]) == {"tracin (self)", "tracin (val_errors)", "influence (self)", "influence (val_errors)"}
+    text = docs.read_text()
+    assert "keep me" in text and "<!-- backdoor:start -->" in text and "wine/backdoor5/logreg" in text
+    assert (tmp_path / "img" / "backdoor.png").stat().st_size > 1000
+    # A rerun with the cache computes nothing and publishes the same numbers.
+    again = subprocess.run([*command, "--cached-only"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads(out.read_text())["summary"] == data["summary"]

@@ -1,0 +1,209 @@
+"""Probe sets, train -> probe attribution, iterative cleansing and the unsupervised backdoor detectors.
+
+Ground truth: a planted backdoor (known poisons), planted clusters, and the unchanged
+self-influence path when no probes are configured.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cleanse.attribution import aggregate_support, contrast, score_with_query, top_proponents
+from cleanse.config import load_params
+from cleanse.errors import ConfigError, DataError
+from cleanse.estimators import registry
+from cleanse.estimators.activations import clustering_scores, spectral_scores
+from cleanse.query import build_query, query_for, read_probe_file
+from tests.conftest import context_for
+
+BACKDOOR = ["data.source=sklearn:wine", "corruption.kind=backdoor", "corruption.fraction=0.1",
+            "corruption.trigger_size=3", "model.arch=logreg", "model.epochs=30", "model.lr=0.01",
+            "model.checkpoints=5", "tracking.enabled=false", "query.kind=triggered", "query.size=8",
+            "scorers.tracin.normalize=true"]
+
+
+@pytest.fixture(scope="module")
+def backdoor():
+    params = load_params(None, BACKDOOR)
+    context, staged = context_for(params)
+    return params, context, staged, query_for(params, staged, context.model)
+
+
+def test_triggered_probes_show_the_backdoor(backdoor):
+    params, context, staged, query = backdoor
+    assert len(query.probes) == 8
+    assert (query.probes.label == 0).all() and (query.probes.label_clean != 0).all()
+    assert query.reference is not None and (query.reference.label == 0).all()
+    from cleanse.models.trainer import predict_proba
+
+    # The probes are failures the model shows: triggered inputs sent to the target class.
+    assert (predict_proba(context.model, query.probes.features).argmax(1) == 0).all()
+
+
+def test_poisons_are_the_top_proponents_of_triggered_probes(backdoor):
+    params, context, staged, query = backdoor
+    poisons = set(staged.train.sample_id[staged.train.is_corrupted].tolist())
+    k = len(poisons)
+    for name in ("tracin", "influence"):
+        result, matrix = score_with_query(registry.get(name), context, getattr(params.scorers, name), query)
+        assert matrix.shape == (8, len(staged.train))
+        top = result.table.sort("score", descending=True)["sample_id"].to_list()[:k]
+        hits = len(poisons & set(top))
+        assert hits >= (k - 1 if name == "tracin" else k // 2), f"{name}: {hits} of {k} poisons in the top {k}"
+    # Per probe, the strongest TracIn proponents are poisons too.
+    _, matrix = score_with_query(registry.get("tracin"), context, params.scorers.tracin, query)
+    best = top_proponents(matrix, staged.train.sample_id, 3)
+    assert np.mean([sid in poisons for sid in best.ravel()]) >= 0.75
+    # Self-influence does not find them (the reason for probes).
+    self_scored = registry.get("tracin").score(context, params.scorers.tracin).table
+    self_top = self_scored.sort("score", descending=True)["sample_id"].to_list()[:k]
+    assert len(poisons & set(self_top)) < hits
+
+
+def test_without_probes_scores_are_unchanged(wine_context):
+    from cleanse.pipeline import score_fingerprint, train_fingerprint
+    from tests.conftest import small_params
+
+    context, _ = wine_context
+    params = small_params()
+    assert params.query.kind == "none"
+    for name in ("tracin", "influence", "loss"):
+        options = getattr(params.scorers, name)
+        direct = registry.get(name).score(context, options)
+        via, matrix = score_with_query(registry.get(name), context, options, None)
+        assert matrix is None and via.table.equals(direct.table) and via.meta == direct.meta
+    from cleanse.config import fingerprint
+
+    assert score_fingerprint(params, "tracin") == fingerprint("score", train_fingerprint(params), "tracin",
+                                                              params.scorers.tracin)
+
+
+def test_aggregation_is_robust_to_one_large_probe():
+    rng = np.random.default_rng(0)
+    matrix = rng.normal(size=(4, 50))
+    loud = matrix.copy()
+    loud[0] *= 1e4
+    for method in ("normalized_mean", "rank_mean"):
+        assert np.allclose(aggregate_support(matrix, method), aggregate_support(loud, method))
+    ranks = aggregate_support(matrix, "rank_mean")
+    assert ranks.min() >= 0 and ranks.max() <= 1
+    with pytest.raises(ValueError, match="aggregate"):
+        aggregate_support(matrix, "median")
+
+
+def test_contrast_removes_general_label_support():
+    rng = np.random.default_rng(1)
+    general = rng.normal(size=200)
+    specific = rng.normal(size=200)
+    specific -= (specific @ general) / (general @ general) * general  # orthogonal to general
+    residual, beta = contrast(specific + 3.0 * general, general)
+    assert beta == pytest.approx(3.0)
+    assert np.allclose(residual, specific)
+
+
+def test_iterative_cleansing_removes_the_backdoor(backdoor):
+    from cleanse.cleansing import cleanse_iteratively
+
+    params, context, staged, query = backdoor
+    params = params.model_copy(update={"cleansing": params.cleansing.model_copy(update={"step": 4, "iterative": True})})
+    loop = cleanse_iteratively(params, staged, registry.get("tracin"), params.scorers.tracin, query,
+                               base_model=context.model)
+    rounds = loop["rounds"]
+    assert rounds[0]["n_removed"] == 0 and rounds[0]["heldout_behaviour_rate"] > 0.5
+    assert loop["stopped"] == "behaviour_gone"
+    assert rounds[-1]["heldout_behaviour_rate"] <= params.cleansing.stop_rate
+    assert rounds[-1]["attack_success_rate"] < 0.5 * rounds[0]["attack_success_rate"]
+    poisons = staged.train.sample_id[staged.train.is_corrupted]
+    assert np.isin(poisons, loop["removed_ids"]).mean() >= 0.9
+    assert [r["n_removed"] for r in rounds] == [4 * i for i in range(len(rounds))]
+    assert all(len(r["flagged_ids"]) == 4 for r in rounds[1:])
+
+
+def test_query_configuration_errors():
+    with pytest.raises(ConfigError, match="query.kind 'triggered'.*corruption.kind: backdoor"):
+        load_params(None, ["query.kind=triggered", "corruption.kind=label_flip"])
+    with pytest.raises(ConfigError, match="query.*needs query.path"):
+        load_params(None, ["query.kind=file"])
+    with pytest.raises(ConfigError, match="query.kind: 'errors' is not one of"):
+        load_params(None, ["query.kind=errors"])
+    with pytest.raises(ConfigError, match="query.size"):
+        load_params(None, ["query.kind=val_errors", "query.size=0"])
+    with pytest.raises(ConfigError, match="cleansing.iterative needs probes"):
+        load_params(None, ["cleansing.iterative=true"])
+
+
+def test_probe_file(backdoor, tmp_path):
+    params, context, staged, _ = backdoor
+    good = tmp_path / "probes.npz"
+    np.savez(good, X=staged.val.features[:5], y=np.full(5, 2))
+    features, label = read_probe_file(str(good), staged.meta)
+    assert features.shape == (5, *staged.meta.feature_shape) and (label == 2).all()
+    config = load_params(None, [*BACKDOOR[:-3], "query.kind=file", f"query.path={good}", "query.size=3"]).query
+    query = build_query(config, staged, lambda x: np.eye(3)[np.full(len(x), 2)], seed=0)
+    assert len(query.probes) == 3 and len(query.heldout) == 2
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, X=staged.val.features[:5, :4], y=np.zeros(5, dtype=int))
+    with pytest.raises(DataError, match="13 features"):
+        read_probe_file(str(bad), staged.meta)
+    np.savez(bad, X=staged.val.features[:5], y=np.full(5, 7))
+    with pytest.raises(DataError, match="labels must be integers in 0..2"):
+        read_probe_file(str(bad), staged.meta)
+    with pytest.raises(DataError, match="not found"):
+        read_probe_file(str(tmp_path / "missing.npz"), staged.meta)
+
+
+def test_val_errors_probes_are_misclassified(wine_context):
+    from cleanse.models.trainer import predict_proba
+
+    context, staged = wine_context
+    config = load_params(None, ["query.kind=val_errors", "query.size=3"]).query
+    predict = lambda x: predict_proba(context.model, x)  # noqa: E731
+    query = build_query(config, staged, predict, seed=0)
+    predicted = predict(query.probes.features).argmax(1)
+    assert (predicted == query.probes.label).all() and (query.probes.label != query.probes.label_clean).all()
+
+
+def test_unsupervised_detectors_find_a_planted_cluster():
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(300, 8))
+    label = np.repeat([0, 1, 2], 100)
+    planted = np.arange(10, 25)  # 15 samples of class 0 shifted along one direction
+    features[planted, 3] += 6.0
+    truth = np.zeros(300, dtype=bool)
+    truth[planted] = True
+    # Spectral signatures rank within a class (Tran et al. remove the top of each class).
+    spectral = spectral_scores(features, label)
+    assert truth[np.argsort(-spectral[:100])[:15]].all()
+    assert np.median(spectral[planted]) > np.percentile(spectral[100:], 95)
+    clustering = clustering_scores(features, label, n_components=5, seed=0)
+    assert truth[np.argsort(-clustering)[:15]].all()
+
+
+def test_pipeline_with_probes_and_iterative_cleansing(tmp_path):
+    import json
+
+    from cleanse.pipeline import pairwise_path, run_all
+    from cleanse.storage import Layout
+
+    params = load_params(None, [*BACKDOOR, "estimators=[tracin,spectral_signatures]", "cleansing.iterative=true",
+                                "cleansing.step=4"])
+    layout = Layout.at(tmp_path)
+    metrics = run_all(params, layout, log=lambda line: None)
+    matrix = np.load(pairwise_path(layout, "tracin"), mmap_mode="r")
+    assert matrix.shape == (8, metrics["dataset"]["n_train"])
+    assert not pairwise_path(layout, "spectral_signatures").exists()  # no train -> probe scores
+    assert metrics["query"]["kind"] == "triggered" and metrics["query"]["n_probes"] == 8
+    rounds = metrics["estimators"]["tracin"]["cleansing"]["rounds"]
+    assert rounds[0]["n_removed"] == 0 and rounds[-1]["heldout_behaviour_rate"] <= params.cleansing.stop_rate
+    retrain = json.loads(layout.retrain_result("tracin").read_text())
+    assert retrain["iterative"] and len(retrain["removed_ids"]) == retrain["cleaned"]["n_removed"]
+    assert metrics["estimators"]["tracin"]["retrain"]["attack_success_rate"] < metrics["baseline"]["attack_success_rate"]
+    page = (layout.reports / "report.html").read_text()
+    assert "cleansing_rounds.png" in page
+    proponents = (layout.reports / "probes" / "tracin.csv").read_text().splitlines()
+    assert len(proponents) == 1 + 8 * 6
+    # Rerunning is a no-op (fingerprints include the probe and cleansing settings).
+    lines: list[str] = []
+    run_all(params, layout, log=lines.append)
+    assert all(line.startswith("[skip]") for line in lines)
