@@ -35,7 +35,7 @@ def _resolve(params_file: str | None, overrides: list[str] | None, out: str,
     merged = list(overrides or [])
     if estimators:
         merged.append(f"estimators={json.dumps(list(estimators))}")
-    return resolved, merged, str(Path(out).expanduser().resolve())
+    return resolved, merged, out if out.startswith("s3://") else str(Path(out).expanduser().resolve())
 
 
 @flow(name="cleanse", log_prints=True)

@@ -6,7 +6,8 @@ one nested child run per estimator (its detection and retrain metrics, scores an
 
 Tracking URI: ``MLFLOW_TRACKING_URI`` when set (a server, for the UI); otherwise the embedded
 default, a sqlite file ``<out>/mlflow.db``. With any local store, artifacts go to
-``<out>/mlartifacts``; with a server, to the server's artifact destination.
+``<out>/mlartifacts`` (on S3 for an ``s3://`` output root); with a server, to the server's artifact
+destination (e.g. ``mlflow server --artifacts-destination s3://bucket/mlartifacts``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,19 @@ from cleanse.storage import Layout
 
 def tracking_uri(layout: Layout) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{layout.root / 'mlflow.db'}"
+
+
+def artifact_location(layout: Layout) -> str:
+    """Artifacts of a local store: ``<out>/mlartifacts``, which for an S3 output root is an s3://
+    URI (MLflow's S3 store uses boto3's credential chain and ``MLFLOW_S3_ENDPOINT_URL``, which
+    defaults here to ``AWS_ENDPOINT_URL``)."""
+    if layout.remote is None:
+        return (layout.root / "mlartifacts").as_uri()
+    from cleanse.remote import endpoint
+
+    if endpoint():
+        os.environ.setdefault("MLFLOW_S3_ENDPOINT_URL", endpoint())
+    return f"{layout.remote.rstrip('/')}/mlartifacts"
 
 
 def git_commit(cwd: Path | None = None) -> str:
@@ -56,7 +70,7 @@ def log_pipeline(params: Params, layout: Layout, metrics: dict[str, Any], *, run
     if experiment is None:
         # A tracking server decides where artifacts go; a local store keeps them beside the outputs
         # (MLflow's own default would be ./mlruns in whatever directory the run started from).
-        location = None if uri.startswith(("http://", "https://")) else (layout.root / "mlartifacts").as_uri()
+        location = None if uri.startswith(("http://", "https://")) else artifact_location(layout)
         experiment_id = client.create_experiment(params.tracking.experiment, artifact_location=location)
     else:
         experiment_id = experiment.experiment_id
@@ -83,4 +97,5 @@ def log_pipeline(params: Params, layout: Layout, metrics: dict[str, Any], *, run
                         mlflow.log_artifact(str(path), artifact_path=path.parent.name)
                 for plot in (layout.reports / "flagged").glob(f"{name}.*"):
                     mlflow.log_artifact(str(plot), artifact_path="flagged")
-        return parent.info.run_id
+    layout.publish()  # an embedded store (mlflow.db) beside an S3 output root goes up with it
+    return parent.info.run_id
