@@ -54,6 +54,7 @@ def _bin(name: str) -> str:
 
 def _port_free(port: int) -> bool:
     with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is free
         try:
             probe.bind(("127.0.0.1", port))
         except OSError:
@@ -183,25 +184,32 @@ class Stack:
         return process.pid
 
     def up(self, project: str | Path = ".", *, worker: bool = True, ports: dict[str, int] | None = None,
-           echo: Any = print) -> dict[str, Any]:
-        """Start the stack (idempotent: a running stack is left as it is); return the state."""
+           services: tuple[str, ...] = ("s3", "mlflow", "prefect"), echo: Any = print) -> dict[str, Any]:
+        """Start the stack (idempotent: a running stack is left as it is); return the state.
+
+        A restart in the same folder keeps the credentials, the S3 data and, when free, the ports."""
         project = Path(project).absolute()
         if self.state().get("processes") and any(_alive(p["pid"]) for p in self.state()["processes"].values()):
             echo(f"stack already running (state in {self.dir}); `cleanse stack down` first to restart it")
             return self.state()
+        worker = worker and "prefect" in services
         if worker and not (project / "prefect.yaml").is_file():
             raise StackError(f"{project} has no prefect.yaml; run from the cleanse checkout or pass --project")
         self.dir.mkdir(parents=True, exist_ok=True)
+        previous = self.state().get("ports", {})
         self.state_file.unlink(missing_ok=True)
-        wanted = {**DEFAULT_PORTS, **(ports or {})}
+        wanted = {**DEFAULT_PORTS, **previous, **(ports or {})}
         port = {"s3": _free_port(wanted["s3"], grpc_offset=True), "prefect": _free_port(wanted["prefect"]),
                 "mlflow": _free_port(wanted["mlflow"])}
         for name in ("master", "volume", "filer"):
-            port[name] = _free_port(0, grpc_offset=True)
+            port[name] = _free_port(previous.get(name, 0), grpc_offset=True)
         urls = {"s3": f"http://127.0.0.1:{port['s3']}", "mlflow": f"http://127.0.0.1:{port['mlflow']}",
                 "prefect": f"http://127.0.0.1:{port['prefect']}", "prefect_api": f"http://127.0.0.1:{port['prefect']}/api"}
         self._save({"urls": urls, "ports": port, "project": str(project), "processes": {}})
-        access, secret = "cleanse" + secrets.token_hex(6), secrets.token_urlsafe(30)
+        try:
+            access, secret = (self.credentials()[key] for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"))
+        except (StackError, KeyError):
+            access, secret = "cleanse" + secrets.token_hex(6), secrets.token_urlsafe(30)
         for path, text in ((self.dir / "credentials.env",
                             f"export AWS_ACCESS_KEY_ID={access}\nexport AWS_SECRET_ACCESS_KEY={secret}\n"),
                            (self.dir / "s3.json", json.dumps({"identities": [{
@@ -218,8 +226,10 @@ class Stack:
         env = base | self.env()
         try:
             self._up_s3(port, urls, env, echo)
-            self._up_mlflow(port, urls, env, echo)
-            self._up_prefect(port, urls, env, echo)
+            if "mlflow" in services:
+                self._up_mlflow(port, urls, env, echo)
+            if "prefect" in services:
+                self._up_prefect(port, urls, env, echo)
             if worker:
                 self._up_worker(project, env, echo)
         except BaseException:
@@ -234,7 +244,8 @@ class Stack:
             _bin("weed"), "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             f"-master.port={port['master']}", f"-volume.port={port['volume']}", "-filer",
             f"-filer.port={port['filer']}", "-s3", f"-s3.port={port['s3']}", f"-s3.config={self.dir / 's3.json'}",
-            "-master.volumeSizeLimitMB=64", "-volume.max=20"], env)
+            "-master.volumeSizeLimitMB=64", "-volume.max=20", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            "-master.telemetry=false"], env)
 
         def bucket_ready() -> bool:
             import boto3
@@ -304,7 +315,7 @@ class Stack:
                 pids += [process["pid"], *descendants(process["pid"])]
         return [pid for pid in pids if _alive(pid)]
 
-    def down(self, *, timeout: float = 20.0, echo: Any = print) -> list[int]:
+    def down(self, *, timeout: float = 15.0, echo: Any = print) -> list[int]:
         """Stop every process ``up`` started (SIGTERM to its group, then SIGKILL); return the pids that
         were running. Credentials and data stay in the state folder for the next ``up``."""
         processes = self.state().get("processes", {})
@@ -320,7 +331,8 @@ class Stack:
                     os.killpg(target, signal.SIGTERM) if target == pid else os.kill(target, signal.SIGTERM)
                 except (ProcessLookupError, PermissionError):
                     pass
-            deadline = time.monotonic() + timeout
+            # SeaweedFS's graceful shutdown takes ~20 s and buys nothing here (its writes are durable)
+            deadline = time.monotonic() + (min(timeout, 3.0) if name == "s3" else timeout)
             while time.monotonic() < deadline and any(_alive(p) for p in family):
                 time.sleep(0.2)
             for target in family:
