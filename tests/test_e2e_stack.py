@@ -157,15 +157,17 @@ def test_stack_run_shows_in_both_uis_and_down_leaves_nothing(tmp_path):
         parent = next(run for run in parents if any(c["parent"] == run["id"] for c in children))
         base = f"{urls['mlflow']}/#/experiments/{tracked['experiment_id']}"
         parent_page = page_text(f"{base}/runs/{parent['id']}", "mlflow-parent-run.png")
-        assert parent["name"] in parent_page, parent_page[:3000]
+        assert parent["name"] in parent_page and "Child runs" in parent_page, parent_page[:3000]
+        child_list = parent_page.split("Child runs", 1)[1][:300]
+        assert all(c["name"] in child_list for c in children if c["parent"] == parent["id"]), child_list
         for metric in ("baseline.test_accuracy", "n_train"):
             assert metric in parent_page, parent_page[:3000]
         for child in (c for c in children if c["parent"] == parent["id"]):
             child_page = page_text(f"{base}/runs/{child['id']}", f"mlflow-child-{child['name']}.png")
             assert child["name"] in child_page and "roc_auc" in child_page, child_page[:3000]
-            assert parent["name"] in child_page, child_page[:3000]  # the child names its parent
+            assert f"Parent run {parent['name']}" in child_page, child_page[:3000]
         table = page_text(f"{base}/runs?compareRunsMode=TABLE", "mlflow-runs-table.png")
-        assert parent["name"] in table, table[:3000]
+        assert parent["name"] in table and f"{len(tracked['runs'])} matching runs" in table, table[:3000]
     finally:
         pids = stack.pids()
         down = subprocess.run([str(BIN / "cleanse"), "stack", "down", "--dir", str(state_dir)], cwd=REPO,
