@@ -154,10 +154,17 @@ def download(uri: str, target: Path) -> Path:
     """Download one object to ``target`` atomically."""
     from cleanse.storage import atomic_path
 
+    from botocore.exceptions import ClientError
+
     bucket, key = split_uri(uri)
     with atomic_path(target) as tmp:
         try:
             client().download_file(bucket, key, str(tmp))
+        except ClientError as exc:
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                check_location(f"s3://{bucket}")  # a missing bucket is named as such
+                raise RemoteError(f"{uri}: no such object") from exc
+            raise explain(exc, uri) from exc
         except Exception as exc:
             raise explain(exc, uri) from exc
     return target
