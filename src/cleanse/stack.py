@@ -121,6 +121,12 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def _startup_timeout() -> float:
+    """Seconds each server may take to become ready (``CLEANSE_STACK_TIMEOUT``, default 600): a
+    server that is still alive is still starting, which on a busy 2-core machine takes minutes."""
+    return float(os.environ.get("CLEANSE_STACK_TIMEOUT", "600"))
+
+
 def _wait(predicate: Any, seconds: float, what: str, pid: int | None = None, log: Path | None = None) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -262,7 +268,7 @@ class Stack:
             except Exception:
                 return False
 
-        _wait(bucket_ready, 90, "SeaweedFS S3", pid, self.dir / "s3.log")
+        _wait(bucket_ready, _startup_timeout(), "SeaweedFS S3", pid, self.dir / "s3.log")
         echo(f"S3 (SeaweedFS)   {urls['s3']}   bucket s3://{BUCKET}")
 
     def _up_mlflow(self, port: dict[str, int], urls: dict[str, str], env: dict[str, str], echo: Any) -> None:
@@ -270,13 +276,13 @@ class Stack:
             _bin("mlflow"), "server", "--backend-store-uri", f"sqlite:///{self.dir / 'mlflow.db'}",
             "--artifacts-destination", f"s3://{BUCKET}/mlartifacts", "--host", "127.0.0.1",
             "--port", str(port["mlflow"]), "--workers", "1"], env | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-        _wait(lambda: _http_ok(f"{urls['mlflow']}/health"), 120, "MLflow server", pid, self.dir / "mlflow.log")
+        _wait(lambda: _http_ok(f"{urls['mlflow']}/health"), _startup_timeout(), "MLflow server", pid, self.dir / "mlflow.log")
         echo(f"MLflow UI        {urls['mlflow']}")
 
     def _up_prefect(self, port: dict[str, int], urls: dict[str, str], env: dict[str, str], echo: Any) -> None:
         pid = self._start("prefect", [_bin("prefect"), "server", "start", "--host", "127.0.0.1",
                                       "--port", str(port["prefect"])], env)
-        _wait(lambda: _http_ok(f"{urls['prefect_api']}/health"), 180, "Prefect server", pid, self.dir / "prefect.log")
+        _wait(lambda: _http_ok(f"{urls['prefect_api']}/health"), _startup_timeout(), "Prefect server", pid, self.dir / "prefect.log")
         echo(f"Prefect UI       {urls['prefect']}")
 
     def _up_worker(self, project: Path, env: dict[str, str], echo: Any) -> None:
