@@ -186,10 +186,12 @@ def _same(path: Path, remote: dict[str, Any]) -> bool:
 
 
 def _local_files(root: Path) -> list[str]:
-    """Relative paths of finished files under ``root`` (the atomic writers' ``.name.*.tmp`` excluded)."""
+    """Relative paths of finished files under ``root`` (the atomic writers' ``.name.*.tmp`` and
+    sqlite's journals excluded)."""
     out = []
     for path in root.rglob("*"):
-        if path.is_file() and not path.name.startswith(".") and ".tmp" not in path.suffixes:
+        if (path.is_file() and not path.name.startswith(".") and ".tmp" not in path.suffixes
+                and not path.name.endswith(("-journal", "-wal", "-shm"))):  # sqlite's transient files
             out.append(path.relative_to(root).as_posix())
     return sorted(out)
 
