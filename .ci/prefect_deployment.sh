@@ -78,7 +78,7 @@ echo "   healthy after $((SECONDS - STARTED)) s"
 
 echo "== work pool and deployment"
 prefect work-pool create cleanse-process --type process --overwrite
-prefect --no-prompt deploy --all
+prefect --no-prompt deploy --name local  # the GPU pools of prefect.yaml need their own workers
 DEPLOYMENT="$(prefect deployment inspect 'cleanse/local')"
 grep -q "set_working_directory" <<<"$DEPLOYMENT" || { echo "deployment has no set_working_directory pull step"; exit 1; }
 

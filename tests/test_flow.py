@@ -64,3 +64,20 @@ def test_stage_task_fn_skips_fresh_output(tmp_path):
     assert meta.stat().st_mtime_ns == written_at
     stage.fn(None, overrides, str(tmp_path), fresh=True)  # forced: rewritten
     assert meta.stat().st_mtime_ns != written_at
+
+
+@pytest.mark.timeout(240)
+def test_sweep_flow_runs_one_child_flow_per_value(prefect_api, tmp_path):
+    """The Prefect sweep parameter: ``values`` of ``corruption.fraction``, one output root each."""
+    from flows.cleanse_flow import cleanse_sweep
+
+    small = [*TINY, "tracking.enabled=false"]
+    results = cleanse_sweep(None, "corruption.fraction", [0.1, 0.3], small, str(tmp_path), ["loss"])
+    assert list(results) == ["corruption.fraction=0.1", "corruption.fraction=0.3"]
+    corrupted = []
+    for label, metrics in results.items():
+        written = json.loads((tmp_path / label / "reports" / "metrics.json").read_text())
+        assert written == metrics and list(written["estimators"]) == ["loss"]
+        corrupted.append(written["dataset"]["n_corrupted"])
+    n_train = results["corruption.fraction=0.1"]["dataset"]["n_train"]
+    assert 0 < corrupted[0] < corrupted[1] <= n_train, corrupted

@@ -61,10 +61,20 @@ def _print_table(metrics: dict[str, Any]) -> None:
     Console(width=140).print(table)
 
 
+PrefectOption = Annotated[bool | None, typer.Option(
+    "--prefect/--no-prefect", help="Run as the Prefect flow, reporting to PREFECT_API_URL (default: when it is set).")]
+
+
 @app.command()
 def run(params_file: ParamsOption = None, overrides: SetOption = None, out: OutOption = Path("."),
-        fresh: Annotated[bool, typer.Option("--fresh", help="Recompute every stage instead of resuming.")] = False) -> None:
+        fresh: Annotated[bool, typer.Option("--fresh", help="Recompute every stage instead of resuming.")] = False,
+        prefect: PrefectOption = None) -> None:
     """Run the whole loop: stage, train, score, detect, retrain, report (and log to MLflow)."""
+    import os
+
+    if prefect or (prefect is None and os.environ.get("PREFECT_API_URL")):
+        _guarded(lambda: _run_flow(params_file, overrides, out, fresh))
+        return
 
     def action() -> None:
         from cleanse.pipeline import run_all
@@ -72,7 +82,7 @@ def run(params_file: ParamsOption = None, overrides: SetOption = None, out: OutO
         params, layout = _setup(params_file, overrides, out)
         metrics = run_all(params, layout, resume=not fresh, log=lambda line: typer.echo(line, err=True))
         _print_table(metrics)
-        typer.echo(f"report: {layout.reports / 'report.html'}")
+        typer.echo(f"report: {layout.location(layout.reports / 'report.html')}")
         if params.tracking.enabled:
             from cleanse.tracking import log_pipeline, tracking_uri
 
@@ -80,6 +90,23 @@ def run(params_file: ParamsOption = None, overrides: SetOption = None, out: OutO
             typer.echo(f"mlflow: run {run_id} at {tracking_uri(layout)}")
 
     _guarded(action)
+
+
+def _run_flow(params_file: Path | None, overrides: list[str] | None, out: Path, fresh: bool) -> None:
+    """``cleanse run`` as the Prefect flow of this checkout (flows/cleanse_flow.py), so the run
+    shows in the Prefect UI (and, with MLFLOW_TRACKING_URI, in MLflow's)."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "flows" / "cleanse_flow.py").is_file():
+        _fail("--prefect needs the cleanse checkout (flows/cleanse_flow.py); install it with `pip install -e`")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from flows.cleanse_flow import cleanse_flow
+
+    if params_file is None and Path("params.yaml").is_file():
+        params_file = Path("params.yaml")
+    target = str(out) if not str(out).startswith("s3:/") else "s3://" + str(out).split(":/", 1)[1].lstrip("/")
+    metrics = cleanse_flow(str(params_file) if params_file else None, list(overrides or []), target, None, fresh)
+    _print_table(metrics)
 
 
 @app.command()
@@ -156,6 +183,57 @@ def list_estimators() -> None:
 
     for name in registry.names():
         typer.echo(name)
+
+
+stack_app = typer.Typer(no_args_is_help=True, help="A local Prefect + MLflow + S3 stack (see docs/stack.md).")
+app.add_typer(stack_app, name="stack")
+StackDirOption = Annotated[Path, typer.Option("--dir", help="State folder (logs, generated credentials).")]
+
+
+@stack_app.command("up")
+def stack_up(directory: StackDirOption = Path(".cleanse/stack"),
+             project: Annotated[Path, typer.Option(help="Checkout holding prefect.yaml.")] = Path("."),
+             worker: Annotated[bool, typer.Option(help="Deploy prefect.yaml's `local` and start a worker.")] = True,
+             prefect_port: int = 4200, mlflow_port: int = 5000, s3_port: int = 8333) -> None:
+    """Start SeaweedFS S3, MLflow and Prefect servers and a worker on 127.0.0.1; print the URLs."""
+    from cleanse.stack import Stack
+
+    stack = Stack(directory)
+    _guarded(lambda: stack.up(project, worker=worker, echo=typer.echo,
+                              ports={"prefect": prefect_port, "mlflow": mlflow_port, "s3": s3_port}))
+    typer.echo(f"state and credentials: {stack.dir}\nclients: eval \"$(cleanse stack env --dir {directory})\"")
+
+
+@stack_app.command("down")
+def stack_down(directory: StackDirOption = Path(".cleanse/stack")) -> None:
+    """Stop every process `stack up` started."""
+    from cleanse.stack import Stack
+
+    stopped = Stack(directory).down(echo=typer.echo)
+    typer.echo(f"stopped {len(stopped)} processes" if stopped else "nothing running")
+
+
+@stack_app.command("status")
+def stack_status(directory: StackDirOption = Path(".cleanse/stack")) -> None:
+    """Which stack processes are alive and healthy (exit 1 when any is not)."""
+    from cleanse.stack import Stack
+
+    stack = Stack(directory)
+    status = stack.status()
+    for name, item in status.items():
+        typer.echo(f"{name:8s} pid {item['pid']:>7}  {'healthy' if item['healthy'] else 'alive' if item['alive'] else 'stopped'}")
+    for name, url in stack.state().get("urls", {}).items():
+        typer.echo(f"{name:12s} {url}")
+    if not status or not all(item["healthy"] for item in status.values()):
+        raise typer.Exit(1)
+
+
+@stack_app.command("env")
+def stack_env(directory: StackDirOption = Path(".cleanse/stack")) -> None:
+    """Print `export` lines (credentials included) for clients of the stack: eval "$(cleanse stack env)"."""
+    from cleanse.stack import Stack
+
+    _guarded(lambda: [typer.echo(f"export {key}={value}") for key, value in Stack(directory).env().items()])
 
 
 def _known(name: str) -> str:

@@ -108,6 +108,7 @@ def run_stage(params: Params, layout: Layout) -> Path:
         write_table(getattr(staged, name).to_frame(), layout.split(name))
     write_json({**staged.meta.to_json(), "fingerprint": stage_fingerprint(params),
                 "n": {name: len(getattr(staged, name)) for name in ("train", "val", "test")}}, layout.staged_meta)
+    layout.publish()
     return layout.staged
 
 
@@ -175,6 +176,7 @@ def run_train(params: Params, layout: Layout) -> Path:
     seconds = time.perf_counter() - started
     save_model(model, layout.base_model, {"fingerprint": train_fingerprint(params), "seconds": seconds,
                                           **evaluate_model(model, staged)})
+    layout.publish()
     return layout.base_model
 
 
@@ -221,6 +223,7 @@ def run_score(params: Params, layout: Layout, estimator: str) -> Path:
                 "orientation": "one row per training sample; higher score = more likely harmful",
                 "options": getattr(params.scorers, estimator).model_dump(mode="json"), **result.meta},
                layout.scores_meta(estimator))
+    layout.publish()
     return layout.scores(estimator)
 
 
@@ -253,6 +256,7 @@ def run_detect(params: Params, layout: Layout, estimator: str) -> Path:
     write_json({"estimator": estimator, "fingerprint": detect_fingerprint(params, estimator),
                 "n_flagged": int(flags["is_flagged"].sum()), "budget": params.detect.budget},
                layout.flags(estimator).with_suffix(".meta.json"))
+    layout.publish()
     return layout.flags(estimator)
 
 
@@ -291,6 +295,7 @@ def run_retrain(params: Params, layout: Layout, estimator: str) -> Path:
     write_json({"estimator": estimator, "fingerprint": retrain_fingerprint(params, estimator),
                 "seconds": time.perf_counter() - started, "n_flagged": int(flagged.size),
                 "cleaned": cleaned, "random_same_count": random}, layout.retrain_result(estimator))
+    layout.publish()
     return layout.retrain_result(estimator)
 
 
@@ -331,6 +336,7 @@ def run_references(params: Params, layout: Layout) -> Path:
         out["oracle"] = retrain_without(params, staged, corrupted)
         out["random"] = retrain_without(params, staged, random_ids(staged, corrupted.size, params.seed))
     write_json(out, layout.retrain_result("references"))
+    layout.publish()
     return layout.retrain_result("references")
 
 

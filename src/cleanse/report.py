@@ -290,4 +290,5 @@ def run_report(params: Params, layout: Layout) -> dict[str, Any]:
     write_html(metrics, images, layout)
     write_text(markdown_table(metrics) + "\n", layout.reports / "comparison.md")
     write_json(metrics, layout.metrics)
+    layout.publish()
     return metrics

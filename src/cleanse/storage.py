@@ -123,22 +123,13 @@ def fetch_input(uri: str, cache_dir: str | Path | None = None) -> Path:
         return path
     if not uri.startswith("s3://"):
         raise DataError(f"data.source: unsupported URI scheme in {uri!r}; use a local path or s3://")
-    import fsspec
+    from cleanse import remote
 
-    target_dir = Path(cache_dir or tempfile.mkdtemp(prefix="cleanse-s3-"))
-    target = target_dir / Path(uri).name
-    options: dict[str, Any] = {"config_kwargs": {"retries": {"max_attempts": 3, "mode": "standard"}}}
-    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
-    if endpoint:
-        options["client_kwargs"] = {"endpoint_url": endpoint}
+    target = Path(cache_dir or tempfile.mkdtemp(prefix="cleanse-s3-")) / Path(uri).name
     try:
-        fs = fsspec.filesystem("s3", **options)
-        with atomic_path(target) as tmp:
-            fs.get(uri, str(tmp))
-    except FileNotFoundError as exc:
-        raise DataError(f"data.source: no such object {uri}") from exc
-    except Exception as exc:
-        raise DataError(f"data.source: cannot read {uri}: {type(exc).__name__}: {exc}") from exc
+        remote.download(uri, target)
+    except remote.RemoteError as exc:
+        raise DataError(f"data.source: {exc}") from exc
     return target
 
 
@@ -147,13 +138,40 @@ class Layout:
     """Where each artifact lives under an output root (``--out``)."""
 
     root: Path
+    remote: str | None = None  # an s3:// output root that ``root`` stages (see cleanse.remote)
 
     @classmethod
     def at(cls, root: str | Path) -> Layout:
+        """The layout of a local folder, or of an ``s3://bucket/prefix`` staged in a local work
+        folder: the bucket is checked (credentials, existence) and its artifacts pulled first."""
+        if str(root).startswith(("s3://", "s3:/")):
+            from cleanse import remote
+
+            uri = "s3://" + str(root).split(":/", 1)[1].lstrip("/")  # Path("s3://b") prints "s3:/b"
+            remote.check_location(uri)
+            mirror = remote.Mirror(uri, remote.work_folder(uri))
+            mirror.work.mkdir(parents=True, exist_ok=True)
+            mirror.pull()
+            return cls(mirror.work, uri)
+        if is_remote(str(root)):
+            raise ArtifactError(f"--out {root}: unsupported URI scheme; use a local path or s3://bucket/prefix")
         root = Path(root).expanduser().absolute()
         if root.exists() and not root.is_dir():
             raise ArtifactError(f"--out {root} exists and is not a directory")
         return cls(root)
+
+    def publish(self) -> None:
+        """Upload new and changed artifacts to the S3 output root (no-op for a local root)."""
+        if self.remote is not None:
+            from cleanse import remote
+
+            remote.Mirror(self.remote, self.root).publish()
+
+    def location(self, path: Path) -> str:
+        """Where ``path`` (under ``root``) ends up: an s3:// URI for a remote root, else the path."""
+        if self.remote is None:
+            return str(path)
+        return f"{self.remote.rstrip('/')}/{path.relative_to(self.root).as_posix()}"
 
     @property
     def staged(self) -> Path:

@@ -6,7 +6,8 @@ one nested child run per estimator (its detection and retrain metrics, scores an
 
 Tracking URI: ``MLFLOW_TRACKING_URI`` when set (a server, for the UI); otherwise the embedded
 default, a sqlite file ``<out>/mlflow.db``. With any local store, artifacts go to
-``<out>/mlartifacts``; with a server, to the server's artifact destination.
+``<out>/mlartifacts`` (on S3 for an ``s3://`` output root); with a server, to the server's artifact
+destination (e.g. ``mlflow server --artifacts-destination s3://bucket/mlartifacts``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,19 @@ from cleanse.storage import Layout
 
 def tracking_uri(layout: Layout) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{layout.root / 'mlflow.db'}"
+
+
+def artifact_location(layout: Layout) -> str:
+    """Artifacts of a local store: ``<out>/mlartifacts``, which for an S3 output root is an s3://
+    URI (MLflow's S3 store uses boto3's credential chain and ``MLFLOW_S3_ENDPOINT_URL``, which
+    defaults here to ``AWS_ENDPOINT_URL``)."""
+    if layout.remote is None:
+        return (layout.root / "mlartifacts").as_uri()
+    from cleanse.remote import endpoint
+
+    if endpoint():
+        os.environ.setdefault("MLFLOW_S3_ENDPOINT_URL", endpoint())
+    return f"{layout.remote.rstrip('/')}/mlartifacts"
 
 
 def git_commit(cwd: Path | None = None) -> str:
@@ -42,24 +56,30 @@ def _numeric(prefix: str, values: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def log_pipeline(params: Params, layout: Layout, metrics: dict[str, Any], *, run_name: str | None = None) -> str:
-    """Log a finished pipeline run; returns the parent run id."""
+def _experiment(params: Params, layout: Layout) -> str:
+    """Point MLflow at the layout's tracking URI and return the experiment's id (created if new)."""
     import mlflow
     from mlflow.tracking import MlflowClient
-
-    from cleanse.pipeline import run_fingerprint
 
     uri = tracking_uri(layout)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name(params.tracking.experiment)
-    if experiment is None:
-        # A tracking server decides where artifacts go; a local store keeps them beside the outputs
-        # (MLflow's own default would be ./mlruns in whatever directory the run started from).
-        location = None if uri.startswith(("http://", "https://")) else (layout.root / "mlartifacts").as_uri()
-        experiment_id = client.create_experiment(params.tracking.experiment, artifact_location=location)
-    else:
-        experiment_id = experiment.experiment_id
+    if experiment is not None:
+        return experiment.experiment_id
+    # A tracking server decides where artifacts go; a local store keeps them beside the outputs
+    # (MLflow's own default would be ./mlruns in whatever directory the run started from).
+    location = None if uri.startswith(("http://", "https://")) else artifact_location(layout)
+    return client.create_experiment(params.tracking.experiment, artifact_location=location)
+
+
+def log_pipeline(params: Params, layout: Layout, metrics: dict[str, Any], *, run_name: str | None = None) -> str:
+    """Log a finished pipeline run; returns the parent run id."""
+    import mlflow
+
+    from cleanse.pipeline import run_fingerprint
+
+    experiment_id = _experiment(params, layout)
     tags = {"git_commit": git_commit(), "config_fingerprint": run_fingerprint(params),
             "dataset": metrics["dataset"]["name"], "corruption": metrics["dataset"]["corruption"]}
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name or f"cleanse-{metrics['dataset']['name']}",
@@ -88,25 +108,17 @@ def log_pipeline(params: Params, layout: Layout, metrics: dict[str, Any], *, run
                     mlflow.log_artifact(str(plot), artifact_path="flagged")
                 for plot in (layout.reports / "probes").glob(f"{name}.*"):
                     mlflow.log_artifact(str(plot), artifact_path="probes")
-        return parent.info.run_id
+    layout.publish()  # an embedded store (mlflow.db) beside an S3 output root goes up with it
+    return parent.info.run_id
 
 
 def log_longtail(params: Params, layout: Layout, report: dict[str, Any]) -> str:
     """Log the memorization long-tail report (numbers, report.md/json and images) as one run."""
     import mlflow
-    from mlflow.tracking import MlflowClient
 
     from cleanse.pipeline import score_fingerprint
 
-    uri = tracking_uri(layout)
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name(params.tracking.experiment)
-    if experiment is None:
-        location = None if uri.startswith(("http://", "https://")) else (layout.root / "mlartifacts").as_uri()
-        experiment_id = client.create_experiment(params.tracking.experiment, artifact_location=location)
-    else:
-        experiment_id = experiment.experiment_id
+    experiment_id = _experiment(params, layout)
     tags = {"git_commit": git_commit(), "config_fingerprint": score_fingerprint(params, "memorization"),
             "estimator": "memorization"}
     with mlflow.start_run(experiment_id=experiment_id, run_name="memorization-longtail", tags=tags) as run:
