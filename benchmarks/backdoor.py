@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from _common import REPO, environment, fmt, jsonable, md_table, update_docs_section  # noqa: E402
+from _common import REPO, environment, fmt, jsonable, md_table  # noqa: E402
 from quality import CORRUPTIONS, MODELS, Cell  # noqa: E402
 
 TARGETS = {"ap": 0.8, "asr": 0.05, "accuracy_gap": 0.01}
