@@ -1,4 +1,4 @@
-"""Influence functions (Koh & Liang, ICML 2017) with exact, CG and LiSSA inverse-HVP solvers.
+"""Influence functions (Koh & Liang, ICML 2017) with exact, CG, LiSSA and EK-FAC inverse-HVP solvers.
 
 Let ``H`` be the Hessian of the training objective (mean loss + L2 penalty) at the trained
 parameters and ``g_i`` the loss gradient of training sample ``i``. Removing sample ``i`` changes
@@ -15,9 +15,23 @@ so ``delta_i(q) > 0`` means ``i`` *helps* ``q`` (removing it raises ``q``'s loss
   loss (harmful) scores high.
 
 Solver (``scorers.<name>.solver``): ``exact`` eigendecomposes ``H`` (small models); ``cg`` and
-``lissa`` only use Hessian-vector products from ``torch.func``. ``auto`` takes ``exact`` when the
-model has at most ``exact_max_params`` parameters, else ``cg``. LiSSA's repeats give a standard
-error (``score_se``).
+``lissa`` only use curvature-vector products from ``torch.func``; ``ekfac`` uses the
+eigenvalue-corrected Kronecker factorisation of :mod:`cleanse.ekfac` (George et al., 2018; Grosse
+et al., 2023). ``auto`` takes ``exact`` when the model has at most ``exact_max_params``
+parameters, else ``cg``. LiSSA's repeats give a standard error (``score_se``).
+
+Curvature (``curvature``): ``ggn`` (default) is the generalised Gauss-Newton matrix, which equals
+the Hessian for logistic regression and is positive semi-definite for every network, so CG never
+meets negative curvature and the exact solve needs no damping raise on non-convex MLPs (where the
+Hessian is indefinite; Martens 2010, Bae et al. 2022 use it for the same reason). ``hessian`` is
+the true Hessian. CG is preconditioned by EK-FAC by default (``cg_preconditioner``), which cuts
+the iterations on the ill-conditioned curvature of MLPs from hundreds to about ten.
+
+Damping defaults (added on top of the objective's L2 term): 1e-3 for every solver. A solver that
+did not converge (CG above ``cg_tol``, LiSSA diverging) warns and records it in the metadata.
+
+Documented LiSSA configuration that matches leave-one-out on logistic regression (tested):
+``lissa_depth=1500, lissa_repeats=2, lissa_batch_size=300``, scale estimated by power iteration.
 """
 
 from __future__ import annotations
@@ -31,6 +45,7 @@ import torch
 from cleanse.config import InfluenceOptions
 from cleanse.data.dataset import Split
 from cleanse.estimators.base import ScoreResult, ScoringContext, score_table
+from cleanse.ekfac import EKFAC
 from cleanse.grads import (
     ExactInverse,
     FunctionalModel,
@@ -38,8 +53,9 @@ from cleanse.grads import (
     cg_solve,
     exact_hessian,
     exact_inverse,
+    curvature_fn,
     grad_dots,
-    hvp_fn,
+    last_layer_name,
     lissa_solve,
     mean_grad,
     per_sample_grads,
@@ -56,30 +72,59 @@ class InverseHessian:
             solver = "exact" if fm.n_params <= options.exact_max_params else "cg"
         self.solver = solver
         self.exact: ExactInverse | None = None
+        self.ekfac: EKFAC | None = None
         self.reports: list[SolverReport] = []
         if solver == "exact":
-            self.exact = exact_inverse(exact_hessian(fm, x, y), options.damping)
+            self.exact = exact_inverse(exact_hessian(fm, x, y, curvature=options.curvature), options.damping)
             self.reports.append(self.exact.report)
+        if solver == "ekfac" or (solver == "cg" and options.cg_preconditioner == "ekfac"):
+            # EK-FAC's inverse includes the L2 term; as a preconditioner it targets H + damping I.
+            self.ekfac = EKFAC(fm, x, y, damping=options.damping, fisher=options.ekfac_fisher)
+            if solver == "ekfac":
+                self.reports.append(SolverReport("ekfac", options.damping, True, note=f"fisher={options.ekfac_fisher}"))
 
     def solve(self, block: torch.Tensor) -> torch.Tensor:
         """Solve for ``block`` ``(p, k)``; returns ``(repeats, p, k)`` (``repeats = 1`` unless LiSSA)."""
         options = self.options
         if self.exact is not None:
             return self.exact.solve(block)[None]
+        if self.solver == "ekfac":
+            return self.ekfac.solve(block)[None]
         if self.solver == "cg":
             solution, report = cg_solve(
-                hvp_fn(self.fm, self.x, self.y), block, damping=options.damping,
+                curvature_fn(self.fm, self.x, self.y, options.curvature), block, damping=options.damping,
                 max_iter=options.cg_max_iter, tol=options.cg_tol,
+                preconditioner=None if self.ekfac is None else self.ekfac.solve,
             )
             self.reports.append(report)
             return solution[None]
         estimates, report = lissa_solve(
             self.fm, self.x, self.y, block, damping=options.damping, depth=options.lissa_depth,
             repeats=options.lissa_repeats, scale=options.lissa_scale, batch_size=options.lissa_batch_size,
-            seed=self.seed,
+            seed=self.seed, curvature=options.curvature,
         )
         self.reports.append(report)
         return estimates
+
+    def quadratic_forms(self, x: torch.Tensor, y: torch.Tensor, chunk: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """``g_i^T (H + damping I)^-1 g_i`` for the loss gradients of ``(x, y)``: the mean over
+        repeats, ``(n,)``, and its standard error (``None`` unless LiSSA)."""
+        if self.solver == "ekfac":
+            return self.ekfac.quadratic_forms(x, y).cpu().numpy(), None
+        values, errors = [], []
+        for start in range(0, x.shape[0], chunk):
+            grads = per_sample_grads(self.fm, x[start : start + chunk], y[start : start + chunk])  # (k, p)
+            if self.exact is not None:
+                per_repeat = self.exact.quadratic_form(grads)[None]
+            else:
+                solved = self.solve(grads.T)  # (repeats, p, k)
+                per_repeat = torch.einsum("kp,rpk->rk", grads.double(), solved.double())
+            mean, se = _mean_and_se(per_repeat)
+            values.append(mean)
+            errors.append(se)
+        if not values:
+            return np.zeros(0), None
+        return np.concatenate(values), None if errors[0] is None else np.concatenate(errors)
 
     def summary(self) -> dict:
         return {
@@ -92,14 +137,20 @@ class InverseHessian:
 
 def _mean_and_se(per_repeat: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
     """Reduce ``(repeats, n)`` to the mean and its standard error (``None`` for one repeat)."""
-    values = per_repeat.double().cpu()
+    values = per_repeat.detach().double().cpu()
     if values.shape[0] == 1:
         return values[0].numpy(), None
     return values.mean(0).numpy(), (values.std(0, unbiased=True) / np.sqrt(values.shape[0])).numpy()
 
 
+def functional_model(context: ScoringContext, layers: str = "all") -> FunctionalModel:
+    module = context.model.module(context.device)
+    only = last_layer_name(module) if layers == "last" else None
+    return FunctionalModel.of(module, context.model_config.weight_decay, only=only)
+
+
 def _setup(context: ScoringContext, options: InfluenceOptions) -> tuple[FunctionalModel, torch.Tensor, torch.Tensor, InverseHessian]:
-    fm = FunctionalModel.of(context.model.module(context.device), context.model_config.weight_decay)
+    fm = functional_model(context, options.layers)
     x, y = context.tensors(context.train)
     return fm, x, y, InverseHessian(fm, x, y, options, context.seed)
 
@@ -125,22 +176,11 @@ class SelfInfluenceEstimator:
 
     def score(self, context: ScoringContext, options: InfluenceOptions) -> ScoreResult:
         fm, x, y, inverse = _setup(context, options)
-        chunk = 512 if inverse.exact is not None else 64
-        values, errors = [], []
-        for start in range(0, x.shape[0], chunk):
-            grads = per_sample_grads(fm, x[start : start + chunk], y[start : start + chunk])  # (k, p)
-            if inverse.exact is not None:
-                per_repeat = inverse.exact.quadratic_form(grads)[None]
-            else:
-                solved = inverse.solve(grads.T)  # (repeats, p, k)
-                per_repeat = torch.einsum("kp,rpk->rk", grads.double(), solved.double())
-            mean, se = _mean_and_se(per_repeat)
-            values.append(mean)
-            errors.append(se)
-        score = np.concatenate(values)
+        # One CG system per chunk: larger chunks batch more right-hand sides per curvature product.
+        score, se = inverse.quadratic_forms(x, y, 512 if inverse.exact is not None else 256)
         columns = {"self_influence": score}
-        if errors[0] is not None:
-            columns["score_se"] = np.concatenate(errors)
+        if se is not None:
+            columns["score_se"] = se
         return ScoreResult(score_table(context.train.sample_id, score, **columns), inverse.summary())
 
     def pairwise(self, context: ScoringContext, options: InfluenceOptions, query: Split) -> np.ndarray:

@@ -16,6 +16,8 @@ _REGISTRY: dict[str, str] = {
     "influence": "cleanse.estimators.influence:SelfInfluenceEstimator",
     "influence_val": "cleanse.estimators.influence:ValidationInfluenceEstimator",
     "tracin": "cleanse.estimators.tracin:TracInEstimator",
+    "trak": "cleanse.estimators.trak:TrakEstimator",
+    "influence_fvm": "cleanse.estimators.influence_fvm:FlatValidationInfluenceEstimator",
 }
 
 
