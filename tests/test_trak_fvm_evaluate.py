@@ -97,7 +97,7 @@ def test_trak_lds_beats_random_attribution_against_retraining(wine_context):
     """Real ground truth: models retrained on random halves of the training set."""
     context, staged = wine_context
     query = staged.test.subset(np.arange(8))
-    masks = subset_masks(len(context.train), 12, seed=3)
+    masks = subset_masks(len(context.train), 10, seed=3)
     outputs = retrained_subset_outputs(context.model.spec, context.train, query, context.model_config, masks,
                                        seed=context.seed)
     trak = TrakEstimator().pairwise(context, TrakOptions(proj_dim=256, n_models=2), query)

@@ -67,7 +67,7 @@ def _layers(fm: FunctionalModel) -> list[_Layer]:
         key = f"{prefix}." if prefix else ""
         own = [name for name, _ in child.named_parameters(recurse=False) if f"{key}{name}" in offsets]
         if not own:
-            continue  # no parameters, or all of them held fixed (FunctionalModel.of(only=...))
+            continue
         if not isinstance(child, (nn.Linear, nn.Conv2d)):
             raise ConfigError(
                 f"solver 'ekfac' supports Linear and Conv2d layers only; layer {prefix!r} is a {type(child).__name__}"

@@ -37,13 +37,10 @@ class FunctionalModel:
     weight_decay: float
 
     @classmethod
-    def of(cls, module: nn.Module, weight_decay: float, *, only: str | None = None) -> FunctionalModel:
-        """``only``: restrict ``theta`` to the parameters of the submodule with this name (the others
-        stay fixed at their values in ``module``; their L2 term is then a constant and is dropped)."""
+    def of(cls, module: nn.Module, weight_decay: float) -> FunctionalModel:
         # Gradients flow through ``theta`` only; the module's own tensors are constants.
         module = module.eval().requires_grad_(False)
-        prefix = f"{only}." if only else ""
-        named = [(name, parameter) for name, parameter in module.named_parameters() if name.startswith(prefix)]
+        named = [(name, parameter) for name, parameter in module.named_parameters()]
         theta = torch.cat([parameter.detach().reshape(-1) for _, parameter in named])
         return cls(module, [n for n, _ in named], [p.shape for _, p in named], theta, weight_decay)
 
@@ -60,8 +57,7 @@ class FunctionalModel:
         return out
 
     def logits(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        # Parameters outside ``names`` (see ``only``) are taken from the module itself.
-        return functional_call(self.module, self.unflatten(theta), (x,), strict=False)
+        return functional_call(self.module, self.unflatten(theta), (x,))
 
     def sample_loss(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of one sample (``x`` without a batch axis)."""

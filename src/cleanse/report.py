@@ -8,7 +8,8 @@
      "random":   {...},                      # random removal of n_corrupted samples
      "estimators": {name: {"detection": {roc_auc, average_precision, precision_at_k, recall_at_k, k},
                            "retrain": {test_accuracy, [attack_success_rate], random_test_accuracy, n_removed},
-                           "n_flagged", "seconds"}}}
+                           "n_flagged", "seconds"}},
+     "attribution": {"lds": {...}, "stability": {...}}}   # only when params.evaluate enables them
 """
 
 from __future__ import annotations
@@ -57,6 +58,11 @@ def collect_metrics(params: Params, layout: Layout) -> dict[str, Any]:
             "n_flagged": retrain["n_flagged"],
             "seconds": read_json(layout.scores_meta(name))["seconds"],
         }
+    if params.evaluate.lds or params.evaluate.stability:
+        from cleanse.attribution_report import attribution_metrics
+        from cleanse.pipeline import load_model
+
+        metrics["attribution"] = attribution_metrics(params, staged, load_model(layout.base_model))
     return metrics
 
 

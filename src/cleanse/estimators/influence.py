@@ -36,7 +36,8 @@ Documented LiSSA configuration that matches leave-one-out on logistic regression
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -143,16 +144,47 @@ def _mean_and_se(per_repeat: torch.Tensor) -> tuple[np.ndarray, np.ndarray | Non
     return values.mean(0).numpy(), (values.std(0, unbiased=True) / np.sqrt(values.shape[0])).numpy()
 
 
-def functional_model(context: ScoringContext, layers: str = "all") -> FunctionalModel:
+@dataclass
+class Problem:
+    """The differentiated model and how a split's inputs reach it.
+
+    With ``layers="last"`` the model is the classifier head alone and its inputs are the frozen
+    penultimate features (computed once): the same function of the head's parameters as the whole
+    network, at a fraction of the cost of every gradient and curvature product.
+    """
+
+    fm: FunctionalModel
+    features: Callable[[torch.Tensor], torch.Tensor]
+
+    def tensors(self, context: ScoringContext, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = context.tensors(split)
+        return self.features(x), y
+
+
+def problem(context: ScoringContext, layers: str = "all") -> Problem:
     module = context.model.module(context.device)
-    only = last_layer_name(module) if layers == "last" else None
-    return FunctionalModel.of(module, context.model_config.weight_decay, only=only)
+    weight_decay = context.model_config.weight_decay
+    if layers != "last":
+        return Problem(FunctionalModel.of(module, weight_decay), lambda x: x)
+    head = dict(module.named_modules())[last_layer_name(module)]
+
+    @torch.no_grad()
+    def features(x: torch.Tensor) -> torch.Tensor:
+        captured: list[torch.Tensor] = []
+        handle = head.register_forward_hook(lambda mod, args, out: captured.append(args[0]))
+        try:
+            module(x)
+        finally:
+            handle.remove()
+        return captured[0]
+
+    return Problem(FunctionalModel.of(head, weight_decay), features)
 
 
-def _setup(context: ScoringContext, options: InfluenceOptions) -> tuple[FunctionalModel, torch.Tensor, torch.Tensor, InverseHessian]:
-    fm = functional_model(context, options.layers)
-    x, y = context.tensors(context.train)
-    return fm, x, y, InverseHessian(fm, x, y, options, context.seed)
+def _setup(context: ScoringContext, options: InfluenceOptions) -> tuple[Problem, torch.Tensor, torch.Tensor, InverseHessian]:
+    prob = problem(context, options.layers)
+    x, y = prob.tensors(context, context.train)
+    return prob, x, y, InverseHessian(prob.fm, x, y, options, context.seed)
 
 
 def removal_effects(context: ScoringContext, options: InfluenceOptions, query: Split) -> tuple[np.ndarray, InverseHessian]:
@@ -161,13 +193,14 @@ def removal_effects(context: ScoringContext, options: InfluenceOptions, query: S
     Positive = removing training sample ``i`` is predicted to raise query ``q``'s loss (``i``
     supports ``q``'s label).
     """
-    fm, x, y, inverse = _setup(context, options)
-    xq, yq = context.tensors(query)
+    prob, x, y, inverse = _setup(context, options)
+    fm = prob.fm
+    xq, yq = prob.tensors(context, query)
     query_grads = per_sample_grads(fm, xq, yq)  # (n_query, p)
     solved = inverse.solve(query_grads.T).mean(0)  # (p, n_query)
     n = x.shape[0]
     rows = [grad_dots(fm, x, y, solved[:, q].to(fm.theta.dtype)) / n for q in range(solved.shape[1])]
-    return torch.stack(rows).double().cpu().numpy(), inverse
+    return torch.stack(rows).detach().double().cpu().numpy(), inverse
 
 
 class SelfInfluenceEstimator:
@@ -175,7 +208,7 @@ class SelfInfluenceEstimator:
     options_type: ClassVar[type] = InfluenceOptions
 
     def score(self, context: ScoringContext, options: InfluenceOptions) -> ScoreResult:
-        fm, x, y, inverse = _setup(context, options)
+        _, x, y, inverse = _setup(context, options)
         # One CG system per chunk: larger chunks batch more right-hand sides per curvature product.
         score, se = inverse.quadratic_forms(x, y, 512 if inverse.exact is not None else 256)
         columns = {"self_influence": score}
@@ -192,8 +225,9 @@ class ValidationInfluenceEstimator:
     options_type: ClassVar[type] = InfluenceOptions
 
     def score(self, context: ScoringContext, options: InfluenceOptions) -> ScoreResult:
-        fm, x, y, inverse = _setup(context, options)
-        xv, yv = context.tensors(context.val)
+        prob, x, y, inverse = _setup(context, options)
+        fm = prob.fm
+        xv, yv = prob.tensors(context, context.val)
         solved = inverse.solve(mean_grad(fm, xv, yv)[:, None])  # (repeats, p, 1)
         n = x.shape[0]
         per_repeat = torch.stack([grad_dots(fm, x, y, solved[r, :, 0].to(fm.theta.dtype)) / n for r in range(solved.shape[0])])

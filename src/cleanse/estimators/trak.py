@@ -33,7 +33,6 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-from torch import nn
 from torch.func import grad, vmap
 
 from cleanse.config import TrakOptions
@@ -47,8 +46,9 @@ from cleanse.projection import projection_matrix
 def margin(fm: FunctionalModel, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``logit_y - logsumexp_{c != y} logit_c`` of one sample (``x`` without a batch axis)."""
     logits = fm.logits(theta, x.unsqueeze(0))[0]
-    own = logits[y]
-    others = logits.masked_fill(nn.functional.one_hot(y, logits.shape[0]).bool(), float("-inf"))
+    is_label = torch.arange(logits.shape[0], device=logits.device) == y
+    own = logits.masked_fill(~is_label, 0.0).sum()
+    others = logits.masked_fill(is_label, float("-inf"))
     return own - torch.logsumexp(others, dim=0)
 
 
