@@ -145,8 +145,7 @@ def bench_cg(grid: dict[str, Any], log, dattri: bool) -> dict[str, Any]:
             rows["dattri IFAttributorCG (max_iter 50)"] = {"seconds": seconds, **detection_metrics(score, truth)}
         except Exception as exc:  # noqa: BLE001 - a peer failure is recorded, not fatal
             rows["dattri IFAttributorCG (max_iter 50)"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
-    return {"n_train": len(staged.train), "n_params": context.model.module().__len__() and
-            sum(p.numel() for p in context.model.module().parameters()), "rows": rows,
+    return {"n_train": len(staged.train), "n_params": sum(p.numel() for p in context.model.module().parameters()), "rows": rows,
             "threads": torch.get_num_threads()}
 
 
@@ -333,39 +332,72 @@ def render(result: dict[str, Any], docs: Path, out: Path) -> str:
              f"`{(env['git_commit'] or '?')[:12]}`, torch {env['torch']}, {result['threads']} threads, load average at start "
              f"{env['load_average_start'][0]:.1f} on {env['cpu_count']} cores: absolute seconds are noisy); raw numbers in "
              f"`{os.path.relpath(out, docs.parent)}`.*", ""]
-    cg = result["cg"]
-    lines += ["### Self-influence solvers (digits MLP 64-128-10, 20% symmetric flips)", "",
+    lines += render_sections(result)
+    return "\n".join(lines)
+
+
+def render_sections(result: dict[str, Any]) -> list[str]:
+    """Markdown for every section present in ``result`` (a partial run renders what it has)."""
+    lines: list[str] = []
+    if "cg" in result:
+        lines += _render_cg(result["cg"])
+    if "loo" in result:
+        lines += _render_loo(result["loo"])
+    if "lds" in result:
+        lines += _render_lds(result["lds"])
+    if "fvm" in result:
+        lines += _render_fvm(result["fvm"])
+    if "stability" in result:
+        lines += _render_stability(result["stability"])
+    missing = [k for k in ("cg", "loo", "lds", "fvm", "stability") if k not in result]
+    if missing:
+        lines += [f"*Not measured in this run: {', '.join(missing)}.*", ""]
+    return lines
+
+
+def _render_cg(cg: dict[str, Any]) -> list[str]:
+    return ["### Self-influence solvers (digits MLP 64-128-10, 20% symmetric flips)", "",
               f"{cg['n_train']:,} training samples, {cg['n_params']:,} parameters. Target: CG AUC >= 0.99 in < 10 s on 2 cores.", "",
               md_table(["solver", "s", "ROC-AUC", "AP", "P@k", "converged", "iterations"],
                        [[k, fmt(v.get("seconds")), fmt(v.get("roc_auc"), 4), fmt(v.get("average_precision"), 4),
                          fmt(v.get("precision_at_k"), 4), fmt(v.get("converged")), fmt(v.get("iterations"))]
                         if "error" not in v else [k, v["error"], "", "", "", "", ""] for k, v in cg["rows"].items()]), ""]
-    loo = result["loo"]
-    lines += ["### Leave-one-out correlation (L2 logistic regression, Koh & Liang Fig. 2)", "",
+
+
+def _render_loo(loo: dict[str, Any]) -> list[str]:
+    return ["### Leave-one-out correlation (L2 logistic regression, Koh & Liang Fig. 2)", "",
               f"{loo['n_train']:,} training samples; the {loo['points']} training points with the largest exact predicted "
               "effect on the worst test point, retrained warm-started. Targets: exact and CG >= 0.99, EK-FAC >= 0.9, LiSSA >= 0.95.", "",
               md_table(["solver", "Pearson", "Spearman", "s"],
                        [[k, fmt(v["pearson"], 4), fmt(v["spearman"], 4), fmt(v["seconds"])] for k, v in loo["rows"].items()]), ""]
-    lines += ["### Linear datamodeling score", ""]
-    for model_name, block in result["lds"].items():
+
+
+def _render_lds(blocks: dict[str, Any]) -> list[str]:
+    lines = ["### Linear datamodeling score", ""]
+    for model_name, block in blocks.items():
         lines += [f"**{model_name}** ({block['n_train']:,} train, {block['subsets']} random halves retrained, "
                   f"{block['queries']} test queries, margin output):", "",
                   md_table(["attribution", "LDS", "se", "s"],
                            [[k, fmt(v.get("lds"), 4), fmt(v.get("lds_se"), 4), fmt(v.get("seconds"))]
                             if "error" not in v else [k, v["error"], "", ""] for k, v in block["rows"].items()]), ""]
-    lines += ["### Flat validation minima vs plain influence (noisy-label detection)", "",
+    return lines
+
+
+def _render_fvm(cells: list[dict[str, Any]]) -> list[str]:
+    lines = ["### Flat validation minima vs plain influence (noisy-label detection)", "",
               md_table(["cell", "k"] + [f"{name} AUC / AP" for name in FVM_VARIANTS],
                        [[c["cell"], fmt(c["k"])] + [f"{fmt(c['rows'][n]['roc_auc'], 3)} / {fmt(c['rows'][n]['average_precision'], 3)}"
-                                                    for n in FVM_VARIANTS] for c in result["fvm"]]), ""]
+                                                    for n in FVM_VARIANTS] for c in cells]), ""]
     wins = sum(c["rows"]["FVM (SAM)"]["average_precision"] > c["rows"]["influence (self, train curvature)"]["average_precision"]
-               for c in result["fvm"])
-    lines += [f"FVM (SAM) has a higher AP than plain self-influence in {wins} of {len(result['fvm'])} cells.", ""]
-    stab = result["stability"]
-    lines += [f"### Rank stability across {len(stab['seeds'])} training seeds (logistic regression, 20% flips; k = {stab['k']})", "",
+               for c in cells)
+    return lines + [f"FVM (SAM) has a higher AP than plain self-influence in {wins} of {len(cells)} cells.", ""]
+
+
+def _render_stability(stab: dict[str, Any]) -> list[str]:
+    return [f"### Rank stability across {len(stab['seeds'])} training seeds (logistic regression, 20% flips; k = {stab['k']})", "",
               md_table(["estimator", "mean Spearman", "min Spearman", "top-k Jaccard"],
                        [[k, fmt(v["spearman"], 3), fmt(v["spearman_min"], 3), fmt(v["top_k_jaccard"], 3)]
                         for k, v in stab["rows"].items()]), ""]
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -418,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     from cleanse.storage import write_json
 
     write_json(jsonable(result), args.out)
-    if all(k in result for k in ("cg", "loo", "lds", "fvm", "stability")):
+    if any(k in result for k in ("cg", "loo", "lds", "fvm", "stability")):
         update_docs_section(args.docs, "influence", render(result, args.docs, args.out))
     return 0
 
