@@ -62,7 +62,7 @@ GRIDS: dict[str, dict[str, Any]] = {
              "fvm_corruptions": list(CORRUPTIONS), "fvm_models": list(MODELS)},
     "smoke": {"dataset": "wine", "fvm_datasets": ["wine"], "lds_subsets": 6, "lds_queries": 4, "proj_dim": 64,
               "trak_models": [1], "stability_seeds": 2, "loo_points": 8,
-              "fvm_corruptions": ["sym20"], "fvm_models": ["logreg"]},
+              "fvm_corruptions": ["sym20"], "fvm_models": ["logreg"], "lissa_depth": 100},
 }
 
 
@@ -190,6 +190,9 @@ def bench_loo(grid: dict[str, Any], log) -> dict[str, Any]:
         actual.append(query_loss(retrained) - base)
     rows = {}
     for label, options in LOO_SOLVERS.items():
+        if options.solver == "lissa" and "lissa_depth" in grid:  # the smoke grid only checks the plumbing
+            options = options.model_copy(update={"lissa_depth": grid["lissa_depth"]})
+            label = f"lissa (depth {grid['lissa_depth']}, 2 repeats, batch 300)"
         ((predicted, _), caught), seconds = timed(removal_effects, context, options, query)
         rows[label] = {**loo_correlation(predicted[0][top], np.asarray(actual)), "seconds": seconds, "warnings": caught[:2]}
         log(f"  loo {label}: Pearson {rows[label]['pearson']:.4f}")
