@@ -127,19 +127,65 @@ class CleanlabOptions(_Section):
 
 
 class InfluenceOptions(_Section):
-    solver: Literal["auto", "exact", "cg", "lissa"] = Field(
+    """Inverse-curvature solvers for influence functions (see ``cleanse.estimators.influence``).
+
+    Damping defaults: ``damping`` is added to the curvature on top of the L2 term already in the
+    objective. 1e-3 suits exact/CG/LiSSA on the Gauss-Newton matrix of small models; EK-FAC uses
+    the same value (Kronfluence's documented default is 1e-8, which is too small for 64-bit
+    eigenvalue noise on tiny models; 0.1 x mean eigenvalue is its heuristic when unset).
+    """
+
+    solver: Literal["auto", "exact", "cg", "lissa", "ekfac"] = Field(
         "auto", description="auto = exact when #params <= exact_max_params, else cg."
     )
+    curvature: Literal["ggn", "hessian"] = Field(
+        "ggn",
+        description="ggn: generalised Gauss-Newton (positive semi-definite, equal to the Hessian for logreg; "
+        "CG then never meets negative curvature on non-convex nets); hessian: the true Hessian.",
+    )
     damping: float = Field(1e-3, ge=0, description="lambda in (H + lambda I)^-1.")
+    layers: Literal["all", "last"] = Field(
+        "all", description="all: every parameter; last: the classifier head only (the rest held fixed)."
+    )
     exact_max_params: int = Field(6000, ge=1)
     cg_max_iter: int = Field(100, ge=1)
     cg_tol: float = Field(1e-5, gt=0, description="Relative residual at which CG stops.")
+    cg_preconditioner: Literal["none", "ekfac"] = Field(
+        "ekfac", description="ekfac: preconditioned CG with the EK-FAC inverse (few iterations); none: plain CG."
+    )
     lissa_depth: int = Field(200, ge=1)
     lissa_repeats: int = Field(4, ge=1)
     lissa_scale: float | None = Field(
         None, description="LiSSA scaling s (must bound the Hessian's top eigenvalue); None = estimated."
     )
     lissa_batch_size: int = Field(128, ge=1)
+    ekfac_fisher: Literal["expected", "empirical"] = Field(
+        "expected", description="expected: labels enumerated from the model's softmax (true Fisher); empirical: observed labels."
+    )
+
+
+class TrakOptions(_Section):
+    """TRAK (Park et al., ICML 2023); see ``cleanse.estimators.trak``."""
+
+    proj_dim: int = Field(2048, ge=1, description="k, the projection dimension (capped at the number of parameters).")
+    projection: Literal["rademacher", "gaussian"] = "rademacher"
+    n_models: int = Field(1, ge=1, description="M independently trained models in the ensemble (model 0 is the trained one).")
+    damping: float = Field(1e-3, ge=0, description="lambda in (Phi^T Phi + lambda I)^-1, relative to the mean diagonal.")
+    chunk_size: int = Field(256, ge=1, description="Samples per chunk of per-sample gradients.")
+
+
+class FvmOptions(_Section):
+    """Influence at (flat) validation minima (Ye et al., ICML 2025); see ``cleanse.estimators.influence_fvm``."""
+
+    variant: Literal["fvm", "vm"] = Field("fvm", description="fvm: sharpness-aware fine-tune on val; vm: plain ERM.")
+    sharpness: Literal["sam", "lpf"] = Field("sam", description="sam: SAM ascent step of radius rho; lpf: LPF-SGD, M=1 Gaussian perturbation of scale sigma.")
+    rho: float = Field(0.05, ge=0, description="SAM radius.")
+    sigma: float = Field(0.01, ge=0, description="LPF-SGD: perturbation scale relative to each tensor's norm / sqrt(size).")
+    steps: int = Field(100, ge=0, description="Full-batch fine-tuning steps on the validation set.")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate of the fine-tune.")
+    solver: Literal["auto", "exact", "cg", "ekfac"] = Field("auto", description="Inverse of the validation curvature (auto: exact when small, else ekfac).")
+    damping: float = Field(1e-2, ge=0, description="lambda; mandatory since n_val << p leaves H_val rank-deficient.")
+    exact_max_params: int = Field(6000, ge=1)
 
 
 class TracInOptions(_Section):
@@ -190,6 +236,8 @@ class ScorerOptions(_Section):
     memorization: MemorizationOptions = MemorizationOptions()
     spectral_signatures: SpectralOptions = SpectralOptions()
     activation_clustering: ActivationClusteringOptions = ActivationClusteringOptions()
+    trak: TrakOptions = TrakOptions()
+    influence_fvm: FvmOptions = FvmOptions()
 
 
 class DetectConfig(_Section):
@@ -254,6 +302,14 @@ class CleansingConfig(_Section):
     @classmethod
     def _fraction(cls, value: float) -> float:
         return _open_fraction(value)
+class EvaluateConfig(_Section):
+    """Optional evaluations in the report (off by default: each retrains many models)."""
+
+    lds: bool = Field(False, description="Linear datamodeling score of every pairwise estimator.")
+    lds_subsets: int = Field(16, ge=3, description="Random half-subsets retrained for the LDS.")
+    lds_queries: int = Field(16, ge=1, description="Test points the LDS averages over.")
+    stability: bool = Field(False, description="Rank stability of every estimator across training seeds.")
+    stability_seeds: int = Field(3, ge=2, description="Training seeds compared for stability.")
 
 
 class TrackingConfig(_Section):
@@ -271,6 +327,7 @@ class Params(_Section):
     estimators: list[str] = Field(["loss", "cleanlab", "influence", "influence_val", "tracin"])
     scorers: ScorerOptions = ScorerOptions()
     detect: DetectConfig = DetectConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
     query: QueryConfig = QueryConfig()
     cleansing: CleansingConfig = CleansingConfig()

@@ -38,7 +38,8 @@ class FunctionalModel:
 
     @classmethod
     def of(cls, module: nn.Module, weight_decay: float) -> FunctionalModel:
-        module = module.eval()
+        # Gradients flow through ``theta`` only; the module's own tensors are constants.
+        module = module.eval().requires_grad_(False)
         named = [(name, parameter) for name, parameter in module.named_parameters()]
         theta = torch.cat([parameter.detach().reshape(-1) for _, parameter in named])
         return cls(module, [n for n, _ in named], [p.shape for _, p in named], theta, weight_decay)
@@ -94,6 +95,12 @@ def per_sample_grads(
         named = one(params, x[s : s + chunk_size], y[s : s + chunk_size])
         blocks.append(torch.cat([named[name].reshape(named[name].shape[0], -1) for name in fm.names], dim=1))
     return torch.cat(blocks) if blocks else x.new_zeros((0, fm.n_params))
+
+
+def last_layer_name(module: nn.Module) -> str:
+    """The name of the last submodule that owns parameters (the classifier head)."""
+    owners = [name for name, child in module.named_modules() if list(child.parameters(recurse=False))]
+    return owners[-1]
 
 
 def _linear_only(module: nn.Module) -> list[nn.Linear] | None:
@@ -195,9 +202,11 @@ def hvp_fn(fm: FunctionalModel, x: torch.Tensor, y: torch.Tensor) -> HVP:
     return apply
 
 
-def exact_hessian(fm: FunctionalModel, x: torch.Tensor, y: torch.Tensor, *, chunk_size: int = 128) -> torch.Tensor:
-    """The full ``(p, p)`` Hessian of the objective, float64, built from blocks of HVPs."""
-    apply = hvp_fn(fm, x, y)
+def exact_hessian(fm: FunctionalModel, x: torch.Tensor, y: torch.Tensor, *, chunk_size: int = 128,
+                  curvature: str = "hessian") -> torch.Tensor:
+    """The full ``(p, p)`` Hessian (or, with ``curvature="ggn"``, Gauss-Newton matrix) of the
+    objective, float64, built from blocks of products."""
+    apply = curvature_fn(fm, x, y, curvature)
     p = fm.n_params
     eye = torch.eye(p, dtype=fm.theta.dtype, device=fm.theta.device)
     columns = [apply(eye[:, s : s + chunk_size]) for s in range(0, p, chunk_size)]
@@ -251,8 +260,13 @@ def exact_inverse(hessian: torch.Tensor, damping: float) -> ExactInverse:
     return ExactInverse(eigenvectors, inverse, SolverReport("exact", effective, True, note=note))
 
 
-def cg_solve(apply_h: HVP, rhs: torch.Tensor, *, damping: float, max_iter: int, tol: float) -> tuple[torch.Tensor, SolverReport]:
+def cg_solve(apply_h: HVP, rhs: torch.Tensor, *, damping: float, max_iter: int, tol: float,
+             preconditioner: HVP | None = None) -> tuple[torch.Tensor, SolverReport]:
     """Conjugate gradients on ``(H + damping I) X = B`` column by column (``B``: ``(p, k)``).
+
+    With ``preconditioner`` ``M^-1`` (a symmetric positive-definite approximation of the inverse,
+    e.g. EK-FAC's), this is preconditioned CG: the iteration count then depends on how well
+    ``M`` matches ``H`` rather than on ``H``'s condition number.
 
     Stops when every column's relative residual is below ``tol``; warns if ``max_iter`` is hit
     first. CG assumes ``H + damping I`` is positive definite; a column that meets negative
@@ -261,10 +275,14 @@ def cg_solve(apply_h: HVP, rhs: torch.Tensor, *, damping: float, max_iter: int, 
     def op(block: torch.Tensor) -> torch.Tensor:
         return apply_h(block) + damping * block
 
+    def precondition(block: torch.Tensor) -> torch.Tensor:
+        return block if preconditioner is None else preconditioner(block)
+
     solution = torch.zeros_like(rhs)
     residual = rhs.clone()
-    direction = residual.clone()
-    rs_old = (residual * residual).sum(0)
+    z = precondition(residual)
+    direction = z.clone()
+    rs_old = (residual * z).sum(0)
     rhs_norm = rhs.norm(dim=0).clamp_min(1e-30)
     active = torch.ones(rhs.shape[1], dtype=torch.bool, device=rhs.device)
     negative_curvature = torch.zeros_like(active)
@@ -278,15 +296,16 @@ def cg_solve(apply_h: HVP, rhs: torch.Tensor, *, damping: float, max_iter: int, 
         alpha = torch.where(active, rs_old / curvature.where(curvature > 0, torch.ones_like(curvature)), 0.0)
         solution += alpha * direction
         residual -= alpha * hd
-        rs_new = (residual * residual).sum(0)
-        active &= rs_new.sqrt() / rhs_norm > tol
+        active &= residual.norm(dim=0) / rhs_norm > tol
         if not active.any():
             break
-        direction = residual + (rs_new / rs_old.clamp_min(1e-30)) * direction
+        z = precondition(residual)
+        rs_new = (residual * z).sum(0)
+        direction = z + (rs_new / rs_old.where(rs_old != 0, torch.ones_like(rs_old))) * direction
         rs_old = rs_new
     relative = float((residual.norm(dim=0) / rhs_norm).max())
     converged = relative <= tol and not bool(negative_curvature.any())
-    report = SolverReport("cg", damping, converged, iteration, relative)
+    report = SolverReport("cg" if preconditioner is None else "pcg", damping, converged, iteration, relative)
     if not converged:
         report.note = (
             f"CG did not converge: relative residual {relative:.2e} > tol {tol:g} after {iteration} iterations"
@@ -312,7 +331,7 @@ def top_eigenvalue(apply_h: HVP, p: int, *, iterations: int = 30, seed: int = 0,
 
 def lissa_solve(
     fm: FunctionalModel, x: torch.Tensor, y: torch.Tensor, rhs: torch.Tensor, *, damping: float, depth: int,
-    repeats: int, scale: float | None, batch_size: int, seed: int,
+    repeats: int, scale: float | None, batch_size: int, seed: int, curvature: str = "hessian",
 ) -> tuple[torch.Tensor, SolverReport]:
     """LiSSA (Agarwal et al., 2017; as used by Koh & Liang, 2017).
 
@@ -325,7 +344,7 @@ def lissa_solve(
     """
     p, n = fm.n_params, x.shape[0]
     if scale is None:
-        scale = 1.5 * (top_eigenvalue(hvp_fn(fm, x, y), p, seed=seed, device=rhs.device, dtype=rhs.dtype) + damping)
+        scale = 1.5 * (top_eigenvalue(curvature_fn(fm, x, y, curvature), p, seed=seed, device=rhs.device, dtype=rhs.dtype) + damping)
     generator = torch.Generator().manual_seed(seed)
     estimates = []
     diverged = False
@@ -333,7 +352,7 @@ def lissa_solve(
         h = rhs.clone()
         for _ in range(depth):
             batch = torch.randint(0, n, (min(batch_size, n),), generator=generator).to(x.device)
-            hv = hvp_fn(fm, x[batch], y[batch])(h) + damping * h
+            hv = curvature_fn(fm, x[batch], y[batch], curvature)(h) + damping * h
             h = rhs + h - hv / scale
         if not torch.isfinite(h).all():
             diverged = True
@@ -343,3 +362,42 @@ def lissa_solve(
         report.note += "; LiSSA diverged: raise lissa_scale or damping"
         warnings.warn(report.note, stacklevel=2)
     return torch.stack(estimates), report
+
+
+def curvature_fn(fm: FunctionalModel, x: torch.Tensor, y: torch.Tensor, kind: str = "hessian") -> HVP:
+    """``V -> C V`` with ``C`` the objective's Hessian (``"hessian"``) or Gauss-Newton matrix (``"ggn"``)."""
+    if kind == "hessian":
+        return hvp_fn(fm, x, y)
+    if kind == "ggn":
+        return ggn_fn(fm, x, y)
+    raise ValueError(f"curvature {kind!r} is not one of 'hessian', 'ggn'")
+
+
+def ggn_fn(fm: FunctionalModel, x: torch.Tensor, y: torch.Tensor) -> HVP:
+    """``V -> G V`` for a block ``V`` ``(p, k)``, with ``G`` the generalised Gauss-Newton matrix of
+    the objective (Schraudolph, 2002; Martens, 2010):
+
+        G = (1/n) sum_i J_i^T (diag(p_i) - p_i p_i^T) J_i + weight_decay * I
+
+    ``J_i`` is the ``(C, p)`` Jacobian of sample ``i``'s logits and ``p_i`` its softmax. ``G`` is the
+    Hessian with the second-derivative-of-the-network term dropped, so it is positive
+    semi-definite even where the Hessian of a non-convex network is indefinite; for a linear model
+    (logistic regression) it equals the Hessian. One product costs one forward-mode and one
+    reverse-mode pass over ``x`` per column (vmapped over columns). The labels ``y`` do not enter.
+    """
+    theta = fm.theta
+    n = x.shape[0]
+    logits, pullback = torch.func.vjp(lambda t: fm.logits(t, x), theta)
+    probs = torch.softmax(logits.detach(), dim=1)
+
+    def single(v: torch.Tensor) -> torch.Tensor:
+        _, jv = jvp(lambda t: fm.logits(t, x), (theta,), (v,))  # (n, C)
+        hjv = probs * jv - probs * (probs * jv).sum(1, keepdim=True)
+        return pullback(hjv / n)[0] + fm.weight_decay * v
+
+    batched = vmap(single, in_dims=1, out_dims=1)
+
+    def apply(block: torch.Tensor) -> torch.Tensor:
+        return batched(block)
+
+    return apply

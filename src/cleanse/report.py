@@ -8,7 +8,8 @@
      "random":   {...},                      # random removal of n_corrupted samples
      "estimators": {name: {"detection": {roc_auc, average_precision, precision_at_k, recall_at_k, k},
                            "retrain": {test_accuracy, [attack_success_rate], random_test_accuracy, n_removed},
-                           "n_flagged", "seconds"}}}
+                           "n_flagged", "seconds"}},
+     "attribution": {"lds": {...}, "stability": {...}}}   # only when params.evaluate enables them
 """
 
 from __future__ import annotations
@@ -64,6 +65,11 @@ def collect_metrics(params: Params, layout: Layout) -> dict[str, Any]:
                 "rounds": [{k: v for k, v in r.items() if k != "flagged_ids"} for r in retrain["rounds"]]}
     if params.query.kind != "none" and (layout.root / "query" / "query.json").is_file():
         metrics["query"] = read_json(layout.root / "query" / "query.json")
+    if params.evaluate.lds or params.evaluate.stability:
+        from cleanse.attribution_report import attribution_metrics
+        from cleanse.pipeline import load_model
+
+        metrics["attribution"] = attribution_metrics(params, staged, load_model(layout.base_model))
     return metrics
 
 

@@ -19,6 +19,8 @@ _REGISTRY: dict[str, str] = {
     "memorization": "cleanse.estimators.memorization:MemorizationEstimator",
     "spectral_signatures": "cleanse.estimators.activations:SpectralSignatureEstimator",
     "activation_clustering": "cleanse.estimators.activations:ActivationClusteringEstimator",
+    "trak": "cleanse.estimators.trak:TrakEstimator",
+    "influence_fvm": "cleanse.estimators.influence_fvm:FlatValidationInfluenceEstimator",
 }
 
 

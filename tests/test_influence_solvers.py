@@ -1,0 +1,178 @@
+"""Inverse-curvature solvers against ground truth: leave-one-out retraining on logistic regression
+(Koh & Liang 2017, Fig. 2), the exact Gauss-Newton matrix, and EK-FAC's defining property."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from cleanse.config import InfluenceOptions
+from cleanse.ekfac import EKFAC
+from cleanse.estimators.influence import SelfInfluenceEstimator, removal_effects
+from cleanse.evaluate import loo_correlation
+from cleanse.grads import FunctionalModel, cg_solve, curvature_fn, exact_hessian, ggn_fn
+from cleanse.models.trainer import train_model
+
+
+def _query_loss(model, query) -> float:
+    fm = FunctionalModel.of(model.module(), 0.0)
+    return float(fm.losses(fm.theta, torch.tensor(query.features), torch.tensor(query.label)).mean())
+
+
+@pytest.fixture(scope="module")
+def loo_truth(digits_logreg):
+    """Actual leave-one-out changes of the worst test point's loss, for the 40 training points
+    with the largest exact predicted effect (warm-started L-BFGS retraining)."""
+    context, test = digits_logreg
+    fm = FunctionalModel.of(context.model.module(), context.model_config.weight_decay)
+    losses = fm.losses(fm.theta, torch.tensor(test.features), torch.tensor(test.label)).detach().numpy()
+    query = test.subset(np.array([int(np.argmax(losses))]))
+    predicted, _ = removal_effects(context, InfluenceOptions(solver="exact", damping=0.0), query)
+    top = np.argsort(-np.abs(predicted[0]))[:40]
+    base = _query_loss(context.model, query)
+    actual = []
+    for row in top:
+        keep = np.ones(len(context.train), dtype=bool)
+        keep[row] = False
+        retrained = train_model(context.model.spec, context.train.features[keep], context.train.label[keep],
+                                context.model_config.model_copy(update={"epochs": 10}), seed=0,
+                                init_state=context.model.state)
+        actual.append(_query_loss(retrained, query) - base)
+    return context, query, top, np.asarray(actual)
+
+
+# Documented configurations (see the influence module docstring); damping 0 = the exact objective.
+SOLVERS = {
+    "exact": (InfluenceOptions(solver="exact", damping=0.0), 0.99),
+    "cg": (InfluenceOptions(solver="cg", damping=0.0, cg_tol=1e-7, cg_max_iter=300), 0.99),
+    "cg_plain": (InfluenceOptions(solver="cg", damping=0.0, cg_tol=1e-7, cg_max_iter=500, cg_preconditioner="none"), 0.99),
+    "lissa": (InfluenceOptions(solver="lissa", damping=0.0, lissa_depth=1500, lissa_repeats=2, lissa_batch_size=300), 0.95),
+    "ekfac": (InfluenceOptions(solver="ekfac", damping=0.0), 0.9),
+}
+
+
+@pytest.mark.parametrize("name", list(SOLVERS))
+def test_leave_one_out_pearson_on_logistic_regression(loo_truth, name):
+    context, query, top, actual = loo_truth
+    options, bar = SOLVERS[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every solver must converge in its documented configuration
+        predicted, inverse = removal_effects(context, options, query)
+    assert inverse.solver == name.split("_")[0]
+    result = loo_correlation(predicted[0][top], actual)
+    assert result["pearson"] >= bar, f"{name}: Pearson {result['pearson']:.4f} < {bar}"
+
+
+@pytest.fixture(scope="module")
+def small_mlp():
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    x, y = torch.randn(120, 6), torch.randint(0, 4, (120,))
+    optimizer = torch.optim.Adam(module.parameters(), lr=0.05)
+    for _ in range(150):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(module(x), y).backward()
+        optimizer.step()
+    return FunctionalModel.of(module, 1e-3), x, y
+
+
+def test_ggn_is_psd_where_the_hessian_is_indefinite(small_mlp):
+    fm, x, y = small_mlp
+    hessian = exact_hessian(fm, x, y)
+    ggn = exact_hessian(fm, x, y, curvature="ggn")
+    assert torch.linalg.eigvalsh(hessian).min() < -1e-4  # a memorising ReLU net: negative curvature
+    assert torch.linalg.eigvalsh(ggn).min() >= 1e-3 - 1e-6  # >= the L2 term
+    # GGN = J^T H_out J: check one column against the explicit Jacobian.
+    jac = torch.func.jacrev(lambda t: fm.logits(t, x))(fm.theta)  # (n, C, p)
+    probs = torch.softmax(fm.logits(fm.theta, x), 1)
+    h_out = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]
+    explicit = torch.einsum("ncp,ncd,ndq->pq", jac, h_out, jac) / x.shape[0] + 1e-3 * torch.eye(fm.n_params)
+    assert torch.allclose(ggn.float(), explicit, atol=1e-5)
+
+
+def test_cg_on_the_ggn_meets_no_negative_curvature_and_matches_the_exact_solve(small_mlp):
+    fm, x, y = small_mlp
+    rhs = torch.randn(fm.n_params, 3, generator=torch.Generator().manual_seed(0))
+    exact = torch.linalg.solve(exact_hessian(fm, x, y, curvature="ggn") + 1e-3 * torch.eye(fm.n_params, dtype=torch.float64),
+                               rhs.double())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        solution, report = cg_solve(ggn_fn(fm, x, y), rhs, damping=1e-3, max_iter=300, tol=1e-4)
+    assert report.converged
+    assert torch.allclose(solution.double(), exact, rtol=1e-2, atol=1e-2 * float(exact.abs().max()))
+    # The true Hessian of the same net is indefinite: plain CG on it reports negative curvature.
+    with pytest.warns(UserWarning, match="negative curvature"):
+        cg_solve(curvature_fn(fm, x, y, "hessian"), rhs, damping=1e-3, max_iter=100, tol=1e-4)
+
+
+def _layer_basis(layer, p: int) -> torch.Tensor:
+    """Columns = the Kronecker eigenbasis ``Q_S[:, a] Q_A[:, b]^T`` of one layer, in theta layout."""
+    out, n_in = layer.out_features, layer.n_in
+    basis = torch.zeros(p, out * n_in, dtype=torch.float64)
+    column = 0
+    for a in range(out):
+        for b in range(n_in):
+            matrix = torch.outer(layer.q_s[:, a], layer.q_a[:, b])
+            basis[layer.weight_slice, column] = matrix[:, : layer.in_features].reshape(-1)
+            if layer.bias_slice is not None:
+                basis[layer.bias_slice, column] = matrix[:, -1]
+            column += 1
+    return basis
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_ekfac_eigenvalues_are_the_exact_ggn_diagonal_in_the_kronecker_eigenbasis(arch):
+    """EK-FAC's defining property (George et al., 2018): with the expected Fisher (= GGN for
+    cross-entropy), the corrected eigenvalues equal the diagonal of each layer's exact GGN block in
+    the basis Q_S (x) Q_A -- on Linear and Conv2d layers alike."""
+    from cleanse.models.architectures import build_model, spec_for
+
+    torch.manual_seed(0)
+    shape = (1, 6, 6) if arch == "cnn" else (7,)
+    module = build_model(spec_for(arch, [3, 4] if arch == "cnn" else [5], shape, 3))
+    fm = FunctionalModel.of(module, 0.0)
+    x, y = torch.randn(40, *shape), torch.randint(0, 3, (40,))
+    ggn = exact_hessian(fm, x, y, curvature="ggn")
+    ekfac = EKFAC(fm, x, y, damping=0.0)
+    assert {type(layer.module).__name__ for layer in ekfac.layers} == ({"Conv2d", "Linear"} if arch == "cnn" else {"Linear"})
+    for layer in ekfac.layers:
+        basis = _layer_basis(layer, fm.n_params)
+        diagonal = torch.einsum("pk,pq,qk->k", basis, ggn, basis)
+        assert torch.allclose(layer.eigenvalues.reshape(-1), diagonal, rtol=1e-3, atol=1e-6)
+
+
+def test_ekfac_self_influence_ranks_like_the_exact_ggn(digits_logreg):
+    context, _ = digits_logreg
+    exact = SelfInfluenceEstimator().score(context, InfluenceOptions(solver="exact")).table["score"].to_numpy()
+    ekfac = SelfInfluenceEstimator().score(context, InfluenceOptions(solver="ekfac")).table["score"].to_numpy()
+    from scipy.stats import spearmanr
+
+    assert spearmanr(exact, ekfac).statistic > 0.97
+
+
+def test_ekfac_refuses_unsupported_layers():
+    from cleanse.errors import ConfigError
+
+    module = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+    with pytest.raises(ConfigError, match="LayerNorm"):
+        EKFAC(FunctionalModel.of(module, 0.0), torch.randn(5, 3), torch.randint(0, 2, (5,)), damping=1e-3)
+
+
+def test_last_layer_restriction_matches_a_model_of_the_head_alone(wine_context):
+    """``layers="last"`` = influence of a linear model on the frozen penultimate features."""
+    context, _ = wine_context
+    options = InfluenceOptions(solver="exact", layers="last")
+    scores = SelfInfluenceEstimator().score(context, options).table["score"].to_numpy()
+    module = context.model.module()
+    x, y = context.tensors(context.train)
+    with torch.no_grad():
+        features = module[:-1](x)
+    head = FunctionalModel.of(module[-1], context.model_config.weight_decay)
+    from cleanse.grads import exact_inverse, per_sample_grads
+
+    inverse = exact_inverse(exact_hessian(head, features, y, curvature="ggn"), 1e-3)
+    reference = inverse.quadratic_form(per_sample_grads(head, features, y)).numpy()
+    assert np.allclose(scores, reference, rtol=1e-4)
