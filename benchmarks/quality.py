@@ -57,6 +57,9 @@ import numpy as np
 import torch
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import TimeLimitExceeded, time_limit
+
 from cleanse.config import Params, load_params
 from cleanse.data.dataset import StagedData
 from cleanse.data.stage import stage_data
@@ -580,13 +583,19 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+DETECTOR_BUDGET_S: float | None = None  # set by --detector-budget
+
+
 def _detect_once(det: Detector, bench: Bench, seed: int) -> dict[str, Any]:
     """Run one detector on one trained model: scores, detection metrics and the top-k ids."""
     train = bench.staged.train
     torch.manual_seed(seed)
     started = time.perf_counter()
     try:
-        score, extra = det.fn(bench)
+        with time_limit(DETECTOR_BUDGET_S):
+            score, extra = det.fn(bench)
+    except TimeLimitExceeded as exc:
+        return {"status": "over budget", "reason": f"{exc} (--detector-budget)"}
     except Exception as exc:  # noqa: BLE001 - one broken detector must not stop the grid
         return {"status": "failed", "reason": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=6)}
     seconds = time.perf_counter() - started
@@ -665,6 +674,10 @@ def score_cell(cell: Cell, seeds: list[int], dets: list[Detector], retrainer: Re
                     continue
                 retrainer.pump(1)
                 run = _detect_once(det, bench, params.seed)
+                if run["status"] == "over budget":
+                    skipped[det.name] = run["reason"]
+                    log(f"  {det.name:<22} SKIPPED {run['reason']}")
+                    continue
                 runs[det.name].append(run)
                 if run["status"] != "ok":
                     log(f"  {det.name:<22} FAILED {run['reason']}")
@@ -1117,6 +1130,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cells", default=None, help="comma-separated glob patterns on dataset/corruption/model, "
                                                        "e.g. 'digits/*/mlp_mem'; default the whole grid")
     parser.add_argument("--render-only", action="store_true", help="regenerate the docs from --out and exit")
+    parser.add_argument("--detector-budget", type=float, default=None,
+                        help="seconds one detector may take on one model; past it, the detector is skipped in "
+                             "that cell and recorded as over budget")
     parser.add_argument("--merge", nargs="+", type=Path, default=None,
                         help="combine the JSONs of runs on disjoint --cells into --out (grid order), recompute "
                              "the targets and regenerate the docs")
@@ -1132,6 +1148,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.docs}")
         return 0
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    global DETECTOR_BUDGET_S
+    DETECTOR_BUDGET_S = args.detector_budget
 
     def log(line: str) -> None:
         print(line, flush=True)
