@@ -217,7 +217,8 @@ def gradient_throughput(problem: Problem, grid: Grid) -> dict[str, Any]:
            "vmap(grad) w.r.t. the flat parameter vector, chunks of 256; each (256, p) block is materialised")
     norms_vmap = torch.cat(norms_vmap)
 
-    params = list(module.parameters())
+    # FunctionalModel.of froze the module's own parameters; the loop differentiates through them.
+    params = [parameter.requires_grad_(True) for parameter in module.parameters()]
     norms_loop = []
     with Stopwatch() as clock:
         for i in range(m_loop):

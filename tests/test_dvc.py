@@ -101,7 +101,7 @@ def project(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         pytest.skip(f"dvc and cleanse must be installed beside {sys.executable}")
     if shutil.which("git") is None:
         pytest.skip("git is not installed")
-    cache = request.config.cache
+    cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
     pycache = cache.mkdir("cleanse-pycache") if cache is not None else tmp_path_factory.mktemp("pycache")
     root = tmp_path_factory.mktemp("dvc-project")
     shutil.copytree(REPO / "src", root / "src",

@@ -108,3 +108,21 @@ def test_mlflow_parent_and_child_runs(finished, monkeypatch):
         artifacts = [item.path for item in client.list_artifacts(child.info.run_id, "scores")]
         assert f"scores/{name}.parquet" in artifacts
     assert any(item.path == "reports/report.html" for item in client.list_artifacts(parent_id, "reports"))
+
+
+def test_logging_a_run_does_not_redirect_the_next_run(tmp_path, monkeypatch):
+    """MLflow exports MLFLOW_TRACKING_URI when a tracking URI is set; a second run in the same
+    process (a worker, a sweep) must still log into its own output root."""
+    import os
+
+    from cleanse import pipeline
+    from cleanse.storage import read_json
+    from cleanse.tracking import log_pipeline
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = small_params('estimators=["loss"]', "tracking.enabled=true")
+    for name in ("first", "second"):
+        pipeline.run_all(params, Layout(tmp_path / name))
+        log_pipeline(params, Layout(tmp_path / name), read_json(tmp_path / name / "reports" / "metrics.json"))
+        assert "MLFLOW_TRACKING_URI" not in os.environ
+        assert (tmp_path / name / "mlflow.db").is_file()

@@ -56,6 +56,26 @@ def _numeric(prefix: str, values: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def _restores_tracking_uri(function: Any) -> Any:
+    """``mlflow.set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI``, which :func:`tracking_uri`
+    reads: without restoring it, every later run in the same process (a worker, a sweep) would log
+    into this run's store."""
+    import functools
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        previous = os.environ.get("MLFLOW_TRACKING_URI")
+        try:
+            return function(*args, **kwargs)
+        finally:
+            if previous is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = previous
+
+    return wrapper
+
+
 def _experiment(params: Params, layout: Layout) -> str:
     """Point MLflow at the layout's tracking URI and return the experiment's id (created if new)."""
     import mlflow
@@ -73,6 +93,7 @@ def _experiment(params: Params, layout: Layout) -> str:
     return client.create_experiment(params.tracking.experiment, artifact_location=location)
 
 
+@_restores_tracking_uri
 def log_pipeline(params: Params, layout: Layout, metrics: dict[str, Any], *, run_name: str | None = None) -> str:
     """Log a finished pipeline run; returns the parent run id."""
     import mlflow
@@ -112,6 +133,7 @@ def log_pipeline(params: Params, layout: Layout, metrics: dict[str, Any], *, run
     return parent.info.run_id
 
 
+@_restores_tracking_uri
 def log_longtail(params: Params, layout: Layout, report: dict[str, Any]) -> str:
     """Log the memorization long-tail report (numbers, report.md/json and images) as one run."""
     import mlflow
