@@ -295,11 +295,11 @@ def notes_for(result: dict[str, Any]) -> list[str]:
     anon_growth = last["rss_mb"]["peak_anon_sampled"] - first["rss_mb"]["peak_anon_sampled"]
     notes.append(
         f"From n = {first['n']:,} to n = {last['n']:,} the peak RSS grew by {check['peak_rss_excess_mb']:,.0f} MiB: "
-        f"file-backed pages by {file_growth:,.0f} MiB (the memmap is {last['memmap_mb']:,.0f} MiB; every page "
-        "`project_to_store` writes and `projected_self_scores` reads stays mapped, and mapped page-cache pages count "
-        f"in RSS although the kernel can drop them) and anonymous memory by {anon_growth:,.0f} MiB "
-        "(`projected_self_scores` converts blocks of up to 65,536 rows to float64, so its working set grows with n "
-        "until n passes one block).")
+        f"file-backed pages by {file_growth:+,.0f} MiB (the memmap is {last['memmap_mb']:,.0f} MiB, but "
+        "`project_to_store` writes and `projected_self_scores` reads its rows with positional file I/O, so no "
+        f"mapped page stays resident) and anonymous memory by {anon_growth:+,.0f} MiB (the scoring passes hold "
+        "one float64 block of 8,192 rows at a time, and the allocator keeps some of what the gradient chunks "
+        "freed).")
     notes.append(
         "Time per sample: " + ", ".join(f"{int(n):,}: {us:.1f} µs" for n, us in check["us_per_sample"].items())
         + "; the fixed costs (first-call warm-up, the Cholesky factor) weigh most at the smallest n, so growth "
