@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -53,15 +54,26 @@ def _chromium(url: str, *extra: str, budget_ms: int = 20000) -> str:
     return result.stdout
 
 
-def page_text(url: str, screenshot: str) -> str:
-    """The rendered page's visible text (scripts and styles dropped), and a screenshot of it."""
+def page_text(url: str, screenshot: str, *, expect: tuple[str, ...] = (), attempts: int = 4) -> str:
+    """The rendered page's visible text (scripts and styles dropped), and a screenshot of it.
+
+    Both UIs are single-page apps that fetch their data after the first render; on a busy machine
+    the virtual-time budget can run out before the fetch returns, so the page is loaded again, with
+    a longer budget, until every string in ``expect`` is on it (or the attempts are spent).
+    """
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    _chromium(url, f"--screenshot={ARTIFACTS / screenshot}")
-    dom = _chromium(url, "--dump-dom")
-    dom = re.sub(r"<(script|style)\b.*?</\1>", " ", dom, flags=re.S | re.I)
-    text = html.unescape(re.sub(r"<[^>]+>", " ", dom))
+    text = ""
+    for attempt in range(attempts):
+        budget = 20000 * min(attempt + 1, 3)
+        dom = _chromium(url, "--dump-dom", budget_ms=budget)
+        dom = re.sub(r"<(script|style)\b.*?</\1>", " ", dom, flags=re.S | re.I)
+        text = " ".join(html.unescape(re.sub(r"<[^>]+>", " ", dom)).split())
+        if all(item in text for item in expect):
+            break
+        time.sleep(2)
+    _chromium(url, f"--screenshot={ARTIFACTS / screenshot}", budget_ms=budget)
     (ARTIFACTS / screenshot).with_suffix(".txt").write_text(text)
-    return " ".join(text.split())
+    return text
 
 
 def _mlflow(env: dict[str, str], experiment: str) -> dict:
@@ -147,26 +159,31 @@ def test_stack_run_shows_in_both_uis_and_down_leaves_nothing(tmp_path):
         assert {"reports/metrics.json", "scores/tracin.parquet", "models/base/model.safetensors"} <= set(outputs)
 
         # 3. the Prefect UI lists both flow runs as completed
-        listing = page_text(f"{urls['prefect']}/runs", "prefect-runs.png")
+        listing = page_text(f"{urls['prefect']}/runs", "prefect-runs.png",
+                            expect=tuple(run["name"] for run in flow_runs))
         for run in flow_runs:
             assert run["name"] in listing, listing[:3000]
-            detail = page_text(f"{urls['prefect']}/runs/flow-run/{run['id']}", f"prefect-run-{run['name']}.png")
+            detail = page_text(f"{urls['prefect']}/runs/flow-run/{run['id']}", f"prefect-run-{run['name']}.png",
+                               expect=(run["name"], "Completed"))
             assert run["name"] in detail and "Completed" in detail, detail[:3000]
 
         # 4. the MLflow UI: the parent run, its child runs, and their metrics
         parent = next(run for run in parents if any(c["parent"] == run["id"] for c in children))
         base = f"{urls['mlflow']}/#/experiments/{tracked['experiment_id']}"
-        parent_page = page_text(f"{base}/runs/{parent['id']}", "mlflow-parent-run.png")
+        parent_page = page_text(f"{base}/runs/{parent['id']}", "mlflow-parent-run.png",
+                                expect=(parent["name"], "Child runs", "baseline.test_accuracy"))
         assert parent["name"] in parent_page and "Child runs" in parent_page, parent_page[:3000]
         child_list = parent_page.split("Child runs", 1)[1][:300]
         assert all(c["name"] in child_list for c in children if c["parent"] == parent["id"]), child_list
         for metric in ("baseline.test_accuracy", "n_train"):
             assert metric in parent_page, parent_page[:3000]
         for child in (c for c in children if c["parent"] == parent["id"]):
-            child_page = page_text(f"{base}/runs/{child['id']}", f"mlflow-child-{child['name']}.png")
+            child_page = page_text(f"{base}/runs/{child['id']}", f"mlflow-child-{child['name']}.png",
+                                   expect=(child["name"], "roc_auc", "Parent run"))
             assert child["name"] in child_page and "roc_auc" in child_page, child_page[:3000]
             assert f"Parent run {parent['name']}" in child_page, child_page[:3000]
-        table = page_text(f"{base}/runs?compareRunsMode=TABLE", "mlflow-runs-table.png")
+        table = page_text(f"{base}/runs?compareRunsMode=TABLE", "mlflow-runs-table.png",
+                          expect=(parent["name"], "matching runs"))
         assert parent["name"] in table and f"{len(tracked['runs'])} matching runs" in table, table[:3000]
     finally:
         pids = stack.pids()
