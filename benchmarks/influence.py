@@ -36,14 +36,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
 import torch
+from _common import REPO, environment, fmt, md_table, update_docs_section
 from torch import nn
 
-from _common import REPO, environment, fmt, md_table, update_docs_section
-from cleanse.config import FvmOptions, InfluenceOptions, TrakOptions, TracInOptions, load_params
+from cleanse.config import FvmOptions, InfluenceOptions, TracInOptions, TrakOptions, load_params
 from cleanse.data.stage import stage_data
 from cleanse.estimators import registry
 from cleanse.estimators.base import ScoringContext
-from cleanse.evaluate import detection_metrics, lds, loo_correlation, rank_stability, retrained_subset_outputs, subset_masks
+from cleanse.evaluate import (
+    detection_metrics,
+    lds,
+    leave_one_out_loss_changes,
+    loo_correlation,
+    rank_stability,
+    retrained_subset_outputs,
+    subset_masks,
+)
 from cleanse.models.architectures import spec_for
 from cleanse.models.trainer import train_model
 
@@ -172,21 +180,9 @@ def bench_loo(grid: dict[str, Any], log) -> dict[str, Any]:
     losses = fm.losses(fm.theta, torch.tensor(test.features), torch.tensor(test.label)).detach().numpy()
     query = test.subset(np.array([int(np.argmax(losses))]))
 
-    def query_loss(model) -> float:
-        f = FunctionalModel.of(model.module(), 0.0)
-        return float(f.losses(f.theta, torch.tensor(query.features), torch.tensor(query.label)).mean())
-
     predicted_exact, _ = removal_effects(context, LOO_SOLVERS["exact"], query)
     top = np.argsort(-np.abs(predicted_exact[0]))[: grid["loo_points"]]
-    base = query_loss(context.model)
-    actual = []
-    for row in top:
-        keep = np.ones(len(context.train), dtype=bool)
-        keep[row] = False
-        retrained = train_model(context.model.spec, context.train.features[keep], context.train.label[keep],
-                                context.model_config.model_copy(update={"epochs": 10}), seed=0,
-                                init_state=context.model.state)
-        actual.append(query_loss(retrained) - base)
+    actual = leave_one_out_loss_changes(context.model, context.train, query, context.model_config, top)
     rows = {}
     for label, options in LOO_SOLVERS.items():
         if options.solver == "lissa" and "lissa_depth" in grid:  # the smoke grid only checks the plumbing

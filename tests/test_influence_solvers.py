@@ -12,14 +12,8 @@ import torch
 from cleanse.config import InfluenceOptions
 from cleanse.ekfac import EKFAC
 from cleanse.estimators.influence import SelfInfluenceEstimator, removal_effects
-from cleanse.evaluate import loo_correlation
+from cleanse.evaluate import leave_one_out_loss_changes, loo_correlation
 from cleanse.grads import FunctionalModel, cg_solve, curvature_fn, exact_hessian, ggn_fn
-from cleanse.models.trainer import train_model
-
-
-def _query_loss(model, query) -> float:
-    fm = FunctionalModel.of(model.module(), 0.0)
-    return float(fm.losses(fm.theta, torch.tensor(query.features), torch.tensor(query.label)).mean())
 
 
 @pytest.fixture(scope="module")
@@ -32,15 +26,7 @@ def loo_truth(digits_logreg):
     query = test.subset(np.array([int(np.argmax(losses))]))
     predicted, _ = removal_effects(context, InfluenceOptions(solver="exact", damping=0.0), query)
     top = np.argsort(-np.abs(predicted[0]))[:40]
-    base = _query_loss(context.model, query)
-    actual = []
-    for row in top:
-        keep = np.ones(len(context.train), dtype=bool)
-        keep[row] = False
-        retrained = train_model(context.model.spec, context.train.features[keep], context.train.label[keep],
-                                context.model_config.model_copy(update={"epochs": 10}), seed=0,
-                                init_state=context.model.state)
-        actual.append(_query_loss(retrained, query) - base)
+    actual = leave_one_out_loss_changes(context.model, context.train, query, context.model_config, top)
     return context, query, top, np.asarray(actual)
 
 

@@ -127,6 +127,33 @@ def lds(attributions: np.ndarray, masks: np.ndarray, outputs: np.ndarray) -> dic
             "per_query": values.tolist(), "n_subsets": int(masks.shape[0])}
 
 
+def leave_one_out_loss_changes(model: Any, train: Split, query: Split, config: Any, rows: np.ndarray, *,
+                               epochs: int = 10, seed: int = 0) -> np.ndarray:
+    """Ground truth for influence: ``L_query(theta_{-i}) - L_query(theta)`` for each training row in
+    ``rows``, shape ``(len(rows),)``, with the mean cross-entropy over ``query`` and each model
+    retrained warm-started from ``model`` for ``epochs`` epochs (Koh & Liang, 2017, Fig. 2)."""
+    import torch
+
+    from cleanse.grads import FunctionalModel
+    from cleanse.models.trainer import train_model
+
+    x, y = torch.tensor(query.features), torch.tensor(query.label)
+
+    def query_loss(trained: Any) -> float:
+        fm = FunctionalModel.of(trained.module(), 0.0)
+        return float(fm.losses(fm.theta, x, y).mean())
+
+    base = query_loss(model)
+    changes = []
+    for row in rows:
+        keep = np.ones(len(train), dtype=bool)
+        keep[row] = False
+        retrained = train_model(model.spec, train.features[keep], train.label[keep],
+                                config.model_copy(update={"epochs": epochs}), seed=seed, init_state=model.state)
+        changes.append(query_loss(retrained) - base)
+    return np.asarray(changes)
+
+
 def loo_correlation(predicted: np.ndarray, actual: np.ndarray) -> dict[str, float]:
     """Pearson and Spearman between predicted and actual leave-one-out changes (``(n,)`` each)."""
     from scipy.stats import pearsonr, spearmanr
