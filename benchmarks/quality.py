@@ -494,9 +494,9 @@ def warm_imports(dets: list[Detector]) -> None:
 # ----------------------------------------------------------------------------- retraining
 
 
-def _init_worker() -> None:
+def _init_worker(device: str = "cpu") -> None:
     torch.set_num_threads(1)
-    os.environ["CLEANSE_DEVICE"] = "cpu"
+    os.environ["CLEANSE_DEVICE"] = device
     warnings.simplefilter("ignore")
 
 
@@ -509,9 +509,13 @@ def retrain_job(params_json: dict[str, Any], staged: StagedData, removed_ids: np
 class Retrainer:
     """Deduplicated retrain jobs on a process pool, throttled while the main process is scoring."""
 
-    def __init__(self, jobs: int) -> None:
+    def __init__(self, jobs: int, device: str = "cpu") -> None:
         self.jobs = jobs
-        self.pool = (ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=_init_worker)
+        self.device = device
+        if jobs == 0 and device != "cpu":
+            raise ValueError("--retrain-device other than cpu needs --jobs >= 1 (retrains run in worker processes)")
+        self.pool = (ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=_init_worker,
+                                         initargs=(device,))
                      if jobs > 0 else None)
         self.pending: list[tuple[str, tuple]] = []
         self.running: dict[Future, str] = {}
@@ -618,14 +622,17 @@ def _detect_once(det: Detector, bench: Bench, seed: int) -> dict[str, Any]:
 
 
 def score_cell(cell: Cell, seeds: list[int], dets: list[Detector], retrainer: Retrainer,
-               log: Callable[[str], None]) -> dict[str, Any]:
-    """Stage once (split and corruption fixed by the first seed); for every training seed, train the
-    detection model, run every detector on it and queue the retrain without its top-k with that
-    seed. Returns the cell record with retrain *keys* (resolved by :func:`resolve_cell`).
+               log: Callable[[str], None], detection_seeds: int | None = None) -> dict[str, Any]:
+    """Stage once (split and corruption fixed by the first seed); for each of the first
+    ``detection_seeds`` training seeds (default all), train the detection model, run every detector
+    on it and queue the retrain without its top-k with that seed. The remaining seeds only retrain,
+    without the top-k of the last detection model. Returns the cell record with retrain *keys*
+    (resolved by :func:`resolve_cell`).
 
-    Detection metrics and scoring times are reported as the mean over seeds, with the sd and the
-    per-seed values alongside.
+    Detection metrics and scoring times are reported as the mean over the detection seeds, with the
+    sd and the per-seed values alongside.
     """
+    n_detect = len(seeds) if detection_seeds is None else max(1, min(detection_seeds, len(seeds)))
     params = cell.params(seed=seeds[0])
     staged = stage_data(params)
     train = staged.train
@@ -639,7 +646,8 @@ def score_cell(cell: Cell, seeds: list[int], dets: list[Detector], retrainer: Re
     references: dict[str, list[str]] = {"no removal": [], "random": [], "oracle": []}
     runs: dict[str, list[dict[str, Any]]] = {det.name: [] for det in dets}
     skipped: dict[str, str] = {}
-    for seed in seeds:
+    last_top_k: dict[str, np.ndarray] = {}
+    for seed in seeds[:n_detect]:
         started = time.perf_counter()
         model = train_model(spec, train.features, train.label, params.model, seed=seed, device=torch.device("cpu"))
         train_seconds = time.perf_counter() - started
@@ -682,10 +690,22 @@ def score_cell(cell: Cell, seeds: list[int], dets: list[Detector], retrainer: Re
                 if run["status"] != "ok":
                     log(f"  {det.name:<22} FAILED {run['reason']}")
                     continue
-                run["retrain"] = retrainer.submit(cell, params, staged, run.pop("top_k"), seed)
+                last_top_k[det.name] = run.pop("top_k")
+                run["retrain"] = retrainer.submit(cell, params, staged, last_top_k[det.name], seed)
                 m = run["metrics"]
                 log(f"  {det.name:<22} AUC={m['roc_auc']:.3f} AP={m['average_precision']:.3f} "
                     f"P@k={m['precision_at_k']:.3f}  {run['score_seconds']:.2f}s (+{run['prep_seconds']:.1f}s prep)")
+    # Retrain-only seeds: the same removals (the last detection model's top-k) under other training seeds.
+    extra_retrains: dict[str, list[str]] = {name: [] for name in last_top_k}
+    for seed in seeds[n_detect:]:
+        references["no removal"].append(retrainer.submit(cell, params, staged, np.zeros(0, dtype=np.int64), seed))
+        references["random"].append(retrainer.submit(cell, params, staged, random_ids(staged, k, seed), seed))
+        references["oracle"].append(retrainer.submit(cell, params, staged, train.sample_id[train.is_corrupted], seed))
+        for name, top_k in last_top_k.items():
+            if name not in skipped:
+                extra_retrains[name].append(retrainer.submit(cell, params, staged, top_k, seed))
+    record["detection_seeds"] = seeds[:n_detect]
+    record["retrain_seeds"] = seeds
     record["detection_model"] = record["detection_models"][0]
     record["references"] = references
     for det in dets:
@@ -708,7 +728,7 @@ def score_cell(cell: Cell, seeds: list[int], dets: list[Detector], retrainer: Re
             metrics_values=per_metric,
             score_seconds=float(np.mean([run["score_seconds"] for run in ok])),
             prep_seconds=float(np.mean([run["prep_seconds"] for run in ok])),
-            extra=ok[0]["extra"], retrain=[run["retrain"] for run in ok],
+            extra=ok[0]["extra"], retrain=[run["retrain"] for run in ok] + extra_retrains.get(det.name, []),
         )
         if any("non_finite_scores" in run for run in ok):
             entry["non_finite_scores"] = max(run.get("non_finite_scores", 0) for run in ok)
@@ -939,7 +959,9 @@ def render_markdown(data: dict[str, Any], md_path: Path, img_dir: Path | None = 
         f"Generated by `{meta['command']}` on {meta['finished']} "
         f"({meta['runtime_seconds'] / 60:.1f} min wall on {meta['machine']}). "
         f"Grid `{meta['grid']}`: {len(cells)} cells; training seeds {meta['seeds']} for every retrain "
-        f"(split and corruption fixed, seed 0); detection scored once, on the seed-{meta['seeds'][0]} model. "
+        "(split and corruption fixed, seed 0); detectors scored on the models of the first "
+        f"{meta.get('detection_seeds', len(meta['seeds']))} seed(s) (per cell below), the other seeds retraining without "
+        "the last detection model's top-k. "
         "Raw numbers, per-seed values and every skip reason: "
         f"`{meta['json']}`.",
         "",
@@ -997,8 +1019,8 @@ def render_markdown(data: dict[str, Any], md_path: Path, img_dir: Path | None = 
                 f"({_fmt(fitted)} on the corrupted ones), test accuracy {dm['test_accuracy']:.3f}"
                 + (f", ASR {dm['attack_success_rate']:.3f}" if "attack_success_rate" in dm else "")
                 + f"; trained in {dm['train_seconds']:.1f} s (seed {dm['seed']}). Detection metrics and scoring times "
-                f"are means (± sd) over the {len(record.get('detection_models', [dm]))} training seeds, each "
-                "seed's detectors scoring that seed's model.", ""]
+                f"are means (± sd) over {len(record.get('detection_models', [dm]))} detection seed(s), each "
+                "seed's detectors scoring that seed's model; retrains use every training seed.", ""]
         out += _cell_table(record)
         skipped = [f"{n} ({e['status']}: {e['reason']})" for n, e in record["detectors"].items()
                    if e.get("status") in ("skipped", "failed") and n not in NOT_RUN]
@@ -1045,7 +1067,8 @@ def _versions() -> dict[str, str]:
 
 
 def run(grid: str, seeds: list[int], out: Path, docs: Path | None, jobs: int, only: list[str] | None = None,
-        cell_patterns: list[str] | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+        cell_patterns: list[str] | None = None, log: Callable[[str], None] = print,
+        detection_seeds: int | None = None, retrain_device: str = "cpu") -> dict[str, Any]:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     started = time.perf_counter()
@@ -1056,11 +1079,11 @@ def run(grid: str, seeds: list[int], out: Path, docs: Path | None, jobs: int, on
     if cell_patterns:
         cells = [c for c in cells if any(fnmatch.fnmatch(c.key, pattern) for pattern in cell_patterns)]
     warm_imports(dets)
-    retrainer = Retrainer(jobs)
+    retrainer = Retrainer(jobs, retrain_device)
     records = []
     for cell in cells:
         cell_started = time.perf_counter()
-        records.append(score_cell(cell, seeds, dets, retrainer, log))
+        records.append(score_cell(cell, seeds, dets, retrainer, log, detection_seeds))
         records[-1]["scoring_wall_seconds"] = time.perf_counter() - cell_started
         retrainer.pump(1)
     log(f"scoring done in {time.perf_counter() - started:.0f} s; waiting for retrains")
@@ -1071,7 +1094,8 @@ def run(grid: str, seeds: list[int], out: Path, docs: Path | None, jobs: int, on
         "meta": {
             "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:]) if sys.argv[1:] else
                        "python benchmarks/quality.py",
-            "grid": grid, "seeds": seeds, "json": str(out.relative_to(ROOT) if out.is_relative_to(ROOT) else out),
+            "grid": grid, "seeds": seeds, "detection_seeds": detection_seeds or len(seeds),
+            "retrain_device": retrain_device, "json": str(out.relative_to(ROOT) if out.is_relative_to(ROOT) else out),
             "finished": time.strftime("%Y-%m-%d %H:%M"), "runtime_seconds": time.perf_counter() - started,
             "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}, torch threads 1 per process, "
                        f"{max(jobs, 1)} retrain worker(s)",
@@ -1104,7 +1128,7 @@ def merge_runs(runs: list[dict[str, Any]], out: Path) -> dict[str, Any]:
         command=f"{len(runs)} runs of python benchmarks/quality.py --cells ... side by side, merged with --merge",
         runtime_seconds=max(r["meta"]["runtime_seconds"] for r in runs),
         n_retrains=sum(r["meta"]["n_retrains"] for r in runs),
-        machine=f"{len(runs)} processes side by side: " + runs[0]["meta"]["machine"],
+        machine=f"{len(runs)} processes side by side on: " + "; ".join(dict.fromkeys(r["meta"]["machine"] for r in runs)),
         json=str(out.relative_to(ROOT) if out.is_relative_to(ROOT) else out),
     )
     records = sorted(cells.values(), key=lambda r: order.get(r["key"], len(order)))
@@ -1133,6 +1157,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--detector-budget", type=float, default=None,
                         help="seconds one detector may take on one model; past it, the detector is skipped in "
                              "that cell and recorded as over budget")
+    parser.add_argument("--detection-seeds", type=int, default=None,
+                        help="score detectors on the models of only the first N training seeds (default all); "
+                             "the other seeds retrain without the last detection model's top-k")
+    parser.add_argument("--retrain-device", default="cpu", help="device of the retrain workers (cpu | cuda)")
     parser.add_argument("--merge", nargs="+", type=Path, default=None,
                         help="combine the JSONs of runs on disjoint --cells into --out (grid order), recompute "
                              "the targets and regenerate the docs")
@@ -1155,7 +1183,8 @@ def main(argv: list[str] | None = None) -> int:
         print(line, flush=True)
 
     run(args.grid, seeds, args.out, None if args.no_docs else args.docs, args.jobs,
-        args.only.split(",") if args.only else None, args.cells.split(",") if args.cells else None, log)
+        args.only.split(",") if args.only else None, args.cells.split(",") if args.cells else None, log,
+        args.detection_seeds, args.retrain_device)
     return 0
 
 
