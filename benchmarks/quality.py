@@ -454,16 +454,10 @@ def detectors() -> list[Detector]:
     return out
 
 
-# Detector/cell combinations that are infeasible on a 2-core box, with the measured reason.
-# (detector name, predicate(cell, n_params), reason)
-SKIP_RULES: list[tuple[str, Callable[[Cell, int], bool], str]] = [
-    ("cleanse influence", lambda cell, p: cell.dataset == "digits" and cell.model in ("mlp_mem", "cnn"),
-     "above 6,000 parameters cleanse `influence` switches to CG and solves one CG system per chunk of 64 "
-     "training samples (17 on digits); measured with 1 thread, seed 0, 20% symmetric flips: 315 s on the "
-     "digits CNN (6,090 params; AP 0.724, not converged) and 660 s on the digits memorising MLP (85,002 "
-     "params; AP 0.443, not converged). Three cells each would take ~50 min, over the whole budget. It runs "
-     "on the digits MLP (9,610 params, CG, ~55 s) and on the tabular memorising MLPs (n <= 340, CG)"),
-]
+# (detector, applies(cell, n_params), reason): detector/cell pairs that cannot finish in useful time. Empty
+# since self-influence takes EK-FAC above the exact size (it used to skip CG on the digits CNN and
+# memorising MLP: 315 s and 660 s with 1 thread).
+SKIP_RULES: list[tuple[str, Callable[[Cell, int], bool], str]] = []
 
 # dattri IF-CG is not run anywhere: 195 s on the small digits MLP and the worst detector there
 # (peer-baselines.md); dattri IF-explicit stands for dattri's influence functions.
@@ -1115,14 +1109,26 @@ def run(grid: str, seeds: list[int], out: Path, docs: Path | None, jobs: int, on
 
 
 def merge_runs(runs: list[dict[str, Any]], out: Path) -> dict[str, Any]:
-    """One result from runs over disjoint cell subsets (e.g. run side by side on a many-core machine)."""
+    """One result from runs over cell subsets (e.g. run side by side on a many-core machine).
+
+    A cell in several runs keeps the first run's record; the detectors a later run scored replace
+    the earlier entries (recorded under ``replaced_detectors``).
+    """
     order = {cell.key: i for i, cell in enumerate(full_grid())}
     cells: dict[str, dict[str, Any]] = {}
     for run_data in runs:
         for record in run_data["cells"]:
-            if record["key"] in cells:
-                raise SystemExit(f"cell {record['key']} appears in more than one run")
-            cells[record["key"]] = record
+            if record["key"] not in cells:
+                cells[record["key"]] = record
+                continue
+            # A later run of the same cell (e.g. ``--only`` one detector after a fix) replaces the
+            # detectors it ran; the cell's references and other detectors stay from the first run.
+            base = cells[record["key"]]
+            if record["detection_models"][0]["seed"] != base["detection_models"][0]["seed"] or record["k"] != base["k"]:
+                raise SystemExit(f"cell {record['key']}: runs disagree on the detection seed or the corruption")
+            ran = {n: e for n, e in record["detectors"].items() if n not in NOT_RUN}
+            base["detectors"].update(ran)
+            base.setdefault("replaced_detectors", []).extend(ran)
     meta = dict(runs[0]["meta"])
     meta.update(
         command=f"{len(runs)} runs of python benchmarks/quality.py --cells ... side by side, merged with --merge",

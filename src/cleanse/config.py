@@ -136,7 +136,7 @@ class InfluenceOptions(_Section):
     """
 
     solver: Literal["auto", "exact", "cg", "lissa", "ekfac"] = Field(
-        "auto", description="auto = exact when #params <= exact_max_params, else cg."
+        "auto", description="auto = exact when #params <= exact_max_params; above, ekfac for self-influence (n quadratic forms) and cg for validation/query influence (few right-hand sides)."
     )
     curvature: Literal["ggn", "hessian"] = Field(
         "ggn",
