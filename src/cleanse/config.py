@@ -225,6 +225,21 @@ class MemorizationOptions(_Section):
         return _open_fraction(value)
 
 
+class FineOptions(_Section):
+    """Options of the single-run f-INE estimator (``scorers.fine``)."""
+
+    query: Literal["self", "val"] = Field("self", description="self: each unit's own loss; val: the validation loss.")
+    signal: Literal["loss_change", "alignment"] = Field(
+        "loss_change", description="per-round signal: observed change of the query, or its first-order gradient part.")
+    units: Literal["samples", "groups"] = Field("samples", description="groups: the data's 'group' column.")
+    rounds_per_epoch: int = Field(4, ge=1, description="inclusion is redrawn every round; a round is one pass over "
+                                                       "the included rows (about inclusion x n rows)")
+    inclusion: float = Field(0.25, gt=0.0, lt=1.0, description="probability that a unit is in a round; "
+                                                                "rounds_per_epoch x inclusion = 1 keeps the "
+                                                                "ordinary number of steps")
+    level: float = Field(0.95, gt=0.0, lt=1.0, description="confidence level of [mu_lo, mu_hi]")
+
+
 class ScorerOptions(_Section):
     """Per-estimator options. Changing one section reruns only that estimator downstream."""
 
@@ -238,6 +253,7 @@ class ScorerOptions(_Section):
     activation_clustering: ActivationClusteringOptions = ActivationClusteringOptions()
     trak: TrakOptions = TrakOptions()
     influence_fvm: FvmOptions = FvmOptions()
+    fine: FineOptions = FineOptions()
 
 
 class DetectConfig(_Section):

@@ -52,9 +52,20 @@ def budget(score: np.ndarray, config: DetectConfig) -> int:
 
 
 def flag(scores: pl.DataFrame, config: DetectConfig) -> pl.DataFrame:
-    """``sample_id, score, rank, is_flagged``; rank 1 = most harmful; ties broken by sample_id."""
-    ordered = scores.select("sample_id", "score").sort(["score", "sample_id"], descending=[True, False])
+    """``sample_id, score, rank, is_flagged``; rank 1 = most harmful; ties broken by sample_id.
+
+    With ``budget: auto``, an estimator that decides its own flags from its uncertainty (a boolean
+    ``auto_flag`` column, e.g. ``fine``: the confidence interval lies on the harmful side) is
+    followed instead of Otsu's cut, still capped at ``max_fraction`` (highest scores first).
+    """
+    own = config.budget == "auto" and "auto_flag" in scores.columns
+    ordered = scores.select("sample_id", "score", *(["auto_flag"] if own else [])).sort(
+        ["score", "sample_id"], descending=[True, False])
+    ranked = ordered.with_columns(pl.int_range(1, ordered.height + 1, dtype=pl.Int64).alias("rank"))
+    if own:
+        cap = max(1, int(np.floor(config.max_fraction * ordered.height)))
+        return ranked.with_columns(
+            (pl.col("auto_flag") & (pl.col("auto_flag").cast(pl.Int64).cum_sum() <= cap)).alias("is_flagged")
+        ).drop("auto_flag")
     k = budget(ordered["score"].to_numpy(), config)
-    return ordered.with_columns(
-        pl.int_range(1, ordered.height + 1, dtype=pl.Int64).alias("rank"),
-    ).with_columns((pl.col("rank") <= k).alias("is_flagged"))
+    return ranked.with_columns((pl.col("rank") <= k).alias("is_flagged"))

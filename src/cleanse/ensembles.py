@@ -168,15 +168,21 @@ def train_ensemble(
     config: ModelConfig,
     *,
     device: torch.device | None = None,
+    init_seeds: np.ndarray | None = None,
 ) -> Ensemble:
     """Train K models at once: model ``k`` on the rows ``masks[k]`` of ``features`` ``(n, *shape)``
-    and ``label`` ``(n,)``, seeded by ``seeds[k]``, with ``config``'s recipe (see the module doc)."""
+    and ``label`` ``(n,)``, seeded by ``seeds[k]``, with ``config``'s recipe (see the module doc).
+    ``init_seeds`` ``(K,)`` seeds the initialisation separately from the data order (default
+    ``seeds``), e.g. one shared initialisation so that only the data order varies."""
     masks = np.asarray(masks)
     seeds = np.asarray(seeds, dtype=np.int64)
     n = int(label.shape[0])
     _check(masks, seeds, n, config)
     device = device or default_device()
-    params, base = initial_params(spec, seeds, device)
+    init_seeds = seeds if init_seeds is None else np.asarray(init_seeds, dtype=np.int64)
+    if init_seeds.shape != seeds.shape:
+        raise DataError(f"ensemble init_seeds must have shape {seeds.shape}, got {init_seeds.shape}")
+    params, base = initial_params(spec, init_seeds, device)
     forward = _batched_forward(base, shared_inputs=False)
     x = torch.as_tensor(features, dtype=torch.float32, device=device)
     y = torch.as_tensor(label, dtype=torch.long, device=device)

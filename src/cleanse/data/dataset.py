@@ -23,6 +23,7 @@ class Split:
     label: np.ndarray
     label_clean: np.ndarray
     is_corrupted: np.ndarray
+    group: np.ndarray | None = None  # (n,) int64 unit ids from the data's 'group' column; -1 = no group
 
     def __len__(self) -> int:
         return int(self.sample_id.shape[0])
@@ -34,6 +35,7 @@ class Split:
             label=self.label[mask_or_index],
             label_clean=self.label_clean[mask_or_index],
             is_corrupted=self.is_corrupted[mask_or_index],
+            group=None if self.group is None else self.group[mask_or_index],
         )
 
     def without(self, sample_ids: np.ndarray) -> Split:
@@ -49,6 +51,7 @@ class Split:
                 "label": pl.Series(self.label, dtype=pl.Int64),
                 "label_clean": pl.Series(self.label_clean, dtype=pl.Int64),
                 "is_corrupted": pl.Series(self.is_corrupted, dtype=pl.Boolean),
+                **({} if self.group is None else {"group": pl.Series(self.group, dtype=pl.Int64)}),
             }
         )
 
@@ -62,6 +65,7 @@ class Split:
             label=frame["label"].to_numpy().astype(np.int64),
             label_clean=frame["label_clean"].to_numpy().astype(np.int64),
             is_corrupted=frame["is_corrupted"].to_numpy().astype(bool),
+            group=frame["group"].to_numpy().astype(np.int64) if "group" in frame.columns else None,
         )
 
 

@@ -28,6 +28,7 @@ class RawData:
     features: np.ndarray
     label: np.ndarray
     n_classes: int
+    group: np.ndarray | None = None  # (n,) int64 unit ids for group-level estimators; -1 = no group
 
     @property
     def feature_shape(self) -> tuple[int, ...]:
@@ -159,12 +160,19 @@ def _load_parquet(path: Path, config: DataConfig) -> RawData:
         if config.id_column
         else np.arange(frame.height, dtype=np.int64)
     )
+    group = None
+    if "group" in frame.columns:
+        if not frame["group"].dtype.is_integer():
+            raise DataError(f"data.source {path}: column 'group' must hold integers (a unit id; -1 = no group), "
+                            f"got {frame['group'].dtype}")
+        group = frame["group"].fill_null(-1).cast(pl.Int64).to_numpy()
     return RawData(
         name=path.stem,
         sample_id=ids,
         features=_reshape(features, config),
         label=label,
         n_classes=int(label.max()) + 1 if len(label) else 0,
+        group=group,
     )
 
 

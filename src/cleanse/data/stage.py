@@ -35,6 +35,7 @@ def stage_data(params: Params) -> StagedData:
             label=raw.label[index],
             label_clean=raw.label[index],
             is_corrupted=np.zeros(index.size, dtype=bool),
+            group=None if raw.group is None else raw.group[index],
         )
 
     train, trigger = corrupt(split(train_idx), params.corruption, n_classes=raw.n_classes, seed=params.seed)

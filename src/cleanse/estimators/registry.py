@@ -21,6 +21,7 @@ _REGISTRY: dict[str, str] = {
     "activation_clustering": "cleanse.estimators.activations:ActivationClusteringEstimator",
     "trak": "cleanse.estimators.trak:TrakEstimator",
     "influence_fvm": "cleanse.estimators.influence_fvm:FlatValidationInfluenceEstimator",
+    "fine": "cleanse.estimators.fine:FineEstimator",
 }
 
 
