@@ -129,3 +129,24 @@ def test_auto_budget_follows_the_estimators_own_flags():
     assert capped.filter(pl.col("is_flagged"))["sample_id"].to_list() == [0]
     counted = flag(scores, DetectConfig(budget="count", count=2))
     assert counted.filter(pl.col("is_flagged"))["sample_id"].to_list() == [0, 1]
+
+
+def test_group_column_travels_from_parquet_to_the_staged_splits(tmp_path):
+    from cleanse.config import load_params
+    from cleanse.data.dataset import Split
+    from cleanse.data.stage import stage_data
+    from cleanse.errors import DataError
+
+    rng = np.random.default_rng(0)
+    n = 90
+    frame = pl.DataFrame({"features": pl.Series(rng.normal(size=(n, 4)).astype(np.float32), dtype=pl.Array(pl.Float32, 4)),
+                          "label": np.repeat([0, 1, 2], n // 3), "group": np.arange(n) % 7 - 1})
+    frame.write_parquet(tmp_path / "d.parquet")
+    staged = stage_data(load_params(None, [f"data.source={tmp_path / 'd.parquet'}", "corruption.kind=none"]))
+    groups = np.concatenate([staged.train.group, staged.val.group, staged.test.group])
+    assert sorted(groups.tolist()) == sorted((np.arange(n) % 7 - 1).tolist())
+    again = Split.from_frame(staged.train.to_frame(), staged.meta.feature_shape)
+    assert (again.group == staged.train.group).all()
+    frame.with_columns(pl.col("group").cast(pl.Float64)).write_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match="'group' must hold integers"):
+        stage_data(load_params(None, [f"data.source={tmp_path / 'bad.parquet'}"]))

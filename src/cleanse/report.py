@@ -59,6 +59,9 @@ def collect_metrics(params: Params, layout: Layout) -> dict[str, Any]:
             "n_flagged": retrain["n_flagged"],
             "seconds": read_json(layout.scores_meta(name))["seconds"],
         }
+        note = read_json(layout.scores_meta(name)).get("note")
+        if note:  # e.g. fine: its scores come from a model trained on a randomised curriculum
+            metrics["estimators"][name]["note"] = note
         if retrain.get("iterative"):
             metrics["estimators"][name]["cleansing"] = {
                 "stopped": retrain["stopped"],
@@ -108,7 +111,8 @@ def markdown_table(metrics: dict[str, Any]) -> str:
     headers = list(rows[0])
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(_fmt(row[h]) for h in headers) + " |" for row in rows]
-    return "\n".join(lines)
+    notes = [f"- `{name}`: {entry['note']}" for name, entry in metrics.get("estimators", {}).items() if entry.get("note")]
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def _png(figure: Any) -> bytes:
