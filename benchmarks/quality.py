@@ -616,7 +616,8 @@ def _detect_once(det: Detector, bench: Bench, seed: int) -> dict[str, Any]:
 
 
 def score_cell(cell: Cell, seeds: list[int], dets: list[Detector], retrainer: Retrainer,
-               log: Callable[[str], None], detection_seeds: int | None = None) -> dict[str, Any]:
+               log: Callable[[str], None], detection_seeds: int | None = None,
+               with_references: bool = True) -> dict[str, Any]:
     """Stage once (split and corruption fixed by the first seed); for each of the first
     ``detection_seeds`` training seeds (default all), train the detection model, run every detector
     on it and queue the retrain without its top-k with that seed. The remaining seeds only retrain,
@@ -659,9 +660,11 @@ def score_cell(cell: Cell, seeds: list[int], dets: list[Detector], retrainer: Re
         no_removal = np.zeros(0, dtype=np.int64)
         retrainer.preset(Retrainer.key(cell, no_removal, seed),
                          {**evaluate_model(model, staged), "n_removed": 0, "n_corrupted_removed": 0})
-        references["no removal"].append(retrainer.submit(cell, params, staged, no_removal, seed))
-        references["random"].append(retrainer.submit(cell, params, staged, random_ids(staged, k, seed), seed))
-        references["oracle"].append(retrainer.submit(cell, params, staged, train.sample_id[train.is_corrupted], seed))
+        if with_references:
+            references["no removal"].append(retrainer.submit(cell, params, staged, no_removal, seed))
+            references["random"].append(retrainer.submit(cell, params, staged, random_ids(staged, k, seed), seed))
+            references["oracle"].append(retrainer.submit(cell, params, staged, train.sample_id[train.is_corrupted],
+                                                         seed))
         with tempfile.TemporaryDirectory(prefix="quality_") as workdir:
             bench = Bench(cell, params, staged, model, Path(workdir))
             for det in dets:
@@ -692,9 +695,11 @@ def score_cell(cell: Cell, seeds: list[int], dets: list[Detector], retrainer: Re
     # Retrain-only seeds: the same removals (the last detection model's top-k) under other training seeds.
     extra_retrains: dict[str, list[str]] = {name: [] for name in last_top_k}
     for seed in seeds[n_detect:]:
-        references["no removal"].append(retrainer.submit(cell, params, staged, np.zeros(0, dtype=np.int64), seed))
-        references["random"].append(retrainer.submit(cell, params, staged, random_ids(staged, k, seed), seed))
-        references["oracle"].append(retrainer.submit(cell, params, staged, train.sample_id[train.is_corrupted], seed))
+        if with_references:
+            references["no removal"].append(retrainer.submit(cell, params, staged, np.zeros(0, dtype=np.int64), seed))
+            references["random"].append(retrainer.submit(cell, params, staged, random_ids(staged, k, seed), seed))
+            references["oracle"].append(retrainer.submit(cell, params, staged, train.sample_id[train.is_corrupted],
+                                                         seed))
         for name, top_k in last_top_k.items():
             if name not in skipped:
                 extra_retrains[name].append(retrainer.submit(cell, params, staged, top_k, seed))
@@ -1062,7 +1067,8 @@ def _versions() -> dict[str, str]:
 
 def run(grid: str, seeds: list[int], out: Path, docs: Path | None, jobs: int, only: list[str] | None = None,
         cell_patterns: list[str] | None = None, log: Callable[[str], None] = print,
-        detection_seeds: int | None = None, retrain_device: str = "cpu") -> dict[str, Any]:
+        detection_seeds: int | None = None, retrain_device: str = "cpu",
+        with_references: bool = True) -> dict[str, Any]:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     started = time.perf_counter()
@@ -1077,7 +1083,7 @@ def run(grid: str, seeds: list[int], out: Path, docs: Path | None, jobs: int, on
     records = []
     for cell in cells:
         cell_started = time.perf_counter()
-        records.append(score_cell(cell, seeds, dets, retrainer, log, detection_seeds))
+        records.append(score_cell(cell, seeds, dets, retrainer, log, detection_seeds, with_references))
         records[-1]["scoring_wall_seconds"] = time.perf_counter() - cell_started
         retrainer.pump(1)
     log(f"scoring done in {time.perf_counter() - started:.0f} s; waiting for retrains")
@@ -1166,6 +1172,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--detection-seeds", type=int, default=None,
                         help="score detectors on the models of only the first N training seeds (default all); "
                              "the other seeds retrain without the last detection model's top-k")
+    parser.add_argument("--no-references", action="store_true",
+                        help="skip the no-removal/random/oracle retrains (for --only runs merged onto a full run)")
     parser.add_argument("--retrain-device", default="cpu", help="device of the retrain workers (cpu | cuda)")
     parser.add_argument("--merge", nargs="+", type=Path, default=None,
                         help="combine the JSONs of runs on disjoint --cells into --out (grid order), recompute "
@@ -1190,7 +1198,7 @@ def main(argv: list[str] | None = None) -> int:
 
     run(args.grid, seeds, args.out, None if args.no_docs else args.docs, args.jobs,
         args.only.split(",") if args.only else None, args.cells.split(",") if args.cells else None, log,
-        args.detection_seeds, args.retrain_device)
+        args.detection_seeds, args.retrain_device, not args.no_references)
     return 0
 
 
