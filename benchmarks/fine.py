@@ -24,6 +24,7 @@ Writes ``benchmarks/results/fine.json`` and the "fine" section of ``docs/benchma
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 import warnings
@@ -51,16 +52,20 @@ MODELS = {
     "mlp": ["model.arch=mlp", "model.hidden=[64]", "model.lr=0.01", "model.epochs=30", "model.weight_decay=0.001"],
 }
 VARIANTS: dict[str, dict[str, Any]] = {
-    "loss_change, inclusion 1/4, 4 rounds/epoch, every sample a unit (default)": {"signal": "loss_change", "inclusion": 0.25, "rounds_per_epoch": 4, "rows": "all"},
-    "loss_change, inclusion 1/2, 2 rounds/epoch, every sample a unit": {"signal": "loss_change", "inclusion": 0.5, "rounds_per_epoch": 2, "rows": "all"},
-    "alignment, inclusion 1/4, 4 rounds/epoch, every sample a unit": {"signal": "alignment", "inclusion": 0.25,
-                                                                       "rounds_per_epoch": 4, "rows": "all"},
-    "loss_change, inclusion 1/16, 16 rounds/epoch, every sample a unit": {"signal": "loss_change", "inclusion": 0.0625,
-                                                                           "rounds_per_epoch": 16, "rows": "all"},
+    "default: loss change, class-centred, inclusion 1/4, 4 rounds/epoch": {
+        "signal": "loss_change", "centering": "class", "inclusion": 0.25, "rounds_per_epoch": 4, "rows": "all"},
+    "no centring": {
+        "signal": "loss_change", "centering": "none", "inclusion": 0.25, "rounds_per_epoch": 4, "rows": "all"},
+    "inclusion 1/2, 2 rounds/epoch": {"signal": "loss_change", "centering": "class", "inclusion": 0.5,
+                                       "rounds_per_epoch": 2, "rows": "all"},
+    "inclusion 1/16, 16 rounds/epoch": {"signal": "loss_change", "centering": "class", "inclusion": 0.0625,
+                                         "rounds_per_epoch": 16, "rows": "all"},
+    "alignment signal (first-order, one JVP per round)": {"signal": "alignment", "centering": "class",
+                                                          "inclusion": 0.25, "rounds_per_epoch": 4, "rows": "all"},
     # Only the 40 units are randomised and every other row is in every round, so a round is about
     # an epoch: one round per epoch keeps the ordinary number of steps.
-    "loss_change, inclusion 1/2, 1 round/epoch, only the 40 units randomised": {
-        "signal": "loss_change", "inclusion": 0.5, "rounds_per_epoch": 1, "rows": "units"},
+    "only the 40 units randomised, inclusion 1/2, 1 round/epoch": {
+        "signal": "loss_change", "centering": "class", "inclusion": 0.5, "rounds_per_epoch": 1, "rows": "units"},
 }
 STABILITY_PEERS = ("influence", "tracin", "trak")
 
@@ -100,8 +105,7 @@ def fine_mu(context: ScoringContext, units: list[np.ndarray], kinds: list[str], 
     from dataclasses import replace
 
     fine = registry.get("fine")
-    options = fine.options_type(signal=variant["signal"], rounds_per_epoch=variant["rounds_per_epoch"],
-                                inclusion=variant["inclusion"])
+    options = fine.options_type(**{k: v for k, v in variant.items() if k != "rows"})
     started = time.perf_counter()
     if variant["rows"] == "all":
         result = fine.score(context, options)
@@ -123,7 +127,7 @@ def fine_mu(context: ScoringContext, units: list[np.ndarray], kinds: list[str], 
     return np.array(singles + groups), {"seconds": seconds, "detection": detection, "auto_flags": flags}
 
 
-def run_model(name: str, models_per_arm: int, n_seeds: int, log) -> dict[str, Any]:
+def run_model(name: str, models_per_arm: int, n_seeds: int, log, truth_from: dict[str, Any] | None = None) -> dict[str, Any]:
     params = load_params(REPO / "params.yaml", overrides=MODELS[name])
     staged = stage_data(params)
     train = staged.train
@@ -134,11 +138,24 @@ def run_model(name: str, models_per_arm: int, n_seeds: int, log) -> dict[str, An
     prob = predict_proba(model, train.features)
     train_loss = -np.log(np.clip(prob[np.arange(len(train)), train.label], 1e-12, None))
     units, kinds = pick_units(train_loss, train.is_corrupted, seed=0)
-    log(f"[{name}] ordinary training {train_seconds:.2f} s; ground truth: {len(units)} units x {models_per_arm} models/arm")
-    started = time.perf_counter()
-    truth = measure_f_influence(spec, train.features, train.label, units, params.model, query="self",
-                                models_per_arm=models_per_arm, seed=0, device=torch.device("cpu"), progress=False)
-    truth_seconds = time.perf_counter() - started
+    if truth_from is not None:  # reuse a previous run's retraining (same data, recipe and units)
+        import polars as pl
+
+        earlier = next(m for m in truth_from["models"] if m["model"] == name)
+        if [u["rows"] for u in earlier["units"]] != [u.tolist() for u in units]:
+            raise SystemExit(f"--truth-from: the units of {name} differ from this run's")
+        fields = ["unit", "size", "mu", "mu_lo", "mu_hi", "mu_tradeoff", "gaussianity", "mean_with", "mean_without",
+                  "n_with", "n_without"]
+        truth = pl.DataFrame([{f: u[f] for f in fields} for u in earlier["units"]])
+        truth_seconds, models_per_arm = earlier["truth_seconds"], truth_from["models_per_arm"]
+        log(f"[{name}] ground truth reused ({models_per_arm} models/arm)")
+    else:
+        log(f"[{name}] ordinary training {train_seconds:.2f} s; ground truth: {len(units)} units x {models_per_arm} "
+            "models/arm")
+        started = time.perf_counter()
+        truth = measure_f_influence(spec, train.features, train.label, units, params.model, query="self",
+                                    models_per_arm=models_per_arm, seed=0, device=torch.device("cpu"), progress=False)
+        truth_seconds = time.perf_counter() - started
     mu = truth["mu"].to_numpy()
     log(f"[{name}] ground truth in {truth_seconds:.0f} s")
     context = ScoringContext(train=train, val=staged.val, meta=staged.meta, model=model, model_config=params.model, seed=0)
@@ -242,21 +259,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/fine.json")
     parser.add_argument("--docs", type=Path, default=REPO / "docs/benchmarks.md")
     parser.add_argument("--no-docs", action="store_true")
+    parser.add_argument("--truth-from", type=Path, default=None,
+                        help="reuse the ground truth of an earlier result JSON (same units) and rerun the single-run part")
     parser.add_argument("--render-only", action="store_true", help="regenerate the docs section from --out and exit")
     args = parser.parse_args(argv)
     if args.render_only:
-        import json
-
         publish(json.loads(args.out.read_text()), args.out, args.docs, "fine", plot, render)
         print(f"wrote {args.docs}")
         return 0
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     started = time.perf_counter()
-    models = [run_model(name, args.models_per_arm, args.seeds, lambda line: print(line, flush=True))
+    truth_from = json.loads(args.truth_from.read_text()) if args.truth_from else None
+    models = [run_model(name, args.models_per_arm, args.seeds, lambda line: print(line, flush=True), truth_from)
               for name in args.models.split(",")]
     result = {"command": "python benchmarks/fine.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "models_per_arm": args.models_per_arm, "n_seeds": args.seeds, "environment": environment(1),
+              "models_per_arm": truth_from["models_per_arm"] if truth_from else args.models_per_arm,
+              "truth_reused_from": str(args.truth_from) if args.truth_from else None,
+              "n_seeds": args.seeds, "environment": environment(1),
               "runtime_seconds": time.perf_counter() - started, "models": models}
     publish(result, args.out, None if args.no_docs else args.docs, "fine", plot, render)
     print(f"wrote {args.out}")

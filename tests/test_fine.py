@@ -90,34 +90,29 @@ def test_fine_groups_share_one_mu(wine_context):
 
 
 def test_removing_a_high_mu_unit_moves_the_query_as_predicted(wine_context):
-    """Tiny logreg: the unit with the largest mu-hat (self query) is the one whose own loss rises
-    most when it is removed and the model retrained (averaged over training seeds), compared with
-    the unit with the smallest mu-hat."""
+    """Tiny logreg: for the three units with the largest mu-hat (self query, mu > 0 = removing the
+    unit raises its own loss), removing the unit and retraining raises its own loss (mean over 16
+    training seeds per arm), as predicted."""
     from cleanse.ensembles import ensemble_logits, train_ensemble
     from cleanse.models.architectures import spec_for
+    from cleanse.models.trainer import train_model
 
     context, _ = wine_context
     config = ModelConfig(arch="logreg", epochs=20, lr=0.05, weight_decay=1e-3, batch_size=32)
     spec = spec_for("logreg", [], context.meta.feature_shape, context.meta.n_classes)
-    from cleanse.models.trainer import train_model
-
     model = train_model(spec, context.train.features, context.train.label, config, seed=0)
     logreg_context = replace(context, model=model, model_config=config)
     mu = registry.get("fine").score(logreg_context, FineOptions()).table["mu"].to_numpy()
-    top, bottom = int(np.argmax(mu)), int(np.argmin(mu))
-    assert mu[top] > 0
     n, seeds = len(context.train), np.arange(16)
-    rises = {}
-    for row in (top, bottom):
+    for row in np.argsort(-mu)[:3]:
+        assert mu[row] > 0
         masks = np.ones((2 * seeds.size, n), dtype=bool)
         masks[seeds.size:, row] = False
         ensemble = train_ensemble(spec, context.train.features, context.train.label, masks,
                                   np.concatenate([seeds, seeds + 100]), config)
         logits = ensemble_logits(ensemble, context.train.features[[row]])[:, 0]
         loss = -logits.log_softmax(-1)[:, int(context.train.label[row])].numpy()
-        rises[row] = loss[seeds.size:].mean() - loss[: seeds.size].mean()
-    assert rises[top] > 0
-    assert rises[top] > rises[bottom]
+        assert loss[seeds.size:].mean() > loss[: seeds.size].mean()
 
 
 def test_auto_budget_follows_the_estimators_own_flags():

@@ -238,6 +238,9 @@ class FineOptions(_Section):
                                                                 "rounds_per_epoch x inclusion = 1 keeps the "
                                                                 "ordinary number of steps")
     level: float = Field(0.95, gt=0.0, lt=1.0, description="confidence level of [mu_lo, mu_hi]")
+    centering: Literal["none", "round", "class"] = Field(
+        "class", description="subtract, per round, the mean signal of the withheld units (round) or of the withheld "
+                             "units with the same label (class): removes the training-progress drift shared by all")
 
 
 class ScorerOptions(_Section):
