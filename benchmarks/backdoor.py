@@ -260,13 +260,13 @@ def render(result: dict[str, Any], docs: Path, out: Path, image: Path) -> str:
     lines += ["", f"![ASR against cleansing rounds]({relative_link(image, docs.parent)})", "",
               "AP against the poisoned set per detector (mean over seeds; chance = k / n):", ""]
     names = list(rows[0]["ap"]) if rows else []
-    lines.append(md_table(["cell", *names], [[r["cell"], *(fmt(r["ap"][n], 3) for n in names)] for r in rows]))
+    lines.append(md_table(["cell", *names], [[r["cell"], *(fmt(r["ap"].get(n), 3) for n in names)] for r in rows]))
     noise = [r for r in result["summary"] if "best" not in r]
     if noise:
         names = list(noise[0]["ap"])
         lines += ["", "Label noise (20% symmetric flips): `query.kind: val_errors` (8 misclassified validation "
                   "samples, labelled with the wrong prediction) next to self-influence, AP (mean over seeds):", ""]
-        lines.append(md_table(["cell", *names], [[r["cell"], *(fmt(r["ap"][n], 3) for n in names)] for r in noise]))
+        lines.append(md_table(["cell", *names], [[r["cell"], *(fmt(r["ap"].get(n), 3) for n in names)] for r in noise]))
     return "\n".join(lines)
 
 
