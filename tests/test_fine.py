@@ -145,3 +145,15 @@ def test_group_column_travels_from_parquet_to_the_staged_splits(tmp_path):
     frame.with_columns(pl.col("group").cast(pl.Float64)).write_parquet(tmp_path / "bad.parquet")
     with pytest.raises(DataError, match="'group' must hold integers"):
         stage_data(load_params(None, [f"data.source={tmp_path / 'bad.parquet'}"]))
+
+
+def test_vectorised_tradeoff_spread_equals_the_per_unit_curve():
+    from cleanse.finfluence import tradeoff_spread_columns
+
+    rng = np.random.default_rng(0)
+    samples = rng.normal(size=(60, 30))
+    included = rng.random((60, 30)) < 0.3
+    samples[included] += rng.uniform(0, 2, size=30)[np.nonzero(included)[1]]
+    expected = [np.subtract(*np.quantile(tradeoff_mu(samples[included[:, k], k], samples[~included[:, k], k]),
+                                         [0.75, 0.25])) for k in range(30)]
+    np.testing.assert_allclose(tradeoff_spread_columns(samples, included), expected, atol=1e-12)

@@ -37,7 +37,7 @@ import numpy as np
 import polars as pl
 import torch
 import torch.nn.functional as F
-from scipy.stats import norm
+from scipy.special import ndtri
 
 from cleanse.config import ModelConfig
 from cleanse.errors import DataError
@@ -83,7 +83,36 @@ def tradeoff_mu(with_s: np.ndarray, without_s: np.ndarray, alphas: np.ndarray = 
     thresholds = np.quantile(a, 1.0 - alphas)
     beta = np.searchsorted(b, thresholds, side="right") / b.size
     eps = 0.5 / b.size
-    return norm.ppf(1.0 - alphas) - norm.ppf(np.clip(beta, eps, 1.0 - eps))
+    return ndtri(1.0 - alphas) - ndtri(np.clip(beta, eps, 1.0 - eps))
+
+
+def tradeoff_spread_columns(samples: np.ndarray, in_first: np.ndarray, alphas: np.ndarray = ALPHA_GRID) -> np.ndarray:
+    """:func:`tradeoff_mu`'s interquartile range over alpha for many units at once.
+
+    ``samples`` ``(m, units)`` holds each unit's observations; ``in_first`` ``(m, units)`` bool marks
+    those of the first sample (the with-S / included arm), the rest form the second. Returns
+    ``(units,)``; NaN where an arm has fewer than 2 observations.
+    """
+    samples = np.asarray(samples, dtype=np.float64)
+    first = np.where(in_first, samples, np.nan)
+    n_first, n_second = in_first.sum(0), (~in_first).sum(0)
+    ok = (n_first >= 2) & (n_second >= 2)
+    # Column-wise linear-interpolation quantiles of the first arm (NaN-padded; NaNs sort last).
+    ordered = np.sort(first[:, ok], axis=0)
+    position = (1.0 - alphas)[:, None] * (n_first[ok] - 1)[None]  # (alphas, units)
+    low = np.floor(position).astype(np.int64)
+    high = np.minimum(low + 1, n_first[ok][None] - 1)
+    columns = np.arange(ordered.shape[1])[None]
+    low_value, high_value = ordered[low, columns], ordered[high, columns]
+    thresholds = low_value + (position - low) * (high_value - low_value)  # (alphas, units)
+    second = np.where(in_first[:, ok], np.inf, samples[:, ok])  # first-arm entries never count as <= t
+    beta = (second[None] <= thresholds[:, None]).sum(1) / n_second[ok]
+    eps = 0.5 / n_second[ok]
+    curve = ndtri(1.0 - alphas)[:, None] - ndtri(np.clip(beta, eps, 1.0 - eps))
+    q1, q3 = np.quantile(curve, [0.25, 0.75], axis=0)
+    out = np.full(samples.shape[1], np.nan)
+    out[ok] = q3 - q1
+    return out
 
 
 def f_influence(with_s: np.ndarray, without_s: np.ndarray, *, n_bootstrap: int = 1000, level: float = 0.95,

@@ -61,7 +61,7 @@ from scipy.stats import norm
 from cleanse.config import FineOptions
 from cleanse.errors import ConfigError
 from cleanse.estimators.base import ScoreResult, ScoringContext, score_table
-from cleanse.finfluence import tradeoff_mu
+from cleanse.finfluence import tradeoff_spread_columns
 from cleanse.models.trainer import l2_penalty, seeded_model
 
 
@@ -189,8 +189,7 @@ class FineEstimator:
         z = norm.ppf(0.5 + options.level / 2)
         scale = math.sqrt(rounds)
         mu, mu_lo, mu_hi = scale * d, scale * (d - z * se), scale * (d + z * se)
-        gaussianity = np.array([self._spread(signals[inclusions[:, k], k], signals[~inclusions[:, k], k])
-                                for k in range(n_units)])
+        gaussianity = tradeoff_spread_columns(signals, inclusions)
         if options.query == "self":
             score = mu
             median = np.median(mu)
@@ -217,14 +216,6 @@ class FineEstimator:
                     f"{options.inclusion:.0%} of {rounds} rounds); the loop evaluates the ordinary model",
         }
         return ScoreResult(score_table(context.train.sample_id, score, **columns), meta)
-
-    @staticmethod
-    def _spread(inside: np.ndarray, outside: np.ndarray) -> float:
-        if inside.size < 2 or outside.size < 2:
-            return float("nan")
-        curve = tradeoff_mu(inside, outside)
-        q1, q3 = np.quantile(curve, [0.25, 0.75])
-        return float(q3 - q1)
 
     @staticmethod
     def _alignment(model: torch.nn.Module, start_params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
