@@ -1125,6 +1125,9 @@ def merge_runs(runs: list[dict[str, Any]], out: Path) -> dict[str, Any]:
     for run_data in runs:
         for record in run_data["cells"]:
             if record["key"] not in cells:
+                if not (record["references"].get("oracle") or {}).get("test_accuracy"):
+                    print(f"merge: {record['key']} only appears in a detector-only run (--no-references); left out")
+                    continue
                 cells[record["key"]] = record
                 continue
             # A later run of the same cell (e.g. ``--only`` one detector after a fix) replaces the
