@@ -10,7 +10,11 @@ model; the others are retrained with seeds ``seed + 1000 m`` on the same data):
   projection ``P_m`` ``(p, k)`` (seed = model id), rows ``Phi_m`` ``(n, k)`` over the training set;
 - the after-kernel ``F_m = Phi_m (Phi_m^T Phi_m + lambda I)^-1`` ``(n, k)``, with ``lambda`` =
   ``damping`` x the mean diagonal of ``Phi^T Phi`` (the reference defaults to 0, which needs
-  ``k < n``);
+  ``k < n``). The default 0.3 was chosen on the linear datamodeling score (digits, 30 random
+  halves, 20 queries, k = 512, one model): damping 0 / 1e-3 / 0.1 / 0.3 / 1.0 gives LDS
+  0.40 / 0.55 / 0.76 / 0.79 / 0.78 on the logistic regression and - / 0.35 / 0.64 / 0.71 / 0.71
+  on the MLP (dattri's TRAK: 0.71 and 0.66), while the flip-detection AUC of the self-scores moves
+  from 0.997 to 0.996;
 - out-to-loss weights ``Q_m(z_i) = 1 - p(y_i | z_i; theta_m)``.
 
 Scores for targets ``z'``: ``tau = mean_m(F_m phi_m(z')^T) * mean_m(Q_m)`` row-wise, i.e. the
