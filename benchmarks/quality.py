@@ -642,6 +642,14 @@ def score_cell(cell: Cell, seeds: list[int], dets: list[Detector], retrainer: Re
     runs: dict[str, list[dict[str, Any]]] = {det.name: [] for det in dets}
     skipped: dict[str, str] = {}
     last_top_k: dict[str, np.ndarray] = {}
+
+    def submit_references(seed: int) -> None:
+        if not with_references:
+            return
+        for name, removed in (("no removal", np.zeros(0, dtype=np.int64)), ("random", random_ids(staged, k, seed)),
+                              ("oracle", train.sample_id[train.is_corrupted])):
+            references[name].append(retrainer.submit(cell, params, staged, removed, seed))
+
     for seed in seeds[:n_detect]:
         started = time.perf_counter()
         model = train_model(spec, train.features, train.label, params.model, seed=seed, device=torch.device("cpu"))
@@ -660,11 +668,7 @@ def score_cell(cell: Cell, seeds: list[int], dets: list[Detector], retrainer: Re
         no_removal = np.zeros(0, dtype=np.int64)
         retrainer.preset(Retrainer.key(cell, no_removal, seed),
                          {**evaluate_model(model, staged), "n_removed": 0, "n_corrupted_removed": 0})
-        if with_references:
-            references["no removal"].append(retrainer.submit(cell, params, staged, no_removal, seed))
-            references["random"].append(retrainer.submit(cell, params, staged, random_ids(staged, k, seed), seed))
-            references["oracle"].append(retrainer.submit(cell, params, staged, train.sample_id[train.is_corrupted],
-                                                         seed))
+        submit_references(seed)
         with tempfile.TemporaryDirectory(prefix="quality_") as workdir:
             bench = Bench(cell, params, staged, model, Path(workdir))
             for det in dets:
@@ -695,11 +699,7 @@ def score_cell(cell: Cell, seeds: list[int], dets: list[Detector], retrainer: Re
     # Retrain-only seeds: the same removals (the last detection model's top-k) under other training seeds.
     extra_retrains: dict[str, list[str]] = {name: [] for name in last_top_k}
     for seed in seeds[n_detect:]:
-        if with_references:
-            references["no removal"].append(retrainer.submit(cell, params, staged, np.zeros(0, dtype=np.int64), seed))
-            references["random"].append(retrainer.submit(cell, params, staged, random_ids(staged, k, seed), seed))
-            references["oracle"].append(retrainer.submit(cell, params, staged, train.sample_id[train.is_corrupted],
-                                                         seed))
+        submit_references(seed)
         for name, top_k in last_top_k.items():
             if name not in skipped:
                 extra_retrains[name].append(retrainer.submit(cell, params, staged, top_k, seed))

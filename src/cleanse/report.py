@@ -47,6 +47,7 @@ def collect_metrics(params: Params, layout: Layout) -> dict[str, Any]:
         scores = read_table(layout.scores(name))
         is_corrupted = np.array([truth[i] for i in scores["sample_id"].to_list()], dtype=bool)
         retrain = read_json(layout.retrain_result(name))
+        score_meta = read_json(layout.scores_meta(name))
         cleaned = retrain["cleaned"]
         metrics["estimators"][name] = {
             "detection": detection_metrics(scores["score"].to_numpy(), is_corrupted),
@@ -57,9 +58,9 @@ def collect_metrics(params: Params, layout: Layout) -> dict[str, Any]:
                 "n_corrupted_removed": cleaned["n_corrupted_removed"],
             },
             "n_flagged": retrain["n_flagged"],
-            "seconds": read_json(layout.scores_meta(name))["seconds"],
+            "seconds": score_meta["seconds"],
         }
-        note = read_json(layout.scores_meta(name)).get("note")
+        note = score_meta.get("note")
         if note:  # e.g. fine: its scores come from a model trained on a randomised curriculum
             metrics["estimators"][name]["note"] = note
         if retrain.get("iterative"):

@@ -26,8 +26,8 @@ unit); ``val`` = the mean validation loss (one value shared by all units, split 
 bit).
 
 **Stage 2: two-sample test per unit.** A = signals of rounds with the unit in, B = with it out.
-The per-round effect is d = (mean(B) - mean(A)) / pooled sd (Welford running moments, so memory is
-O(units)); the R rounds compose as Gaussian trade-offs (G_mu1 (x) G_mu2 = G_sqrt(mu1^2 + mu2^2)),
+The per-round signals are kept, ``(rounds, units)`` float64, for the interval and the trade-off
+diagnostic. The per-round effect is d = (mean(B) - mean(A)) / pooled sd; the R rounds compose as Gaussian trade-offs (G_mu1 (x) G_mu2 = G_sqrt(mu1^2 + mu2^2)),
 so mu = sqrt(R) * d, with the normal-approximation interval of d' (se^2 = 1/nA + 1/nB +
 d^2 / (2 (nA + nB))). ``gaussianity`` is the interquartile range over alpha of the empirical
 trade-off mu(alpha) between A and B (0 = exactly Gaussian).
@@ -81,31 +81,24 @@ def _unit_index(context: ScoringContext, options: FineOptions) -> tuple[np.ndarr
     return unit_of_row, int(labels.size)
 
 
-class _Moments:
-    """Running mean and sum of squared deviations (Welford) per unit, for A (in) and B (out)."""
+def _unit_means(values: np.ndarray, unit_of_row: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Per-unit mean ``(units,)`` of per-row ``values`` ``(n,)``; rows of no unit (-1) are ignored."""
+    keep = unit_of_row >= 0
+    return np.bincount(unit_of_row[keep], weights=values[keep], minlength=sizes.size) / sizes
 
-    def __init__(self, units: int):
-        self.count = np.zeros((2, units))
-        self.mean = np.zeros((2, units))
-        self.m2 = np.zeros((2, units))
 
-    def add(self, signal: np.ndarray, included: np.ndarray) -> None:
-        arm = np.where(included, 0, 1)
-        cols = np.arange(signal.size)
-        self.count[arm, cols] += 1
-        delta = signal - self.mean[arm, cols]
-        self.mean[arm, cols] += delta / self.count[arm, cols]
-        self.m2[arm, cols] += delta * (signal - self.mean[arm, cols])
-
-    def effect(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per-round d = (mean_B - mean_A) / pooled sd and its standard error, ``(units,)`` each."""
-        n_a, n_b = self.count
-        dof = np.maximum(n_a + n_b - 2, 1)
-        pooled = np.sqrt((self.m2[0] + self.m2[1]) / dof)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            d = np.where(pooled > 0, (self.mean[1] - self.mean[0]) / pooled, 0.0)
-            se = np.sqrt(1 / np.maximum(n_a, 1) + 1 / np.maximum(n_b, 1) + d**2 / (2 * np.maximum(n_a + n_b, 2)))
-        return d, se
+def _effect(signals: np.ndarray, included: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-round d = (mean_B - mean_A) / pooled sd and its standard error, ``(units,)`` each, from
+    the signals ``(rounds, units)`` split by the inclusion bits (A = in, B = out)."""
+    n_a, n_b = included.sum(0), (~included).sum(0)
+    mean_a = np.where(included, signals, 0.0).sum(0) / np.maximum(n_a, 1)
+    mean_b = np.where(included, 0.0, signals).sum(0) / np.maximum(n_b, 1)
+    squares = np.where(included, signals - mean_a, signals - mean_b) ** 2
+    pooled = np.sqrt(squares.sum(0) / np.maximum(n_a + n_b - 2, 1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d = np.where(pooled > 0, (mean_b - mean_a) / pooled, 0.0)
+    se = np.sqrt(1 / np.maximum(n_a, 1) + 1 / np.maximum(n_b, 1) + d**2 / (2 * np.maximum(n_a + n_b, 2)))
+    return d, se
 
 
 def _centred(signal: np.ndarray, included: np.ndarray, unit_label: np.ndarray, centering: str) -> np.ndarray:
@@ -145,12 +138,11 @@ class FineEstimator:
         rounds = config.epochs * options.rounds_per_epoch
         generator = torch.Generator().manual_seed(context.seed)
         rng = np.random.default_rng(context.seed + 7919)
-        sizes = np.bincount(unit_of_row[unit_of_row >= 0], minlength=n_units).astype(np.float64)
-        moments = _Moments(n_units)
         keep_rows = unit_of_row >= 0
+        sizes = np.bincount(unit_of_row[keep_rows], minlength=n_units).astype(np.float64)
         _, first_row = np.unique(unit_of_row[keep_rows], return_index=True)
         unit_label = context.train.label[np.flatnonzero(keep_rows)[first_row]]  # a unit's label: its first row's
-        signals = np.empty((rounds, n_units), dtype=np.float32)  # kept for the trade-off diagnostic
+        signals = np.empty((rounds, n_units))
         inclusions = np.empty((rounds, n_units), dtype=bool)
 
         def query(theta_model: torch.nn.Module) -> np.ndarray:
@@ -158,8 +150,7 @@ class FineEstimator:
                 if options.query == "val":
                     return np.full(n_units, float(F.cross_entropy(theta_model(xv), yv)))
                 loss = F.cross_entropy(theta_model(x), y, reduction="none").double().cpu().numpy()
-                keep = unit_of_row >= 0
-                return np.bincount(unit_of_row[keep], weights=loss[keep], minlength=n_units) / sizes
+                return _unit_means(loss, unit_of_row, sizes)
 
         model.train()
         before = query(model) if options.signal == "loss_change" else None
@@ -183,9 +174,8 @@ class FineEstimator:
             if options.query == "self":  # the val signal is one number per round: nothing to centre against
                 signal = _centred(signal, included, unit_label, options.centering)
             signals[t], inclusions[t] = signal, included
-            moments.add(signal.astype(np.float64), included)
         model.eval()
-        d, se = moments.effect()
+        d, se = _effect(signals, inclusions)
         z = norm.ppf(0.5 + options.level / 2)
         scale = math.sqrt(rounds)
         mu, mu_lo, mu_hi = scale * d, scale * (d - z * se), scale * (d + z * se)
@@ -239,5 +229,4 @@ class FineEstimator:
         directional = directional.double().cpu().numpy()
         if options.query == "val":
             return np.full(sizes.size, directional[0])
-        keep = unit_of_row >= 0
-        return np.bincount(unit_of_row[keep], weights=directional[keep], minlength=sizes.size) / sizes
+        return _unit_means(directional, unit_of_row, sizes)
