@@ -125,8 +125,6 @@ def backdoor_job(cell: Cell, seed: int) -> dict[str, Any]:
         score, seconds = _score(name, params, staged, model, query)
         detectors[f"{name} (triggered probes)"] = {**detection_metrics(score, truth), "seconds": seconds}
     for name in SELF_SCORED:
-        if name == "influence" and cell.dataset == "digits":
-            continue  # CG self-influence: one solve per chunk of 64 samples, minutes per seed (see quality.py)
         score, seconds = _score(name, params, staged, model, None)
         detectors[f"{name} (self)"] = {**detection_metrics(score, truth), "seconds": seconds}
     loop = cleanse_iteratively(params, staged, registry.get(CLEANSE_WITH), getattr(params.scorers, CLEANSE_WITH),
@@ -238,11 +236,21 @@ def render(result: dict[str, Any], docs: Path, out: Path, image: Path) -> str:
         "backdoor cells; split and poisons fixed (seed 0), training seeds "
         f"{meta['seeds']}; every number is a mean over the seeds.", "",
         "Probes: `query.kind: triggered`, `query.size: 8` (triggered validation inputs of non-target classes that "
-        "the model sends to the target), contrasted with 8 correctly classified validation inputs of the target "
-        "class (`query.contrast: reference`); TracIn with unit gradients (`scorers.tracin.normalize`). Cleansing: "
+        "the model sends to the target, spread over their true classes), contrasted with 8 correctly classified "
+        "validation inputs of the target class (`query.contrast: reference`, positive general support only); "
+        "TracIn with unit gradients (`scorers.tracin.normalize`). Cleansing: "
         f"the `{CLEANSE_WITH}` probe ranking, ~1.1% of the training set removed per round, retrain from scratch, "
-        "re-score; stop once ≤ 2% of the held-out triggered validation inputs still go to the target, or at 15% "
-        "removed. ASR and accuracy are on the test set, which the loop never sees.", "",
+        "re-score with the probes the retrained model still gets wrong; stop once ≤ 2% of the held-out triggered "
+        "validation inputs still go to the target, or at 15% removed; then put back the removed samples whose "
+        "label the cleansed model agrees with, kept only if the behaviour stays gone. ASR and accuracy are on the "
+        "test set, which the loop never sees. The oracle removes exactly the poisons and retrains with the same "
+        "seed; on wine one test sample is 2.2 pt of accuracy.", "",
+        "What each part bought on the digits cells (MLP / CNN, mean of 3 seeds), measured one change at a time: "
+        "the previous design (two-sided contrast, probes drawn at random, fixed probes) reached AP 0.816 / 0.891 "
+        "and ASR 0.069 / 0.047 after cleansing, 3.0 / 2.4 pt below the oracle. The one-sided contrast alone raised "
+        "AP to 0.921 / 0.916; with class-spread probes it is 0.975 / 0.960. Re-scoring only the probes still "
+        "failing let the MLP reach ASR 0 in every seed. Putting back agreed-with samples moved accuracy by −0.2 to "
+        "+1.3 pt per seed; it matters where the loop over-removed (MLP seed 2: 19 samples back, +1.3 pt).", "",
         f"Targets: best AP ≥ {TARGETS['ap']}; ASR after cleansing ≤ {TARGETS['asr']}; clean test accuracy within "
         f"{TARGETS['accuracy_gap'] * 100:.0f} pt of the oracle.", "",
     ]
@@ -286,7 +294,9 @@ def run(grid: str, seeds: list[int], out: Path, docs: Path | None, jobs: int, ca
     started = time.perf_counter()
     backdoor_cells, noise_cells = GRIDS[grid]
     tasks = [(backdoor_job, cell, seed) for cell in backdoor_cells for seed in seeds]
-    tasks += [(noise_job, cell, seed) for cell in noise_cells for seed in seeds]
+    noise = [(noise_job, cell, seed) for cell in noise_cells for seed in seeds]
+    # With many workers the long label-noise jobs go first, so they do not start last.
+    tasks = noise + tasks if jobs >= len(tasks) // 2 else tasks + noise
     done = _cached(cache)
     todo = [] if cached_only else [t for t in tasks if (t[1].key, t[2]) not in done]
 

@@ -79,6 +79,23 @@ def test_ggn_is_psd_where_the_hessian_is_indefinite(small_mlp):
     assert torch.allclose(ggn.float(), explicit, atol=1e-5)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_closed_form_linear_head_ggn_matches_the_explicit_jacobian_product(bias):
+    torch.manual_seed(1)
+    head = torch.nn.Linear(7, 5, bias=bias)
+    x = torch.randn(90, 7)
+    fm = FunctionalModel.of(head, 1e-2)
+    block = torch.randn(fm.n_params, 6)
+    jac = torch.func.jacrev(lambda t: fm.logits(t, x))(fm.theta)  # (n, C, p)
+    probs = torch.softmax(fm.logits(fm.theta, x), 1)
+    h_out = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]
+    explicit = torch.einsum("ncp,ncd,ndq->pq", jac, h_out, jac) / x.shape[0] + 1e-2 * torch.eye(fm.n_params)
+    assert torch.allclose(ggn_fn(fm, x, None)(block), explicit @ block, atol=1e-5)
+    # For a linear model the GGN is the Hessian of the objective.
+    hessian = exact_hessian(fm, x, torch.randint(0, 5, (90,)))
+    assert torch.allclose(ggn_fn(fm, x, None)(block).double(), hessian @ block.double(), atol=1e-5)
+
+
 def test_cg_on_the_ggn_meets_no_negative_curvature_and_matches_the_exact_solve(small_mlp):
     fm, x, y = small_mlp
     rhs = torch.randn(fm.n_params, 3, generator=torch.Generator().manual_seed(0))
@@ -162,3 +179,12 @@ def test_last_layer_restriction_matches_a_model_of_the_head_alone(wine_context):
     inverse = exact_inverse(exact_hessian(head, features, y, curvature="ggn"), 1e-3)
     reference = inverse.quadratic_form(per_sample_grads(head, features, y)).numpy()
     assert np.allclose(scores, reference, rtol=1e-4)
+
+
+def test_functional_model_leaves_the_callers_module_as_it_was():
+    module = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Dropout(0.5), torch.nn.Linear(4, 2)).train()
+    fm = FunctionalModel.of(module, 0.0)
+    assert module.training and all(p.requires_grad for p in module.parameters())
+    assert not fm.module.training
+    x = torch.randn(5, 3)
+    assert torch.allclose(fm.logits(fm.theta, x), module.eval()(x))

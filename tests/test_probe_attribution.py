@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from cleanse.attribution import aggregate_support, contrast, score_with_query, top_proponents
 from cleanse.config import load_params
@@ -94,12 +95,25 @@ def test_aggregation_is_robust_to_one_large_probe():
 
 def test_contrast_removes_general_label_support():
     rng = np.random.default_rng(1)
-    general = rng.normal(size=200)
+    general = np.abs(rng.normal(size=200))  # support for the label on ordinary inputs
     specific = rng.normal(size=200)
     specific -= (specific @ general) / (general @ general) * general  # orthogonal to general
     residual, beta = contrast(specific + 3.0 * general, general)
     assert beta == pytest.approx(3.0)
     assert np.allclose(residual, specific)
+
+
+def test_contrast_does_not_promote_samples_that_oppose_the_label():
+    # Two ordinary samples with no probe-specific support: one supports the label everywhere, one
+    # opposes it everywhere. Neither may outrank the poison after the contrast.
+    support = np.array([1.0, 0.5, -0.5, 0.0])  # poison, ordinary target-class, other class, neutral
+    general = np.array([0.0, 0.5, -0.5, 0.0])
+    residual, beta = contrast(support, general)
+    assert beta == pytest.approx(1.0)
+    assert residual[0] == pytest.approx(1.0)
+    assert residual[1] == pytest.approx(0.0)
+    assert residual[2] == pytest.approx(-0.5)  # unchanged: not promoted to 0 or above
+    assert np.argmax(residual) == 0
 
 
 def test_iterative_cleansing_removes_the_backdoor(backdoor):
@@ -116,8 +130,45 @@ def test_iterative_cleansing_removes_the_backdoor(backdoor):
     assert rounds[-1]["attack_success_rate"] < 0.5 * rounds[0]["attack_success_rate"]
     poisons = staged.train.sample_id[staged.train.is_corrupted]
     assert np.isin(poisons, loop["removed_ids"]).mean() >= 0.9
-    assert [r["n_removed"] for r in rounds] == [4 * i for i in range(len(rounds))]
-    assert all(len(r["flagged_ids"]) == 4 for r in rounds[1:])
+    removal = [r for r in rounds if "n_readmitted" not in r]
+    assert [r["n_removed"] for r in removal] == [4 * i for i in range(len(removal))]
+    assert all(len(r["flagged_ids"]) == 4 for r in removal[1:])
+    # Re-admission puts back only samples the cleansed model agrees with: here, no poison.
+    readmitted = [r for r in rounds if "n_readmitted" in r]
+    assert len(readmitted) <= 1 and all(r is rounds[-1] for r in readmitted)
+    for record in readmitted:
+        assert not np.isin(record["readmitted_ids"], poisons).any()
+        assert record["n_removed"] == len(loop["removed_ids"]) == removal[-1]["n_removed"] - record["n_readmitted"]
+
+
+def test_readmission_puts_back_clean_samples_and_keeps_the_behaviour_gone():
+    from cleanse.cleansing import readmit_agreeing
+    from cleanse.models.architectures import spec_for
+    from cleanse.models.trainer import predict_proba, train_model
+
+    # digits: enough held-out triggered inputs (hundreds) that one boundary case does not decide.
+    params = load_params(None, ["data.source=sklearn:digits", "corruption.kind=backdoor", "corruption.fraction=0.05",
+                                "model.arch=logreg", "model.epochs=20", "model.lr=0.01", "tracking.enabled=false",
+                                "query.kind=triggered", "query.size=8"])
+    context, staged = context_for(params)
+    query = query_for(params, staged, context.model)
+    train = staged.train
+    poisons = train.sample_id[train.is_corrupted]
+    # Over-removal as the ranking produces it: every poison plus ordinary samples of the target class.
+    ordinary = train.sample_id[(train.label == 0) & ~train.is_corrupted][:20]
+    removed = poisons.tolist() + ordinary.tolist()
+    spec = spec_for(params.model.arch, params.model.hidden, staged.meta.feature_shape, staged.meta.n_classes)
+    kept = train.without(np.asarray(removed))
+    cleansed = train_model(spec, kept.features, kept.label, params.model, seed=params.seed)
+    outcome = readmit_agreeing(params, staged, query, spec, cleansed, removed, torch.device("cpu"), print)
+    assert outcome is not None
+    model, still_removed, record = outcome
+    back = np.asarray(record["readmitted_ids"])
+    assert np.isin(back, ordinary).mean() >= 0.9 and len(back) >= 15  # the ordinary samples come back
+    assert np.isin(poisons, still_removed).all()  # no poison does
+    assert record["n_removed"] == len(still_removed) == len(removed) - len(back)
+    before = query.behaviour_rate(predict_proba(cleansed.module(), query.heldout.features))
+    assert record["heldout_behaviour_rate"] <= max(before, params.cleansing.stop_rate)
 
 
 def test_query_configuration_errors():

@@ -42,16 +42,22 @@ def aggregate_support(matrix: np.ndarray, method: str = "normalized_mean") -> np
 
 
 def contrast(support: np.ndarray, general: np.ndarray, *, centre: bool = False) -> tuple[np.ndarray, float]:
-    """``support - beta * general`` with the least-squares ``beta = <s, g> / <g, g>``, shapes ``(n_train,)``.
+    """``support - beta * max(general, 0)`` with the least-squares ``beta = <s, g+> / <g+, g+>``,
+    shapes ``(n_train,)``.
 
     ``general`` is the support for the probes' labels on ordinary inputs. Samples that support a
     label everywhere (clean members of the backdoor's target class) carry most of it; what is left
-    is support specific to the probes. ``beta`` is fitted, not chosen, so the result does not
-    depend on the two vectors' scales.
+    is support specific to the probes. Only the positive part is removed: a sample that *opposes*
+    the label on ordinary inputs (an ordinary member of another class) is not evidence for the
+    behaviour, and subtracting its negative general support would promote it. On the digits
+    backdoor cells this one-sided contrast raised the probe ranking's AP from 0.82 to 0.92 (MLP)
+    and 0.89 to 0.92 (CNN), mean of 3 seeds; the two-sided one filled the top ranks with 5s and 9s.
+    ``beta`` is fitted, not chosen, so the result does not depend on the two vectors' scales.
     """
     s, g = np.asarray(support, dtype=np.float64), np.asarray(general, dtype=np.float64)
     if centre:
         s, g = s - s.mean(), g - g.mean()
+    g = np.maximum(g, 0.0)
     denominator = float(g @ g)
     beta = float(s @ g) / denominator if denominator > 0 else 0.0
     return s - beta * g, beta
@@ -72,12 +78,16 @@ def score_with_query(estimator: Any, context: ScoringContext, options: BaseModel
         if query is not None:
             result.meta = {**result.meta, "query": "not used: this estimator has no train -> query scores"}
         return result, None
-    matrix = np.asarray(estimator.pairwise(context, options, query.probes), dtype=np.float64)
+    # One pairwise call for probes and reference together: solver set-up (an exact inverse, EK-FAC
+    # factors, checkpoint gradients) is then paid once.
+    joined = query.probes if query.reference is None else query.probes.concat(query.reference)
+    both = np.asarray(estimator.pairwise(context, options, joined), dtype=np.float64)
+    matrix = both[: len(query.probes)]
     support = aggregate_support(matrix, aggregate)
     columns = {"probe_support": support, "probe_support_max": matrix.max(0)}
     score = support
     if query.reference is not None:
-        general = aggregate_support(estimator.pairwise(context, options, query.reference), aggregate)
+        general = aggregate_support(both[len(query.probes) :], aggregate)
         score, beta = contrast(support, general, centre=aggregate == "rank_mean")
         columns["reference_support"] = general
     meta = {"query": {**query.summary(), "aggregate": aggregate, "contrast": query.reference is not None},

@@ -7,6 +7,13 @@ recipe, and re-scores the probes on the new model; it stops as soon as at most
 ``cleansing.stop_rate`` of the *held-out* probes (never scored) still show the behaviour, or when
 the budget (``cleansing.max_fraction`` of the training set, ``cleansing.max_rounds``) is spent.
 
+From round 2 on only the probes the retrained model still gets wrong are attributed
+(``cleansing.refresh_probes``): the poisons that survive are what keeps those failing.
+
+Once the behaviour is gone, removed samples whose label the cleansed model agrees with are put
+back (``cleansing.readmit``) and the model retrained; that last round is kept only if the
+behaviour stays gone (else the more confidently agreed half is tried, at most 3 retrains).
+
 Round 0 is the model before any removal. Every round records the ids flagged in it, the held-out
 behaviour rate, clean test accuracy and (for backdoors) the attack success rate on the test set.
 """
@@ -30,6 +37,73 @@ def _ranked_ids(sample_id: np.ndarray, score: np.ndarray) -> np.ndarray:
     """Ids by descending score, ties by ascending id (as :func:`cleanse.detect.flag`)."""
     order = np.lexsort((sample_id, -np.asarray(score, dtype=np.float64)))
     return np.asarray(sample_id)[order]
+
+
+def _current_probes(query: QuerySet, model: Any) -> QuerySet:
+    """``query`` restricted to the probes ``model`` still gets wrong (unchanged if none or all).
+
+    Once most poisons are gone, a probe the retrained model classifies correctly mostly measures
+    support for its label in general; the probes it still fails on are what the survivors cause.
+    (Adding the removed samples the retrained model contradicts as extra probes was tried and
+    measured worse on the digits backdoor cells: it pulled in ordinary samples of other classes.)
+    """
+    from dataclasses import replace
+
+    from cleanse.models.trainer import predict_proba
+
+    shows = predict_proba(model.module(), query.probes.features).argmax(1) == query.probes.label
+    if shows.all() or not shows.any():
+        return query
+    return replace(query, probes=query.probes.subset(shows))
+
+
+READMIT_TRIES = 3
+
+
+def readmit_agreeing(params: Params, staged: StagedData, query: QuerySet, spec: Any, model: Any, removed: list[int],
+                     device: torch.device, log: Callable[[str], None] | None) -> tuple[Any, list[int], dict[str, Any]] | None:
+    """Put back removed samples whose label the cleansed ``model`` predicts; keep that only if the
+    retrained model shows the behaviour on no more held-out probes than ``model`` (or ``stop_rate``).
+
+    The ranking that finds the last poisons also removes ordinary samples of the behaviour's label
+    (they support it too). A model without the poisons disagrees with a poison's label (a
+    triggered 3 labelled 0 is predicted 3) but agrees with an ordinary sample's, so agreement
+    separates the two after the fact. It is not perfect (a poison whose source input already
+    looks like the target class is agreed with), so if the behaviour returns, the more
+    confidently agreed half is tried instead, up to ``READMIT_TRIES`` retrains in all. Returns
+    ``(model, removed, round record)``, or ``None`` when nothing could be put back.
+    """
+    from cleanse.models.trainer import predict_proba, train_model
+    from cleanse.pipeline import evaluate_model
+
+    candidates = staged.train.subset(np.isin(staged.train.sample_id, removed))
+    probabilities = predict_proba(model.module(), candidates.features)
+    agrees = np.flatnonzero(probabilities.argmax(1) == candidates.label)
+    confidence = probabilities[agrees, candidates.label[agrees]]
+    ranked = candidates.sample_id[agrees[np.argsort(-confidence, kind="stable")]]
+    size = len(ranked)
+    # Never worse than the cleansed model itself (which the loop only hands over at <= stop_rate).
+    threshold = max(params.cleansing.stop_rate, query.behaviour_rate(predict_proba(model.module(), query.heldout.features)))
+    for _ in range(READMIT_TRIES):
+        if size == 0:
+            return None
+        back = set(ranked[:size].tolist())
+        still_removed = [i for i in removed if i not in back]
+        remaining = staged.train.without(np.asarray(still_removed, dtype=np.int64))
+        retrained = train_model(spec, remaining.features, remaining.label, params.model, seed=params.seed, device=device)
+        rate = query.behaviour_rate(predict_proba(retrained.module(), query.heldout.features))
+        kept = rate <= threshold or not np.isfinite(rate)
+        if log is not None:
+            log(f"readmit: {len(back)} of {len(removed)} removed samples (agreed with by the cleansed model); held-out "
+                f"behaviour after putting them back {rate:.3f} ({'kept' if kept else 'reverted'})")
+        if kept:
+            gone = np.isin(staged.train.sample_id, still_removed)
+            record = {"n_removed": len(still_removed), "n_readmitted": len(back),
+                      "n_corrupted_removed": int(staged.train.is_corrupted[gone].sum()),
+                      "heldout_behaviour_rate": rate, **evaluate_model(retrained, staged), "readmitted_ids": sorted(back)}
+            return retrained, still_removed, record
+        size //= 2
+    return None
 
 
 def cleanse_iteratively(
@@ -84,12 +158,20 @@ def cleanse_iteratively(
         else:
             context = ScoringContext(train=kept, val=staged.val, meta=staged.meta, model=model,
                                      model_config=params.model, seed=params.seed, device=device)
-            score = score_with_query(estimator, context, options, query, params.query.aggregate)[0].table["score"].to_numpy()
+            probes = _current_probes(query, model) if config.refresh_probes else query
+            record["n_probes_scored"] = len(probes.probes)
+            score = score_with_query(estimator, context, options, probes, params.query.aggregate)[0].table["score"].to_numpy()
         take = _ranked_ids(kept.sample_id, score)[: min(config.step, budget - len(removed))]
         rounds[-1]["next_ids"] = take.tolist()
         removed += take.tolist()
         remaining = staged.train.without(np.asarray(removed))
         model = train_model(spec, remaining.features, remaining.label, params.model, seed=params.seed, device=device)
     rounds[-1].pop("next_ids", None)
+    if config.readmit and stopped == "behaviour_gone" and removed:
+        outcome = readmit_agreeing(params, staged, query, spec, model, removed, device, log)
+        if outcome is not None:
+            model, removed, record = outcome
+            record["round"] = len(rounds)
+            rounds.append(record)
     return {"rounds": rounds, "removed_ids": removed, "stopped": stopped, "budget": budget,
-            "final": {k: v for k, v in rounds[-1].items() if k not in ("round", "flagged_ids")}, "model": model}
+            "final": {k: v for k, v in rounds[-1].items() if k not in ("round", "flagged_ids", "readmitted_ids")}, "model": model}

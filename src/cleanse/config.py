@@ -317,6 +317,10 @@ class CleansingConfig(_Section):
     max_rounds: int = Field(20, ge=1)
     stop_rate: float = Field(0.02, ge=0, le=1, description="Stop once at most this share of held-out probes "
                              "still shows the behaviour (is predicted as the probe label).")
+    refresh_probes: bool = Field(True, description="From round 2 on, attribute only the probes the retrained "
+                                 "model still gets wrong (all of them if it gets none wrong).")
+    readmit: bool = Field(True, description="Once the behaviour is gone, put back the removed samples whose label "
+                          "the cleansed model agrees with, retrain, and keep that only if the behaviour stays gone.")
 
     @field_validator("max_fraction")
     @classmethod

@@ -16,6 +16,7 @@ a block of right-hand sides ``B`` of shape ``(p, k)``:
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Callable
@@ -38,8 +39,9 @@ class FunctionalModel:
 
     @classmethod
     def of(cls, module: nn.Module, weight_decay: float) -> FunctionalModel:
-        # Gradients flow through ``theta`` only; the module's own tensors are constants.
-        module = module.eval().requires_grad_(False)
+        # Gradients flow through ``theta`` only; the module's own tensors are constants. A copy, so
+        # that the caller's module keeps its training mode and requires_grad flags.
+        module = copy.deepcopy(module).eval().requires_grad_(False)
         named = [(name, parameter) for name, parameter in module.named_parameters()]
         theta = torch.cat([parameter.detach().reshape(-1) for _, parameter in named])
         return cls(module, [n for n, _ in named], [p.shape for _, p in named], theta, weight_decay)
@@ -260,6 +262,19 @@ def exact_inverse(hessian: torch.Tensor, damping: float) -> ExactInverse:
     return ExactInverse(eigenvectors, inverse, SolverReport("exact", effective, True, note=note))
 
 
+def on_active(fn: HVP, block: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """``fn`` applied to the active columns of ``block`` only; the others come back as zeros.
+
+    CG's columns converge at different iterations and a converged column's step is zero, so the
+    curvature products (the dominant cost) need not be spent on it.
+    """
+    if bool(active.all()):
+        return fn(block)
+    out = torch.zeros_like(block)
+    out[:, active] = fn(block[:, active])
+    return out
+
+
 def cg_solve(apply_h: HVP, rhs: torch.Tensor, *, damping: float, max_iter: int, tol: float,
              preconditioner: HVP | None = None) -> tuple[torch.Tensor, SolverReport]:
     """Conjugate gradients on ``(H + damping I) X = B`` column by column (``B``: ``(p, k)``).
@@ -288,7 +303,7 @@ def cg_solve(apply_h: HVP, rhs: torch.Tensor, *, damping: float, max_iter: int, 
     negative_curvature = torch.zeros_like(active)
     iteration = 0
     for iteration in range(1, max_iter + 1):
-        hd = op(direction)
+        hd = on_active(op, direction, active)
         curvature = (direction * hd).sum(0)
         bad = curvature <= 0
         negative_curvature |= bad & active
@@ -299,7 +314,7 @@ def cg_solve(apply_h: HVP, rhs: torch.Tensor, *, damping: float, max_iter: int, 
         active &= residual.norm(dim=0) / rhs_norm > tol
         if not active.any():
             break
-        z = precondition(residual)
+        z = on_active(precondition, residual, active)
         rs_new = (residual * z).sum(0)
         direction = z + (rs_new / rs_old.where(rs_old != 0, torch.ones_like(rs_old))) * direction
         rs_old = rs_new
@@ -387,6 +402,8 @@ def ggn_fn(fm: FunctionalModel, x: torch.Tensor, y: torch.Tensor) -> HVP:
     """
     theta = fm.theta
     n = x.shape[0]
+    if isinstance(fm.module, nn.Linear) and x.dim() == 2:
+        return _linear_head_ggn(fm, x)
     logits, pullback = torch.func.vjp(lambda t: fm.logits(t, x), theta)
     probs = torch.softmax(logits.detach(), dim=1)
 
@@ -399,5 +416,37 @@ def ggn_fn(fm: FunctionalModel, x: torch.Tensor, y: torch.Tensor) -> HVP:
 
     def apply(block: torch.Tensor) -> torch.Tensor:
         return batched(block)
+
+    return apply
+
+
+def _linear_head_ggn(fm: FunctionalModel, x: torch.Tensor) -> HVP:
+    """:func:`ggn_fn` for a lone ``nn.Linear`` (the ``layers="last"`` problem), in closed form.
+
+    With ``V`` split per column into ``dW`` ``(C, d)`` and ``db`` ``(C,)``, ``J_i v = dW x_i + db`` and
+    ``J_i^T u = (u x_i^T, u)``, so a block of ``k`` columns costs two ``(n, d) x (d, k C)`` matrix
+    products. Vmapping the generic forward-mode product instead batches ``k`` skinny ``(n, d) x
+    (d, C)`` products, measured 5-10x slower on 2 cores for the digits MLP head.
+    """
+    weight_shape = fm.shapes[0]
+    classes, width = weight_shape
+    has_bias = len(fm.shapes) > 1
+    weight = fm.theta[: classes * width].reshape(classes, width)
+    bias = fm.theta[classes * width :] if has_bias else None
+    n = x.shape[0]
+    probs = torch.softmax(nn.functional.linear(x, weight, bias), dim=1)  # (n, C)
+
+    def apply(block: torch.Tensor) -> torch.Tensor:
+        k = block.shape[1]
+        # Keep the sample axis outermost so both products are plain 2-D matmuls over (d, C k).
+        d_weight = block[: classes * width].reshape(classes, width, k).transpose(0, 1).reshape(width, classes * k)
+        jv = (x @ d_weight).reshape(n, classes, k)
+        if has_bias:
+            jv = jv + block[classes * width :]
+        p3 = probs[:, :, None]
+        hjv = p3 * (jv - (p3 * jv).sum(1, keepdim=True))  # (n, C, k)
+        out_weight = (x.T @ hjv.reshape(n, classes * k)).reshape(width, classes, k).transpose(0, 1).reshape(classes * width, k)
+        out = torch.cat([out_weight, hjv.sum(0)]) if has_bias else out_weight
+        return out / n + fm.weight_decay * block
 
     return apply

@@ -9,7 +9,7 @@ the behaviour label; ``label_clean`` keeps the input's true class where it is kn
 - ``val_errors``: validation samples the model misclassifies, labelled with the wrong prediction.
 - ``triggered``: validation inputs of the non-target classes with the backdoor trigger stamped on,
   labelled with the target class. Those the model already sends to the target are preferred as
-  probes (they are the failures a user would report).
+  probes (they are the failures a user would report), spread over the inputs' true classes.
 - ``file``: a ``.parquet`` (``features`` list column and ``label``) or ``.npz`` (``X``, ``y``).
 
 ``reference`` (with ``query.contrast: reference``) holds as many ordinary validation inputs of
@@ -60,10 +60,24 @@ def _split(features: np.ndarray, label: np.ndarray, true_label: np.ndarray, star
                  is_corrupted=np.zeros(n, dtype=bool))
 
 
-def _choose(candidates: Split, preferred: np.ndarray, size: int, seed: int) -> tuple[Split, Split]:
-    """``size`` probes drawn from ``candidates`` (``preferred`` rows first); the rest are held out."""
+def _choose(candidates: Split, preferred: np.ndarray, size: int, seed: int,
+            strata: np.ndarray | None = None) -> tuple[Split, Split]:
+    """``size`` probes drawn from ``candidates`` (``preferred`` rows first); the rest are held out.
+
+    With ``strata`` ``(n,)`` (e.g. the inputs' true classes), preferred rows are taken round-robin
+    over the strata in random order, so that the probes cover as many of them as ``size`` allows.
+    """
     rng = np.random.default_rng(seed + 31337)
     first = rng.permutation(np.flatnonzero(preferred))
+    if strata is not None and first.size:
+        # Position of each row within its stratum: sorting by it interleaves the strata.
+        keys = strata[first]
+        within = np.zeros(first.size, dtype=np.int64)
+        for value in np.unique(keys):
+            rows = np.flatnonzero(keys == value)
+            within[rows] = np.arange(rows.size)
+        stratum_order = {value: rank for rank, value in enumerate(rng.permutation(np.unique(keys)))}
+        first = first[np.lexsort((np.array([stratum_order[k] for k in keys]), within))]
     second = rng.permutation(np.flatnonzero(~preferred))
     order = np.concatenate([first, second])
     chosen = np.sort(order[:size])
@@ -161,7 +175,9 @@ def _build_probes(config: QueryConfig, staged: StagedData, predict: Any, *, seed
         features = apply_trigger(val.features[others], trigger)
         candidates = _split(features, np.full(int(others.sum()), target), val.label[others], 0)
         fooled = predict(features).argmax(1) == target
-        probes, heldout = _choose(candidates, fooled, config.size, seed)
+        # Spread over the source classes: a backdoor's poisons come from every class, and the
+        # ones whose class no probe shows get little support (measured on the digits cells).
+        probes, heldout = _choose(candidates, fooled, config.size, seed, strata=candidates.label_clean)
         note = "" if fooled.sum() >= config.size else (
             f"only {int(fooled.sum())} triggered validation inputs are classified as the target; the other probes "
             "are triggered inputs the model still gets right")

@@ -66,7 +66,7 @@ def collect_metrics(params: Params, layout: Layout) -> dict[str, Any]:
         if retrain.get("iterative"):
             metrics["estimators"][name]["cleansing"] = {
                 "stopped": retrain["stopped"],
-                "rounds": [{k: v for k, v in r.items() if k != "flagged_ids"} for r in retrain["rounds"]]}
+                "rounds": [{k: v for k, v in r.items() if k not in ("flagged_ids", "readmitted_ids")} for r in retrain["rounds"]]}
     if params.query.kind != "none" and (layout.root / "query" / "query.json").is_file():
         metrics["query"] = read_json(layout.root / "query" / "query.json")
     if params.evaluate.lds or params.evaluate.stability:

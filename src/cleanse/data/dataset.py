@@ -38,6 +38,19 @@ class Split:
             group=None if self.group is None else self.group[mask_or_index],
         )
 
+    def concat(self, other: Split) -> Split:
+        """This split's rows followed by ``other``'s (ids kept as they are; ``group`` dropped
+        unless both have one)."""
+        both = self.group is not None and other.group is not None
+        return Split(
+            sample_id=np.concatenate([self.sample_id, other.sample_id]),
+            features=np.concatenate([self.features, other.features.astype(self.features.dtype, copy=False)]),
+            label=np.concatenate([self.label, other.label]),
+            label_clean=np.concatenate([self.label_clean, other.label_clean]),
+            is_corrupted=np.concatenate([self.is_corrupted, other.is_corrupted]),
+            group=np.concatenate([self.group, other.group]) if both else None,
+        )
+
     def without(self, sample_ids: np.ndarray) -> Split:
         """The split minus the rows whose ``sample_id`` is in ``sample_ids``."""
         return self.subset(~np.isin(self.sample_id, sample_ids))
