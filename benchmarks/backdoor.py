@@ -1,6 +1,6 @@
 """Backdoor benchmark: attribute the observed misbehaviour (triggered probes) and cleanse iteratively.
 
-On the backdoor cells of ``benchmarks/quality.py`` (5% poisons relabelled to class 0; a 3x3 trigger
+On all 10 backdoor cells of ``benchmarks/quality.py`` (5% poisons relabelled to class 0; a 3x3 trigger
 patch on digits, a 3-feature trigger pattern on breast_cancer and wine; each cell's model recipe
 unchanged), for every training seed:
 
@@ -18,7 +18,7 @@ unchanged), for every training seed:
 On the label-noise cells (20% symmetric flips) it reports ``query.kind: val_errors`` (8
 misclassified validation samples) next to self-influence, for TracIn and influence.
 
-    .venv/bin/python benchmarks/backdoor.py                        # full, about 40 min on 2 cores
+    .venv/bin/python benchmarks/backdoor.py                        # full, about 30 min on 2 cores
     .venv/bin/python benchmarks/backdoor.py --grid smoke --out /tmp/b.json --docs /tmp/b.md
 
 Writes ``benchmarks/results/backdoor.json`` and the ``backdoor`` section of ``docs/benchmarks.md``.
@@ -55,7 +55,9 @@ CLEANSE_WITH = "tracin"
 # Cheapest first, so that a run cut short still covers every dataset.
 BACKDOOR_CELLS = [Cell("wine", "backdoor5", "logreg"), Cell("wine", "backdoor5", "mlp"),
                   Cell("breast_cancer", "backdoor5", "logreg"), Cell("breast_cancer", "backdoor5", "mlp"),
-                  Cell("digits", "backdoor5", "mlp"), Cell("digits", "backdoor5", "cnn")]
+                  Cell("digits", "backdoor5", "logreg"), Cell("digits", "backdoor5", "mlp"),
+                  Cell("digits", "backdoor5", "cnn"), Cell("wine", "backdoor5", "mlp_mem"),
+                  Cell("breast_cancer", "backdoor5", "mlp_mem"), Cell("digits", "backdoor5", "mlp_mem")]
 NOISE_CELLS = [Cell("digits", "sym20", "mlp"), Cell("breast_cancer", "sym20", "mlp"), Cell("wine", "sym20", "mlp")]
 GRIDS = {
     "full": (BACKDOOR_CELLS, NOISE_CELLS),
