@@ -207,8 +207,12 @@ def plot(result: dict[str, Any], image: Path) -> None:
 
     jobs = result["backdoor_jobs"]
     cells = list(dict.fromkeys(job["cell"] for job in jobs))
-    figure, axes = plt.subplots(1, max(1, len(cells)), figsize=(3.2 * max(1, len(cells)), 3.0), squeeze=False)
-    for axis, cell in zip(axes[0], cells):
+    columns = max(1, min(5, len(cells)))
+    rows = max(1, math.ceil(len(cells) / columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.0 * rows), squeeze=False)
+    for axis in axes.ravel()[len(cells):]:
+        axis.set_visible(False)
+    for axis, cell in zip(axes.ravel(), cells):
         for job in (j for j in jobs if j["cell"] == cell):
             removed = [r["n_removed"] for r in job["cleansing"]["rounds"]]
             axis.plot(removed, [r["attack_success_rate"] for r in job["cleansing"]["rounds"]], marker="o",
@@ -217,7 +221,8 @@ def plot(result: dict[str, Any], image: Path) -> None:
         axis.set_title(cell, fontsize=8)
         axis.set_xlabel("samples removed")
         axis.set_ylim(-0.02, 1.02)
-    axes[0][0].set_ylabel("ASR (test)")
+    for row in axes:
+        row[0].set_ylabel("ASR (test)")
     axes[0][0].legend(fontsize=7)
     figure.tight_layout()
     image.parent.mkdir(parents=True, exist_ok=True)
