@@ -57,6 +57,15 @@ def _current_probes(query: QuerySet, model: Any) -> QuerySet:
     return replace(query, probes=query.probes.subset(shows))
 
 
+def _round_record(staged: StagedData, removed: list[int], rate: float, model: Any) -> dict[str, Any]:
+    """What every round logs about ``model`` trained without ``removed``."""
+    from cleanse.pipeline import evaluate_model
+
+    taken = np.isin(staged.train.sample_id, removed)
+    return {"n_removed": len(removed), "n_corrupted_removed": int(staged.train.is_corrupted[taken].sum()),
+            "heldout_behaviour_rate": rate, **evaluate_model(model, staged)}
+
+
 READMIT_TRIES = 3
 
 
@@ -74,16 +83,16 @@ def readmit_agreeing(params: Params, staged: StagedData, query: QuerySet, spec: 
     ``(model, removed, round record)``, or ``None`` when nothing could be put back.
     """
     from cleanse.models.trainer import predict_proba, train_model
-    from cleanse.pipeline import evaluate_model
 
+    cleansed = model.module()
     candidates = staged.train.subset(np.isin(staged.train.sample_id, removed))
-    probabilities = predict_proba(model.module(), candidates.features)
+    probabilities = predict_proba(cleansed, candidates.features)
     agrees = np.flatnonzero(probabilities.argmax(1) == candidates.label)
     confidence = probabilities[agrees, candidates.label[agrees]]
     ranked = candidates.sample_id[agrees[np.argsort(-confidence, kind="stable")]]
     size = len(ranked)
     # Never worse than the cleansed model itself (which the loop only hands over at <= stop_rate).
-    threshold = max(params.cleansing.stop_rate, query.behaviour_rate(predict_proba(model.module(), query.heldout.features)))
+    threshold = max(params.cleansing.stop_rate, query.behaviour_rate(predict_proba(cleansed, query.heldout.features)))
     for _ in range(READMIT_TRIES):
         if size == 0:
             return None
@@ -97,10 +106,8 @@ def readmit_agreeing(params: Params, staged: StagedData, query: QuerySet, spec: 
             log(f"readmit: {len(back)} of {len(removed)} removed samples (agreed with by the cleansed model); held-out "
                 f"behaviour after putting them back {rate:.3f} ({'kept' if kept else 'reverted'})")
         if kept:
-            gone = np.isin(staged.train.sample_id, still_removed)
-            record = {"n_removed": len(still_removed), "n_readmitted": len(back),
-                      "n_corrupted_removed": int(staged.train.is_corrupted[gone].sum()),
-                      "heldout_behaviour_rate": rate, **evaluate_model(retrained, staged), "readmitted_ids": sorted(back)}
+            record = {**_round_record(staged, still_removed, rate, retrained), "n_readmitted": len(back),
+                      "readmitted_ids": sorted(back)}
             return retrained, still_removed, record
         size //= 2
     return None
@@ -120,7 +127,6 @@ def cleanse_iteratively(
     from cleanse.estimators.base import ScoringContext
     from cleanse.models.architectures import default_device, spec_for
     from cleanse.models.trainer import predict_proba, train_model
-    from cleanse.pipeline import evaluate_model
 
     device = device or default_device()
     config = params.cleansing
@@ -134,9 +140,7 @@ def cleanse_iteratively(
     for index in range(config.max_rounds + 1):
         rate = query.behaviour_rate(predict_proba(model.module(), query.heldout.features))
         kept_mask = ~np.isin(staged.train.sample_id, removed)
-        record = {"round": index, "n_removed": len(removed),
-                  "n_corrupted_removed": int(staged.train.is_corrupted[~kept_mask].sum()),
-                  "heldout_behaviour_rate": rate, **evaluate_model(model, staged)}
+        record = {"round": index, **_round_record(staged, removed, rate, model)}
         if rounds:
             record["flagged_ids"] = rounds[-1].pop("next_ids")
         rounds.append(record)
