@@ -139,6 +139,28 @@ def _wait(predicate: Any, seconds: float, what: str, pid: int | None = None, log
     raise StackError(f"{what} not ready after {seconds:.0f} s; see {log}")
 
 
+_READY_KEY = ".cleanse-ready"
+
+
+def _reads_work(s3: Any) -> bool:
+    """Whether SeaweedFS serves object bodies, not only bucket metadata.
+
+    After a restart the filer answers bucket calls before the volume server has re-registered its
+    volumes with the master; until then GETs of existing objects fail with ``InternalError``. So
+    readiness means: a probe object round-trips, and one stored object (if any) can be read."""
+    try:
+        s3.put_object(Bucket=BUCKET, Key=_READY_KEY, Body=b"ok")
+        if s3.get_object(Bucket=BUCKET, Key=_READY_KEY)["Body"].read() != b"ok":
+            return False
+        listed = s3.list_objects_v2(Bucket=BUCKET, MaxKeys=2).get("Contents", [])
+        stored = [item["Key"] for item in listed if item["Key"] != _READY_KEY and item["Size"] > 0]
+        if stored:
+            s3.get_object(Bucket=BUCKET, Key=stored[0], Range="bytes=0-0")["Body"].read()
+        return True
+    except Exception:
+        return False
+
+
 # ----------------------------------------------------------------------------- state
 
 
@@ -262,11 +284,11 @@ class Stack:
                               config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5))
             try:
                 s3.create_bucket(Bucket=BUCKET)
-                return True
             except s3.exceptions.BucketAlreadyOwnedByYou:
-                return True
+                pass
             except Exception:
                 return False
+            return _reads_work(s3)
 
         _wait(bucket_ready, _startup_timeout(), "SeaweedFS S3", pid, self.dir / "s3.log")
         echo(f"S3 (SeaweedFS)   {urls['s3']}   bucket s3://{BUCKET}")
