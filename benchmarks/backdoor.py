@@ -48,8 +48,11 @@ from _common import REPO, environment, fmt, jsonable, md_table  # noqa: E402
 from quality import CORRUPTIONS, MODELS, Cell  # noqa: E402
 
 TARGETS = {"ap": 0.8, "asr": 0.05, "accuracy_gap": 0.01}
+# TracIn reads geometrically spaced checkpoints with unit training gradients: on the memorising
+# digits MLP the poisons are fit within 3 of 200 epochs, before any evenly spaced checkpoint.
+TRACIN = ["model.checkpoint_spacing=geometric", "scorers.tracin.normalize=train"]
 QUERY = ["query.kind=triggered", "query.size=8", "query.aggregate=normalized_mean", "query.contrast=reference",
-         "scorers.tracin.normalize=true"]
+         *TRACIN]
 CLEANSE_WITH = "tracin"
 
 # Cheapest first, so that a run cut short still covers every dataset.
@@ -148,7 +151,7 @@ def noise_job(cell: Cell, seed: int) -> dict[str, Any]:
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     started = time.perf_counter()
-    extra = ["query.kind=val_errors", "query.size=8", "query.contrast=reference", "scorers.tracin.normalize=true"]
+    extra = ["query.kind=val_errors", "query.size=8", "query.contrast=reference", *TRACIN]
     params, staged, model = _setup(cell, seed, extra)
     truth = staged.train.is_corrupted
     query = query_for(params, staged, model)
@@ -245,7 +248,8 @@ def render(result: dict[str, Any], docs: Path, out: Path, image: Path) -> str:
         "Probes: `query.kind: triggered`, `query.size: 8` (triggered validation inputs of non-target classes that "
         "the model sends to the target, spread over their true classes), contrasted with 8 correctly classified "
         "validation inputs of the target class (`query.contrast: reference`, positive general support only); "
-        "TracIn with unit gradients (`scorers.tracin.normalize`). Cleansing: "
+        "TracIn over geometrically spaced checkpoints (`model.checkpoint_spacing: geometric`: epochs 1, 2, 3, "
+        "6, ... of a 200-epoch run) with unit training gradients (`scorers.tracin.normalize: train`). Cleansing: "
         f"the `{CLEANSE_WITH}` probe ranking, ~1.1% of the training set removed per round, retrain from scratch, "
         "re-score with the probes the retrained model still gets wrong; stop once ≤ 2% of the held-out triggered "
         "validation inputs still go to the target, or at 15% removed; then put back the removed samples whose "
@@ -258,6 +262,13 @@ def render(result: dict[str, Any], docs: Path, out: Path, image: Path) -> str:
         "AP to 0.921 / 0.916; with class-spread probes it is 0.975 / 0.960. Re-scoring only the probes still "
         "failing let the MLP reach ASR 0 in every seed. Putting back agreed-with samples moved accuracy by −0.2 to "
         "+1.3 pt per seed; it matters where the loop over-removed (MLP seed 2: 19 samples back, +1.3 pt).", "",
+        "The TracIn checkpoint schedule decides the memorising digits MLP (200 epochs): evenly spaced checkpoints "
+        "(epochs 20, 40, ..., 200) with cosine scores gave AP 0.413 and ASR 0.098 after cleansing (seed 2 spent its "
+        "budget at ASR 0.25). The poisons are fit within the first 3 epochs; per checkpoint, the epoch-1 "
+        "ranking alone has AP 1.00 and the epoch-200 one 0.40–0.48. Geometric checkpoints with unit training "
+        "gradients (a checkpoint then counts as much as the probe was still being learned there) give the table's "
+        "numbers. The same setting costs the CNN, whose trigger is learned later: probe AP per seed (1 / 2) "
+        "0.919 / 0.964 with even checkpoints and cosine scores, 0.826 / 0.874 with this setting.", "",
         f"Targets: best AP ≥ {TARGETS['ap']}; ASR after cleansing ≤ {TARGETS['asr']}; clean test accuracy within "
         f"{TARGETS['accuracy_gap'] * 100:.0f} pt of the oracle.", "",
     ]

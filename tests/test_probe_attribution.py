@@ -21,7 +21,7 @@ from tests.conftest import context_for
 BACKDOOR = ["data.source=sklearn:wine", "corruption.kind=backdoor", "corruption.fraction=0.1",
             "corruption.trigger_size=3", "model.arch=logreg", "model.epochs=30", "model.lr=0.01",
             "model.checkpoints=5", "tracking.enabled=false", "query.kind=triggered", "query.size=8",
-            "scorers.tracin.normalize=true"]
+            "scorers.tracin.normalize=train", "model.checkpoint_spacing=geometric"]
 
 
 @pytest.fixture(scope="module")

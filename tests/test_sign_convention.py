@@ -54,8 +54,8 @@ def planted():
     ("estimator", "options"),
     [(ValidationInfluenceEstimator(), InfluenceOptions(solver="exact")),
      (ValidationInfluenceEstimator(), InfluenceOptions(solver="cg", cg_tol=1e-6)),
-     (TracInEstimator(), TracInOptions())],
-    ids=["influence_val-exact", "influence_val-cg", "tracin"],
+     (TracInEstimator(), TracInOptions()), (TracInEstimator(), TracInOptions(normalize="train"))],
+    ids=["influence_val-exact", "influence_val-cg", "tracin", "tracin-unit-train-gradients"],
 )
 def test_planted_duplicate_is_the_top_proponent(planted, estimator, options):
     for context, point in planted:

@@ -100,7 +100,10 @@ class ModelConfig(_Section):
     lr: float = Field(0.01, gt=0)
     weight_decay: float = Field(1e-3, ge=0, description="L2 coefficient: loss + wd/2 * ||theta||^2.")
     optimizer: Literal["adam", "sgd", "lbfgs"] = "adam"
-    checkpoints: int = Field(5, ge=1, description="Checkpoints saved at evenly spaced epochs (TracIn).")
+    checkpoints: int = Field(5, ge=1, description="Checkpoints saved for TracIn (the last is the final epoch).")
+    checkpoint_spacing: Literal["even", "geometric"] = Field(
+        "even", description="even: evenly spaced epochs; geometric: log-spaced from epoch 1, dense where the "
+        "loss falls fastest. Long runs that fit poisons early need geometric (docs/benchmarks.md, backdoor).")
 
     @field_validator("hidden", mode="before")
     @classmethod
@@ -192,8 +195,16 @@ class FvmOptions(_Section):
 class TracInOptions(_Section):
     checkpoints: Literal["all", "last"] = Field("all", description="Which saved checkpoints to sum over.")
     chunk_size: int = Field(2048, ge=1, description="Samples per chunk of per-sample gradient work.")
-    normalize: bool = Field(False, description="Train -> query scores with unit gradients per checkpoint "
-                            "(gradient cosine): large-gradient samples do not dominate a probe's proponents.")
+    normalize: Literal["none", "train", "both"] = Field(
+        "none", description="Train -> query scores per checkpoint with unit training gradients ('train': "
+        "large-gradient samples do not dominate a probe's proponents, and checkpoints where the probe is "
+        "still being learned weigh most) or unit gradients on both sides ('both': gradient cosine).")
+
+    @field_validator("normalize", mode="before")
+    @classmethod
+    def _normalize_flag(cls, value: Any) -> Any:
+        # true/false were the options before 'train' existed; they meant cosine / raw.
+        return {True: "both", False: "none"}.get(value, value) if isinstance(value, bool) else value
 
 
 class SpectralOptions(_Section):

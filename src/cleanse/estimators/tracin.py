@@ -7,9 +7,18 @@ on ``i`` lowered ``q``'s loss). Self-influence ``sum_c lr_c ||g_i(theta_c)||^2``
 score (higher = more harmful). Self-influence uses the layer-wise identity
 ``||delta a^T||^2 = ||delta||^2 ||a||^2`` for Linear layers (one forward and backward pass per
 chunk) and vmapped per-sample gradients otherwise; train -> query scores use one forward-mode
-product per query and checkpoint. With ``normalize`` the train -> query scores use unit gradients
-(``g_i . g_q / (||g_i|| ||g_q||)`` per checkpoint), so samples with large gradients do not
-dominate every probe's proponents.
+product per query and checkpoint.
+
+``normalize`` changes the train -> query scores per checkpoint:
+
+- ``train``: ``lr_c * g_i . g_q / ||g_i||``. Samples with large gradients (the still-misfit ones)
+  do not dominate every probe's proponents, and a checkpoint counts in proportion to how much the
+  probe was still being learned there (``||g_q||``), so the epochs where a behaviour forms outweigh
+  the later ones where the probe is already fit and its gradient direction is noise. On the
+  memorising digits MLP with a backdoor and geometric checkpoints this raised the probe
+  ranking's AP from 0.82-0.90 to 1.00 (seeds 0 and 2); on the digits CNN, whose trigger is
+  learned later, it lowered AP from 0.86-0.94 to 0.83-0.87 (seeds 1 and 2).
+- ``both``: ``lr_c * cos(g_i, g_q)`` (every checkpoint weighs the same).
 """
 
 from __future__ import annotations
@@ -65,8 +74,9 @@ class TracInEstimator:
             fm = _functional(context, checkpoint)
             query_grads = per_sample_grads(fm, xq, yq)
             scale = torch.ones(x.shape[0], dtype=torch.float64, device=context.device)
-            if options.normalize:
+            if options.normalize != "none":
                 scale = per_sample_sq_norms(fm, x, y, chunk_size=options.chunk_size).sqrt().clamp_min(1e-30)
+            if options.normalize == "both":
                 query_grads = query_grads / query_grads.norm(dim=1, keepdim=True).clamp_min(1e-30)
             for q in range(query_grads.shape[0]):
                 out[q] += checkpoint.lr * grad_dots(fm, x, y, query_grads[q]).double() / scale

@@ -5,8 +5,8 @@ set plus ``weight_decay / 2 * ||theta||^2`` over all parameters. The penalty is 
 not a decoupled optimizer step, so the Hessian used by :mod:`cleanse.estimators.influence` is the
 Hessian of exactly what was minimised.
 
-Checkpoints are taken at ``model.checkpoints`` evenly spaced epochs (the last one is the final
-model), each with the learning rate in effect, for TracInCP (Pruthi et al., 2020).
+Checkpoints are taken at ``model.checkpoints`` evenly (or geometrically) spaced epochs (the last
+one is the final model), each with the learning rate in effect, for TracInCP (Pruthi et al., 2020).
 """
 
 from __future__ import annotations
@@ -44,10 +44,26 @@ class TrainedModel:
         return model.to(device or torch.device("cpu")).eval()
 
 
-def checkpoint_epochs(epochs: int, count: int) -> list[int]:
-    """``count`` evenly spaced epochs in ``1..epochs``, always ending with ``epochs``."""
+def checkpoint_epochs(epochs: int, count: int, spacing: str = "even") -> list[int]:
+    """Up to ``count`` distinct epochs in ``1..epochs``, always ending with ``epochs``.
+
+    ``even``: ``epochs * k / count``. ``geometric``: ``epochs ** (k / (count - 1))`` for
+    ``k = 0..count-1``, i.e. 1, ..., ``epochs`` with a constant ratio, filled up to ``count`` with
+    the smallest unused epochs where rounding collides. TracInCP (Pruthi et al. 2020) approximates
+    the sum over all steps by its checkpoints; a sample's contribution is concentrated in the epochs
+    before the model fits it, which for easily fit samples (backdoor poisons) are the first few,
+    where evenly spaced checkpoints of a long run never look.
+    """
     count = min(count, epochs)
-    return sorted({int(round(epochs * (k + 1) / count)) for k in range(count)})
+    if spacing == "even":
+        return sorted({int(round(epochs * (k + 1) / count)) for k in range(count)})
+    if spacing != "geometric":
+        raise ValueError(f"unknown checkpoint spacing {spacing!r}; allowed: even, geometric")
+    chosen = {int(round(epochs ** (k / (count - 1)))) for k in range(count)} if count > 1 else {epochs}
+    fill = (e for e in range(1, epochs + 1) if e not in chosen)
+    while len(chosen) < count:
+        chosen.add(next(fill))
+    return sorted(chosen)
 
 
 def l2_penalty(parameters: dict[str, torch.Tensor] | list[torch.Tensor], weight_decay: float) -> torch.Tensor:
@@ -95,7 +111,7 @@ def train_model(
     n = x.shape[0]
     params = list(model.parameters())
     loss_fn = nn.CrossEntropyLoss()
-    save_at = set(checkpoint_epochs(config.epochs, config.checkpoints))
+    save_at = set(checkpoint_epochs(config.epochs, config.checkpoints, config.checkpoint_spacing))
     checkpoints: list[Checkpoint] = []
 
     def objective(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
