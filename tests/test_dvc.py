@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 
@@ -139,6 +140,8 @@ def test_repro_writes_every_artifact(project: Project) -> None:
         for path in (f"scores/{name}.parquet", f"scores/{name}.meta.json", f"flags/{name}.parquet",
                      f"flags/{name}.meta.json", f"retrain/{name}.json", f"reports/pr/{name}.csv"):
             assert (root / path).is_file(), path
+        # No probes in params.yaml: the train -> probe matrix is an output with zero rows.
+        assert np.load(root / "scores" / f"{name}.pairwise.npy").shape == (0, metrics["dataset"]["n_train"])
     for path in ("data/staged/meta.json", "models/base/meta.json", "retrain/references.json",
                  "reports/report.html", "reports/comparison.md", "reports/pr_curves.png"):
         assert (root / path).is_file(), path

@@ -209,8 +209,10 @@ def run_score(params: Params, layout: Layout, estimator: str) -> Path:
     started = time.perf_counter()
     result, matrix = score_with_query(scorer, context, getattr(params.scorers, estimator), query, params.query.aggregate)
     seconds = time.perf_counter() - started
-    if matrix is not None:
-        write_npy(matrix, pairwise_path(layout, estimator))
+    # Always written (no probes, or no train -> probe scores: zero rows), so that it is a DVC output
+    # of score@<estimator> and a stale matrix from an earlier configuration never survives.
+    empty = np.zeros((0, len(context.train)), dtype=np.float32)
+    write_npy(empty if matrix is None else matrix, pairwise_path(layout, estimator))
     table = result.table
     if table["sample_id"].to_list() != context.train.sample_id.tolist():
         raise RuntimeError(f"estimator {estimator} returned rows out of training order")
@@ -232,7 +234,8 @@ def query_dir(layout: Layout) -> Path:
 
 
 def pairwise_path(layout: Layout, estimator: str) -> Path:
-    """``(n_query, n_train)`` train -> probe matrix (``np.load(path, mmap_mode="r")``); positive = proponent."""
+    """``(n_query, n_train)`` train -> probe matrix (``np.load(path, mmap_mode="r")``); positive =
+    proponent. Zero rows when the run had no probes or the estimator has no train -> probe scores."""
     return layout.root / "scores" / f"{estimator}.pairwise.npy"
 
 

@@ -230,9 +230,9 @@ def write_probe_plots(params: Params, layout: Layout, metrics: dict[str, Any], *
     index = {sid: i for i, sid in enumerate(staged.train.sample_id.tolist())}
     for name in metrics["estimators"]:
         path = pairwise_path(layout, name)
-        if not path.is_file():
+        matrix = np.load(path, mmap_mode="r") if path.is_file() else np.zeros((0, 0))
+        if matrix.shape[0] == 0:  # self-scored: no train -> probe matrix
             continue
-        matrix = np.load(path, mmap_mode="r")
         ids = top_proponents(matrix, staged.train.sample_id, top)
         rows = [{"probe": q, "probe_label": int(probes.label[q]), "rank": r + 1, "sample_id": int(sid),
                  "given_label": int(staged.train.label[index[sid]]), "support": float(matrix[q, index[sid]]),
