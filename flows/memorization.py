@@ -56,7 +56,9 @@ def task_runner(runner: str = "thread", address: str | None = None, workers: int
             from prefect_ray import RayTaskRunner
         except ImportError as exc:
             raise ConfigError("runner 'ray' needs the ray extra: pip install 'cleanse[ray]'") from exc
-        return RayTaskRunner(address=address) if address else RayTaskRunner()
+        if address:
+            return RayTaskRunner(address=address)
+        return RayTaskRunner(init_kwargs={"num_cpus": workers} if workers else None)
     raise ConfigError(f"runner: {runner!r} is not one of {', '.join(map(repr, RUNNERS))}")
 
 
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", "-o", default=".", help="output root")
     parser.add_argument("--runner", choices=RUNNERS, default="thread")
     parser.add_argument("--address", help="dask scheduler or ray head address (default: start a local one)")
-    parser.add_argument("--workers", type=int, help="parallel workers (thread/process/dask LocalCluster)")
+    parser.add_argument("--workers", type=int, help="parallel workers (thread/process pool, dask LocalCluster, local Ray CPUs)")
     parser.add_argument("--fresh", action="store_true")
     parser.add_argument("--no-report", action="store_true")
     args = parser.parse_args(argv)

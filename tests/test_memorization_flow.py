@@ -1,5 +1,5 @@
-"""The memorization flow: the same numbers on the thread runner and on a DaskTaskRunner with a
-LocalCluster, the long-tail report with its Prefect artifact and MLflow run, and a killed run that
+"""The memorization flow: the same numbers on the thread runner, on a DaskTaskRunner with a
+LocalCluster and on a RayTaskRunner with a local Ray, the long-tail report with its Prefect artifact and MLflow run, and a killed run that
 resumes without retraining its finished shards."""
 
 from __future__ import annotations
@@ -83,6 +83,24 @@ def test_dask_local_cluster_gives_the_same_numbers(thread_run, tmp_path, monkeyp
     for name in ("infl_test.npy", "infl_test_se.npy"):
         np.testing.assert_array_equal(np.load(out / "scores" / "memorization" / name),
                                       np.load(thread_run[0] / "scores" / "memorization" / name))
+
+
+@pytest.mark.timeout(300)
+def test_ray_local_cluster_gives_the_same_numbers(thread_run, tmp_path, monkeypatch):
+    pytest.importorskip("prefect_ray")  # installed by the dev extra
+    import prefect.settings
+
+    from flows.memorization import memorization_flow, task_runner
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect.settings.PREFECT_API_URL.value())
+    out = tmp_path / "ray"
+    flow = memorization_flow.with_options(task_runner=task_runner("ray", workers=2))
+    state = flow(None, [*TINY, "tracking.enabled=false"], str(out), report=False, return_state=True)
+    assert state.is_completed(), state.message
+    expected = pl.read_parquet(thread_run[0] / "scores" / "memorization.parquet")
+    assert pl.read_parquet(out / "scores" / "memorization.parquet").equals(expected)
+    np.testing.assert_array_equal(np.load(out / "scores" / "memorization" / "infl_test.npy"),
+                                  np.load(thread_run[0] / "scores" / "memorization" / "infl_test.npy"))
 
 
 @pytest.mark.timeout(300)
