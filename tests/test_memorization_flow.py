@@ -66,16 +66,18 @@ def test_thread_run_writes_scores_influence_and_report(thread_run, monkeypatch):
 
 
 @pytest.mark.timeout(300)
-def test_dask_local_cluster_gives_the_same_numbers(thread_run, tmp_path, monkeypatch):
-    pytest.importorskip("prefect_dask")  # installed by the dev extra
+@pytest.mark.parametrize(("runner", "extra"), [("dask", "prefect_dask"), ("ray", "prefect_ray")])
+def test_distributed_runner_gives_the_same_numbers(thread_run, tmp_path, monkeypatch, runner, extra):
+    """A LocalCluster (dask) or a local Ray: the shards train in other processes, the numbers do not move."""
+    pytest.importorskip(extra)  # installed by the dev extra
     import prefect.settings
 
     from flows.memorization import memorization_flow, task_runner
 
     # Worker processes find the test API through the environment (the harness sets it in-process).
     monkeypatch.setenv("PREFECT_API_URL", prefect.settings.PREFECT_API_URL.value())
-    out = tmp_path / "dask"
-    flow = memorization_flow.with_options(task_runner=task_runner("dask", workers=2))
+    out = tmp_path / runner
+    flow = memorization_flow.with_options(task_runner=task_runner(runner, workers=2))
     state = flow(None, [*TINY, "tracking.enabled=false"], str(out), report=False, return_state=True)
     assert state.is_completed(), state.message
     expected = pl.read_parquet(thread_run[0] / "scores" / "memorization.parquet")
@@ -83,24 +85,6 @@ def test_dask_local_cluster_gives_the_same_numbers(thread_run, tmp_path, monkeyp
     for name in ("infl_test.npy", "infl_test_se.npy"):
         np.testing.assert_array_equal(np.load(out / "scores" / "memorization" / name),
                                       np.load(thread_run[0] / "scores" / "memorization" / name))
-
-
-@pytest.mark.timeout(300)
-def test_ray_local_cluster_gives_the_same_numbers(thread_run, tmp_path, monkeypatch):
-    pytest.importorskip("prefect_ray")  # installed by the dev extra
-    import prefect.settings
-
-    from flows.memorization import memorization_flow, task_runner
-
-    monkeypatch.setenv("PREFECT_API_URL", prefect.settings.PREFECT_API_URL.value())
-    out = tmp_path / "ray"
-    flow = memorization_flow.with_options(task_runner=task_runner("ray", workers=2))
-    state = flow(None, [*TINY, "tracking.enabled=false"], str(out), report=False, return_state=True)
-    assert state.is_completed(), state.message
-    expected = pl.read_parquet(thread_run[0] / "scores" / "memorization.parquet")
-    assert pl.read_parquet(out / "scores" / "memorization.parquet").equals(expected)
-    np.testing.assert_array_equal(np.load(out / "scores" / "memorization" / "infl_test.npy"),
-                                  np.load(thread_run[0] / "scores" / "memorization" / "infl_test.npy"))
 
 
 @pytest.mark.timeout(300)
