@@ -24,7 +24,7 @@ if str(_ROOT) not in sys.path:
 
 from prefect import flow
 
-from tasks import detect, references, report, retrain, score, stage, train
+from tasks import detect, query, references, report, retrain, score, stage, train
 
 
 def _resolve(params_file: str | None, overrides: list[str] | None, out: str,
@@ -59,7 +59,8 @@ def cleanse_flow(params_file: str | None = "params.yaml", overrides: list[str] |
 
     staged = stage(*common, fresh=fresh)
     trained = train(*common, fresh=fresh, wait_for=[staged])
-    done = [references.submit(*common, fresh=fresh, wait_for=[trained])]
+    done = [references.submit(*common, fresh=fresh, wait_for=[trained]),
+            query.submit(*common, fresh=fresh, wait_for=[trained])]
     for name in names:
         scored = score.submit(*common, name, fresh=fresh, wait_for=[trained])
         flagged = detect.submit(*common, name, fresh=fresh, wait_for=[scored])

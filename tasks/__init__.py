@@ -6,10 +6,11 @@ whose outputs are fresh (same fingerprint) is skipped, so rerunning a flow resum
 """
 
 from tasks.detect import detect
+from tasks.query import query
 from tasks.report import report
 from tasks.retrain import references, retrain
 from tasks.score import score
 from tasks.stage import stage
 from tasks.train import train
 
-__all__ = ["detect", "references", "report", "retrain", "score", "stage", "train"]
+__all__ = ["detect", "query", "references", "report", "retrain", "score", "stage", "train"]

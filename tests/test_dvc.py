@@ -125,7 +125,7 @@ def project(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     ran, output = project.repro()
     estimators = project.params()["estimators"]
     fan_out = {f"{stage}@{name}" for stage in ("score", "detect", "retrain") for name in estimators}
-    assert set(ran) == {"stage", "train", "references", "report"} | fan_out, output[-4000:]
+    assert set(ran) == {"stage", "train", "query", "references", "report"} | fan_out, output[-4000:]
     assert len(ran) == len(set(ran)), ran
     return project
 
@@ -147,7 +147,10 @@ def test_repro_writes_every_artifact(project: Project) -> None:
         assert (root / path).is_file(), path
     # Every stage is locked; tracking was off, so no MLflow store appeared.
     lock = yaml.safe_load((root / "dvc.lock").read_text())
-    assert len(lock["stages"]) == 4 + 3 * len(estimators)
+    assert len(lock["stages"]) == 5 + 3 * len(estimators)
+    # No probes in params.yaml: query/ records that, and holds no probe tables.
+    assert json.loads((root / "query" / "query.json").read_text())["kind"] == "none"
+    assert not (root / "query" / "probes.parquet").exists()
     assert not (root / "mlflow.db").exists()
 
 

@@ -255,7 +255,18 @@ def test_pipeline_with_probes_and_iterative_cleansing(tmp_path):
     assert "cleansing_rounds.png" in page
     proponents = (layout.reports / "probes" / "tracin.csv").read_text().splitlines()
     assert len(proponents) == 1 + 8 * 6
+    # query/ records the probes the score stages used.
+    from cleanse.pipeline import query_dir, run_query
+    from cleanse.storage import read_table
+
+    probes = read_table(query_dir(layout) / "probes.parquet")
+    assert probes.height == 8 and (probes["label"] == 0).all()
+    assert json.loads((query_dir(layout) / "query.json").read_text())["kind"] == "triggered"
     # Rerunning is a no-op (fingerprints include the probe and cleansing settings).
     lines: list[str] = []
     run_all(params, layout, log=lines.append)
-    assert all(line.startswith("[skip]") for line in lines)
+    assert all(line.startswith("[skip]") for line in lines) and "[skip] query: up to date" in lines
+    # Without probes, an earlier configuration's probe tables do not survive.
+    run_query(params.model_copy(update={"query": params.query.model_copy(update={"kind": "none"})}), layout)
+    assert not (query_dir(layout) / "probes.parquet").exists()
+    assert json.loads((query_dir(layout) / "query.json").read_text())["kind"] == "none"

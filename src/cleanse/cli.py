@@ -126,6 +126,14 @@ def train(params_file: ParamsOption = None, overrides: SetOption = None, out: Ou
 
 
 @app.command()
+def query(params_file: ParamsOption = None, overrides: SetOption = None, out: OutOption = Path(".")) -> None:
+    """Record the probes (query.kind) -> query/."""
+    from cleanse import pipeline
+
+    _guarded(lambda: pipeline.run_query(*_setup(params_file, overrides, out)))
+
+
+@app.command()
 def score(estimator: EstimatorOption, params_file: ParamsOption = None, overrides: SetOption = None, out: OutOption = Path(".")) -> None:
     """Score every training sample with one estimator -> scores/<estimator>.parquet."""
     from cleanse import pipeline

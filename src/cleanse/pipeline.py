@@ -64,6 +64,10 @@ def retrain_fingerprint(params: Params, estimator: str) -> str:
     return fingerprint("retrain", detect_fingerprint(params, estimator))
 
 
+def query_fingerprint(params: Params) -> str:
+    return fingerprint("query", train_fingerprint(params), params.query)
+
+
 def references_fingerprint(params: Params) -> str:
     return fingerprint("references", train_fingerprint(params))
 
@@ -203,9 +207,8 @@ def run_score(params: Params, layout: Layout, estimator: str) -> Path:
 
     scorer = registry.get(estimator)
     context = scoring_context(params, layout)
+    # The same deterministic choice as run_query (which records it under query/).
     query = query_for(params, load_staged(layout), context.model)
-    if query is not None:
-        write_query(query, layout)
     started = time.perf_counter()
     result, matrix = score_with_query(scorer, context, getattr(params.scorers, estimator), query, params.query.aggregate)
     seconds = time.perf_counter() - started
@@ -239,11 +242,27 @@ def pairwise_path(layout: Layout, estimator: str) -> Path:
     return layout.root / "scores" / f"{estimator}.pairwise.npy"
 
 
-def write_query(query: Any, layout: Layout) -> None:
-    """The probes and held-out probes as tables (``label`` = the behaviour label)."""
-    write_table(query.probes.to_frame(), query_dir(layout) / "probes.parquet")
-    write_table(query.heldout.to_frame(), query_dir(layout) / "heldout.parquet")
-    write_json(query.summary(), query_dir(layout) / "query.json")
+def run_query(params: Params, layout: Layout) -> Path:
+    """Record the probes under ``query/``: ``probes.parquet`` and ``heldout.parquet`` (``label`` =
+    the behaviour label) and ``query.json`` (the summary and fingerprint; ``kind: none`` and no
+    tables when the run has no probes). The score stages make the same deterministic choice."""
+    from cleanse.query import query_for
+
+    staged = load_staged(layout, params)
+    _require_fresh(layout.base_model / STAGE_META_NAME, train_fingerprint(params), "base model")
+    query = query_for(params, staged, load_model(layout.base_model))
+    folder = query_dir(layout)
+    tables = {"probes.parquet": None if query is None else query.probes,
+              "heldout.parquet": None if query is None else query.heldout}
+    for name, split in tables.items():
+        if split is not None:
+            write_table(split.to_frame(), folder / name)
+        elif (folder / name).exists():  # an earlier configuration's probes must not survive
+            (folder / name).unlink()
+    summary = query.summary() if query is not None else {"kind": "none"}
+    write_json({**summary, "fingerprint": query_fingerprint(params)}, folder / "query.json")
+    layout.publish()
+    return folder
 
 
 # ----------------------------------------------------------------------------- detect
@@ -363,6 +382,8 @@ def run_all(params: Params, layout: Layout, *, resume: bool = True, log: Any = p
             (f"retrain {name}", layout.retrain_result(name), retrain_fingerprint(params, name),
              lambda name=name: run_retrain(params, layout, name)),
         ]
+    steps.insert(2, ("query", query_dir(layout) / "query.json", query_fingerprint(params),
+                     lambda: run_query(params, layout)))
     steps.append(("references", layout.retrain_result("references"), references_fingerprint(params),
                   lambda: run_references(params, layout)))
     for label, meta_path, expected, action in steps:
