@@ -187,11 +187,11 @@ def run_train(params: Params, layout: Layout) -> Path:
 # ----------------------------------------------------------------------------- score
 
 
-def scoring_context(params: Params, layout: Layout) -> Any:
+def scoring_context(params: Params, layout: Layout, staged: StagedData | None = None) -> Any:
     from cleanse.estimators.base import ScoringContext
     from cleanse.models.architectures import default_device
 
-    staged = load_staged(layout, params)
+    staged = staged if staged is not None else load_staged(layout, params)
     _require_fresh(layout.base_model / STAGE_META_NAME, train_fingerprint(params), "base model")
     return ScoringContext(train=staged.train, val=staged.val, meta=staged.meta, model=load_model(layout.base_model),
                           model_config=params.model, seed=params.seed, device=default_device(),
@@ -206,9 +206,10 @@ def run_score(params: Params, layout: Layout, estimator: str) -> Path:
     from cleanse.query import query_for
 
     scorer = registry.get(estimator)
-    context = scoring_context(params, layout)
+    staged = load_staged(layout, params)
+    context = scoring_context(params, layout, staged)
     # The same deterministic choice as run_query (which records it under query/).
-    query = query_for(params, load_staged(layout), context.model)
+    query = query_for(params, staged, context.model)
     started = time.perf_counter()
     result, matrix = score_with_query(scorer, context, getattr(params.scorers, estimator), query, params.query.aggregate)
     seconds = time.perf_counter() - started
@@ -221,7 +222,7 @@ def run_score(params: Params, layout: Layout, estimator: str) -> Path:
         raise RuntimeError(f"estimator {estimator} returned rows out of training order")
     write_table(table, layout.scores(estimator))
     if hasattr(scorer, "write_artifacts"):  # e.g. memorization's (n_test, n_train) influence memmap
-        artifacts = scorer.write_artifacts(context, getattr(params.scorers, estimator), load_staged(layout).test,
+        artifacts = scorer.write_artifacts(context, getattr(params.scorers, estimator), staged.test,
                                            layout.root / "scores" / estimator)
         result.meta["artifacts"] = artifacts
     write_json({"estimator": estimator, "fingerprint": score_fingerprint(params, estimator), "seconds": seconds,
@@ -252,13 +253,12 @@ def run_query(params: Params, layout: Layout) -> Path:
     _require_fresh(layout.base_model / STAGE_META_NAME, train_fingerprint(params), "base model")
     query = query_for(params, staged, load_model(layout.base_model))
     folder = query_dir(layout)
-    tables = {"probes.parquet": None if query is None else query.probes,
-              "heldout.parquet": None if query is None else query.heldout}
-    for name, split in tables.items():
-        if split is not None:
-            write_table(split.to_frame(), folder / name)
-        elif (folder / name).exists():  # an earlier configuration's probes must not survive
-            (folder / name).unlink()
+    if query is None:  # an earlier configuration's probes must not survive
+        for name in ("probes.parquet", "heldout.parquet"):
+            (folder / name).unlink(missing_ok=True)
+    else:
+        write_table(query.probes.to_frame(), folder / "probes.parquet")
+        write_table(query.heldout.to_frame(), folder / "heldout.parquet")
     summary = query.summary() if query is not None else {"kind": "none"}
     write_json({**summary, "fingerprint": query_fingerprint(params)}, folder / "query.json")
     layout.publish()

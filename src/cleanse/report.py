@@ -28,7 +28,7 @@ from cleanse.storage import Layout, read_json, read_table, write_bytes, write_js
 
 def collect_metrics(params: Params, layout: Layout) -> dict[str, Any]:
     from cleanse.evaluate import detection_metrics
-    from cleanse.pipeline import load_staged
+    from cleanse.pipeline import load_staged, query_dir
 
     staged = load_staged(layout, params)
     references = read_json(layout.retrain_result("references"))
@@ -67,8 +67,9 @@ def collect_metrics(params: Params, layout: Layout) -> dict[str, Any]:
             metrics["estimators"][name]["cleansing"] = {
                 "stopped": retrain["stopped"],
                 "rounds": [{k: v for k, v in r.items() if k not in ("flagged_ids", "readmitted_ids")} for r in retrain["rounds"]]}
-    if params.query.kind != "none" and (layout.root / "query" / "query.json").is_file():
-        metrics["query"] = read_json(layout.root / "query" / "query.json")
+    recorded = query_dir(layout) / "query.json"
+    if params.query.kind != "none" and recorded.is_file():
+        metrics["query"] = read_json(recorded)
     if params.evaluate.lds or params.evaluate.stability:
         from cleanse.attribution_report import attribution_metrics
         from cleanse.pipeline import load_model
