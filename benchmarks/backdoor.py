@@ -252,9 +252,9 @@ def render(result: dict[str, Any], docs: Path, out: Path, image: Path) -> str:
         "6, ... of a 200-epoch run) with unit training gradients (`scorers.tracin.normalize: train`). Cleansing: "
         f"the `{CLEANSE_WITH}` probe ranking, ~1.1% of the training set removed per round, retrain from scratch, "
         "re-score with the probes the retrained model still gets wrong; stop once ≤ 2% of the held-out triggered "
-        "validation inputs still go to the target, or at 15% removed; then put back the removed samples whose "
-        "label the cleansed model agrees with, kept only if the behaviour stays gone. ASR and accuracy are on the "
-        "test set, which the loop never sees. The oracle removes exactly the poisons and retrains with the same "
+        "validation inputs still go to the target, or at 15% removed; then put back the removed samples of "
+        "other labels than the target's or whose label the cleansed model agrees with, kept only if the "
+        "behaviour stays gone. ASR and accuracy are on the test set, which the loop never sees. The oracle removes exactly the poisons and retrains with the same "
         "seed; on wine one test sample is 2.2 pt of accuracy.", "",
         "What each part bought on the digits cells (MLP / CNN, mean of 3 seeds), measured one change at a time: "
         "the previous design (two-sided contrast, probes drawn at random, fixed probes) reached AP 0.816 / 0.891 "

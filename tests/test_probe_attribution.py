@@ -154,17 +154,25 @@ def test_readmission_puts_back_clean_samples_and_keeps_the_behaviour_gone():
     query = query_for(params, staged, context.model)
     train = staged.train
     poisons = train.sample_id[train.is_corrupted]
-    # Over-removal as the ranking produces it: every poison plus ordinary samples of the target class.
+    # Over-removal as the ranking produces it: every poison, ordinary samples of the target class,
+    # and the hardest samples of other classes (lowest probability of their own label).
     ordinary = train.sample_id[(train.label == 0) & ~train.is_corrupted][:20]
-    removed = poisons.tolist() + ordinary.tolist()
+    others = np.flatnonzero((train.label != 0) & ~train.is_corrupted)
+    own = predict_proba(context.model.module(), train.features[others])[np.arange(others.size), train.label[others]]
+    hard = train.sample_id[others[np.argsort(own, kind="stable")[:10]]]
+    removed = poisons.tolist() + ordinary.tolist() + hard.tolist()
     spec = spec_for(params.model.arch, params.model.hidden, staged.meta.feature_shape, staged.meta.n_classes)
     kept = train.without(np.asarray(removed))
     cleansed = train_model(spec, kept.features, kept.label, params.model, seed=params.seed)
+    hard_rows = np.flatnonzero(np.isin(train.sample_id, hard))
+    disagreed = predict_proba(cleansed.module(), train.features[hard_rows]).argmax(1) != train.label[hard_rows]
+    assert disagreed.sum() >= 3  # so that agreement alone would leave them out
     outcome = readmit_agreeing(params, staged, query, spec, cleansed, removed, torch.device("cpu"), print)
     assert outcome is not None
     model, still_removed, record = outcome
     back = np.asarray(record["readmitted_ids"])
-    assert np.isin(back, ordinary).mean() >= 0.9 and len(back) >= 15  # the ordinary samples come back
+    assert np.isin(back, ordinary).sum() >= 15  # the ordinary samples come back
+    assert np.isin(hard, back).all()  # and every sample of another label, agreed with or not
     assert np.isin(poisons, still_removed).all()  # no poison does
     assert record["n_removed"] == len(still_removed) == len(removed) - len(back)
     before = query.behaviour_rate(predict_proba(cleansed.module(), query.heldout.features))

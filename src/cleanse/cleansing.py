@@ -10,9 +10,10 @@ the budget (``cleansing.max_fraction`` of the training set, ``cleansing.max_roun
 From round 2 on only the probes the retrained model still gets wrong are attributed
 (``cleansing.refresh_probes``): the poisons that survive are what keeps those failing.
 
-Once the behaviour is gone, removed samples whose label the cleansed model agrees with are put
-back (``cleansing.readmit``) and the model retrained; that last round is kept only if the
-behaviour stays gone (else the more confidently agreed half is tried, at most 3 retrains).
+Once the behaviour is gone, removed samples whose label is none of the probes' labels, or whose
+label the cleansed model agrees with, are put back (``cleansing.readmit``) and the model
+retrained; that last round is kept only if the behaviour stays gone (else the first half of
+them is tried, at most 3 retrains).
 
 Round 0 is the model before any removal. Every round records the ids flagged in it, the held-out
 behaviour rate, clean test accuracy and (for backdoors) the attack success rate on the test set.
@@ -71,25 +72,39 @@ READMIT_TRIES = 3
 
 def readmit_agreeing(params: Params, staged: StagedData, query: QuerySet, spec: Any, model: Any, removed: list[int],
                      device: torch.device, log: Callable[[str], None] | None) -> tuple[Any, list[int], dict[str, Any]] | None:
-    """Put back removed samples whose label the cleansed ``model`` predicts; keep that only if the
+    """Put back removed samples that cannot be what causes the behaviour; keep that only if the
     retrained model shows the behaviour on no more held-out probes than ``model`` (or ``stop_rate``).
 
-    The ranking that finds the last poisons also removes ordinary samples of the behaviour's label
-    (they support it too). A model without the poisons disagrees with a poison's label (a
-    triggered 3 labelled 0 is predicted 3) but agrees with an ordinary sample's, so agreement
-    separates the two after the fact. It is not perfect (a poison whose source input already
-    looks like the target class is agreed with), so if the behaviour returns, the more
-    confidently agreed half is tried instead, up to ``READMIT_TRIES`` retrains in all. Returns
-    ``(model, removed, round record)``, or ``None`` when nothing could be put back.
+    Two kinds of removed sample are put back:
+
+    - those whose label is none of the behaviour's labels (the probes' labels). The samples that
+      make a model send inputs to class ``y`` carry label ``y``: dirty-label poisons are relabelled
+      to it, clean-label poisons are of it, and a mislabelled sample explains an error towards
+      its (wrong) label. The last rounds, ranking the few surviving poisons, also pick up hard
+      samples of other classes; leaving those out costs clean accuracy for nothing.
+    - those whose label the cleansed ``model`` predicts. The ranking also removes ordinary samples
+      of the behaviour's label (they support it too). A model without the poisons disagrees with
+      a poison's label (a triggered 3 labelled 0 is predicted 3) but agrees with an ordinary
+      sample's, so agreement separates the two after the fact.
+
+    Neither rule is perfect (a poison whose source input already looks like the target class is
+    agreed with), so if the behaviour returns, the first half of the candidates (other labels
+    first, then by the cleansed model's confidence in the label) is tried instead, up to
+    ``READMIT_TRIES`` retrains in all. Returns ``(model, removed, round record)``, or ``None``
+    when nothing could be put back.
     """
     from cleanse.models.trainer import predict_proba, train_model
 
     cleansed = model.module()
     candidates = staged.train.subset(np.isin(staged.train.sample_id, removed))
     probabilities = predict_proba(cleansed, candidates.features)
-    agrees = np.flatnonzero(probabilities.argmax(1) == candidates.label)
-    confidence = probabilities[agrees, candidates.label[agrees]]
-    ranked = candidates.sample_id[agrees[np.argsort(-confidence, kind="stable")]]
+    confidence = probabilities[np.arange(len(candidates)), candidates.label]
+    other_label = ~np.isin(candidates.label, query.probes.label)
+    agrees = probabilities.argmax(1) == candidates.label
+    # Other labels first (they sort as confidence 2), then agreed-with samples by confidence.
+    eligible = np.flatnonzero(other_label | agrees)
+    priority = np.where(other_label, 2.0, confidence)[eligible]
+    ranked = candidates.sample_id[eligible[np.argsort(-priority, kind="stable")]]
     size = len(ranked)
     # Never worse than the cleansed model itself (which the loop only hands over at <= stop_rate).
     threshold = max(params.cleansing.stop_rate, query.behaviour_rate(predict_proba(cleansed, query.heldout.features)))
@@ -103,7 +118,7 @@ def readmit_agreeing(params: Params, staged: StagedData, query: QuerySet, spec: 
         rate = query.behaviour_rate(predict_proba(retrained.module(), query.heldout.features))
         kept = rate <= threshold or not np.isfinite(rate)
         if log is not None:
-            log(f"readmit: {len(back)} of {len(removed)} removed samples (agreed with by the cleansed model); held-out "
+            log(f"readmit: {len(back)} of {len(removed)} removed samples (other labels, or agreed with); held-out "
                 f"behaviour after putting them back {rate:.3f} ({'kept' if kept else 'reverted'})")
         if kept:
             record = {**_round_record(staged, still_removed, rate, retrained), "n_readmitted": len(back),

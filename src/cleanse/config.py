@@ -331,7 +331,8 @@ class CleansingConfig(_Section):
     refresh_probes: bool = Field(True, description="From round 2 on, attribute only the probes the retrained "
                                  "model still gets wrong (all of them if it gets none wrong).")
     readmit: bool = Field(True, description="Once the behaviour is gone, put back the removed samples whose label "
-                          "the cleansed model agrees with, retrain, and keep that only if the behaviour stays gone.")
+                          "is none of the probes' labels or is the one the cleansed model predicts, retrain, and "
+                          "keep that only if the behaviour stays gone.")
 
     @field_validator("max_fraction")
     @classmethod
