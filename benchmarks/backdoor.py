@@ -66,8 +66,8 @@ GRIDS = {
     "full": (BACKDOOR_CELLS, NOISE_CELLS),
     "smoke": ([Cell("wine", "backdoor5", "logreg")], [Cell("wine", "sym20", "logreg")]),
 }
-SELF_SCORED = ["tracin", "influence", "loss", "spectral_signatures", "activation_clustering"]
-QUERY_SCORED = ["tracin", "influence"]
+SELF_SCORED = ["tracin", "influence", "fine", "loss", "spectral_signatures", "activation_clustering"]
+QUERY_SCORED = ["tracin", "influence", "fine"]
 
 
 def cell_params(cell: Cell, seed: int, extra: list[str]) -> Any:

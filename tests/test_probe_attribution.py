@@ -116,6 +116,25 @@ def test_contrast_does_not_promote_samples_that_oppose_the_label():
     assert np.argmax(residual) == 0
 
 
+def test_fine_probe_attribution_finds_poisons_its_self_influence_misses(backdoor):
+    """f-INE's single-run test on the probes' losses: the poisons are the units whose inclusion
+    lowers the triggered probes' loss. Measured AP 0.42 (chance 0.10, self-influence 0.26); the
+    probes' training-progress drift hides them without detrending (0.29)."""
+    from sklearn.metrics import average_precision_score
+
+    params, context, staged, query = backdoor
+    truth = staged.train.is_corrupted
+    options = params.scorers.fine
+    result, matrix = score_with_query(registry.get("fine"), context, options, query)
+    assert matrix.shape == (8, len(staged.train))
+    probe_ap = average_precision_score(truth, result.table["score"].to_numpy())
+    self_ap = average_precision_score(truth, registry.get("fine").score(context, options).table["score"].to_numpy())
+    raw, _ = score_with_query(registry.get("fine"), context, options.model_copy(update={"pairwise_detrend": 0}), query)
+    assert probe_ap >= 3 * truth.mean()
+    assert probe_ap > self_ap + 0.1
+    assert probe_ap > average_precision_score(truth, raw.table["score"].to_numpy())
+
+
 def test_iterative_cleansing_removes_the_backdoor(backdoor):
     from cleanse.cleansing import cleanse_iteratively
 

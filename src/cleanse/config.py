@@ -253,6 +253,9 @@ class FineOptions(_Section):
     centering: Literal["none", "round", "class"] = Field(
         "class", description="subtract, per round, the mean signal of the withheld units (round) or of the withheld "
                              "units with the same label (class): removes the training-progress drift shared by all")
+    pairwise_detrend: int = Field(4, ge=0, description="train -> query (probe) scores: subtract from each round's "
+                                                       "probe-loss signal the mean of this many rounds on either "
+                                                       "side (0 = off): the training progress every unit shares")
 
 
 class ScorerOptions(_Section):

@@ -23,7 +23,9 @@ flip AUC 0.864 -> 0.891, seed-to-seed Spearman 0.15 -> 0.23).
 
 Query statistic Q: ``self`` = the unit's own mean loss under its given labels (one value per
 unit); ``val`` = the mean validation loss (one value shared by all units, split by each unit's
-bit).
+bit); probes (:meth:`FineEstimator.pairwise`) = each probe's loss under the label whose support
+is attributed (one value per probe per round, shared by all units, detrended over the
+neighbouring rounds).
 
 **Stage 2: two-sample test per unit.** A = signals of rounds with the unit in, B = with it out.
 The per-round signals are kept, ``(rounds, units)`` float64, for the interval and the trade-off
@@ -51,6 +53,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import ClassVar
 
 import numpy as np
@@ -59,6 +62,7 @@ import torch.nn.functional as F
 from scipy.stats import norm
 
 from cleanse.config import FineOptions
+from cleanse.data.dataset import Split
 from cleanse.errors import ConfigError
 from cleanse.estimators.base import ScoreResult, ScoringContext, score_table
 from cleanse.finfluence import tradeoff_spread_columns
@@ -118,44 +122,59 @@ def _centred(signal: np.ndarray, included: np.ndarray, unit_label: np.ndarray, c
     return signal - drift[unit_label]
 
 
-class FineEstimator:
-    name: ClassVar[str] = "fine"
-    options_type: ClassVar[type] = FineOptions
+def _detrended(signals: np.ndarray, window: int) -> np.ndarray:
+    """Subtract from each round's shared signal ``(rounds, m)`` the mean of the ``window`` rounds on
+    either side, itself excluded.
 
-    def score(self, context: ScoringContext, options: FineOptions) -> ScoreResult:
-        started = time.perf_counter()
+    A signal shared by every unit (the validation loss, a probe's loss) cannot be centred on the
+    withheld units; its between-round variance is the training progress. The inclusion bits are
+    drawn independently of the round, so removing any function of the other rounds keeps
+    mean(B) - mean(A) in expectation (excluding the round itself keeps the unit's own bit out).
+    """
+    rounds = signals.shape[0]
+    if window <= 0 or rounds < 2:
+        return signals
+    cumulative = np.vstack([np.zeros((1, signals.shape[1])), np.cumsum(signals, axis=0)])
+    index = np.arange(rounds)
+    lo, hi = np.maximum(index - window, 0), np.minimum(index + window + 1, rounds)
+    total = cumulative[hi] - cumulative[lo] - signals
+    return signals - total / (hi - lo - 1)[:, None]
+
+
+class _Curriculum:
+    """One training run on the randomised curriculum (stage 1), recording a per-round signal.
+
+    ``statistic(model) -> (m,)`` is the query statistic Q; the signal of a round is its change
+    (``loss_change``) or ``first_order(model, start_params) -> (m,)``, its first-order part
+    (``alignment``). Returns signals ``(rounds, m)``, inclusion bits ``(rounds, units)`` and the model.
+    """
+
+    def __init__(self, context: ScoringContext, options: FineOptions, unit_of_row: np.ndarray, n_units: int):
         config = context.model_config
         if config.optimizer not in ("adam", "sgd"):
             raise ConfigError(f"fine trains with minibatches: model.optimizer must be adam or sgd, got {config.optimizer!r}")
-        unit_of_row, n_units = _unit_index(context, options)
+        self.context, self.options, self.unit_of_row, self.n_units = context, options, unit_of_row, n_units
+        self.rounds = config.epochs * options.rounds_per_epoch
+
+    def run(self, statistic: Callable[[torch.nn.Module], np.ndarray],
+            first_order: Callable[[torch.nn.Module, list[torch.Tensor]], np.ndarray],
+            centre: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+            ) -> tuple[np.ndarray, np.ndarray, torch.nn.Module]:
+        context, options, unit_of_row, config = self.context, self.options, self.unit_of_row, self.context.model_config
         device = context.device
         x, y = context.tensors(context.train)
-        xv, yv = context.tensors(context.val)
         model = seeded_model(context.model.spec, context.seed).to(device)
         params = list(model.parameters())
         optimizer = (torch.optim.Adam(params, lr=config.lr) if config.optimizer == "adam"
                      else torch.optim.SGD(params, lr=config.lr, momentum=0.9))
-        rounds = config.epochs * options.rounds_per_epoch
         generator = torch.Generator().manual_seed(context.seed)
         rng = np.random.default_rng(context.seed + 7919)
-        keep_rows = unit_of_row >= 0
-        sizes = np.bincount(unit_of_row[keep_rows], minlength=n_units).astype(np.float64)
-        _, first_row = np.unique(unit_of_row[keep_rows], return_index=True)
-        unit_label = context.train.label[np.flatnonzero(keep_rows)[first_row]]  # a unit's label: its first row's
-        signals = np.empty((rounds, n_units))
-        inclusions = np.empty((rounds, n_units), dtype=bool)
-
-        def query(theta_model: torch.nn.Module) -> np.ndarray:
-            with torch.no_grad():
-                if options.query == "val":
-                    return np.full(n_units, float(F.cross_entropy(theta_model(xv), yv)))
-                loss = F.cross_entropy(theta_model(x), y, reduction="none").double().cpu().numpy()
-                return _unit_means(loss, unit_of_row, sizes)
-
+        signals: list[np.ndarray] = []
+        inclusions = np.empty((self.rounds, self.n_units), dtype=bool)
         model.train()
-        before = query(model) if options.signal == "loss_change" else None
-        for t in range(rounds):
-            included = rng.random(n_units) < options.inclusion
+        before = statistic(model) if options.signal == "loss_change" else None
+        for t in range(self.rounds):
+            included = rng.random(self.n_units) < options.inclusion
             row_in = (unit_of_row < 0) | included[np.maximum(unit_of_row, 0)]
             in_rows = torch.as_tensor(np.flatnonzero(row_in), device=device)
             start_params = [p.detach().clone() for p in params] if options.signal == "alignment" else None
@@ -166,19 +185,57 @@ class FineEstimator:
                 (F.cross_entropy(model(x[batch]), y[batch]) + l2_penalty(params, config.weight_decay)).backward()
                 optimizer.step()
             if options.signal == "loss_change":
-                after = query(model)
-                signal = after - before
-                before = after
+                after = statistic(model)
+                signal, before = after - before, after
             else:
-                signal = self._alignment(model, start_params, x, y, xv, yv, unit_of_row, sizes, options)
-            if options.query == "self":  # the val signal is one number per round: nothing to centre against
-                signal = _centred(signal, included, unit_label, options.centering)
-            signals[t], inclusions[t] = signal, included
+                signal = first_order(model, start_params)
+            signals.append(signal if centre is None else centre(signal, included))
+            inclusions[t] = included
         model.eval()
-        d, se = _effect(signals, inclusions)
-        z = norm.ppf(0.5 + options.level / 2)
-        scale = math.sqrt(rounds)
-        mu, mu_lo, mu_hi = scale * d, scale * (d - z * se), scale * (d + z * se)
+        return np.vstack(signals), inclusions, model
+
+
+def _mu(signals: np.ndarray, inclusions: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stage 2: ``mu``, ``mu_lo``, ``mu_hi`` ``(units,)`` from per-unit signals ``(rounds, units)``."""
+    d, se = _effect(signals, inclusions)
+    z = norm.ppf(0.5 + level / 2)
+    scale = math.sqrt(signals.shape[0])
+    return scale * d, scale * (d - z * se), scale * (d + z * se)
+
+
+class FineEstimator:
+    name: ClassVar[str] = "fine"
+    options_type: ClassVar[type] = FineOptions
+
+    def score(self, context: ScoringContext, options: FineOptions) -> ScoreResult:
+        started = time.perf_counter()
+        unit_of_row, n_units = _unit_index(context, options)
+        curriculum = _Curriculum(context, options, unit_of_row, n_units)
+        x, y = context.tensors(context.train)
+        xv, yv = context.tensors(context.val)
+        keep_rows = unit_of_row >= 0
+        sizes = np.bincount(unit_of_row[keep_rows], minlength=n_units).astype(np.float64)
+        _, first_row = np.unique(unit_of_row[keep_rows], return_index=True)
+        unit_label = context.train.label[np.flatnonzero(keep_rows)[first_row]]  # a unit's label: its first row's
+
+        def statistic(theta_model: torch.nn.Module) -> np.ndarray:
+            with torch.no_grad():
+                if options.query == "val":
+                    return np.full(n_units, float(F.cross_entropy(theta_model(xv), yv)))
+                loss = F.cross_entropy(theta_model(x), y, reduction="none").double().cpu().numpy()
+                return _unit_means(loss, unit_of_row, sizes)
+
+        def first_order(model: torch.nn.Module, start_params: list[torch.Tensor]) -> np.ndarray:
+            if options.query == "val":
+                return np.full(n_units, _directional(model, start_params, xv, yv, mean=True)[0])
+            return _unit_means(_directional(model, start_params, x, y), unit_of_row, sizes)
+
+        def centre(signal: np.ndarray, included: np.ndarray) -> np.ndarray:
+            # the val signal is one number per round: nothing to centre against
+            return _centred(signal, included, unit_label, options.centering) if options.query == "self" else signal
+
+        signals, inclusions, model = curriculum.run(statistic, first_order, centre)
+        mu, mu_lo, mu_hi = _mu(signals, inclusions, options.level)
         gaussianity = tradeoff_spread_columns(signals, inclusions)
         if options.query == "self":
             score = mu
@@ -199,34 +256,57 @@ class FineEstimator:
         with torch.no_grad():
             val_accuracy = float((model(xv).argmax(1) == yv).float().mean())
         meta = {
-            "rounds": rounds, "units": int(n_units), "query": options.query, "signal": options.signal,
+            "rounds": curriculum.rounds, "units": int(n_units), "query": options.query, "signal": options.signal,
             "inclusion": options.inclusion, "seconds": seconds,
             "curriculum_model_val_accuracy": val_accuracy,
             "note": "mu from a single run on a randomised curriculum (each unit in ~"
-                    f"{options.inclusion:.0%} of {rounds} rounds); the loop evaluates the ordinary model",
+                    f"{options.inclusion:.0%} of {curriculum.rounds} rounds); the loop evaluates the ordinary model",
         }
         return ScoreResult(score_table(context.train.sample_id, score, **columns), meta)
 
-    @staticmethod
-    def _alignment(model: torch.nn.Module, start_params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-                   xv: torch.Tensor, yv: torch.Tensor, unit_of_row: np.ndarray, sizes: np.ndarray,
-                   options: FineOptions) -> np.ndarray:
-        """<grad Q(theta_t), theta_{t+1} - theta_t> per unit: one JVP of the per-sample losses at
-        the round's starting parameters along the round's step."""
-        from torch.func import functional_call, jvp
+    def pairwise(self, context: ScoringContext, options: FineOptions, query: Split) -> np.ndarray:
+        """``(n_query, n_train)`` f-influence ``mu`` of each training unit on each query's loss under
+        its label; **positive = removing the unit raises that loss = the unit supports the label**.
 
-        names = [name for name, _ in model.named_parameters()]
-        step = tuple(p.detach() - p0 for p, p0 in zip(model.parameters(), start_params))
+        Q is the vector of the queries' losses, so one curriculum run serves every query (the
+        f-INE paper attributes a steered opinion on its probe prompts this way). A query's signal
+        is shared by all units, so its training-progress drift is removed with
+        :func:`_detrended` (``pairwise_detrend`` rounds on either side) rather than on the
+        withheld units. Rows of no unit get 0.
+        """
+        unit_of_row, n_units = _unit_index(context, options)
+        xq, yq = context.tensors(query)
 
-        def losses(*theta: torch.Tensor) -> torch.Tensor:
-            state = dict(zip(names, theta))
-            if options.query == "val":
-                return F.cross_entropy(functional_call(model, state, (xv,)), yv).reshape(1)
-            return F.cross_entropy(functional_call(model, state, (x,)), y, reduction="none")
+        def statistic(theta_model: torch.nn.Module) -> np.ndarray:
+            with torch.no_grad():
+                return F.cross_entropy(theta_model(xq), yq, reduction="none").double().cpu().numpy()
 
-        with torch.no_grad():
-            _, directional = jvp(losses, tuple(start_params), step)
-        directional = directional.double().cpu().numpy()
-        if options.query == "val":
-            return np.full(sizes.size, directional[0])
-        return _unit_means(directional, unit_of_row, sizes)
+        def first_order(model: torch.nn.Module, start_params: list[torch.Tensor]) -> np.ndarray:
+            return _directional(model, start_params, xq, yq)
+
+        signals, inclusions, _ = _Curriculum(context, options, unit_of_row, n_units).run(statistic, first_order)
+        signals = _detrended(signals, options.pairwise_detrend)
+        out = np.zeros((len(query), len(context.train)))
+        for q in range(len(query)):
+            mu, _, _ = _mu(np.broadcast_to(signals[:, q:q + 1], inclusions.shape), inclusions, options.level)
+            out[q] = np.where(unit_of_row >= 0, mu[np.maximum(unit_of_row, 0)], 0.0)
+        return out
+
+
+def _directional(model: torch.nn.Module, start_params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                 mean: bool = False) -> np.ndarray:
+    """<grad loss(theta_t), theta_{t+1} - theta_t> per row of ``(x, y)`` (or of their mean loss): one
+    JVP at the round's starting parameters along the round's step."""
+    from torch.func import functional_call, jvp
+
+    names = [name for name, _ in model.named_parameters()]
+    step = tuple(p.detach() - p0 for p, p0 in zip(model.parameters(), start_params))
+
+    def losses(*theta: torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(functional_call(model, dict(zip(names, theta)), (x,)), y,
+                               reduction="mean" if mean else "none")
+        return loss.reshape(-1)
+
+    with torch.no_grad():
+        _, directional = jvp(losses, tuple(start_params), step)
+    return directional.double().cpu().numpy()
