@@ -28,7 +28,8 @@ def test_smoke_grid_measures_and_renders_its_section(tmp_path):
     rounds = data["backdoor_jobs"][0]["cleansing"]["rounds"]
     assert rounds[0]["n_removed"] == 0 and len(rounds) >= 2
     noise = next(row for row in data["summary"] if row["cell"] == "wine/sym20/logreg")
-    assert set(noise["ap"]) == {"tracin (self)", "tracin (val_errors)", "influence (self)", "influence (val_errors)"}
+    assert set(noise["ap"]) == {f"{name} ({kind})" for name in ("tracin", "influence", "fine")
+                                for kind in ("self", "val_errors")}
     text = docs.read_text()
     assert "keep me" in text and "<!-- backdoor:start -->" in text and "wine/backdoor5/logreg" in text
     assert (tmp_path / "img" / "backdoor.png").stat().st_size > 1000
