@@ -187,13 +187,18 @@ def run_train(params: Params, layout: Layout) -> Path:
 # ----------------------------------------------------------------------------- score
 
 
+def load_base_model(params: Params, layout: Layout) -> Any:
+    """The trained base model, refused when it was trained with another configuration."""
+    _require_fresh(layout.base_model / STAGE_META_NAME, train_fingerprint(params), "base model")
+    return load_model(layout.base_model)
+
+
 def scoring_context(params: Params, layout: Layout, staged: StagedData | None = None) -> Any:
     from cleanse.estimators.base import ScoringContext
     from cleanse.models.architectures import default_device
 
     staged = staged if staged is not None else load_staged(layout, params)
-    _require_fresh(layout.base_model / STAGE_META_NAME, train_fingerprint(params), "base model")
-    return ScoringContext(train=staged.train, val=staged.val, meta=staged.meta, model=load_model(layout.base_model),
+    return ScoringContext(train=staged.train, val=staged.val, meta=staged.meta, model=load_base_model(params, layout),
                           model_config=params.model, seed=params.seed, device=default_device(),
                           cache_dir=layout.root / "cache")
 
@@ -249,9 +254,7 @@ def run_query(params: Params, layout: Layout) -> Path:
     tables when the run has no probes). The score stages make the same deterministic choice."""
     from cleanse.query import query_for
 
-    staged = load_staged(layout, params)
-    _require_fresh(layout.base_model / STAGE_META_NAME, train_fingerprint(params), "base model")
-    query = query_for(params, staged, load_model(layout.base_model))
+    query = query_for(params, load_staged(layout, params), load_base_model(params, layout))
     folder = query_dir(layout)
     if query is None:  # an earlier configuration's probes must not survive
         for name in ("probes.parquet", "heldout.parquet"):
@@ -372,6 +375,7 @@ def run_all(params: Params, layout: Layout, *, resume: bool = True, log: Any = p
     steps: list[tuple[str, Path, str, Any]] = [
         ("stage", layout.staged_meta, stage_fingerprint(params), lambda: run_stage(params, layout)),
         ("train", layout.base_model / STAGE_META_NAME, train_fingerprint(params), lambda: run_train(params, layout)),
+        ("query", query_dir(layout) / "query.json", query_fingerprint(params), lambda: run_query(params, layout)),
     ]
     for name in params.estimators:
         steps += [
@@ -382,8 +386,6 @@ def run_all(params: Params, layout: Layout, *, resume: bool = True, log: Any = p
             (f"retrain {name}", layout.retrain_result(name), retrain_fingerprint(params, name),
              lambda name=name: run_retrain(params, layout, name)),
         ]
-    steps.insert(2, ("query", query_dir(layout) / "query.json", query_fingerprint(params),
-                     lambda: run_query(params, layout)))
     steps.append(("references", layout.retrain_result("references"), references_fingerprint(params),
                   lambda: run_references(params, layout)))
     for label, meta_path, expected, action in steps:

@@ -231,10 +231,10 @@ class FineEstimator:
             return _unit_means(_directional(model, start_params, x, y), unit_of_row, sizes)
 
         def centre(signal: np.ndarray, included: np.ndarray) -> np.ndarray:
-            # the val signal is one number per round: nothing to centre against
-            return _centred(signal, included, unit_label, options.centering) if options.query == "self" else signal
+            return _centred(signal, included, unit_label, options.centering)
 
-        signals, inclusions, model = curriculum.run(statistic, first_order, centre)
+        # The val signal is one number per round: nothing to centre against.
+        signals, inclusions, model = curriculum.run(statistic, first_order, centre if options.query == "self" else None)
         mu, mu_lo, mu_hi = _mu(signals, inclusions, options.level)
         gaussianity = tradeoff_spread_columns(signals, inclusions)
         if options.query == "self":
