@@ -31,6 +31,7 @@ from cleanse.config import Params, QueryConfig
 from cleanse.data.corruption import apply_trigger
 from cleanse.data.dataset import DatasetMeta, Split, StagedData
 from cleanse.errors import ConfigError, DataError
+from cleanse.seeds import generator
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ def _choose(candidates: Split, preferred: np.ndarray, size: int, seed: int,
     With ``strata`` ``(n,)`` (e.g. the inputs' true classes), preferred rows are taken round-robin
     over the strata in random order, so that the probes cover as many of them as ``size`` allows.
     """
-    rng = np.random.default_rng(seed + 31337)
+    rng = generator(seed, "query.probes")
     first = rng.permutation(np.flatnonzero(preferred))
     if strata is not None and first.size:
         # Position of each row within its stratum: sorting by it interleaves the strata.
@@ -133,7 +134,7 @@ def reference_inputs(val: Split, labels: np.ndarray, predicted: np.ndarray, size
     rows = np.flatnonzero(np.isin(val.label, labels) & (predicted == val.label))
     if rows.size == 0:
         return None
-    chosen = np.sort(np.random.default_rng(seed + 7331).permutation(rows)[:size])
+    chosen = np.sort(generator(seed, "query.reference").permutation(rows)[:size])
     return _split(val.features[chosen], val.label[chosen], val.label[chosen], 0)
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from cleanse.config import CorruptionConfig
 from cleanse.data.dataset import Split
 from cleanse.errors import ConfigError
+from cleanse.seeds import generator
 
 
 def corrupt(
@@ -28,7 +29,7 @@ def corrupt(
     """Return the corrupted training split and the trigger spec (``None`` unless a backdoor)."""
     if config.kind == "none":
         return train, None
-    rng = np.random.default_rng(seed + 7919)
+    rng = generator(seed, "corruption")
     n = len(train)
     if config.kind == "label_flip":
         count = max(1, round(config.fraction * n))

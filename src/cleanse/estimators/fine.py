@@ -67,6 +67,7 @@ from cleanse.errors import ConfigError
 from cleanse.estimators.base import ScoreResult, ScoringContext, score_table
 from cleanse.finfluence import tradeoff_spread_columns
 from cleanse.models.trainer import l2_penalty, seeded_model
+from cleanse import seeds
 
 
 def _unit_index(context: ScoringContext, options: FineOptions) -> tuple[np.ndarray, int]:
@@ -168,7 +169,8 @@ class _Curriculum:
         optimizer = (torch.optim.Adam(params, lr=config.lr) if config.optimizer == "adam"
                      else torch.optim.SGD(params, lr=config.lr, momentum=0.9))
         generator = torch.Generator().manual_seed(context.seed)
-        rng = np.random.default_rng(context.seed + 7919)
+        # Its own stream: it used to share seed + 7919 with the label corruption.
+        rng = seeds.generator(context.seed, "fine.inclusion")
         signals: list[np.ndarray] = []
         inclusions = np.empty((self.rounds, self.n_units), dtype=bool)
         model.train()
@@ -297,7 +299,9 @@ def _directional(model: torch.nn.Module, start_params: list[torch.Tensor], x: to
                  mean: bool = False) -> np.ndarray:
     """<grad loss(theta_t), theta_{t+1} - theta_t> per row of ``(x, y)`` (or of their mean loss): one
     JVP at the round's starting parameters along the round's step."""
-    from torch.func import functional_call, jvp
+    from torch.func import functional_call
+
+    from cleanse.grads import jvp  # serialised: forward-mode AD state is process-global
 
     names = [name for name, _ in model.named_parameters()]
     step = tuple(p.detach() - p0 for p, p0 in zip(model.parameters(), start_params))
