@@ -127,6 +127,8 @@ class LossOptions(_Section):
 class CleanlabOptions(_Section):
     folds: int = Field(5, ge=2, description="K for the out-of-sample predicted probabilities.")
     method: Literal["self_confidence", "normalized_margin", "confidence_weighted_entropy"] = "self_confidence"
+    n_jobs: int = Field(1, ge=1, description="Processes for cleanlab's find_label_issues. 1 (the default) "
+                        "starts no pool: a pool forked inside a threaded worker (Prefect) can deadlock.")
 
 
 class InfluenceOptions(_Section):

@@ -18,13 +18,42 @@ from __future__ import annotations
 
 import copy
 import math
+import threading
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import functional_call, grad, vmap
+
+# torch keeps forward-mode AD state per process, not per thread: ``torch.func.jvp`` enters a global
+# dual level and counts its nesting in a module global. Two threads in jvp at once (estimators
+# scored concurrently in Prefect's thread pool) exit each other's level: "Trying to access a forward
+# AD level with an invalid index", or, worse, silently wrong tangents. Every forward-mode product
+# in cleanse goes through :func:`jvp`, which admits one thread at a time. Reentrant, so a jvp
+# nested in a jvp (same thread) does not deadlock.
+_FORWARD_AD_LOCK = threading.RLock()
+_waits = threading.local()
+
+
+def jvp(func: Callable[..., Any], primals: tuple[torch.Tensor, ...], tangents: tuple[torch.Tensor, ...]) -> Any:
+    """``torch.func.jvp(func, primals, tangents)``, serialised across threads (see above).
+
+    Time spent waiting for another thread's forward-mode section is added to
+    :func:`forward_ad_wait_seconds` of the calling thread, so stage timings can exclude it.
+    """
+    started = time.perf_counter()
+    with _FORWARD_AD_LOCK:
+        _waits.seconds = getattr(_waits, "seconds", 0.0) + (time.perf_counter() - started)
+        return torch.func.jvp(func, primals, tangents)
+
+
+def forward_ad_wait_seconds() -> float:
+    """Seconds this thread has spent waiting in :func:`jvp` for other threads (monotone; take differences)."""
+    return getattr(_waits, "seconds", 0.0)
 
 
 @dataclass

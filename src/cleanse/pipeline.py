@@ -215,9 +215,13 @@ def run_score(params: Params, layout: Layout, estimator: str) -> Path:
     context = scoring_context(params, layout, staged)
     # The same deterministic choice as run_query (which records it under query/).
     query = query_for(params, staged, context.model)
-    started = time.perf_counter()
+    from cleanse.grads import forward_ad_wait_seconds
+
+    # The scorer's own time: waits for another thread's forward-mode section (concurrent tasks
+    # in one process, see cleanse.grads.jvp) are not its work.
+    started, waited = time.perf_counter(), forward_ad_wait_seconds()
     result, matrix = score_with_query(scorer, context, getattr(params.scorers, estimator), query, params.query.aggregate)
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - started - (forward_ad_wait_seconds() - waited)
     # Always written (no probes, or no train -> probe scores: zero rows), so that it is a DVC output
     # of score@<estimator> and a stale matrix from an earlier configuration never survives.
     empty = np.zeros((0, len(context.train)), dtype=np.float32)

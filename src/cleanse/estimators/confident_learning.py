@@ -50,6 +50,8 @@ class ConfidentLearningEstimator:
         probabilities = out_of_sample_probabilities(context, options.folds)
         labels = context.train.label
         quality = get_label_quality_scores(labels, probabilities, method=options.method)
-        issues = find_label_issues(labels, probabilities, filter_by="prune_by_noise_rate")
+        # n_jobs always explicit: left unset, cleanlab forks one process per core, and a fork
+        # inside a threaded process (Prefect's task runner) deadlocked on the pool's queue lock.
+        issues = find_label_issues(labels, probabilities, filter_by="prune_by_noise_rate", n_jobs=options.n_jobs)
         table = score_table(context.train.sample_id, 1.0 - quality, label_quality=quality, is_label_issue=issues)
         return ScoreResult(table, {"folds": options.folds, "method": options.method, "cleanlab_issue_count": int(issues.sum())})
