@@ -37,6 +37,9 @@ class TrainedModel:
     state: State
     checkpoints: list[Checkpoint] = field(default_factory=list)
     final_train_loss: float = float("nan")
+    # One record per epoch, {"epoch", "train_loss"}: the mean minibatch objective (the closure's
+    # for L-BFGS), for training curves (MLflow logs it with step = epoch).
+    history: list[dict[str, float]] = field(default_factory=list)
 
     def module(self, device: torch.device | None = None) -> nn.Module:
         model = build_model(self.spec)
@@ -113,6 +116,7 @@ def train_model(
     loss_fn = nn.CrossEntropyLoss()
     save_at = set(checkpoint_epochs(config.epochs, config.checkpoints, config.checkpoint_spacing))
     checkpoints: list[Checkpoint] = []
+    history: list[dict[str, float]] = []
 
     def objective(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         return loss_fn(model(xb), yb) + l2_penalty(params, config.weight_decay)
@@ -130,7 +134,7 @@ def train_model(
             return loss
 
         for epoch in range(1, config.epochs + 1):
-            optimizer.step(closure)
+            history.append({"epoch": epoch, "train_loss": float(optimizer.step(closure))})
             if epoch in save_at:
                 checkpoints.append(Checkpoint(epoch, config.lr, _snapshot(model)))
     else:
@@ -143,17 +147,22 @@ def train_model(
         model.train()
         for epoch in range(1, config.epochs + 1):
             order = torch.randperm(n, generator=order_rng).to(device)
+            total = torch.zeros((), device=device)  # summed on the device: one sync per epoch
             for start in range(0, n, config.batch_size):
                 batch = order[start : start + config.batch_size]
                 optimizer.zero_grad()
-                objective(x[batch], y[batch]).backward()
+                loss = objective(x[batch], y[batch])
+                loss.backward()
                 optimizer.step()
+                total += loss.detach() * batch.numel()
+            history.append({"epoch": epoch, "train_loss": float(total) / max(n, 1)})
             if epoch in save_at:
                 checkpoints.append(Checkpoint(epoch, config.lr, _snapshot(model)))
     model.eval()
     with torch.no_grad():
         final_loss = float(objective(x, y))
-    return TrainedModel(spec=spec, state=_snapshot(model), checkpoints=checkpoints, final_train_loss=final_loss)
+    return TrainedModel(spec=spec, state=_snapshot(model), checkpoints=checkpoints, final_train_loss=final_loss,
+                        history=history)
 
 
 def _snapshot(model: nn.Module) -> State:
