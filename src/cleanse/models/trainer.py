@@ -134,7 +134,7 @@ def train_model(
             return loss
 
         for epoch in range(1, config.epochs + 1):
-            history.append({"epoch": epoch, "train_loss": float(optimizer.step(closure))})
+            history.append({"epoch": epoch, "train_loss": float(optimizer.step(closure).detach())})
             if epoch in save_at:
                 checkpoints.append(Checkpoint(epoch, config.lr, _snapshot(model)))
     else:
