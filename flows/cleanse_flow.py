@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cleanse.uris import redact
+
 # Run as a script (``python flows/cleanse_flow.py``), flows/ is first on sys.path and the repo root
 # is not; put the root there so ``tasks`` imports.
 _ROOT = Path(__file__).resolve().parents[1]
@@ -23,8 +25,43 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 from prefect import flow
+from prefect.futures import wait
 
+from cleanse.errors import CleanseError
 from tasks import detect, query, references, report, retrain, score, stage, train
+from tasks._common import route_cleanse_logs, task_options
+
+
+class FlowFailed(CleanseError):
+    """A stage of the flow failed or crashed; the message names the stage and the reason in one
+    line (``cleanse run --prefect`` prints it as ``error: ...`` and exits non-zero)."""
+
+
+def _reason(state: Any) -> str:
+    """One line: the failed task's exception (type and first line), else the state's message."""
+    from cleanse.uris import redact
+
+    exc = state.result(raise_on_failure=False) if state.is_failed() else None
+    if isinstance(exc, BaseException):
+        text = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}".rstrip(": ")
+    else:
+        text = f"{state.name}: {state.message or 'no message'}"
+    return redact(" ".join(text.split()))
+
+
+def settle(branches: list[tuple[str, Any]]) -> None:
+    """Wait for every submitted task; raise :class:`FlowFailed` naming the first (in submission
+    order) that failed or crashed. Tasks skipped because an upstream failed are not completed
+    either, so any incomplete branch fails the flow and the report never sees partial results."""
+    wait([future for _, future in branches])
+    broken = [(label, future.state) for label, future in branches if not future.state.is_completed()]
+    if not broken:
+        return
+    root = [(label, state) for label, state in broken if state.is_failed() or state.is_crashed()] or broken
+    label, state = root[0]
+    others = [other for other, _ in broken if other != label]
+    tail = f" ({len(others)} more not completed: {', '.join(others)})" if others else ""
+    raise FlowFailed(f"{label} failed: {_reason(state)}{tail}")
 
 
 def _resolve(params_file: str | None, overrides: list[str] | None, out: str,
@@ -36,6 +73,13 @@ def _resolve(params_file: str | None, overrides: list[str] | None, out: str,
     if estimators:
         merged.append(f"estimators={json.dumps(list(estimators))}")
     return resolved, merged, out if out.startswith("s3://") else str(Path(out).expanduser().resolve())
+
+
+def _join(out: str, *parts: str) -> str:
+    """``out/part/...`` keeping an ``s3://`` root a URI (``Path`` would collapse it to ``s3:/``)."""
+    if out.startswith("s3://"):
+        return "/".join([out.rstrip("/"), *parts])
+    return str(Path(out).joinpath(*parts))
 
 
 @flow(name="cleanse", log_prints=True)
@@ -52,21 +96,34 @@ def cleanse_flow(params_file: str | None = "params.yaml", overrides: list[str] |
     """
     from cleanse.config import load_params
 
+    route_cleanse_logs()  # progress lines of the library's "cleanse" logger -> this run's log
     params_file, overrides, out = _resolve(params_file, overrides, out, estimators)
-    names = load_params(params_file, overrides).estimators  # fail fast on a bad configuration
-    print(f"cleanse: params={params_file} out={out} estimators={names}")
+    params = load_params(params_file, overrides)  # fail fast on a bad configuration
+    names = params.estimators
+    print(f"cleanse: params={params_file} out={redact(out)} estimators={names}")
     common = (params_file, overrides, out)
+    # Retries where a task touches S3 or a server; never for CleanseErrors (see task_options).
+    work = task_options(params, out)
+    staging, training, querying, referencing, scoring, detecting, retraining = (
+        t.with_options(**work) for t in (stage, train, query, references, score, detect, retrain))
 
-    staged = stage(*common, fresh=fresh)
-    trained = train(*common, fresh=fresh, wait_for=[staged])
-    done = [references.submit(*common, fresh=fresh, wait_for=[trained]),
-            query.submit(*common, fresh=fresh, wait_for=[trained])]
+    # Everything is submitted, then settled: a failed or crashed branch fails the flow run with
+    # its stage and reason, and the report only ever runs on complete results.
+    staged = staging.submit(*common, fresh=fresh)
+    trained = training.submit(*common, fresh=fresh, wait_for=[staged])
+    branches = [("stage", staged), ("train", trained),
+                ("references", referencing.submit(*common, fresh=fresh, wait_for=[trained])),
+                ("query", querying.submit(*common, fresh=fresh, wait_for=[trained]))]
     for name in names:
-        scored = score.submit(*common, name, fresh=fresh, wait_for=[trained])
-        flagged = detect.submit(*common, name, fresh=fresh, wait_for=[scored])
-        done.append(retrain.submit(*common, name, fresh=fresh, wait_for=[flagged]))
-    metrics = report(*common, wait_for=done)
-    print(f"cleanse: metrics at {Path(out) / 'reports' / 'metrics.json'}")
+        scored = scoring.submit(*common, name, fresh=fresh, wait_for=[trained])
+        flagged = detecting.submit(*common, name, fresh=fresh, wait_for=[scored])
+        branches += [(f"score {name}", scored), (f"detect {name}", flagged),
+                     (f"retrain {name}", retraining.submit(*common, name, fresh=fresh, wait_for=[flagged]))]
+    settle(branches)
+    reported = report.submit(*common)
+    settle([("report", reported)])
+    metrics = reported.result()
+    print(f"cleanse: metrics at {redact(_join(out, 'reports', 'metrics.json'))}")
     return metrics
 
 
@@ -86,7 +143,7 @@ def cleanse_sweep(params_file: str | None = "params.yaml", key: str = "corruptio
     results = {}
     for value in values:
         label = f"{key}={json.dumps(value)}"
-        target = f"{out.rstrip('/')}/{label}" if out.startswith("s3://") else str(Path(out) / label)
+        target = _join(out, label)
         results[label] = cleanse_flow(params_file, [*(overrides or []), label], target, estimators, fresh)
     return results
 

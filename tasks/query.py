@@ -8,7 +8,7 @@ from prefect.cache_policies import NO_CACHE
 from tasks._common import run_unless_fresh, setup
 
 
-@task(name="query", cache_policy=NO_CACHE)
+@task(name="query", task_run_name="query", cache_policy=NO_CACHE)
 def query(params_file: str | None, overrides: list[str] | None, out: str, fresh: bool = False) -> str:
     from cleanse import pipeline
 

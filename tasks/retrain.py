@@ -20,7 +20,7 @@ def retrain(params_file: str | None, overrides: list[str] | None, out: str, esti
                             lambda: pipeline.run_retrain(params, layout, estimator), fresh)
 
 
-@task(name="references", cache_policy=NO_CACHE)
+@task(name="references", task_run_name="references", cache_policy=NO_CACHE)
 def references(params_file: str | None, overrides: list[str] | None, out: str, fresh: bool = False) -> str:
     from cleanse import pipeline
 

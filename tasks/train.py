@@ -8,7 +8,7 @@ from prefect.cache_policies import NO_CACHE
 from tasks._common import run_unless_fresh, setup
 
 
-@task(name="train", cache_policy=NO_CACHE)
+@task(name="train", task_run_name="train", cache_policy=NO_CACHE)
 def train(params_file: str | None, overrides: list[str] | None, out: str, fresh: bool = False) -> str:
     from cleanse import pipeline
 
