@@ -33,7 +33,11 @@ def _setup(params_file: Path | None, overrides: list[str] | None, out: Path) -> 
     if params_file is None and Path("params.yaml").is_file():
         params_file = Path("params.yaml")
     params = load_params(params_file, overrides or [])
-    return params, Layout.at(out)
+    layout = Layout.at(out)
+    from cleanse.lock import hold_for_process  # one writer per --out, until this command exits
+
+    hold_for_process(layout.root)
+    return params, layout
 
 
 def _guarded(action: Any) -> Any:

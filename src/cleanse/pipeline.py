@@ -12,6 +12,7 @@ Stages: ``stage -> train -> score(estimator) -> detect(estimator) -> retrain(est
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import polars as pl
 from cleanse.config import Params, fingerprint
 from cleanse.data.dataset import DatasetMeta, Split, StagedData
 from cleanse.errors import ArtifactError
+from cleanse.lock import out_lock
 from cleanse.storage import (
     Layout,
     read_json,
@@ -36,21 +38,110 @@ from cleanse.storage import (
 STAGE_META_NAME = "meta.json"
 
 
+def _locked(stage: Any) -> Any:
+    """Run ``stage(params, layout, ...)`` holding the output root's lock (:mod:`cleanse.lock`):
+    reentrant, so ``run_all`` and the CLI, which hold it already, pass straight through, and a
+    second process on the same ``--out`` is refused before it writes anything."""
+
+    @functools.wraps(stage)
+    def wrapper(params: Params, layout: Layout, *args: Any, **kwargs: Any) -> Any:
+        with out_lock(layout.root):
+            return stage(params, layout, *args, **kwargs)
+
+    return wrapper
+
+
 # ----------------------------------------------------------------------------- fingerprints
 
 
+def canonical(params: Params) -> Params:
+    """``params`` with every default that stands for a value resolved, so that configurations
+    meaning the same run fingerprint the same (``model.hidden: [64]`` and the MLP's built-in
+    default; any ``hidden`` of a logistic regression; memorization's ``epochs: null`` and
+    ``model.epochs``). Only used for fingerprints: the stages read ``params`` as given."""
+    from cleanse.models.architectures import DEFAULT_HIDDEN
+
+    model = params.model
+    hidden = model.hidden if model.hidden is not None else DEFAULT_HIDDEN.get(model.arch)
+    model = model.model_copy(update={"hidden": [] if model.arch == "logreg" else list(hidden or [])})
+    scorers = params.scorers
+    if scorers.memorization.epochs is None:
+        scorers = scorers.model_copy(update={
+            "memorization": scorers.memorization.model_copy(update={"epochs": model.epochs})})
+    return params.model_copy(update={"model": model, "scorers": scorers})
+
+
+# (absolute path, size, mtime_ns) -> sha256: a file is hashed once per process while unchanged.
+_digests: dict[tuple[str, int, int], str] = {}
+
+
+def content_digest(source: str, what: str = "data.source") -> str | None:
+    """A digest of a data file's *content*, so that a file replaced at the same path makes the
+    stages that read it stale: sha256 of a local file's bytes (cached by path, size and mtime),
+    the ETag (and version id, when the bucket versions) of an ``s3://`` object, None for built-in
+    (``sklearn:*``) and synthetic sources. A missing local file gives None: the stage itself
+    names it."""
+    if source.startswith("s3://"):
+        from cleanse import remote
+
+        bucket, key = remote.split_uri(source)
+        try:
+            head = remote._call(source, "head_object", Bucket=bucket, Key=key)
+        except remote.RemoteError as exc:
+            raise ArtifactError(f"{what}: {exc}") from None
+        return f"etag:{head.get('ETag', '').strip(chr(34))}:{head.get('VersionId') or ''}"
+    if ":" in source.split("/", 1)[0] and not source.startswith("file://"):  # sklearn:digits, synthetic:...
+        return None
+    path = Path(source.removeprefix("file://")).expanduser().absolute()
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    if not path.is_file():
+        return None
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _digests:
+        import hashlib
+
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+        _digests[key] = f"sha256:{digest.hexdigest()}"
+    return _digests[key]
+
+
+def _query_parts(params: Params) -> list[Any]:
+    """What the probes depend on beyond the trained model: the query options and, for
+    ``kind: file``, the probe file's content."""
+    parts: list[Any] = [params.query]
+    if params.query.kind == "file" and params.query.path:
+        digest = content_digest(params.query.path, "query.path")
+        if digest is not None:
+            parts.append(digest)
+    return parts
+
+
 def stage_fingerprint(params: Params) -> str:
-    return fingerprint("stage", params.seed, params.data, params.corruption)
+    """The staged data's fingerprint: seed, data and corruption options, and the data file's
+    content digest (:func:`content_digest`) for file sources."""
+    params = canonical(params)
+    parts: list[Any] = [params.seed, params.data, params.corruption]
+    digest = content_digest(params.data.source)
+    if digest is not None:
+        parts.append(digest)
+    return fingerprint("stage", *parts)
 
 
 def train_fingerprint(params: Params) -> str:
-    return fingerprint("train", stage_fingerprint(params), params.model)
+    return fingerprint("train", stage_fingerprint(params), canonical(params).model)
 
 
 def score_fingerprint(params: Params, estimator: str) -> str:
-    parts: list[Any] = [train_fingerprint(params), estimator, getattr(params.scorers, estimator)]
+    canon = canonical(params)
+    parts: list[Any] = [train_fingerprint(params), estimator, getattr(canon.scorers, estimator)]
     if params.query.kind != "none":  # probes change what is scored; without them fingerprints stay as they were
-        parts.append(params.query)
+        parts += _query_parts(params)
     return fingerprint("score", *parts)
 
 
@@ -65,7 +156,7 @@ def retrain_fingerprint(params: Params, estimator: str) -> str:
 
 
 def query_fingerprint(params: Params) -> str:
-    return fingerprint("query", train_fingerprint(params), params.query)
+    return fingerprint("query", train_fingerprint(params), *_query_parts(params))
 
 
 def references_fingerprint(params: Params) -> str:
@@ -74,7 +165,12 @@ def references_fingerprint(params: Params) -> str:
 
 def run_fingerprint(params: Params) -> str:
     """The whole configuration's fingerprint (an MLflow tag)."""
-    return fingerprint("run", params)
+    parts: list[Any] = [canonical(params)]
+    for source, what in ((params.data.source, "data.source"), (params.query.path, "query.path")):
+        digest = content_digest(source, what) if source else None
+        if digest is not None:
+            parts.append(digest)
+    return fingerprint("run", *parts)
 
 
 def is_fresh(meta_path: Path, expected: str) -> bool:
@@ -100,6 +196,7 @@ def _require_fresh(meta_path: Path, expected: str, what: str) -> None:
 # ----------------------------------------------------------------------------- stage
 
 
+@_locked
 def run_stage(params: Params, layout: Layout) -> Path:
     """Write ``data/staged/{train,val,test}.parquet`` and ``meta.json``."""
     from cleanse.data.stage import stage_data
@@ -112,6 +209,7 @@ def run_stage(params: Params, layout: Layout) -> Path:
         write_table(getattr(staged, name).to_frame(), layout.split(name))
     write_json({**staged.meta.to_json(), "fingerprint": stage_fingerprint(params),
                 "n": {name: len(getattr(staged, name)) for name in ("train", "val", "test")}}, layout.staged_meta)
+    _track(params, layout, "stage")
     layout.publish()
     return layout.staged
 
@@ -168,6 +266,7 @@ def evaluate_model(model: Any, staged: StagedData) -> dict[str, float]:
     return out
 
 
+@_locked
 def run_train(params: Params, layout: Layout) -> Path:
     """Train the base model on the (corrupted) training split; write ``models/base/``."""
     from cleanse.models.architectures import default_device
@@ -179,7 +278,8 @@ def run_train(params: Params, layout: Layout) -> Path:
                         seed=params.seed, device=default_device())
     seconds = time.perf_counter() - started
     save_model(model, layout.base_model, {"fingerprint": train_fingerprint(params), "seconds": seconds,
-                                          **evaluate_model(model, staged)})
+                                          **evaluate_model(model, staged), "history": model.history})
+    _track(params, layout, "train")
     layout.publish()
     return layout.base_model
 
@@ -203,6 +303,7 @@ def scoring_context(params: Params, layout: Layout, staged: StagedData | None = 
                           cache_dir=layout.root / "cache")
 
 
+@_locked
 def run_score(params: Params, layout: Layout, estimator: str) -> Path:
     """Write ``scores/<estimator>.parquet`` and its ``.meta.json``."""
     from cleanse.estimators import registry
@@ -238,6 +339,7 @@ def run_score(params: Params, layout: Layout, estimator: str) -> Path:
                 "orientation": "one row per training sample; higher score = more likely harmful",
                 "options": getattr(params.scorers, estimator).model_dump(mode="json"), **result.meta},
                layout.scores_meta(estimator))
+    _track(params, layout, "score", estimator)
     layout.publish()
     return layout.scores(estimator)
 
@@ -252,6 +354,7 @@ def pairwise_path(layout: Layout, estimator: str) -> Path:
     return layout.root / "scores" / f"{estimator}.pairwise.npy"
 
 
+@_locked
 def run_query(params: Params, layout: Layout) -> Path:
     """Record the probes under ``query/``: ``probes.parquet`` and ``heldout.parquet`` (``label`` =
     the behaviour label) and ``query.json`` (the summary and fingerprint; ``kind: none`` and no
@@ -275,6 +378,7 @@ def run_query(params: Params, layout: Layout) -> Path:
 # ----------------------------------------------------------------------------- detect
 
 
+@_locked
 def run_detect(params: Params, layout: Layout, estimator: str) -> Path:
     """Write ``flags/<estimator>.parquet`` (``sample_id, score, rank, is_flagged``)."""
     from cleanse.detect import flag
@@ -285,6 +389,7 @@ def run_detect(params: Params, layout: Layout, estimator: str) -> Path:
     write_json({"estimator": estimator, "fingerprint": detect_fingerprint(params, estimator),
                 "n_flagged": int(flags["is_flagged"].sum()), "budget": params.detect.budget},
                layout.flags(estimator).with_suffix(".meta.json"))
+    _track(params, layout, "detect", estimator)
     layout.publish()
     return layout.flags(estimator)
 
@@ -294,14 +399,19 @@ def run_detect(params: Params, layout: Layout, estimator: str) -> Path:
 
 def retrain_without(params: Params, staged: StagedData, removed_ids: np.ndarray) -> dict[str, float]:
     """Retrain with the same seed and recipe on the training split minus ``removed_ids``."""
+    return retrained_without(params, staged, removed_ids)[1]
+
+
+def retrained_without(params: Params, staged: StagedData, removed_ids: np.ndarray) -> tuple[Any, dict[str, float]]:
+    """:func:`retrain_without`, also returning the retrained model (logged to MLflow)."""
     from cleanse.models.architectures import default_device
     from cleanse.models.trainer import train_model
 
     kept = staged.train.without(removed_ids)
     model = train_model(_spec(params, staged.meta), kept.features, kept.label, params.model, seed=params.seed,
                         device=default_device())
-    return {**evaluate_model(model, staged), "n_removed": int(len(staged.train) - len(kept)),
-            "n_corrupted_removed": int(staged.train.is_corrupted[np.isin(staged.train.sample_id, removed_ids)].sum())}
+    return model, {**evaluate_model(model, staged), "n_removed": int(len(staged.train) - len(kept)),
+                   "n_corrupted_removed": int(staged.train.is_corrupted[np.isin(staged.train.sample_id, removed_ids)].sum())}
 
 
 def random_ids(staged: StagedData, count: int, seed: int) -> np.ndarray:
@@ -309,6 +419,7 @@ def random_ids(staged: StagedData, count: int, seed: int) -> np.ndarray:
     return rng.choice(staged.train.sample_id, size=min(count, len(staged.train)), replace=False)
 
 
+@_locked
 def run_retrain(params: Params, layout: Layout, estimator: str) -> Path:
     """Retrain without the estimator's flags, and without a random set of the same size."""
     staged = load_staged(layout, params)
@@ -319,11 +430,12 @@ def run_retrain(params: Params, layout: Layout, estimator: str) -> Path:
     started = time.perf_counter()
     if params.cleansing.iterative:
         return _retrain_iteratively(params, layout, estimator, staged, started)
-    cleaned = retrain_without(params, staged, flagged)
+    cleaned_model, cleaned = retrained_without(params, staged, flagged)
     random = retrain_without(params, staged, random_ids(staged, flagged.size, params.seed))
     write_json({"estimator": estimator, "fingerprint": retrain_fingerprint(params, estimator),
                 "seconds": time.perf_counter() - started, "n_flagged": int(flagged.size),
                 "cleaned": cleaned, "random_same_count": random}, layout.retrain_result(estimator))
+    _track(params, layout, "retrain", estimator, model=cleaned_model)
     layout.publish()
     return layout.retrain_result(estimator)
 
@@ -349,9 +461,11 @@ def _retrain_iteratively(params: Params, layout: Layout, estimator: str, staged:
                 "seconds": time.perf_counter() - started, "n_flagged": int(removed.size), "iterative": True,
                 "stopped": loop["stopped"], "rounds": loop["rounds"], "removed_ids": removed.tolist(),
                 "cleaned": cleaned, "random_same_count": random}, layout.retrain_result(estimator))
+    _track(params, layout, "retrain", estimator)
     return layout.retrain_result(estimator)
 
 
+@_locked
 def run_references(params: Params, layout: Layout) -> Path:
     """Baseline (the base model: no removal), oracle (exactly the corrupted removed), and random
     removal of as many samples as were corrupted."""
@@ -365,13 +479,26 @@ def run_references(params: Params, layout: Layout) -> Path:
         out["oracle"] = retrain_without(params, staged, corrupted)
         out["random"] = retrain_without(params, staged, random_ids(staged, corrupted.size, params.seed))
     write_json(out, layout.retrain_result("references"))
+    _track(params, layout, "references")
     layout.publish()
     return layout.retrain_result("references")
+
+
+# ----------------------------------------------------------------------------- tracking
+
+
+def _track(params: Params, layout: Layout, stage: str, estimator: str | None = None, **extra: Any) -> None:
+    """Log a finished stage to MLflow (:func:`cleanse.tracking.log_stage`) when tracking is on."""
+    if params.tracking.enabled:
+        from cleanse.tracking import log_stage
+
+        log_stage(params, layout, stage, estimator, **extra)
 
 
 # ----------------------------------------------------------------------------- whole run
 
 
+@_locked
 def run_all(params: Params, layout: Layout, *, resume: bool = True, log: Any = print) -> dict[str, Any]:
     """Run every stage in order, skipping those whose outputs are fresh; return the metrics."""
     from cleanse.report import run_report
@@ -392,11 +519,26 @@ def run_all(params: Params, layout: Layout, *, resume: bool = True, log: Any = p
         ]
     steps.append(("references", layout.retrain_result("references"), references_fingerprint(params),
                   lambda: run_references(params, layout)))
-    for label, meta_path, expected, action in steps:
-        if resume and is_fresh(meta_path, expected):
-            log(f"[skip] {label}: up to date")
-            continue
-        started = time.perf_counter()
-        action()
-        log(f"[done] {label} ({time.perf_counter() - started:.1f} s)")
-    return run_report(params, layout)
+    if params.tracking.enabled:  # the parent run opens now, so its duration is the pipeline's
+        from cleanse.tracking import close_pipeline_run, open_pipeline_run
+
+        open_pipeline_run(params, layout)
+    try:
+        for label, meta_path, expected, action in steps:
+            if resume and is_fresh(meta_path, expected):
+                log(f"[skip] {label}: up to date")
+                continue
+            started = time.perf_counter()
+            action()
+            log(f"[done] {label} ({time.perf_counter() - started:.1f} s)")
+        metrics = run_report(params, layout)
+    except BaseException:
+        if params.tracking.enabled:
+            import contextlib
+
+            with contextlib.suppress(Exception):  # the pipeline's own error is the one to report
+                close_pipeline_run(params, layout, status="FAILED")
+        raise
+    if params.tracking.enabled:
+        close_pipeline_run(params, layout, metrics)
+    return metrics
