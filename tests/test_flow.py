@@ -163,6 +163,22 @@ def test_failing_estimator_fails_the_flow(prefect_api, tmp_path, monkeypatch):
     assert not (out / "scores" / "tracin.parquet").exists()
     assert not (out / "reports").exists()  # no report from partial results
 
+    # The CLI's flow path: one line naming the stage and the reason, non-zero exit, no report.
+    from typer.testing import CliRunner
+
+    from cleanse.cli import app
+
+    cli_out = tmp_path / "cli"
+    args = ["run", "--prefect", "--out", str(cli_out), "--set", 'estimators=["loss","tracin"]']
+    for override in DEFAULTS_TINY:
+        args += ["--set", override]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0 and not isinstance(result.exception, FlowFailed), result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert lines == ["error: score tracin failed: RuntimeError: planted failure in the scorer "
+                     "(2 more not completed: detect tracin, retrain tracin)"], result.output
+    assert not (cli_out / "reports").exists()
+
 
 def test_influence_scoring_is_thread_safe(wine_context):
     """influence, influence_val and tracin (forward-mode products: Gauss-Newton blocks of the MLP's
