@@ -356,6 +356,10 @@ class EvaluateConfig(_Section):
 class TrackingConfig(_Section):
     enabled: bool = Field(True, description="Log the run to MLflow.")
     experiment: str = "cleanse"
+    register_as: str | None = Field(
+        None, min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][\w.\-]*$",
+        description="Register the base model and each cleaned model as versions of this MLflow registered "
+                    "model (aliases `base`, `cleaned-<estimator>`); none = log the models without registering.")
 
 
 class Params(_Section):

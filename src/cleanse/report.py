@@ -14,7 +14,9 @@
 
 from __future__ import annotations
 
+import base64
 import html
+import json
 from pathlib import Path
 from typing import Any
 
@@ -275,21 +277,31 @@ def write_probe_plots(params: Params, layout: Layout, metrics: dict[str, Any], *
     return written
 
 
+def _data_uri(path: Path, media_type: str = "image/png") -> str:
+    """A file as a ``data:`` URI, so that report.html is one self-contained file (MLflow's artifact
+    viewer shows it in a sandbox where relative paths do not resolve)."""
+    return f"data:{media_type};base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
 def write_html(metrics: dict[str, Any], images: list[str], layout: Layout) -> Path:
     rows = comparison_rows(metrics)
     headers = list(rows[0])
     table = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in headers) + "</tr>"
     table += "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(row[h]))}</td>" for h in headers) + "</tr>" for row in rows)
-    figures = "".join(f'<figure><img src="{html.escape(name)}" alt="{html.escape(name)}"><figcaption>{html.escape(name)}</figcaption></figure>' for name in images)
+    figures = "".join(f'<figure><img src="{_data_uri(layout.reports / name)}" alt="{html.escape(name)}">'
+                      f'<figcaption>{html.escape(name)}</figcaption></figure>' for name in images)
     dataset = metrics["dataset"]
-    flagged = " ".join(f'<a href="flagged/{html.escape(name)}.csv">{html.escape(name)}</a>' for name in metrics["estimators"])
+    flagged = " ".join(f'<a href="{_data_uri(layout.reports / "flagged" / f"{name}.csv", "text/csv")}" '
+                       f'download="flagged-{html.escape(name)}.csv">{html.escape(name)}</a>'
+                       for name in metrics["estimators"] if (layout.reports / "flagged" / f"{name}.csv").is_file())
+    encoded_metrics = base64.b64encode(json.dumps(metrics, indent=2, sort_keys=True, default=str).encode()).decode()
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>cleanse report</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}th{{background:#eee}}td:first-child{{text-align:left}}img{{max-width:100%}}</style>
 </head><body><h1>cleanse report</h1>
 <p>Dataset <b>{html.escape(str(dataset['name']))}</b>: {dataset['n_train']} training samples, {dataset['n_corrupted']} corrupted ({html.escape(str(dataset['corruption']))}).
 Detection metrics use k = number corrupted; <i>test_acc</i> is after removing each method's flags and retraining with the same seed and recipe.</p>
 <table>{table}</table>
-<p><a href="metrics.json">metrics.json</a> · top flagged samples per estimator: {flagged}</p>
+<p><a href="data:application/json;base64,{encoded_metrics}" download="metrics.json">metrics.json</a> · top flagged samples per estimator: {flagged}</p>
 {figures}
 </body></html>"""
     return write_text(page, layout.reports / "report.html")
