@@ -209,6 +209,7 @@ def run_stage(params: Params, layout: Layout) -> Path:
         write_table(getattr(staged, name).to_frame(), layout.split(name))
     write_json({**staged.meta.to_json(), "fingerprint": stage_fingerprint(params),
                 "n": {name: len(getattr(staged, name)) for name in ("train", "val", "test")}}, layout.staged_meta)
+    _track(params, layout, "stage")
     layout.publish()
     return layout.staged
 
@@ -277,7 +278,8 @@ def run_train(params: Params, layout: Layout) -> Path:
                         seed=params.seed, device=default_device())
     seconds = time.perf_counter() - started
     save_model(model, layout.base_model, {"fingerprint": train_fingerprint(params), "seconds": seconds,
-                                          **evaluate_model(model, staged)})
+                                          **evaluate_model(model, staged), "history": model.history})
+    _track(params, layout, "train")
     layout.publish()
     return layout.base_model
 
@@ -337,6 +339,7 @@ def run_score(params: Params, layout: Layout, estimator: str) -> Path:
                 "orientation": "one row per training sample; higher score = more likely harmful",
                 "options": getattr(params.scorers, estimator).model_dump(mode="json"), **result.meta},
                layout.scores_meta(estimator))
+    _track(params, layout, "score", estimator)
     layout.publish()
     return layout.scores(estimator)
 
@@ -386,6 +389,7 @@ def run_detect(params: Params, layout: Layout, estimator: str) -> Path:
     write_json({"estimator": estimator, "fingerprint": detect_fingerprint(params, estimator),
                 "n_flagged": int(flags["is_flagged"].sum()), "budget": params.detect.budget},
                layout.flags(estimator).with_suffix(".meta.json"))
+    _track(params, layout, "detect", estimator)
     layout.publish()
     return layout.flags(estimator)
 
@@ -395,14 +399,19 @@ def run_detect(params: Params, layout: Layout, estimator: str) -> Path:
 
 def retrain_without(params: Params, staged: StagedData, removed_ids: np.ndarray) -> dict[str, float]:
     """Retrain with the same seed and recipe on the training split minus ``removed_ids``."""
+    return retrained_without(params, staged, removed_ids)[1]
+
+
+def retrained_without(params: Params, staged: StagedData, removed_ids: np.ndarray) -> tuple[Any, dict[str, float]]:
+    """:func:`retrain_without`, also returning the retrained model (logged to MLflow)."""
     from cleanse.models.architectures import default_device
     from cleanse.models.trainer import train_model
 
     kept = staged.train.without(removed_ids)
     model = train_model(_spec(params, staged.meta), kept.features, kept.label, params.model, seed=params.seed,
                         device=default_device())
-    return {**evaluate_model(model, staged), "n_removed": int(len(staged.train) - len(kept)),
-            "n_corrupted_removed": int(staged.train.is_corrupted[np.isin(staged.train.sample_id, removed_ids)].sum())}
+    return model, {**evaluate_model(model, staged), "n_removed": int(len(staged.train) - len(kept)),
+                   "n_corrupted_removed": int(staged.train.is_corrupted[np.isin(staged.train.sample_id, removed_ids)].sum())}
 
 
 def random_ids(staged: StagedData, count: int, seed: int) -> np.ndarray:
@@ -421,11 +430,12 @@ def run_retrain(params: Params, layout: Layout, estimator: str) -> Path:
     started = time.perf_counter()
     if params.cleansing.iterative:
         return _retrain_iteratively(params, layout, estimator, staged, started)
-    cleaned = retrain_without(params, staged, flagged)
+    cleaned_model, cleaned = retrained_without(params, staged, flagged)
     random = retrain_without(params, staged, random_ids(staged, flagged.size, params.seed))
     write_json({"estimator": estimator, "fingerprint": retrain_fingerprint(params, estimator),
                 "seconds": time.perf_counter() - started, "n_flagged": int(flagged.size),
                 "cleaned": cleaned, "random_same_count": random}, layout.retrain_result(estimator))
+    _track(params, layout, "retrain", estimator, model=cleaned_model)
     layout.publish()
     return layout.retrain_result(estimator)
 
@@ -451,6 +461,7 @@ def _retrain_iteratively(params: Params, layout: Layout, estimator: str, staged:
                 "seconds": time.perf_counter() - started, "n_flagged": int(removed.size), "iterative": True,
                 "stopped": loop["stopped"], "rounds": loop["rounds"], "removed_ids": removed.tolist(),
                 "cleaned": cleaned, "random_same_count": random}, layout.retrain_result(estimator))
+    _track(params, layout, "retrain", estimator)
     return layout.retrain_result(estimator)
 
 
@@ -468,8 +479,20 @@ def run_references(params: Params, layout: Layout) -> Path:
         out["oracle"] = retrain_without(params, staged, corrupted)
         out["random"] = retrain_without(params, staged, random_ids(staged, corrupted.size, params.seed))
     write_json(out, layout.retrain_result("references"))
+    _track(params, layout, "references")
     layout.publish()
     return layout.retrain_result("references")
+
+
+# ----------------------------------------------------------------------------- tracking
+
+
+def _track(params: Params, layout: Layout, stage: str, estimator: str | None = None, **extra: Any) -> None:
+    """Log a finished stage to MLflow (:func:`cleanse.tracking.log_stage`) when tracking is on."""
+    if params.tracking.enabled:
+        from cleanse.tracking import log_stage
+
+        log_stage(params, layout, stage, estimator, **extra)
 
 
 # ----------------------------------------------------------------------------- whole run
@@ -496,11 +519,26 @@ def run_all(params: Params, layout: Layout, *, resume: bool = True, log: Any = p
         ]
     steps.append(("references", layout.retrain_result("references"), references_fingerprint(params),
                   lambda: run_references(params, layout)))
-    for label, meta_path, expected, action in steps:
-        if resume and is_fresh(meta_path, expected):
-            log(f"[skip] {label}: up to date")
-            continue
-        started = time.perf_counter()
-        action()
-        log(f"[done] {label} ({time.perf_counter() - started:.1f} s)")
-    return run_report(params, layout)
+    if params.tracking.enabled:  # the parent run opens now, so its duration is the pipeline's
+        from cleanse.tracking import close_pipeline_run, open_pipeline_run
+
+        open_pipeline_run(params, layout)
+    try:
+        for label, meta_path, expected, action in steps:
+            if resume and is_fresh(meta_path, expected):
+                log(f"[skip] {label}: up to date")
+                continue
+            started = time.perf_counter()
+            action()
+            log(f"[done] {label} ({time.perf_counter() - started:.1f} s)")
+        metrics = run_report(params, layout)
+    except BaseException:
+        if params.tracking.enabled:
+            import contextlib
+
+            with contextlib.suppress(Exception):  # the pipeline's own error is the one to report
+                close_pipeline_run(params, layout, status="FAILED")
+        raise
+    if params.tracking.enabled:
+        close_pipeline_run(params, layout, metrics)
+    return metrics
