@@ -20,6 +20,7 @@ from torch import nn
 
 from cleanse.config import ModelConfig
 from cleanse.models.architectures import ModelSpec, build_model, default_device
+from cleanse.progress import Progress
 
 State = dict[str, torch.Tensor]
 
@@ -117,6 +118,7 @@ def train_model(
     save_at = set(checkpoint_epochs(config.epochs, config.checkpoints, config.checkpoint_spacing))
     checkpoints: list[Checkpoint] = []
     history: list[dict[str, float]] = []
+    reporter = Progress(f"train {spec.arch} on {n}", config.epochs, unit="epoch")
 
     def objective(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         return loss_fn(model(xb), yb) + l2_penalty(params, config.weight_decay)
@@ -135,6 +137,7 @@ def train_model(
 
         for epoch in range(1, config.epochs + 1):
             history.append({"epoch": epoch, "train_loss": float(optimizer.step(closure).detach())})
+            reporter.update(loss=history[-1]["train_loss"])
             if epoch in save_at:
                 checkpoints.append(Checkpoint(epoch, config.lr, _snapshot(model)))
     else:
@@ -156,8 +159,10 @@ def train_model(
                 optimizer.step()
                 total += loss.detach() * batch.numel()
             history.append({"epoch": epoch, "train_loss": float(total) / max(n, 1)})
+            reporter.update(loss=history[-1]["train_loss"])
             if epoch in save_at:
                 checkpoints.append(Checkpoint(epoch, config.lr, _snapshot(model)))
+    reporter.close()
     model.eval()
     with torch.no_grad():
         final_loss = float(objective(x, y))
