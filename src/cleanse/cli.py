@@ -17,7 +17,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 ParamsOption = Annotated[Path | None, typer.Option("--params", "-p", help="params.yaml (default: ./params.yaml if present, else built-in defaults).")]
 SetOption = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a key: dotted.key=value (repeatable).")]
-OutOption = Annotated[Path, typer.Option("--out", "-o", help="Output root for data/, models/, scores/, flags/, reports/.")]
+# A string, not a Path: Path("http://x/y") would collapse to the local folder "http:/x/y" before the
+# scheme is checked (cleanse.storage.check_out_scheme does that on the text as given).
+OutOption = Annotated[str, typer.Option("--out", "-o", help="Output root for data/, models/, scores/, flags/, reports/ "
+                                        "(a local folder or s3://bucket/prefix).")]
 EstimatorOption = Annotated[str, typer.Option("--estimator", "-e", help="Registered estimator name.")]
 
 
@@ -70,7 +73,7 @@ PrefectOption = Annotated[bool | None, typer.Option(
 
 
 @app.command()
-def run(params_file: ParamsOption = None, overrides: SetOption = None, out: OutOption = Path("."),
+def run(params_file: ParamsOption = None, overrides: SetOption = None, out: OutOption = ".",
         fresh: Annotated[bool, typer.Option("--fresh", help="Recompute every stage instead of resuming.")] = False,
         prefect: PrefectOption = None) -> None:
     """Run the whole loop: stage, train, score, detect, retrain, report (and log to MLflow)."""
@@ -84,6 +87,7 @@ def run(params_file: ParamsOption = None, overrides: SetOption = None, out: OutO
         from cleanse.pipeline import run_all
 
         params, layout = _setup(params_file, overrides, out)
+        _check_servers(params)
         metrics = run_all(params, layout, resume=not fresh, log=lambda line: typer.echo(line, err=True))
         _print_table(metrics)
         typer.echo(f"report: {layout.location(layout.reports / 'report.html')}")
@@ -106,15 +110,23 @@ def _run_flow(params_file: Path | None, overrides: list[str] | None, out: Path, 
         sys.path.insert(0, str(root))
     from flows.cleanse_flow import cleanse_flow
 
+    from cleanse.config import load_params
+    from cleanse.storage import check_out_scheme, check_writable
+
     if params_file is None and Path("params.yaml").is_file():
         params_file = Path("params.yaml")
-    target = str(out) if not str(out).startswith("s3:/") else "s3://" + str(out).split(":/", 1)[1].lstrip("/")
+    # Everything the flow would refuse, refused before it starts: configuration, --out, servers.
+    params = load_params(params_file, list(overrides or []))
+    target = check_out_scheme(out)
+    if not target.startswith("s3://"):
+        check_writable(Path(target).expanduser().absolute())
+    _check_servers(params, prefect=True)
     metrics = cleanse_flow(str(params_file) if params_file else None, list(overrides or []), target, None, fresh)
     _print_table(metrics)
 
 
 @app.command()
-def stage(params_file: ParamsOption = None, overrides: SetOption = None, out: OutOption = Path(".")) -> None:
+def stage(params_file: ParamsOption = None, overrides: SetOption = None, out: OutOption = ".") -> None:
     """Load, validate, split and corrupt the data -> data/staged/."""
     from cleanse import pipeline
 
@@ -122,7 +134,7 @@ def stage(params_file: ParamsOption = None, overrides: SetOption = None, out: Ou
 
 
 @app.command()
-def train(params_file: ParamsOption = None, overrides: SetOption = None, out: OutOption = Path(".")) -> None:
+def train(params_file: ParamsOption = None, overrides: SetOption = None, out: OutOption = ".") -> None:
     """Train the base model -> models/base/."""
     from cleanse import pipeline
 
@@ -130,7 +142,7 @@ def train(params_file: ParamsOption = None, overrides: SetOption = None, out: Ou
 
 
 @app.command()
-def query(params_file: ParamsOption = None, overrides: SetOption = None, out: OutOption = Path(".")) -> None:
+def query(params_file: ParamsOption = None, overrides: SetOption = None, out: OutOption = ".") -> None:
     """Record the probes (query.kind) -> query/."""
     from cleanse import pipeline
 
@@ -138,7 +150,7 @@ def query(params_file: ParamsOption = None, overrides: SetOption = None, out: Ou
 
 
 @app.command()
-def score(estimator: EstimatorOption, params_file: ParamsOption = None, overrides: SetOption = None, out: OutOption = Path(".")) -> None:
+def score(estimator: EstimatorOption, params_file: ParamsOption = None, overrides: SetOption = None, out: OutOption = ".") -> None:
     """Score every training sample with one estimator -> scores/<estimator>.parquet."""
     from cleanse import pipeline
 
@@ -146,7 +158,7 @@ def score(estimator: EstimatorOption, params_file: ParamsOption = None, override
 
 
 @app.command()
-def detect(estimator: EstimatorOption, params_file: ParamsOption = None, overrides: SetOption = None, out: OutOption = Path(".")) -> None:
+def detect(estimator: EstimatorOption, params_file: ParamsOption = None, overrides: SetOption = None, out: OutOption = ".") -> None:
     """Turn one estimator's scores into flags -> flags/<estimator>.parquet."""
     from cleanse import pipeline
 
@@ -154,7 +166,7 @@ def detect(estimator: EstimatorOption, params_file: ParamsOption = None, overrid
 
 
 @app.command()
-def retrain(estimator: EstimatorOption, params_file: ParamsOption = None, overrides: SetOption = None, out: OutOption = Path(".")) -> None:
+def retrain(estimator: EstimatorOption, params_file: ParamsOption = None, overrides: SetOption = None, out: OutOption = ".") -> None:
     """Retrain without one estimator's flags (and without a random set of the same size)."""
     from cleanse import pipeline
 
@@ -162,7 +174,7 @@ def retrain(estimator: EstimatorOption, params_file: ParamsOption = None, overri
 
 
 @app.command()
-def references(params_file: ParamsOption = None, overrides: SetOption = None, out: OutOption = Path(".")) -> None:
+def references(params_file: ParamsOption = None, overrides: SetOption = None, out: OutOption = ".") -> None:
     """Baseline, oracle and random-removal retrains -> retrain/references.json."""
     from cleanse import pipeline
 
@@ -170,7 +182,7 @@ def references(params_file: ParamsOption = None, overrides: SetOption = None, ou
 
 
 @app.command()
-def report(params_file: ParamsOption = None, overrides: SetOption = None, out: OutOption = Path("."),
+def report(params_file: ParamsOption = None, overrides: SetOption = None, out: OutOption = ".",
            track: Annotated[bool, typer.Option(help="Also log to MLflow (when tracking.enabled).")] = True) -> None:
     """Write reports/metrics.json, plots and report.html; print the comparison table."""
 
@@ -178,6 +190,9 @@ def report(params_file: ParamsOption = None, overrides: SetOption = None, out: O
         from cleanse.report import run_report
 
         params, layout = _setup(params_file, overrides, out)
+        _require_report_inputs(params, layout)
+        if track:
+            _check_servers(params)
         metrics = run_report(params, layout)
         _print_table(metrics)
         if track and params.tracking.enabled:
@@ -246,6 +261,57 @@ def stack_env(directory: StackDirOption = Path(".cleanse/stack")) -> None:
     from cleanse.stack import Stack
 
     _guarded(lambda: [typer.echo(f"export {key}={value}") for key, value in Stack(directory).env().items()])
+
+
+def _check_reachable(variable: str, uri: str, timeout: float = 3.0) -> None:
+    """Refuse a server address in ``variable`` that does not accept a TCP connection within
+    ``timeout`` seconds, before any stage computes (instead of a traceback after the pipeline)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from cleanse.uris import redact
+
+    default_ports = {"http": 80, "https": 443, "postgresql": 5432, "postgres": 5432, "mysql": 3306, "mssql": 1433}
+    try:
+        parts = urlsplit(uri)
+        host, port = parts.hostname, parts.port
+    except ValueError as exc:
+        _fail(f"{variable}={redact(uri)} is not a valid URI ({exc})")
+        return
+    port = port or default_ports.get(parts.scheme.lower().split("+")[0])
+    if not host or port is None:  # a file path, sqlite:///, databricks: nothing to connect to
+        return
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        _fail(f"{variable}={redact(uri)}: cannot reach {host}:{port} ({reason}); start the server or unset "
+              f"{variable}")
+
+
+def _check_servers(params: Any, *, prefect: bool = False) -> None:
+    """The servers this run will talk to (MLflow when tracking, Prefect's API for a flow) are reachable."""
+    import os
+
+    if prefect and os.environ.get("PREFECT_API_URL"):
+        _check_reachable("PREFECT_API_URL", os.environ["PREFECT_API_URL"])
+    if params.tracking.enabled and os.environ.get("MLFLOW_TRACKING_URI"):
+        _check_reachable("MLFLOW_TRACKING_URI", os.environ["MLFLOW_TRACKING_URI"])
+
+
+def _require_report_inputs(params: Any, layout: Any) -> None:
+    """The report reads the retrain results (and the probes): refuse ones that another configuration
+    produced, as every other stage does, instead of reporting them under the current params."""
+    from cleanse import pipeline
+
+    pipeline._require_fresh(layout.retrain_result("references"), pipeline.references_fingerprint(params),
+                            "reference retrains")
+    for name in params.estimators:
+        pipeline._require_fresh(layout.retrain_result(name), pipeline.retrain_fingerprint(params, name),
+                                f"{name} retrain result")
+    if params.query.kind != "none":
+        pipeline._require_fresh(pipeline.query_dir(layout) / "query.json", pipeline.query_fingerprint(params),
+                                "probes")
 
 
 def _known(name: str) -> str:

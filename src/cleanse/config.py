@@ -22,7 +22,9 @@ from cleanse.errors import ConfigError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: inf or nan in any number (lr=inf, damping=nan) is refused at the boundary
+    # instead of training a NaN model.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _open_fraction(value: float, *, allow_zero: bool = False) -> float:
@@ -88,6 +90,16 @@ class CorruptionConfig(_Section):
         return _open_fraction(value)
 
 
+# Far above any useful value (Adam/SGD use 1e-4..1, L-BFGS 1; L2 above 1 already swamps the loss):
+# larger values only diverge, so they are refused up front instead of failing after the stage.
+MAX_LR = 10.0
+MAX_WEIGHT_DECAY = 100.0
+# numpy, torch and scikit-learn all take 32-bit seeds; derived seeds add offsets up to ~1e6.
+MAX_SEED = 2**31 - 1
+# MLflow's experiment name column (String(256) in its SQL store).
+MAX_EXPERIMENT_NAME = 256
+
+
 class ModelConfig(_Section):
     """Architecture and training recipe (one trainer for every model)."""
 
@@ -97,8 +109,9 @@ class ModelConfig(_Section):
     )
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(64, ge=1)
-    lr: float = Field(0.01, gt=0)
-    weight_decay: float = Field(1e-3, ge=0, description="L2 coefficient: loss + wd/2 * ||theta||^2.")
+    lr: float = Field(0.01, gt=0, le=MAX_LR, description=f"Learning rate, in (0, {MAX_LR:g}].")
+    weight_decay: float = Field(1e-3, ge=0, le=MAX_WEIGHT_DECAY,
+                                description="L2 coefficient: loss + wd/2 * ||theta||^2.")
     optimizer: Literal["adam", "sgd", "lbfgs"] = "adam"
     checkpoints: int = Field(5, ge=1, description="Checkpoints saved for TracIn (the last is the final epoch).")
     checkpoint_spacing: Literal["even", "geometric"] = Field(
@@ -365,7 +378,7 @@ class TrackingConfig(_Section):
 class Params(_Section):
     """The whole of ``params.yaml``."""
 
-    seed: int = Field(0, ge=0)
+    seed: int = 0
     data: DataConfig = DataConfig()
     corruption: CorruptionConfig = CorruptionConfig()
     model: ModelConfig = ModelConfig()
@@ -376,6 +389,23 @@ class Params(_Section):
     tracking: TrackingConfig = TrackingConfig()
     query: QueryConfig = QueryConfig()
     cleansing: CleansingConfig = CleansingConfig()
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_range(cls, value: int) -> int:
+        if not 0 <= value <= MAX_SEED:
+            raise ValueError(f"must be an integer in 0..{MAX_SEED} (numpy, torch and scikit-learn take 32-bit "
+                             f"seeds), got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _experiment_name_fits(self) -> Params:
+        name = self.tracking.experiment
+        if not name.strip() or len(name) > MAX_EXPERIMENT_NAME or any(not ch.isprintable() for ch in name):
+            shown = name if len(name) <= 40 else f"{name[:40]}..."
+            raise ValueError(f"tracking.experiment: must be 1..{MAX_EXPERIMENT_NAME} printable characters "
+                             f"(MLflow's limit), got {len(name)} characters: {shown!r}")
+        return self
 
     @model_validator(mode="after")
     def _query_fits_corruption(self) -> Params:
@@ -406,20 +436,30 @@ class Params(_Section):
         return value
 
 
+def _shown(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _format_validation_error(error: ValidationError) -> str:
-    lines = []
+    """One line (the CLI prints ``error: <this>``): every problem as ``dotted.key: message``."""
+    problems = []
     for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"]) or "params"
+        key = ".".join(str(part) for part in item["loc"])
         message = item["msg"]
         if item["type"] == "literal_error":
             expected = item.get("ctx", {}).get("expected", "")
-            message = f"{item['input']!r} is not one of {expected}"
+            message = f"{_shown(item['input'])} is not one of {expected}"
         elif item["type"] == "extra_forbidden":
             message = "unknown key"
+        elif item["type"] == "finite_number":
+            message = f"must be a finite number, got {_shown(item['input'])}"
+        elif item["type"] in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+            message = f"{message}, got {_shown(item['input'])}"
         elif message.startswith("Value error, "):
             message = message.removeprefix("Value error, ")
-        lines.append(f"{key}: {message}")
-    return "invalid configuration:\n  " + "\n  ".join(lines)
+        problems.append(f"{key}: {message}" if key else message)
+    return "invalid configuration: " + "; ".join(" ".join(problem.split()) for problem in problems)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -455,9 +495,14 @@ def load_params(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"params file not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"params file {path} is not UTF-8 text (byte {exc.start}); expected a YAML file") from None
+        except OSError as exc:
+            raise ConfigError(f"params file {path} cannot be read: {exc.strerror or exc}") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+            message = " ".join(str(exc).split())  # YAML's messages span lines; the CLI prints one
+            raise ConfigError(f"params file {path} is not valid YAML: {message}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
         raw = loaded or {}

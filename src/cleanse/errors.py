@@ -22,3 +22,8 @@ class DataError(CleanseError):
 
 class ArtifactError(CleanseError):
     """A required upstream artifact is missing or was produced with another configuration."""
+
+
+class TrainingDivergedError(CleanseError):
+    """Training produced a non-finite loss (a learning rate or L2 coefficient too large for the data);
+    raised at the first such epoch, before any model is written."""

@@ -91,6 +91,7 @@ def _choose(candidates: Split, preferred: np.ndarray, size: int, seed: int,
 
 def read_probe_file(path: str, meta: DatasetMeta) -> tuple[np.ndarray, np.ndarray]:
     """Features ``(n, *feature_shape)`` and labels ``(n,)`` of a probe file; errors name the problem."""
+    from cleanse.data.sources import NPZ_ERRORS, as_label_vector
     from cleanse.storage import fetch_input
 
     local = Path(fetch_input(path)) if "://" in path else Path(path).expanduser()
@@ -102,7 +103,8 @@ def read_probe_file(path: str, meta: DatasetMeta) -> tuple[np.ndarray, np.ndarra
                 if "X" not in archive or "y" not in archive:
                     raise DataError(f"query.path {local}: an .npz of probes needs arrays 'X' and 'y'; "
                                     f"found {sorted(archive.files)}")
-                features, label = np.asarray(archive["X"], dtype=np.float32), np.asarray(archive["y"])
+                features = np.asarray(archive["X"], dtype=np.float32)
+                label = as_label_vector(np.asarray(archive["y"]), f"query.path {local}")
         elif local.suffix == ".parquet":
             import polars as pl
 
@@ -114,8 +116,11 @@ def read_probe_file(path: str, meta: DatasetMeta) -> tuple[np.ndarray, np.ndarra
             label = frame["label"].to_numpy()
         else:
             raise ConfigError(f"query.path: {local.name!r} must end in .parquet or .npz")
-    except (OSError, ValueError) as exc:
-        raise DataError(f"query.path {local}: not readable ({exc})") from exc
+    except NPZ_ERRORS as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise DataError(f"query.path {local}: not readable ({type(exc).__name__}: {reason})") from None
+    if features.ndim >= 1 and features.shape[0] == 0:
+        raise DataError(f"query.path {local}: the file holds no probes (0 rows)")
     width = int(np.prod(meta.feature_shape))
     if features.ndim < 2 or features.shape[0] != label.shape[0] or features.reshape(len(features), -1).shape[1] != width:
         raise DataError(f"query.path {local}: probes must have {width} features each ({list(meta.feature_shape)}) and "

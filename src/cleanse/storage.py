@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -133,6 +134,56 @@ def fetch_input(uri: str, cache_dir: str | Path | None = None) -> Path:
     return target
 
 
+# scheme:/ or scheme:// at the start (a Path has already collapsed '//' to '/'); two letters at
+# least, so that nothing shorter than a scheme name is mistaken for one.
+_SCHEME = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]+):/")
+# '#' and '?' end the path of the sqlite URI of <out>/mlflow.db, and '%' starts an escape in it.
+_URI_BREAKING = "#?%"
+
+
+def check_out_scheme(root: str | Path) -> str:
+    """``--out`` as a string: ``s3://bucket/prefix`` (normalised) or a local path (``file://``
+    stripped). Any other scheme is refused, before any ``Path`` normalisation could turn
+    ``http://x/y`` into the local folder ``http:/x/y``."""
+    text = str(root)
+    match = _SCHEME.match(text)
+    if match:
+        scheme = match["scheme"].lower()
+        if scheme == "s3":
+            return "s3://" + text.split(":/", 1)[1].lstrip("/")
+        if scheme == "file":
+            text = "/" + text.split(":/", 1)[1].lstrip("/")
+        else:
+            from cleanse.uris import redact
+
+            raise ArtifactError(f"--out {redact(text)}: unsupported URI scheme {scheme!r}; use a local path or "
+                                "s3://bucket/prefix")
+    bad = sorted({char for char in text if char in _URI_BREAKING})
+    if bad:
+        raise ArtifactError(f"--out {text}: the character(s) {' '.join(bad)} are not allowed in a local output path "
+                            "(they would cut the MLflow store's sqlite URI); rename the folder")
+    if not text.strip():
+        raise ArtifactError("--out: empty path")
+    return text
+
+
+def check_writable(root: Path) -> None:
+    """Refuse an output folder that cannot be created or written, naming the reason, before any
+    stage computes (instead of failing at the first write)."""
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ArtifactError(f"--out {root}: {existing} is a file, not a folder; choose another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        try:
+            read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+        except (AttributeError, OSError):
+            read_only = False
+        reason = "is on a read-only filesystem" if read_only else "is not writable (permission denied)"
+        raise ArtifactError(f"--out {root}: {existing} {reason}; choose another --out")
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where each artifact lives under an output root (``--out``)."""
@@ -143,22 +194,26 @@ class Layout:
     @classmethod
     def at(cls, root: str | Path) -> Layout:
         """The layout of a local folder, or of an ``s3://bucket/prefix`` staged in a local work
-        folder: the bucket is checked (credentials, existence) and its artifacts pulled first."""
-        if str(root).startswith(("s3://", "s3:/")):
+        folder: the bucket is checked (credentials, existence) and its artifacts pulled first.
+
+        Checked before anything is created: the scheme (local paths and ``s3://`` only), characters
+        that would cut the MLflow store's ``sqlite:///<out>/mlflow.db`` URI, and that the folder can
+        be created and written (not under a file, not on a read-only filesystem)."""
+        root = check_out_scheme(root)
+        if root.startswith("s3://"):
             from cleanse import remote
 
-            uri = "s3://" + str(root).split(":/", 1)[1].lstrip("/")  # Path("s3://b") prints "s3:/b"
+            uri = root  # normalised by check_out_scheme (also "s3:/b", as a Path prints "s3://b")
             remote.check_location(uri)
             mirror = remote.Mirror(uri, remote.work_folder(uri))
             mirror.work.mkdir(parents=True, exist_ok=True)
             mirror.pull()
             return cls(mirror.work, uri)
-        if is_remote(str(root)):
-            raise ArtifactError(f"--out {root}: unsupported URI scheme; use a local path or s3://bucket/prefix")
-        root = Path(root).expanduser().absolute()
-        if root.exists() and not root.is_dir():
-            raise ArtifactError(f"--out {root} exists and is not a directory")
-        return cls(root)
+        local = Path(root).expanduser().absolute()
+        if local.exists() and not local.is_dir():
+            raise ArtifactError(f"--out {local} exists and is not a directory")
+        check_writable(local)
+        return cls(local)
 
     def publish(self) -> None:
         """Upload new and changed artifacts to the S3 output root (no-op for a local root)."""

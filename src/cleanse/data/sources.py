@@ -9,6 +9,8 @@ unknown sources, unreadable files, NaN/inf features and out-of-range labels rais
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +21,10 @@ from cleanse.errors import DataError
 from cleanse.storage import fetch_input
 
 BUILTIN_SOURCES = ("sklearn:digits", "sklearn:breast_cancer", "sklearn:wine", "sklearn:iris")
+
+# What np.load raises on a damaged archive: a truncated zip (BadZipFile), a cut member (EOFError,
+# zlib.error), a bad header (ValueError), an unreadable file (OSError).
+NPZ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,17 @@ def _reshape(features: np.ndarray, config: DataConfig) -> np.ndarray:
     return features.reshape((-1, *shape))
 
 
+def as_label_vector(values: np.ndarray, where: str) -> np.ndarray:
+    """Labels as a vector ``(n,)``: a column ``(n, 1)`` is accepted and squeezed; any other shape is
+    refused (one-hot or multi-label targets are not class indices)."""
+    if values.ndim == 2 and values.shape[1] == 1:
+        return values[:, 0]
+    if values.ndim != 1:
+        raise DataError(f"{where}: y must be a vector of class indices, shape (n,) or (n, 1); got shape "
+                        f"{list(values.shape)}")
+    return values
+
+
 def _as_labels(values: np.ndarray, where: str) -> np.ndarray:
     if values.dtype.kind == "f":
         if not np.all(np.isfinite(values)) or not np.all(values == np.round(values)):
@@ -104,11 +121,24 @@ def _load_npz(path: Path, config: DataConfig) -> RawData:
             missing = [key for key in ("X", "y") if key not in archive.files]
             if missing:
                 raise DataError(f"data.source {path}: missing array(s) {missing}; expected X and y")
-            features = np.asarray(archive["X"], dtype=np.float32)
-            label = _as_labels(np.asarray(archive["y"]), f"data.source {path}")
-            ids = np.asarray(archive["sample_id"], dtype=np.int64) if "sample_id" in archive.files else None
-    except (OSError, ValueError) as exc:
-        raise DataError(f"data.source {path}: not a readable .npz file ({exc})") from exc
+            features = archive["X"]
+            if features.dtype.kind not in "biuf":
+                raise DataError(f"data.source {path}: X must be numeric, got dtype {features.dtype}")
+            features = np.asarray(features, dtype=np.float32)
+            label = _as_labels(as_label_vector(np.asarray(archive["y"]), f"data.source {path}"),
+                               f"data.source {path}")
+            ids = None
+            if "sample_id" in archive.files:
+                ids = archive["sample_id"]
+                if ids.dtype.kind not in "iu" or ids.shape != label.shape:
+                    raise DataError(f"data.source {path}: sample_id must be integers, one per row; got dtype "
+                                    f"{ids.dtype}, shape {list(ids.shape)}")
+                ids = ids.astype(np.int64)
+    except NPZ_ERRORS as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise DataError(f"data.source {path}: not a readable .npz file ({type(exc).__name__}: {reason})") from None
+    if features.ndim >= 1 and features.shape[0] == 0:
+        raise DataError(f"data.source {path}: no samples (X has 0 rows)")
     if features.ndim < 2 or features.shape[0] != label.shape[0]:
         raise DataError(
             f"data.source {path}: X must be (n, ...) and y (n,); got X{features.shape}, y{label.shape}"
@@ -130,6 +160,8 @@ def _load_parquet(path: Path, config: DataConfig) -> RawData:
         frame = pl.read_parquet(path)
     except Exception as exc:
         raise DataError(f"data.source {path}: not a readable parquet file ({exc})") from exc
+    if frame.height == 0:
+        raise DataError(f"data.source {path}: no samples (the table has 0 rows)")
     columns = [config.features] if isinstance(config.features, str) else list(config.features)
     needed = [*columns, config.label_column] + ([config.id_column] if config.id_column else [])
     missing = [column for column in needed if column not in frame.columns]
@@ -145,6 +177,10 @@ def _load_parquet(path: Path, config: DataConfig) -> RawData:
                 f"data.features: column {config.features!r} has dtype {column.dtype}; expected a list/array "
                 "column, or give data.features as a list of scalar columns"
             )
+        inner = column.dtype.inner
+        if not inner.is_numeric():
+            raise DataError(f"data.features: column {config.features!r} holds {inner} values; features must be "
+                            "numeric")
         lengths = column.list.len() if isinstance(column.dtype, pl.List) else None
         if lengths is not None and lengths.n_unique() != 1:
             raise DataError(f"data.features: rows of column {config.features!r} differ in length")
@@ -153,13 +189,14 @@ def _load_parquet(path: Path, config: DataConfig) -> RawData:
             raise DataError(f"data.source {path}: some rows of column {config.features!r} are null")
         features = np.asarray(rows, dtype=np.float32)
     else:
+        # A numeric-looking string column would cast silently; features must be numbers in the file.
+        bad = [f"{name!r} ({frame[name].dtype})" for name in columns
+               if not (frame[name].dtype.is_numeric() or frame[name].dtype == pl.Boolean)]
+        if bad:
+            raise DataError(f"data.features: column(s) {', '.join(bad)} are not numeric; features must be numbers")
         features = frame.select(columns).cast(pl.Float32).fill_null(float("nan")).to_numpy().astype(np.float32)
     label = _as_labels(frame[config.label_column].fill_null(-1).to_numpy(), f"data.label_column {config.label_column!r}")
-    ids = (
-        frame[config.id_column].cast(pl.Int64).to_numpy()
-        if config.id_column
-        else np.arange(frame.height, dtype=np.int64)
-    )
+    ids = _id_column(frame, config.id_column, path) if config.id_column else np.arange(frame.height, dtype=np.int64)
     group = None
     if "group" in frame.columns:
         if not frame["group"].dtype.is_integer():
@@ -176,10 +213,25 @@ def _load_parquet(path: Path, config: DataConfig) -> RawData:
     )
 
 
+def _id_column(frame: object, name: str, path: Path) -> np.ndarray:
+    """The id column as int64: integers only (strings, floats and nulls are refused, not coerced)."""
+    import polars as pl
+
+    column = frame[name]  # type: ignore[index]
+    if not column.dtype.is_integer():
+        raise DataError(f"data.id_column {name!r}: ids must be integers, got dtype {column.dtype} in {path}")
+    nulls = int(column.null_count())
+    if nulls:
+        raise DataError(f"data.id_column {name!r}: {nulls} null id(s) in {path}; every row needs an id")
+    return column.cast(pl.Int64).to_numpy()
+
+
 def _validated(raw: RawData) -> RawData:
     n = raw.label.shape[0]
     if n == 0:
         raise DataError(f"data.source {raw.name}: no samples")
+    if raw.features.reshape(n, -1).shape[1] == 0:
+        raise DataError(f"data.source {raw.name}: the samples have no features (shape {list(raw.features.shape)})")
     bad = ~np.isfinite(raw.features.reshape(n, -1)).all(axis=1)
     if bad.any():
         first = ", ".join(str(i) for i in raw.sample_id[bad][:5])
@@ -189,6 +241,12 @@ def _validated(raw: RawData) -> RawData:
         raise DataError(
             f"data.source {raw.name}: labels out of range: {int((raw.label < 0).sum())} label(s) are negative "
             f"or missing (sample_id {first}, ...); labels must be class indices 0..C-1"
+        )
+    if raw.n_classes > n:
+        # Every class must occur, so a label >= n is out of range (and bincount over it could ask for TiB).
+        raise DataError(
+            f"data.source {raw.name}: labels out of range: the largest label is {int(raw.label.max())} but there "
+            f"are only {n} rows; labels must be class indices 0..C-1"
         )
     counts = np.bincount(raw.label, minlength=raw.n_classes)
     absent = np.flatnonzero(counts == 0)

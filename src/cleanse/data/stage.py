@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from cleanse.config import Params
+from cleanse.errors import ConfigError
 from cleanse.data.corruption import corrupt
 from cleanse.data.dataset import DatasetMeta, Split, StagedData
 from cleanse.data.sources import load_source
@@ -18,6 +19,7 @@ def stage_data(params: Params) -> StagedData:
     split's statistics (computed before corruption); images are left as loaded.
     """
     raw = load_source(params.data)
+    _check_trigger_fits(params, raw.features.shape[1:])
     train_idx, val_idx, test_idx = stratified_split(
         raw.label, val_fraction=params.data.val_fraction, test_fraction=params.data.test_fraction, seed=params.seed
     )
@@ -46,4 +48,24 @@ def stage_data(params: Params) -> StagedData:
         corruption={**params.corruption.model_dump(mode="json"), "n_corrupted": int(train.is_corrupted.sum())},
         trigger=trigger,
     )
+    if params.query.kind == "file" and params.query.path:
+        # The probes are read after training; a bad probe file is refused here, before any artifact.
+        from cleanse.query import read_probe_file
+
+        read_probe_file(params.query.path, meta)
     return StagedData(train=train, val=split(val_idx), test=split(test_idx), meta=meta)
+
+
+def _check_trigger_fits(params: Params, feature_shape: tuple[int, ...]) -> None:
+    """A backdoor trigger must fit the inputs: at most ``H`` and ``W`` pixels per side for images
+    ``(C, H, W)``, at most the number of features for tabular data (it is never silently shrunk)."""
+    corruption = params.corruption
+    if corruption.kind != "backdoor":
+        return
+    if len(feature_shape) == 3:
+        limit, what = min(feature_shape[1:]), f"the image side ({feature_shape[1]}x{feature_shape[2]})"
+    else:
+        limit, what = int(np.prod(feature_shape)), f"the number of features ({int(np.prod(feature_shape))})"
+    if corruption.trigger_size > limit:
+        raise ConfigError(f"corruption.trigger_size: {corruption.trigger_size} is larger than {what}; use at most "
+                          f"{limit}")

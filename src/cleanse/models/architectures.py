@@ -36,8 +36,60 @@ class ModelSpec:
         )
 
 
+def parameter_count(spec: ModelSpec) -> int:
+    """The number of parameters ``build_model(spec)`` would allocate, computed from the spec alone
+    (Python integers: no overflow, nothing allocated)."""
+    n_inputs = 1
+    for size in spec.feature_shape:
+        n_inputs *= int(size)
+    if spec.arch == "logreg":
+        return (n_inputs + 1) * spec.n_classes
+    if spec.arch == "mlp":
+        total, width = 0, n_inputs
+        for hidden in spec.hidden:
+            total += (width + 1) * int(hidden)
+            width = int(hidden)
+        return total + (width + 1) * spec.n_classes
+    if spec.arch == "cnn" and len(spec.feature_shape) == 3:
+        channels, height, width = (int(size) for size in spec.feature_shape)
+        total = 0
+        for out_channels in spec.hidden:
+            total += (channels * 9 + 1) * int(out_channels)
+            channels, height, width = int(out_channels), (height + 1) // 2, (width + 1) // 2
+        return total + (channels * height * width + 1) * spec.n_classes
+    return 0  # build_model names the problem
+
+
+# Training holds each parameter four times in float32 (weights, gradients, Adam's two moments).
+BYTES_PER_PARAMETER = 16
+
+
+def memory_bytes() -> int | None:
+    """Physical memory of this machine, or None where the OS does not say."""
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_fits_in_memory(spec: ModelSpec) -> int:
+    """Refuse a model whose training state cannot fit in this machine's memory; return its parameter count."""
+    count = parameter_count(spec)
+    available = memory_bytes()
+    if available is not None and count * BYTES_PER_PARAMETER > available:
+        raise ConfigError(
+            f"model.hidden: {list(spec.hidden)} gives {count:,} parameters, whose training state "
+            f"(~{count * BYTES_PER_PARAMETER / 2**30:,.1f} GiB) cannot fit in this machine's "
+            f"{available / 2**30:,.1f} GiB of memory; use smaller widths"
+        )
+    return count
+
+
 def build_model(spec: ModelSpec) -> nn.Module:
     """A freshly initialised model (initialisation uses torch's global RNG; seed it first)."""
+    check_fits_in_memory(spec)  # before torch tries to allocate it
     n_inputs = 1
     for size in spec.feature_shape:
         n_inputs *= size

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from cleanse.config import ModelConfig
+from cleanse.errors import TrainingDivergedError
 from cleanse.models.architectures import ModelSpec, build_model, default_device
 from cleanse.progress import Progress
 
@@ -138,6 +139,7 @@ def train_model(
         for epoch in range(1, config.epochs + 1):
             history.append({"epoch": epoch, "train_loss": float(optimizer.step(closure).detach())})
             reporter.update(loss=history[-1]["train_loss"])
+            _stop_if_diverged(history[-1]["train_loss"], epoch, config)
             if epoch in save_at:
                 checkpoints.append(Checkpoint(epoch, config.lr, _snapshot(model)))
     else:
@@ -160,14 +162,27 @@ def train_model(
                 total += loss.detach() * batch.numel()
             history.append({"epoch": epoch, "train_loss": float(total) / max(n, 1)})
             reporter.update(loss=history[-1]["train_loss"])
+            # One check per epoch (the sum is already synchronised for the history): a non-finite
+            # minibatch loss makes the sum non-finite, and every later step would only spread NaN.
+            _stop_if_diverged(history[-1]["train_loss"], epoch, config)
             if epoch in save_at:
                 checkpoints.append(Checkpoint(epoch, config.lr, _snapshot(model)))
     reporter.close()
     model.eval()
     with torch.no_grad():
         final_loss = float(objective(x, y))
+    _stop_if_diverged(final_loss, config.epochs, config)
     return TrainedModel(spec=spec, state=_snapshot(model), checkpoints=checkpoints, final_train_loss=final_loss,
                         history=history)
+
+
+def _stop_if_diverged(loss: float, epoch: int, config: ModelConfig) -> None:
+    if not np.isfinite(loss):
+        raise TrainingDivergedError(
+            f"training diverged: the training loss became {loss} in epoch {epoch} (model.optimizer="
+            f"{config.optimizer}, model.lr={config.lr:g}, model.weight_decay={config.weight_decay:g}); lower "
+            "model.lr or model.weight_decay"
+        )
 
 
 def _snapshot(model: nn.Module) -> State:
