@@ -114,10 +114,15 @@ def assert_same_scores(flow_out: Path, cli_out: Path, names: list[str], rtol: fl
 
 
 @pytest.mark.timeout(600)
-def test_flow_with_default_estimators_matches_cli(prefect_api, tmp_path):
+def test_flow_with_default_estimators_matches_cli(prefect_api, tmp_path, monkeypatch):
     """The five default estimators, concurrently on Prefect's thread pool, give the CLI's (sequential)
     score tables and flags; influence and influence_val share torch's forward-mode AD and cleanlab
-    would fork a pool without n_jobs."""
+    would fork a pool without n_jobs. The library's progress lines reach the run's log."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    monkeypatch.setenv("CLEANSE_PROGRESS_SECONDS", "0")  # a progress line per update
     from cleanse.config import load_params
     from cleanse.pipeline import run_all
     from cleanse.storage import Layout
@@ -134,6 +139,13 @@ def test_flow_with_default_estimators_matches_cli(prefect_api, tmp_path):
     flow_metrics = json.loads((tmp_path / "flow" / "reports" / "metrics.json").read_text())
     for name in names:
         assert flow_metrics["estimators"][name]["detection"] == cli_metrics["estimators"][name]["detection"], name
+
+    APILogHandler().flush()  # the log worker sends in batches: drain it
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    messages = [log.message for log in logs]
+    assert any(m.startswith("train mlp on ") and "epoch 8/8 (100%)" in m for m in messages), messages[:20]
+    assert any(m.startswith("cleanlab: 3 out-of-sample folds: fold 3/3") for m in messages), messages[:20]
 
 
 class PlantedFailure:

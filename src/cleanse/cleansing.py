@@ -31,6 +31,7 @@ from pydantic import BaseModel
 
 from cleanse.config import Params
 from cleanse.data.dataset import StagedData
+from cleanse.progress import progress
 from cleanse.query import QuerySet
 
 
@@ -152,7 +153,7 @@ def cleanse_iteratively(
     rounds: list[dict[str, Any]] = []
     model = base_model
     stopped = "max_rounds"
-    for index in range(config.max_rounds + 1):
+    for index in progress(range(config.max_rounds + 1), "cleansing: rounds", unit="round"):
         rate = query.behaviour_rate(predict_proba(model.module(), query.heldout.features))
         kept_mask = ~np.isin(staged.train.sample_id, removed)
         record = {"round": index, **_round_record(staged, removed, rate, model)}

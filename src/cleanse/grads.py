@@ -29,6 +29,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from cleanse.progress import Progress, progress
+
 # torch keeps forward-mode AD state per process, not per thread: ``torch.func.jvp`` enters a global
 # dual level and counts its nesting in a module global. Two threads in jvp at once (estimators
 # scored concurrently in Prefect's thread pool) exit each other's level: "Trying to access a forward
@@ -240,7 +242,8 @@ def exact_hessian(fm: FunctionalModel, x: torch.Tensor, y: torch.Tensor, *, chun
     apply = curvature_fn(fm, x, y, curvature)
     p = fm.n_params
     eye = torch.eye(p, dtype=fm.theta.dtype, device=fm.theta.device)
-    columns = [apply(eye[:, s : s + chunk_size]) for s in range(0, p, chunk_size)]
+    columns = [apply(eye[:, s : s + chunk_size])
+               for s in progress(range(0, p, chunk_size), f"exact {curvature} ({p} parameters)", unit="block")]
     hessian = torch.cat(columns, dim=1).double()
     return 0.5 * (hessian + hessian.T)
 
@@ -331,7 +334,9 @@ def cg_solve(apply_h: HVP, rhs: torch.Tensor, *, damping: float, max_iter: int, 
     active = torch.ones(rhs.shape[1], dtype=torch.bool, device=rhs.device)
     negative_curvature = torch.zeros_like(active)
     iteration = 0
+    reporter = Progress(f"CG on {rhs.shape[1]} right-hand sides", max_iter, unit="iteration")
     for iteration in range(1, max_iter + 1):
+        reporter.update(active=int(active.sum()))
         hd = on_active(op, direction, active)
         curvature = (direction * hd).sum(0)
         bad = curvature <= 0
@@ -347,6 +352,7 @@ def cg_solve(apply_h: HVP, rhs: torch.Tensor, *, damping: float, max_iter: int, 
         rs_new = (residual * z).sum(0)
         direction = z + (rs_new / rs_old.where(rs_old != 0, torch.ones_like(rs_old))) * direction
         rs_old = rs_new
+    reporter.close()
     relative = float((residual.norm(dim=0) / rhs_norm).max())
     converged = relative <= tol and not bool(negative_curvature.any())
     report = SolverReport("cg" if preconditioner is None else "pcg", damping, converged, iteration, relative)
@@ -392,7 +398,7 @@ def lissa_solve(
     generator = torch.Generator().manual_seed(seed)
     estimates = []
     diverged = False
-    for _ in range(repeats):
+    for _ in progress(range(repeats), f"LiSSA ({depth} steps per repeat)", unit="repeat"):
         h = rhs.clone()
         for _ in range(depth):
             batch = torch.randint(0, n, (min(batch_size, n),), generator=generator).to(x.device)

@@ -17,6 +17,7 @@ from cleanse.config import CleanlabOptions
 from cleanse.errors import DataError
 from cleanse.estimators.base import ScoreResult, ScoringContext, score_table
 from cleanse.models.trainer import predict_proba, train_model
+from cleanse.progress import progress
 
 
 def out_of_sample_probabilities(context: ScoringContext, folds: int) -> np.ndarray:
@@ -30,7 +31,8 @@ def out_of_sample_probabilities(context: ScoringContext, folds: int) -> np.ndarr
         )
     probabilities = np.zeros((len(train), context.meta.n_classes))
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=context.seed)
-    for fold, (fit_rows, held_rows) in enumerate(splitter.split(train.features.reshape(len(train), -1), train.label)):
+    folds_of = list(splitter.split(train.features.reshape(len(train), -1), train.label))
+    for fold, (fit_rows, held_rows) in enumerate(progress(folds_of, f"cleanlab: {folds} out-of-sample folds", unit="fold")):
         model = train_model(
             context.model.spec, train.features[fit_rows], train.label[fit_rows], context.model_config,
             seed=context.seed + 1000 + fold, device=context.device,

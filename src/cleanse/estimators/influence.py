@@ -62,6 +62,7 @@ from cleanse.grads import (
     mean_grad,
     per_sample_grads,
 )
+from cleanse.progress import progress
 
 
 class InverseHessian:
@@ -115,7 +116,7 @@ class InverseHessian:
         if self.solver == "ekfac":
             return self.ekfac.quadratic_forms(x, y).cpu().numpy(), None
         values, errors = [], []
-        for start in range(0, x.shape[0], chunk):
+        for start in progress(range(0, x.shape[0], chunk), f"influence: {x.shape[0]} quadratic forms", unit="chunk"):
             grads = per_sample_grads(self.fm, x[start : start + chunk], y[start : start + chunk])  # (k, p)
             if self.exact is not None:
                 per_repeat = self.exact.quadratic_form(grads)[None]
@@ -213,7 +214,8 @@ def train_query_effects(fm: FunctionalModel, x: torch.Tensor, y: torch.Tensor, x
     query_grads = per_sample_grads(fm, xq, yq)  # (n_query, p)
     solved = inverse_hvp(query_grads.T)  # (p, n_query)
     n = x.shape[0]
-    rows = [grad_dots(fm, x, y, solved[:, q].to(fm.theta.dtype)) / n for q in range(solved.shape[1])]
+    rows = [grad_dots(fm, x, y, solved[:, q].to(fm.theta.dtype)) / n
+            for q in progress(range(solved.shape[1]), "influence: train -> query products", unit="query")]
     return torch.stack(rows).detach().double().cpu().numpy()
 
 

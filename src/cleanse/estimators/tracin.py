@@ -33,6 +33,7 @@ from cleanse.data.dataset import Split
 from cleanse.estimators.base import ScoreResult, ScoringContext, score_table
 from cleanse.grads import FunctionalModel, grad_dots, per_sample_grads, per_sample_sq_norms
 from cleanse.models.trainer import Checkpoint
+from cleanse.progress import progress
 
 
 def _checkpoints(context: ScoringContext, options: TracInOptions) -> list[Checkpoint]:
@@ -56,7 +57,7 @@ class TracInEstimator:
         x, y = context.tensors(context.train)
         total = torch.zeros(x.shape[0], dtype=torch.float64, device=context.device)
         used = _checkpoints(context, options)
-        for checkpoint in used:
+        for checkpoint in progress(used, "tracin: checkpoints", unit="checkpoint"):
             fm = _functional(context, checkpoint)
             total += checkpoint.lr * per_sample_sq_norms(fm, x, y, chunk_size=options.chunk_size)
         score = total.cpu().numpy()
@@ -70,7 +71,7 @@ class TracInEstimator:
         x, y = context.tensors(context.train)
         xq, yq = context.tensors(query)
         out = torch.zeros(len(query), x.shape[0], dtype=torch.float64, device=context.device)
-        for checkpoint in _checkpoints(context, options):
+        for checkpoint in progress(_checkpoints(context, options), "tracin: train -> query checkpoints", unit="checkpoint"):
             fm = _functional(context, checkpoint)
             query_grads = per_sample_grads(fm, xq, yq)
             scale = torch.ones(x.shape[0], dtype=torch.float64, device=context.device)
