@@ -139,7 +139,15 @@ def progress(items: Iterable[T], label: str, total: int | None = None, **options
     """Yield ``items``, reporting one update per item (``total`` defaults to ``len(items)``)."""
     if total is None and hasattr(items, "__len__"):
         total = len(items)  # type: ignore[arg-type]
-    with Progress(label, total, **options) as reporter:
+    reporter = Progress(label, total, **options)
+    try:
         for item in items:
             yield item
             reporter.update()
+    except GeneratorExit:  # the caller stopped early (a break): not a failure
+        reporter.close()
+        raise
+    except BaseException:
+        reporter.close(failed=True)
+        raise
+    reporter.close()
