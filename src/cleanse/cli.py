@@ -25,7 +25,9 @@ EstimatorOption = Annotated[str, typer.Option("--estimator", "-e", help="Registe
 
 
 def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
+    from cleanse.uris import redact  # an error may quote a URI given with a password in it
+
+    typer.echo(f"error: {redact(message)}", err=True)
     raise typer.Exit(2)
 
 
@@ -93,9 +95,10 @@ def run(params_file: ParamsOption = None, overrides: SetOption = None, out: OutO
         typer.echo(f"report: {layout.location(layout.reports / 'report.html')}")
         if params.tracking.enabled:
             from cleanse.tracking import log_pipeline, tracking_uri
+            from cleanse.uris import redact
 
             run_id = log_pipeline(params, layout, metrics)
-            typer.echo(f"mlflow: run {run_id} at {tracking_uri(layout)}")
+            typer.echo(f"mlflow: run {run_id} at {redact(tracking_uri(layout))}")  # no password on the console
 
     _guarded(action)
 
@@ -123,6 +126,14 @@ def _run_flow(params_file: Path | None, overrides: list[str] | None, out: Path, 
     _check_servers(params, prefect=True)
     metrics = cleanse_flow(str(params_file) if params_file else None, list(overrides or []), target, None, fresh)
     _print_table(metrics)
+
+
+@app.command()
+def source(params_file: ParamsOption = None, overrides: SetOption = None, out: OutOption = ".") -> None:
+    """Record the data and probe files' content digests -> data/source.json (DVC's data dependency)."""
+    from cleanse import pipeline
+
+    _guarded(lambda: pipeline.run_source(*_setup(params_file, overrides, out)))
 
 
 @app.command()

@@ -75,6 +75,10 @@ def canonical(params: Params) -> Params:
 _digests: dict[tuple[str, int, int], str] = {}
 
 
+def _is_local_file_source(source: str) -> bool:
+    return source.startswith("file://") or ":" not in source.split("/", 1)[0]
+
+
 def content_digest(source: str, what: str = "data.source") -> str | None:
     """A digest of a data file's *content*, so that a file replaced at the same path makes the
     stages that read it stale: sha256 of a local file's bytes (cached by path, size and mtime),
@@ -90,7 +94,7 @@ def content_digest(source: str, what: str = "data.source") -> str | None:
         except remote.RemoteError as exc:
             raise ArtifactError(f"{what}: {exc}") from None
         return f"etag:{head.get('ETag', '').strip(chr(34))}:{head.get('VersionId') or ''}"
-    if ":" in source.split("/", 1)[0] and not source.startswith("file://"):  # sklearn:digits, synthetic:...
+    if not _is_local_file_source(source):  # sklearn:digits, synthetic sources
         return None
     path = Path(source.removeprefix("file://")).expanduser().absolute()
     try:
@@ -194,6 +198,41 @@ def _require_fresh(meta_path: Path, expected: str, what: str) -> None:
 
 
 # ----------------------------------------------------------------------------- stage
+
+
+def source_records(layout: Layout) -> tuple[Path, Path]:
+    """``data/source.json`` and ``data/probes_source.json``: what :func:`run_source` writes."""
+    return layout.root / "data" / "source.json", layout.root / "data" / "probes_source.json"
+
+
+@_locked
+def run_source(params: Params, layout: Layout) -> tuple[Path, Path]:
+    """Record the content digests of the data file and the probe file (:func:`content_digest`) in
+    ``data/source.json`` and ``data/probes_source.json``, which DVC's ``stage`` and
+    ``query``/``score``/``retrain`` stages depend on: ``dvc.yaml`` cannot name ``data.source`` as a
+    dependency (a built-in ``sklearn:`` source is no file), so this always-run stage turns a
+    replaced file into a changed dependency, and leaves the records untouched otherwise (the
+    stages after it are skipped). A missing file is refused here, as the stage would."""
+    from cleanse.storage import fetch_input
+
+    probe_file = params.query.path if params.query.kind == "file" else None  # else probes come from the data
+    entries = []
+    for source, what in ((params.data.source, "data.source"), (probe_file, "query.path")):
+        digest = content_digest(source, what) if source else None
+        if digest is None and source and _is_local_file_source(source):
+            fetch_input(source)  # a missing file: the stage's own "file not found" / "not a file" error
+        entries.append({"source": source, "digest": digest})
+    data_record, probes_record = source_records(layout)
+    for record, entry in zip((data_record, probes_record), entries, strict=True):
+        # Rewritten only when changed, so an unchanged source leaves DVC nothing to rerun.
+        try:
+            unchanged = read_json(record) == entry
+        except (ValueError, ArtifactError):
+            unchanged = False
+        if not unchanged:
+            write_json(entry, record)
+    layout.publish()
+    return data_record, probes_record
 
 
 @_locked
