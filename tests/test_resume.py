@@ -316,3 +316,20 @@ def test_dvc_repro_reruns_stage_when_the_data_file_is_replaced(tmp_path: Path) -
     assert after.height != before.height
     record = json.loads((root / "data" / "source.json").read_text())
     assert record["digest"] == pipeline.content_digest(str(root / "inputs" / "iris.npz"))
+
+
+def test_a_fresh_lock_holder_sweeps_killed_writers_temporaries(tmp_path: Path) -> None:
+    from cleanse.storage import write_json
+
+    left = [tmp_path / "scores" / ".loss.parquet.k3j2h1g0.tmp", tmp_path / "models" / "base" / ".model.safetensors.ab12cd34.tmp"]
+    for path in left:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half")
+    keep = [tmp_path / "scores" / "loss.parquet", tmp_path / "notes.tmp", tmp_path / ".editor.tmp"]
+    for path in keep:
+        path.write_bytes(b"x")
+    with lock.out_lock(tmp_path):
+        assert not any(path.exists() for path in left)
+        write_json({"a": 1}, tmp_path / "scores" / "x.json")  # its own temporaries are renamed away
+    assert all(path.exists() for path in keep)  # outside the artifact folders, or not a temporary
+    assert sorted(p.name for p in (tmp_path / "scores").iterdir()) == ["loss.parquet", "x.json"]

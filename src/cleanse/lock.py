@@ -10,6 +10,9 @@ The lock is ``fcntl.flock`` on an open file, so the kernel releases it when the 
 can outlive it is a forked child that inherited the descriptor (e.g. a multiprocessing worker
 left behind); such a lock, whose recorded pid is no longer alive on this host, is taken over.
 
+A fresh holder first removes the temporaries (``.<name>.*.tmp``) a killed writer left in the
+artifact folders, so a rerun after ``kill -9`` leaves none behind.
+
 The lock is reentrant within a process (the CLI holds it for its lifetime, and the pipeline's
 stage functions, which also take it, may run in threads of that process) and is inherited by
 child processes through ``CLEANSE_OUT_LOCKS`` (a process-based task runner under a flow that
@@ -159,6 +162,27 @@ def _take_over_if_stale(path: Path) -> bool:
         os.close(guard_fd)
 
 
+# The artifact folders under an output root (cleanse.storage.Layout) whose temporaries are ours.
+ARTIFACT_DIRS = ("data", "models", "scores", "flags", "retrain", "query", "reports", "cache", "mlartifacts")
+
+
+def _sweep_temporaries(root: Path) -> int:
+    """Remove the atomic writers' temporaries (``.<name>.<random>.tmp``, cleanse.storage.atomic_path)
+    that a killed writer left in the artifact folders. Only called by a fresh lock holder: no other
+    writer of this root is alive, so every such file is garbage. Returns how many were removed."""
+    removed = 0
+    for folder in ARTIFACT_DIRS:
+        base = root / folder
+        if not base.is_dir():
+            continue
+        for path in base.rglob(".*.tmp"):
+            with contextlib.suppress(OSError):
+                if path.is_file():
+                    path.unlink()
+                    removed += 1
+    return removed
+
+
 def acquire(root: str | Path, *, wait: float | None = None) -> None:
     """Take the lock on the output root ``root`` (reentrant). Raises :class:`OutputLockedError`
     naming the holder when another live process holds it for longer than ``wait`` seconds
@@ -195,6 +219,7 @@ def acquire(root: str | Path, *, wait: float | None = None) -> None:
                     f"--out {path.parent} is in use by {_describe(holder(path.parent))}; wait for it to finish, "
                     f"use another --out, or set CLEANSE_LOCK_WAIT=<seconds> to wait")
             time.sleep(min(0.5, max(deadline - time.monotonic(), 0.01)))
+        _sweep_temporaries(path.parent)
         token = uuid.uuid4().hex
         info = {"pid": os.getpid(), "host": socket.gethostname(), "token": token, "argv": sys.argv[:8],
                 "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
