@@ -111,8 +111,6 @@ def _run_flow(params_file: Path | None, overrides: list[str] | None, out: Path, 
         _fail("--prefect needs the cleanse checkout (flows/cleanse_flow.py); install it with `pip install -e`")
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
-    from flows.cleanse_flow import cleanse_flow
-
     from cleanse.config import load_params
     from cleanse.storage import check_out_scheme, check_writable
 
@@ -124,6 +122,8 @@ def _run_flow(params_file: Path | None, overrides: list[str] | None, out: Path, 
     if not target.startswith("s3://"):
         check_writable(Path(target).expanduser().absolute())
     _check_servers(params, prefect=True)
+    from flows.cleanse_flow import cleanse_flow  # imports Prefect: after the checks, which need none of it
+
     metrics = cleanse_flow(str(params_file) if params_file else None, list(overrides or []), target, None, fresh)
     _print_table(metrics)
 
