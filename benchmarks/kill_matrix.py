@@ -159,7 +159,9 @@ def environment(code: Path, work: Path) -> dict[str, str]:
            if not k.startswith(("MLFLOW_", "PREFECT_", "CLEANSE_LOCK", "AWS_"))}  # embedded MLflow, no server
     env.update(PYTHONPATH=f"{code / 'src'}{os.pathsep}{code}", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
                OPENBLAS_NUM_THREADS="1", PREFECT_HOME=str(work / "prefect-home"),
-               PREFECT_SERVER_ALLOW_EPHEMERAL_MODE="true", PYTHONUNBUFFERED="1")
+               PREFECT_SERVER_ALLOW_EPHEMERAL_MODE="true", PYTHONUNBUFFERED="1",
+               # the ephemeral server's 20 s default is too short on two busy cores
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
     return env
 
 
@@ -187,6 +189,43 @@ def write_results(path: Path, results: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def merge(parts: list[Path], target: Path) -> dict[str, Any]:
+    """One results file from matrices run separately (e.g. the CLI and flow halves in parallel)."""
+    merged: dict[str, Any] = {"references": {}, "kills": [], "parts": [str(p) for p in parts]}
+    for part in parts:
+        data = json.loads(part.read_text())
+        for key, value in data.items():
+            if key == "references":
+                merged["references"].update(value)
+            elif key == "kills":
+                merged["kills"] += value
+            elif key not in ("summary",):
+                merged.setdefault(key, value)
+    refs = merged["references"]
+    if {"cli", "flow"} <= set(refs):
+        merged["flow_reference_vs_cli"] = compare(Path(refs["flow"]["out"]), Path(refs["cli"]["out"]))
+    modes = sorted({k["mode"] for k in merged["kills"]})
+    merged["summary"] = {"done": len(merged["kills"]), "ok": sum(k["ok"] for k in merged["kills"]),
+                         "by_mode": {m: f"{sum(k['ok'] for k in merged['kills'] if k['mode'] == m)}/"
+                                        f"{sum(k['mode'] == m for k in merged['kills'])}" for m in modes}}
+    write_results(target, merged)
+    return merged
+
+
+def table(results: dict[str, Any]) -> str:
+    """The matrix as a markdown table (docs/reliability.md)."""
+    lines = ["| mode | # | kill at (s) | running at the kill | rerun exit | rerun (s) | files compared | differ | temp files left | MLflow store (runs) | ok |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for k in sorted(results["kills"], key=lambda k: (k["mode"], k["index"])):
+        diff = k.get("diff") or {}
+        store = k.get("mlflow", {})
+        lines.append(f"| {k['mode']} | {k['index']} | {k['kill_at_s']} | {k['running']} | {k['rerun_exit']} | "
+                     f"{k['rerun_seconds']} | {diff.get('compared', '-')} | {len(diff.get('differ', [])) + len(diff.get('missing', [])) if diff else '-'} | "
+                     f"{len(k['temp_left'])} | {'readable (' + str(store.get('runs')) + ')' if store.get('readable') else 'BROKEN: ' + str(store.get('error'))} | "
+                     f"{'yes' if k['ok'] else 'NO'} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="iris + logistic regression (smoke test)")
@@ -199,7 +238,11 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks/results/kill_matrix.json")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds for one run to completion")
     parser.add_argument("--keep", action="store_true", help="keep each kill's output root")
+    parser.add_argument("--merge", type=Path, nargs="+", help="merge these results files into --results, print the table")
     args = parser.parse_args()
+    if args.merge:
+        print(table(merge(args.merge, args.results)))
+        return
 
     code = args.code.resolve()
     work = (args.work or args.results.parent / "kill_matrix_work").resolve()
