@@ -82,7 +82,34 @@ def _join(out: str, *parts: str) -> str:
     return str(Path(out).joinpath(*parts))
 
 
-@flow(name="cleanse", log_prints=True)
+def _mlflow_tags() -> dict[str, str]:
+    """Tags that link the MLflow parent run to this flow run (the UI address when a server is set)."""
+    import os
+
+    from prefect.runtime import flow_run
+
+    tags = {"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": str(flow_run.name)}
+    if os.environ.get("PREFECT_UI_URL") or os.environ.get("PREFECT_API_URL"):
+        tags["prefect.flow_run_url"] = str(flow_run.ui_url)
+    return tags
+
+
+def _mlflow_failed(flow: Any, flow_run: Any, state: Any) -> None:
+    """Flow hook: a failed or crashed flow run marks its MLflow parent run FAILED."""
+    from cleanse.config import load_params
+    from cleanse.storage import Layout
+    from cleanse.tracking import close_pipeline_run
+
+    arguments = {"params_file": "params.yaml", "overrides": None, "out": ".", "estimators": None,
+                 **flow_run.parameters}
+    params_file, overrides, out = _resolve(arguments["params_file"], arguments["overrides"], arguments["out"],
+                                           arguments["estimators"])
+    params = load_params(params_file, overrides)
+    if params.tracking.enabled:
+        close_pipeline_run(params, Layout.at(out), status="FAILED")
+
+
+@flow(name="cleanse", log_prints=True, on_failure=[_mlflow_failed], on_crashed=[_mlflow_failed])
 def cleanse_flow(params_file: str | None = "params.yaml", overrides: list[str] | None = None, out: str = ".",
                  estimators: list[str] | None = None, fresh: bool = False) -> dict[str, Any]:
     """Find the training data that hurts a model, remove it, retrain, and compare.
@@ -101,6 +128,12 @@ def cleanse_flow(params_file: str | None = "params.yaml", overrides: list[str] |
     params = load_params(params_file, overrides)  # fail fast on a bad configuration
     names = params.estimators
     print(f"cleanse: params={params_file} out={redact(out)} estimators={names}")
+    if params.tracking.enabled:  # the MLflow parent run opens with the flow run, which its tags link
+        from cleanse.storage import Layout
+        from cleanse.tracking import display_uri, open_pipeline_run
+
+        layout = Layout.at(out)
+        print(f"mlflow: run {open_pipeline_run(params, layout, _mlflow_tags())} at {display_uri(layout)}")
     common = (params_file, overrides, out)
     # Retries where a task touches S3 or a server; never for CleanseErrors (see task_options).
     work = task_options(params, out)

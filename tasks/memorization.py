@@ -41,11 +41,11 @@ def memorization_report(params_file: str | None, overrides: list[str] | None, ou
     report = run_longtail(params, layout)
     links = f"\n\nreport: `{report['paths']['markdown']}`"
     if params.tracking.enabled:
-        from cleanse.tracking import log_longtail, tracking_uri
+        from cleanse.tracking import display_uri, log_longtail
 
         run_id = log_longtail(params, layout, report)
         report["mlflow_run_id"] = run_id
-        links += f"  \nmlflow: run `{run_id}` at `{tracking_uri(layout)}`"
+        links += f"  \nmlflow: run `{run_id}` at `{display_uri(layout)}`"  # no password in the artifact
     markdown = (layout.reports / "memorization" / "report.md").read_text()
     create_markdown_artifact(markdown=markdown + links, key=ARTIFACT_KEY, description=f"memorization long tail for {out}")
     return report

@@ -104,13 +104,23 @@ def _sqlite_file(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///"))
 
 
+@functools.lru_cache(maxsize=1)
+def _schema_head() -> str:
+    """MLflow's latest schema revision (reading alembic's script directory takes a while)."""
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    return _get_latest_schema_revision()
+
+
+# (path, inode) of stores found complete in this process: checked once, not before every call
+_complete: set[tuple[str, int]] = set()
+
+
 def _store_problem(path: Path) -> str | None:
     """Why the sqlite file at ``path`` is not a complete MLflow store, or None when it is one.
 
     A migration killed half-way (or stopped by a full disk) leaves ``_alembic_tmp_*`` tables or an
     ``alembic_version`` behind MLflow's head, and every later run then fails inside alembic."""
-    from mlflow.store.db.utils import _get_latest_schema_revision
-
     try:
         with sqlite3.connect(path) as connection:
             tables = {row[0] for row in connection.execute("select name from sqlite_master where type = 'table'")}
@@ -123,8 +133,8 @@ def _store_problem(path: Path) -> str | None:
         return f"interrupted schema migration ({', '.join(leftovers)})"
     if version is None:
         return "no schema version (its creation was interrupted)"
-    if version[0] != _get_latest_schema_revision():
-        return f"schema version {version[0]}, not MLflow's {_get_latest_schema_revision()}"
+    if version[0] != _schema_head():
+        return f"schema version {version[0]}, not MLflow's {_schema_head()}"
     return None
 
 
@@ -195,10 +205,13 @@ def ensure_store(layout: Layout) -> None:
     if path is None:
         return
     with _LOCK:
+        if path.exists() and (str(path), path.stat().st_ino) in _complete:
+            return
         _remove_stale_temporaries(path)
         if path.exists():
             problem = _store_problem(path)
             if problem is None:
+                _complete.add((str(path), path.stat().st_ino))
                 return
             if _holds_runs(path):
                 raise TrackingError(f"MLflow store {path}: {problem}, and it holds runs; back it up, then run "
