@@ -333,3 +333,20 @@ def test_a_fresh_lock_holder_sweeps_killed_writers_temporaries(tmp_path: Path) -
         write_json({"a": 1}, tmp_path / "scores" / "x.json")  # its own temporaries are renamed away
     assert all(path.exists() for path in keep)  # outside the artifact folders, or not a temporary
     assert sorted(p.name for p in (tmp_path / "scores").iterdir()) == ["loss.parquet", "x.json"]
+
+
+def test_flow_run_is_refused_while_another_run_holds_the_out(tmp_path: Path) -> None:
+    """``cleanse run --prefect`` takes the same lock (for the whole flow) before Prefect starts."""
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True, env=_env())
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        refused = _cleanse("run", "--prefect", "--out", str(out), "--set", "data.source=sklearn:iris",
+                           "--set", "tracking.enabled=false", cwd=tmp_path, check=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert refused.stderr.strip().splitlines() == [refused.stderr.strip()]
+    assert f"is in use by pid {holder.pid} on {socket.gethostname()}" in refused.stderr
+    assert sorted(p.name for p in out.iterdir()) == [lock.LOCK_NAME]  # nothing written beside the lock

@@ -122,6 +122,14 @@ def _run_flow(params_file: Path | None, overrides: list[str] | None, out: Path, 
     if not target.startswith("s3://"):
         check_writable(Path(target).expanduser().absolute())
     _check_servers(params, prefect=True)
+    from cleanse.lock import hold_for_process  # one writer per --out: the flow's tasks run under this lock
+
+    if target.startswith("s3://"):
+        from cleanse.remote import work_folder
+
+        hold_for_process(work_folder(target))
+    else:
+        hold_for_process(Path(target).expanduser().absolute())
     from flows.cleanse_flow import cleanse_flow  # imports Prefect: after the checks, which need none of it
 
     metrics = cleanse_flow(str(params_file) if params_file else None, list(overrides or []), target, None, fresh)
