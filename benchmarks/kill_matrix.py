@@ -83,6 +83,15 @@ def stage_order(estimators: list[str]) -> list[str]:
     return order + ["references", "report"]
 
 
+def first_seen(timeline: list[tuple[float, list[str]]]) -> dict[str, float]:
+    """When each stage record first appeared (seconds from the start)."""
+    seen: dict[str, float] = {}
+    for at, records in timeline:
+        for label in records:
+            seen.setdefault(label, at)
+    return seen
+
+
 def temp_files(out: Path) -> list[str]:
     left = []
     for path in out.rglob("*"):
@@ -287,7 +296,7 @@ def main() -> None:
         if proc.returncode != 0:
             sys.exit(f"the uninterrupted {mode} run failed (exit {proc.returncode}); see {work}/reference-{mode}.log")
         results["references"][mode] = {"seconds": round(seconds, 1), "out": str(ref),
-                                       "stage_done_at": {recs[-1]: t for t, recs in timeline if recs},
+                                       "stage_done_at": first_seen(timeline),
                                        "mlflow": mlflow_store(ref, python, env)}
         print(f"reference {mode}: {seconds:.1f} s", flush=True)
         write_results(args.results, results)
