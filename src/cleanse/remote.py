@@ -208,12 +208,31 @@ class Mirror:
     uri: str
     work: Path
 
+    def local_path(self, relative: str) -> Path:
+        """Where the object ``relative`` (its key below the prefix) lives in the work folder.
+
+        Keys come from the bucket, i.e. from whoever can write to it: an absolute key, a ``..``
+        segment, or a path that resolves (through a symlink) outside the work folder is refused."""
+        where = f"{self.uri.rstrip('/')}: bucket key {relative!r}"  # repr: a key may hold newlines
+        if relative.startswith(("/", "\\")) or ".." in relative.replace("\\", "/").split("/"):
+            raise RemoteError(f"{where} leaves the work folder {self.work} (absolute or '..'); refusing to pull")
+        try:
+            root, local = self.work.resolve(), (self.work / relative).resolve()
+        except (OSError, ValueError) as exc:  # a NUL byte, a symlink loop
+            raise RemoteError(f"{where} is not a usable local path ({exc}); refusing to pull") from exc
+        if root not in local.parents:
+            raise RemoteError(f"{where} resolves outside the work folder {self.work} (a symlink?); refusing to pull")
+        return self.work / relative
+
     def pull(self) -> int:
         """Download objects that are missing locally, or newer remotely than a differing local copy;
-        returns how many were downloaded."""
+        returns how many were downloaded. Every key is checked (:meth:`local_path`) before the first
+        download, so a hostile key fails the pull with nothing written."""
         count = 0
-        for relative, remote in list_objects(self.uri).items():
-            local = self.work / relative
+        listed = list_objects(self.uri)
+        locals_ = {relative: self.local_path(relative) for relative in listed}
+        for relative, remote in listed.items():
+            local = locals_[relative]
             if local.is_file() and (_same(local, remote) or local.stat().st_mtime >= remote["mtime"]):
                 continue
             download(f"{self.uri.rstrip('/')}/{relative}", local)

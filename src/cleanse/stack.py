@@ -13,6 +13,14 @@ Everything lives in one state folder (default ``.cleanse/stack``, ignored by git
 and one log per process. ``down`` stops every process ``up`` started, including the flow runs a
 worker spawned in their own sessions; ``status`` says which are alive and healthy; ``env`` prints
 the ``export`` lines that point ``cleanse run``, ``dvc`` and ``mlflow`` at the stack.
+
+Security: the S3 port is the only SeaweedFS HTTP listener that serves requests, and it checks the
+signature of every request. The master's and filer's HTTP listeners are switched off
+(``-disableHttp``, ``-filer.disableHttp``; the S3 gateway talks to them over gRPC), and the volume
+server only reads or writes a blob with a JWT signed by keys in ``security.toml`` (mode 0600, new
+keys at every ``up``). Each recorded process carries its identity (start time from
+``/proc/<pid>/stat`` and command line): ``down`` and ``status`` act on a pid only while it is still
+that process, so a stale state file (after a reboot, pids reused) never signals an unrelated one.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from cleanse.errors import CleanseError
+from cleanse.uris import redact
 
 BUCKET = "cleanse"
 POOL = "cleanse-process"
@@ -99,6 +108,38 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def identity(pid: int) -> dict[str, Any] | None:
+    """``{"start_time", "cmdline"}`` of a running ``pid`` (clock ticks since boot, from field 22 of
+    ``/proc/<pid>/stat``, and the argument list), or ``None`` when it is gone. Two processes never
+    share both: a reused pid has a later start time."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    # comm (field 2) may hold spaces and parentheses: split after its last ")"
+    fields = stat.rsplit(") ", 1)[1].split()
+    return {"start_time": int(fields[19]), "cmdline": [part.decode(errors="replace") for part in cmdline.split(b"\0") if part]}
+
+
+def is_recorded_process(record: dict[str, Any]) -> bool:
+    """True while ``record["pid"]`` is alive and is still the process the record describes.
+
+    Records written before identities were recorded only hold ``argv[:2]``: their pid must at
+    least run that program (weaker, but it still refuses a pid reused by something else)."""
+    pid = record["pid"]
+    if not _alive(pid):
+        return False
+    now = identity(pid)
+    if now is None:
+        return False
+    if "start_time" in record:
+        return now["start_time"] == record["start_time"] and now["cmdline"] == record.get("cmdline")
+    wanted = list(record.get("argv") or [])
+    # a console script runs as "python /path/to/script ...": the program may be argv[0] or argv[1]
+    return bool(wanted) and any(now["cmdline"][i:i + len(wanted)] == wanted for i in (0, 1))
+
+
 def _children() -> dict[int, list[int]]:
     tree: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
@@ -134,7 +175,7 @@ def _wait(predicate: Any, seconds: float, what: str, pid: int | None = None, log
             return
         if pid is not None and not _alive(pid):
             tail = log.read_text()[-2000:] if log and log.exists() else ""
-            raise StackError(f"{what} exited during start-up; see {log}\n{tail}")
+            raise StackError(f"{what} exited during start-up; see {log}\n{redact(tail)}")
         time.sleep(0.5)
     raise StackError(f"{what} not ready after {seconds:.0f} s; see {log}")
 
@@ -206,8 +247,10 @@ class Stack:
         with open(log, "ab") as handle:
             process = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                        env=env, cwd=cwd, start_new_session=True)
+        # Popen returns once the child has exec'd, so this is the command line it keeps
+        now = identity(process.pid) or {"start_time": None, "cmdline": None}
         state = self.state()
-        state.setdefault("processes", {})[name] = {"pid": process.pid, "log": str(log), "argv": argv[:2]}
+        state.setdefault("processes", {})[name] = {"pid": process.pid, "log": str(log), "argv": argv[:2], **now}
         self._save(state)
         return process.pid
 
@@ -217,13 +260,14 @@ class Stack:
 
         A restart in the same folder keeps the credentials, the S3 data and, when free, the ports."""
         project = Path(project).absolute()
-        if self.state().get("processes") and any(_alive(p["pid"]) for p in self.state()["processes"].values()):
+        if any(is_recorded_process(p) for p in self.state().get("processes", {}).values()):
             echo(f"stack already running (state in {self.dir}); `cleanse stack down` first to restart it")
             return self.state()
         worker = worker and "prefect" in services
         if worker and not (project / "prefect.yaml").is_file():
             raise StackError(f"{project} has no prefect.yaml; run from the cleanse checkout or pass --project")
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.chmod(0o700)  # keys, logs and the S3 data: the owner's only
         previous = self.state().get("ports", {})
         self.state_file.unlink(missing_ok=True)
         wanted = {**DEFAULT_PORTS, **previous, **(ports or {})}
@@ -238,7 +282,12 @@ class Stack:
             access, secret = (self.credentials()[key] for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"))
         except (StackError, KeyError):
             access, secret = "cleanse" + secrets.token_hex(6), secrets.token_urlsafe(30)
-        for path, text in ((self.dir / "credentials.env",
+        # Keys for the JWTs the volume server and filer require (read and write); new at every up,
+        # as a JWT lives for seconds and the stored data does not depend on them.
+        jwt = "".join(f'[{section}]\nkey = "{secrets.token_hex(32)}"\nexpires_after_seconds = 60\n'
+                      for section in ("jwt.signing", "jwt.signing.read", "jwt.filer_signing", "jwt.filer_signing.read"))
+        jwt += "[access]\nui = false\n"  # no status pages (the master's lists the volumes) either
+        for path, text in ((self.dir / "security.toml", jwt), (self.dir / "credentials.env",
                             f"export AWS_ACCESS_KEY_ID={access}\nexport AWS_SECRET_ACCESS_KEY={secret}\n"),
                            (self.dir / "s3.json", json.dumps({"identities": [{
                                "name": "cleanse", "credentials": [{"accessKey": access, "secretKey": secret}],
@@ -273,7 +322,10 @@ class Stack:
             f"-master.port={port['master']}", f"-volume.port={port['volume']}", "-filer",
             f"-filer.port={port['filer']}", "-s3", f"-s3.port={port['s3']}", f"-s3.config={self.dir / 's3.json'}",
             "-master.volumeSizeLimitMB=64", "-volume.max=20", "-s3.port.iceberg=0", "-s3.port.lance=0",
-            "-master.telemetry=false"], env)
+            "-master.telemetry=false",
+            # Only the S3 port answers HTTP: master and filer HTTP off (S3 reaches them over gRPC),
+            # and the volume server wants a JWT signed with security.toml's keys, read from the cwd.
+            "-disableHttp", "-filer.disableHttp"], env, cwd=self.dir)
 
         def bucket_ready() -> bool:
             import boto3
@@ -330,7 +382,7 @@ class Stack:
                   "prefect": f"{urls.get('prefect_api')}/health"}
         out = {}
         for name, process in state.get("processes", {}).items():
-            alive = _alive(process["pid"])
+            alive = is_recorded_process(process)
             healthy = alive and (name not in health or _http_ok(health[name]))
             out[name] = {"pid": process["pid"], "alive": alive, "healthy": healthy}
         return out
@@ -339,18 +391,24 @@ class Stack:
         """Recorded processes and everything below them that is still running."""
         pids = []
         for process in self.state().get("processes", {}).values():
-            if _alive(process["pid"]):
+            if is_recorded_process(process):
                 pids += [process["pid"], *descendants(process["pid"])]
         return [pid for pid in pids if _alive(pid)]
 
     def down(self, *, timeout: float = 15.0, echo: Any = print) -> list[int]:
         """Stop every process ``up`` started (SIGTERM to its group, then SIGKILL); return the pids that
-        were running. Credentials and data stay in the state folder for the next ``up``."""
+        were running. Credentials and data stay in the state folder for the next ``up``.
+
+        A recorded pid that is now another process (the state file outlived the stack, e.g. across a
+        reboot) is left alone, and ``echo`` says so."""
         processes = self.state().get("processes", {})
         stopped: list[int] = []
         for name in reversed([n for n in ORDER if n in processes]):
             pid = processes[name]["pid"]
             if not _alive(pid):
+                continue
+            if not is_recorded_process(processes[name]):
+                echo(f"left pid {pid} alone: it is no longer the stack's {name} (the state file is stale)")
                 continue
             family = [pid, *descendants(pid)]
             stopped += family
