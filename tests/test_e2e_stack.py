@@ -4,9 +4,11 @@ runs it after installing Debian's chromium).
 ``cleanse stack up`` -> ``cleanse run`` (as the Prefect flow, output root on the stack's S3, MLflow
 on the stack's server) and a run of the ``cleanse/local`` deployment through the stack's worker ->
 headless Chromium reads the Prefect UI (the flow runs are listed as Completed) and the MLflow UI
-(the parent run, its child runs and their metrics), by the rendered page text -> ``cleanse stack
-down`` leaves no process behind. Screenshots go to ``$CLEANSE_E2E_ARTIFACTS`` (default
-``.ci/artifacts/e2e``).
+(the parent run, its child runs and their metrics), by the rendered page text, then drives the
+MLflow UI over the DevTools protocol for two screenshots: the parent run's description (the
+comparison table) and the ``test_accuracy`` chart with estimators and references together ->
+``cleanse stack down`` leaves no process behind. Screenshots go to ``$CLEANSE_E2E_ARTIFACTS``
+(default ``.ci/artifacts/e2e``).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(os.environ.get("CLEANSE_E2E_ARTIFACTS", REPO / ".ci" / "artifacts" / "e2e"))
 RUN = ["--set", "data.source=sklearn:iris", "--set", "model.arch=logreg", "--set", "model.epochs=5",
        "--set", "model.checkpoints=2", "--set", 'estimators=["loss","tracin"]', "--set", "tracking.enabled=true",
-       "--set", "tracking.experiment=cleanse-e2e"]
+       "--set", "tracking.experiment=cleanse-e2e", "--set", "tracking.register_as=cleanse-e2e"]
 
 
 def _cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> str:
@@ -74,6 +76,131 @@ def page_text(url: str, screenshot: str, *, expect: tuple[str, ...] = (), attemp
     _chromium(url, f"--screenshot={ARTIFACTS / screenshot}", budget_ms=budget)
     (ARTIFACTS / screenshot).with_suffix(".txt").write_text(text)
     return text
+
+
+class Browser:
+    """Headless Chromium driven over the DevTools protocol (a websocket), for pages that need a
+    click before the screenshot (an expanded run group, an opened chart, "Show more")."""
+
+    def __init__(self, width: int = 1600, height: int = 1000) -> None:
+        import socket
+        import urllib.request
+
+        from websockets.sync.client import connect
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.profile = tempfile.mkdtemp(prefix="cleanse-chromium-")
+        self.process = subprocess.Popen(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+             "--disable-sync", "--disable-background-networking", "--disable-component-update",
+             f"--user-data-dir={self.profile}", f"--window-size={width},{height}",
+             f"--remote-debugging-port={self.port}", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        page = None
+        for _ in range(200):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/json/list", timeout=2) as answer:
+                    page = next(item for item in json.load(answer) if item["type"] == "page")
+                break
+            except (OSError, StopIteration, ValueError):
+                time.sleep(0.3)
+        assert page is not None, "chromium's DevTools endpoint did not come up"
+        self.socket = connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=30)
+        self.calls = 0
+        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
+
+    def call(self, method: str, **params: object) -> dict:
+        self.calls += 1
+        self.socket.send(json.dumps({"id": self.calls, "method": method, "params": params}))
+        while True:
+            message = json.loads(self.socket.recv(timeout=120))
+            if message.get("id") == self.calls:
+                assert "error" not in message, f"{method}: {message['error']}"
+                return message.get("result", {})
+
+    def js(self, expression: str) -> object:
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        return result.get("result", {}).get("value")
+
+    def wait_for(self, expect: tuple[str, ...], timeout: float = 120) -> str:
+        """The page's text once every string in ``expect`` is on it (or when ``timeout`` ends)."""
+        deadline = time.time() + timeout
+        text = ""
+        while time.time() < deadline:
+            text = str(self.js("document.body ? document.body.innerText : ''") or "")
+            if all(item in text for item in expect):
+                break
+            time.sleep(1)
+        return text
+
+    def goto(self, url: str, expect: tuple[str, ...]) -> str:
+        self.call("Page.navigate", url=url)
+        return self.wait_for(expect)
+
+    def click(self, script: str) -> object:
+        """Run ``script`` (which clicks something) and let the page settle."""
+        value = self.js(script)
+        time.sleep(3)
+        return value
+
+    def screenshot(self, name: str) -> Path:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        import base64
+
+        path = ARTIFACTS / name
+        path.write_bytes(base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"]))
+        return path
+
+    def close(self) -> None:
+        self.socket.close()
+        self.process.kill()
+        self.process.wait()
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+
+# Close MLflow's assistant side panel when it is open (it takes a third of the page).
+_CLOSE_ASSISTANT = """(() => { const close = [...document.querySelectorAll('button')]
+  .find(b => b.getAttribute('aria-label') === 'Close'); if (close) close.click(); return !!close; })()"""
+
+
+def mlflow_screenshots(mlflow_url: str, experiment_id: str, parent: dict, names: list[str]) -> tuple[str, str]:
+    """The parent run's description and the ``test_accuracy`` chart of its child runs (estimators
+    and references), as ``mlflow-description.png`` and ``mlflow-chart.png``; returns the texts."""
+    browser = Browser()
+    try:
+        base = f"{mlflow_url}/#/experiments/{experiment_id}"
+        browser.goto(f"{base}/runs/{parent['id']}", ("Description", "baseline (no removal)"))
+        browser.click(_CLOSE_ASSISTANT)
+        browser.click("""(() => { const more = [...document.querySelectorAll('button,a,span')]
+          .find(x => x.innerText && x.innerText.trim() === 'Show more'); if (more) more.click();
+          const title = [...document.querySelectorAll('span,div,h2,h3,h4')]
+          .find(x => x.childElementCount === 0 && x.innerText.trim() === 'Description');
+          if (title) title.scrollIntoView(); })()""")
+        description = browser.wait_for(("oracle", *names))
+        browser.screenshot("mlflow-description.png")
+
+        browser.goto(f"{base}/runs?compareRunsMode=CHART", (parent["name"], "Model metrics"))
+        browser.click(_CLOSE_ASSISTANT)
+        # show the first parent's child runs (charts plot the visible runs), then the test_accuracy chart
+        browser.click("""document.querySelector('button[data-component-id*="runnamecellrenderer"]').click()""")
+        browser.wait_for(("oracle", "baseline", "random"))
+        browser.click("""(() => { const input = document.querySelector('input[placeholder="Search metric charts"]');
+          const set = Object.getOwnPropertyDescriptor(HTMLInputElement.prototype, 'value').set;
+          set.call(input, 'test_accuracy'); input.dispatchEvent(new Event('input', {bubbles: true})); })()""")
+        browser.click("""(() => { const title = [...document.querySelectorAll('span,div,h3,h4')]
+          .find(x => x.childElementCount === 0 && x.innerText.trim() === 'test_accuracy');
+          let card = title; for (let i = 0; i < 8 && card; i++) { card = card.parentElement;
+            const full = card.querySelector('button[data-component-id="fullscreen_button_chartcard"]');
+            if (full) { full.click(); return true; } } return false; })()""")
+        chart = browser.wait_for(("test_accuracy", "oracle", "random", "baseline", *names))
+        browser.screenshot("mlflow-chart.png")
+    finally:
+        browser.close()
+    (ARTIFACTS / "mlflow-description.txt").write_text(description)
+    (ARTIFACTS / "mlflow-chart.txt").write_text(chart)
+    return description, chart
 
 
 def _mlflow(env: dict[str, str], experiment: str) -> dict:
@@ -143,7 +270,8 @@ def test_stack_run_shows_in_both_uis_and_down_leaves_nothing(tmp_path):
         tracked = _mlflow(env, "cleanse-e2e")
         parents = [run for run in tracked["runs"] if run["parent"] is None]
         children = [run for run in tracked["runs"] if run["parent"] is not None]
-        assert len(parents) == 2 and len(children) == 4, tracked
+        # per parent: one child per estimator (loss, tracin) and per reference (baseline, oracle, random)
+        assert len(parents) == 2 and len(children) == 2 * (2 + 3), tracked
         assert all(run["artifact_uri"].startswith("mlflow-artifacts:") for run in tracked["runs"])
         check_env = {**os.environ, **{k: v for k, v in env.items() if k.startswith("AWS_")}}
         mlartifacts = subprocess.run(
@@ -177,7 +305,7 @@ def test_stack_run_shows_in_both_uis_and_down_leaves_nothing(tmp_path):
         assert all(c["name"] in child_list for c in children if c["parent"] == parent["id"]), child_list
         for metric in ("baseline.test_accuracy", "n_train"):
             assert metric in parent_page, parent_page[:3000]
-        for child in (c for c in children if c["parent"] == parent["id"]):
+        for child in (c for c in children if c["parent"] == parent["id"] and "roc_auc" in c["metrics"]):
             child_page = page_text(f"{base}/runs/{child['id']}", f"mlflow-child-{child['name']}.png",
                                    expect=(child["name"], "roc_auc", "Parent run"))
             assert child["name"] in child_page and "roc_auc" in child_page, child_page[:3000]
@@ -185,6 +313,14 @@ def test_stack_run_shows_in_both_uis_and_down_leaves_nothing(tmp_path):
         table = page_text(f"{base}/runs?compareRunsMode=TABLE", "mlflow-runs-table.png",
                           expect=(parent["name"], "matching runs"))
         assert parent["name"] in table and f"{len(tracked['runs'])} matching runs" in table, table[:3000]
+
+        # 5. the parent's description is the comparison table; estimators and references share a chart
+        description, chart = mlflow_screenshots(urls["mlflow"], tracked["experiment_id"], parent, ["loss", "tracin"])
+        for row in ("baseline (no removal)", "random removal", "oracle", "loss", "tracin"):
+            assert row in description, description[:3000]
+        legend = chart.split("test_accuracy")[-1]
+        for name in ("loss", "tracin", "baseline", "oracle", "random"):
+            assert name in legend, chart[-2000:]
     finally:
         pids = stack.pids()
         down = subprocess.run([str(BIN / "cleanse"), "stack", "down", "--dir", str(state_dir)], cwd=REPO,

@@ -54,6 +54,9 @@ from cleanse.uris import redact, without_credentials
 
 RUN_RECORD = "mlflow_run.json"
 DESCRIPTION_TAG = "mlflow.note.content"
+# MLflow 3's UI opens an experiment of unknown kind in its GenAI layout (traces, judges); this kind
+# opens the model-training layout (runs table, charts) that these runs are made for.
+EXPERIMENT_KIND = "mlflow.experimentKind"
 REFERENCES = ("baseline", "oracle", "random")
 # One process-wide lock: the run record (read-modify-write) and run creation must not interleave
 # between Prefect's task threads. Logging is cheap next to the stages, so it is held throughout.
@@ -268,13 +271,16 @@ def _experiment(client: Any, params: Params, layout: Layout) -> str:
 
     experiment = client.get_experiment_by_name(params.tracking.experiment)
     if experiment is not None:
+        if EXPERIMENT_KIND not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND, "custom_model_development")
         return experiment.experiment_id
     # A tracking server decides where artifacts go; a local store keeps them beside the outputs
     # (MLflow's own default would be ./mlruns in whatever directory the run started from).
     uri = tracking_uri(layout)
     location = None if uri.startswith(("http://", "https://")) else artifact_location(layout)
     try:
-        return client.create_experiment(params.tracking.experiment, artifact_location=location)
+        return client.create_experiment(params.tracking.experiment, artifact_location=location,
+                                        tags={EXPERIMENT_KIND: "custom_model_development"})
     except MlflowException as exc:  # another process created it in between
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
