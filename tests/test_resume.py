@@ -350,3 +350,24 @@ def test_flow_run_is_refused_while_another_run_holds_the_out(tmp_path: Path) -> 
     assert refused.stderr.strip().splitlines() == [refused.stderr.strip()]
     assert f"is in use by pid {holder.pid} on {socket.gethostname()}" in refused.stderr
     assert sorted(p.name for p in out.iterdir()) == [lock.LOCK_NAME]  # nothing written beside the lock
+
+
+def test_s3_source_digest_follows_the_object(s3_env, tmp_path: Path) -> None:
+    """An s3:// data source is fingerprinted by its ETag: replacing the object makes ``stage`` stale."""
+    from cleanse import remote
+
+    local = tmp_path / "iris.npz"
+    _write_iris(local)
+    uri = "s3://cleanse/resume-test/iris.npz"
+    bucket, key = remote.split_uri(uri)
+    remote.client().upload_file(str(local), bucket, key)
+    params = load_params(None, [f"data.source={uri}"])
+    first, stage_first = pipeline.content_digest(uri), pipeline.stage_fingerprint(params)
+    assert first is not None and first.startswith("etag:")
+    assert pipeline.content_digest(uri) == first  # stable while the object is unchanged
+    _write_iris(local, shift=0.5)
+    remote.client().upload_file(str(local), bucket, key)
+    assert pipeline.content_digest(uri) != first
+    assert pipeline.stage_fingerprint(params) != stage_first
+    with pytest.raises(ArtifactError, match="data.source"):
+        pipeline.content_digest("s3://cleanse/resume-test/missing.npz")
