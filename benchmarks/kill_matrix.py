@@ -206,8 +206,9 @@ def merge(parts: list[Path], target: Path) -> dict[str, Any]:
         for key, value in data.items():
             if key == "references":
                 merged["references"].update(value)
-            elif key == "kills":
-                merged["kills"] += value
+            elif key == "kills":  # a kill run by two processes counts once
+                seen = {(k["mode"], k["index"]) for k in merged["kills"]}
+                merged["kills"] += [k for k in value if (k["mode"], k["index"]) not in seen]
             elif key not in ("summary",):
                 merged.setdefault(key, value)
     refs = merged["references"]
@@ -247,6 +248,8 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks/results/kill_matrix.json")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds for one run to completion")
     parser.add_argument("--keep", action="store_true", help="keep each kill's output root")
+    parser.add_argument("--indices", help="only these kill indices, e.g. 6-9 (the same seeded moments)")
+    parser.add_argument("--reverse", action="store_true", help="run the plan from its end")
     parser.add_argument("--merge", type=Path, nargs="+", help="merge these results files into --results, print the table")
     args = parser.parse_args()
     if args.merge:
@@ -312,6 +315,11 @@ def main() -> None:
             if i < counts[mode]:
                 span = results["references"][mode]["seconds"]
                 plan.append((mode, i, round(rng.uniform(0.5, span * 0.98), 1)))
+    if args.indices:  # a share of the plan (another process runs the rest, into its own results)
+        low, _, high = args.indices.partition("-")
+        plan = [item for item in plan if int(low) <= item[1] <= int(high or low)]
+    if args.reverse:
+        plan.reverse()
     done = {(k["mode"], k["index"]) for k in results["kills"]}
     for mode, index, at in plan:
         if (mode, index) in done:
