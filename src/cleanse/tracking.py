@@ -35,10 +35,12 @@ Every URI that is printed, tagged or put in an error message has its credentials
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import tempfile
@@ -125,7 +127,7 @@ def _store_problem(path: Path) -> str | None:
     A migration killed half-way (or stopped by a full disk) leaves ``_alembic_tmp_*`` tables or an
     ``alembic_version`` behind MLflow's head, and every later run then fails inside alembic."""
     try:
-        with sqlite3.connect(path) as connection:
+        with contextlib.closing(sqlite3.connect(path)) as connection:
             tables = {row[0] for row in connection.execute("select name from sqlite_master where type = 'table'")}
             version = (connection.execute("select version_num from alembic_version").fetchone()
                        if "alembic_version" in tables else None)
@@ -143,7 +145,7 @@ def _store_problem(path: Path) -> str | None:
 
 def _holds_runs(path: Path) -> bool:
     try:
-        with sqlite3.connect(path) as connection:
+        with contextlib.closing(sqlite3.connect(path)) as connection:
             tables = {row[0] for row in connection.execute("select name from sqlite_master where type = 'table'")}
             return any(connection.execute(f"select count(*) from {table}").fetchone()[0] > 0  # noqa: S608 (fixed names)
                        for table in ("runs", "registered_models") if table in tables)
@@ -448,33 +450,30 @@ spec (no pickle). predict(features (n, *feature_shape) or (n, n_features)) -> pr
 (n, n_classes), float32. The cleanse package travels with the model (code_paths)."""
 
 import json
-import warnings
 
 import mlflow
 import numpy as np
 from mlflow.pyfunc import PythonModel
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")  # "add type hints to predict": the signature is given explicitly
 
-    class CleanseModel(PythonModel):
-        def load_context(self, context):
-            from safetensors.torch import load_file
+class CleanseModel(PythonModel):
+    def load_context(self, context):
+        from safetensors.torch import load_file
 
-            from cleanse.models.architectures import ModelSpec, build_model
+        from cleanse.models.architectures import ModelSpec, build_model
 
-            with open(context.artifacts["spec"]) as handle:
-                self.spec = ModelSpec.from_json(json.load(handle))
-            self.module = build_model(self.spec)
-            self.module.load_state_dict(load_file(context.artifacts["weights"]))
-            self.module.eval()
+        with open(context.artifacts["spec"]) as handle:
+            self.spec = ModelSpec.from_json(json.load(handle))
+        self.module = build_model(self.spec)
+        self.module.load_state_dict(load_file(context.artifacts["weights"]))
+        self.module.eval()
 
-        def predict(self, context, model_input, params=None):
-            import torch
+    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
+        import torch
 
-            features = np.asarray(model_input, dtype=np.float32).reshape(-1, *self.spec.feature_shape)
-            with torch.no_grad():
-                return torch.softmax(self.module(torch.from_numpy(features)), dim=1).numpy()
+        features = np.asarray(model_input, dtype=np.float32).reshape(-1, *self.spec.feature_shape)
+        with torch.no_grad():
+            return torch.softmax(self.module(torch.from_numpy(features)), dim=1).numpy()
 
 
 mlflow.models.set_model(CleanseModel())
@@ -635,8 +634,7 @@ def _log_one(client: Any, entry: dict[str, Any], params: Params, layout: Layout,
                            alias=f"cleaned-{estimator}",
                            description=f"retrained without the {cleaned['n_removed']} samples {estimator} flagged")
             finally:
-                weights.unlink(missing_ok=True)
-                weights.parent.rmdir()
+                shutil.rmtree(weights.parent, ignore_errors=True)
     elif stage == "references":
         references = read_json(layout.retrain_result("references"))
         for name in REFERENCES:
