@@ -216,6 +216,8 @@ def merge(parts: list[Path], target: Path) -> dict[str, Any]:
         merged["flow_reference_vs_cli"] = compare(Path(refs["flow"]["out"]), Path(refs["cli"]["out"]))
     modes = sorted({k["mode"] for k in merged["kills"]})
     merged["summary"] = {"done": len(merged["kills"]), "ok": sum(k["ok"] for k in merged["kills"]),
+                         "landed": sum(bool(k.get("killed")) for k in merged["kills"]),
+                         "landed_ok": sum(bool(k.get("killed")) and k["ok"] for k in merged["kills"]),
                          "by_mode": {m: f"{sum(k['ok'] for k in merged['kills'] if k['mode'] == m)}/"
                                         f"{sum(k['mode'] == m for k in merged['kills'])}" for m in modes}}
     write_results(target, merged)
