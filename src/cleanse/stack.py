@@ -122,6 +122,17 @@ def identity(pid: int) -> dict[str, Any] | None:
     return {"start_time": int(fields[19]), "cmdline": [part.decode(errors="replace") for part in cmdline.split(b"\0") if part]}
 
 
+def _identity_after_exec(pid: int, argv: list[str], seconds: float = 10.0) -> dict[str, Any] | None:
+    """:func:`identity` of a just-started child once its command line is the one it keeps: right
+    after ``exec`` the kernel may still show an empty ``/proc/<pid>/cmdline`` for a moment."""
+    deadline = time.monotonic() + seconds
+    while True:
+        now = identity(pid)
+        if now is None or (now["cmdline"] and now["cmdline"][-1] == argv[-1]) or time.monotonic() > deadline:
+            return now
+        time.sleep(0.01)
+
+
 def is_recorded_process(record: dict[str, Any]) -> bool:
     """True while ``record["pid"]`` is alive and is still the process the record describes.
 
@@ -247,8 +258,7 @@ class Stack:
         with open(log, "ab") as handle:
             process = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                        env=env, cwd=cwd, start_new_session=True)
-        # Popen returns once the child has exec'd, so this is the command line it keeps
-        now = identity(process.pid) or {"start_time": None, "cmdline": None}
+        now = _identity_after_exec(process.pid, argv) or {"start_time": None, "cmdline": None}
         state = self.state()
         state.setdefault("processes", {})[name] = {"pid": process.pid, "log": str(log), "argv": argv[:2], **now}
         self._save(state)
