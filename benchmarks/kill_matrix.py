@@ -251,6 +251,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=3600, help="seconds for one run to completion")
     parser.add_argument("--keep", action="store_true", help="keep each kill's output root")
     parser.add_argument("--indices", help="only these kill indices, e.g. 6-9 (the same seeded moments)")
+    parser.add_argument("--span", type=float, help="draw kill moments over this many seconds instead of the "
+                        "reference's duration (when the machine is now faster than during the reference)")
     parser.add_argument("--reverse", action="store_true", help="run the plan from its end")
     parser.add_argument("--merge", type=Path, nargs="+", help="merge these results files into --results, print the table")
     args = parser.parse_args()
@@ -315,7 +317,7 @@ def main() -> None:
     for i in range(max(counts.values())):
         for mode in modes:
             if i < counts[mode]:
-                span = results["references"][mode]["seconds"]
+                span = args.span or results["references"][mode]["seconds"]
                 plan.append((mode, i, round(rng.uniform(0.5, span * 0.98), 1)))
     if args.indices:  # a share of the plan (another process runs the rest, into its own results)
         low, _, high = args.indices.partition("-")
