@@ -235,7 +235,8 @@ with get_client(sync_client=True) as client:
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (`apt-get install chromium`)")
 def test_stack_run_shows_in_both_uis_and_down_leaves_nothing(tmp_path):
-    from cleanse.stack import Stack, _alive
+    from cleanse.lock import pid_alive as _alive
+    from cleanse.stack import Stack
 
     state_dir = tmp_path / "stack"
     stack = Stack(state_dir)

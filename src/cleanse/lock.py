@@ -86,14 +86,18 @@ def _describe(info: dict[str, Any] | None) -> str:
             + (f" ({command})" if command else ""))
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True when ``pid`` is a live process on this host (another user's counts; a zombie does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # alive, another user's
         return True
-    return True
+    try:  # an exited child not yet reaped still answers kill(0)
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _inherited(path: Path) -> str | None:
@@ -142,7 +146,7 @@ def _try_lock(path: Path) -> int | None:
 
 def _recorded_dead(info: dict[str, Any] | None) -> bool:
     return (info is not None and info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int)
-            and not _pid_alive(info["pid"]))
+            and not pid_alive(info["pid"]))
 
 
 def _take_over_if_stale(path: Path) -> bool:

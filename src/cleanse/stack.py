@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from cleanse.errors import CleanseError
+from cleanse.lock import pid_alive
 from cleanse.uris import redact
 
 BUCKET = "cleanse"
@@ -95,19 +96,6 @@ def _http_ok(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie child of ours counts as gone
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 def identity(pid: int) -> dict[str, Any] | None:
     """``{"start_time", "cmdline"}`` of a running ``pid`` (clock ticks since boot, from field 22 of
     ``/proc/<pid>/stat``, and the argument list), or ``None`` when it is gone. Two processes never
@@ -139,7 +127,7 @@ def is_recorded_process(record: dict[str, Any]) -> bool:
     Records written before identities were recorded only hold ``argv[:2]``: their pid must at
     least run that program (weaker, but it still refuses a pid reused by something else)."""
     pid = record["pid"]
-    if not _alive(pid):
+    if not pid_alive(pid):
         return False
     now = identity(pid)
     if now is None:
@@ -184,7 +172,7 @@ def _wait(predicate: Any, seconds: float, what: str, pid: int | None = None, log
     while time.monotonic() < deadline:
         if predicate():
             return
-        if pid is not None and not _alive(pid):
+        if pid is not None and not pid_alive(pid):
             tail = log.read_text()[-2000:] if log and log.exists() else ""
             raise StackError(f"{what} exited during start-up; see {log}\n{redact(tail)}")
         time.sleep(0.5)
@@ -403,7 +391,7 @@ class Stack:
         for process in self.state().get("processes", {}).values():
             if is_recorded_process(process):
                 pids += [process["pid"], *descendants(process["pid"])]
-        return [pid for pid in pids if _alive(pid)]
+        return [pid for pid in pids if pid_alive(pid)]
 
     def down(self, *, timeout: float = 15.0, echo: Any = print) -> list[int]:
         """Stop every process ``up`` started (SIGTERM to its group, then SIGKILL); return the pids that
@@ -415,7 +403,7 @@ class Stack:
         stopped: list[int] = []
         for name in reversed([n for n in ORDER if n in processes]):
             pid = processes[name]["pid"]
-            if not _alive(pid):
+            if not pid_alive(pid):
                 continue
             if not is_recorded_process(processes[name]):
                 echo(f"left pid {pid} alone: it is no longer the stack's {name} (the state file is stale)")
@@ -429,10 +417,10 @@ class Stack:
                     pass
             # SeaweedFS's graceful shutdown takes ~20 s and buys nothing here (its writes are durable)
             deadline = time.monotonic() + (min(timeout, 3.0) if name == "s3" else timeout)
-            while time.monotonic() < deadline and any(_alive(p) for p in family):
+            while time.monotonic() < deadline and any(pid_alive(p) for p in family):
                 time.sleep(0.2)
             for target in family:
-                if _alive(target):
+                if pid_alive(target):
                     try:
                         os.kill(target, signal.SIGKILL)
                     except ProcessLookupError:

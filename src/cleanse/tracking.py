@@ -51,6 +51,7 @@ from typing import Any
 
 from cleanse.config import Params, flatten
 from cleanse.errors import CleanseError
+from cleanse.lock import pid_alive
 from cleanse.storage import Layout, read_json, write_json, write_tensors
 from cleanse.uris import redact, without_credentials
 
@@ -153,16 +154,6 @@ def _holds_runs(path: Path) -> bool:
         return True  # unreadable: it may hold runs, so it is never deleted
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _temporaries(path: Path) -> list[Path]:
     """Temporary stores (and their journals) being created next to ``path``: ``.<name>.<pid>.<hex>.tmp*``."""
     return sorted(path.parent.glob(f".{path.name}.*.tmp*"))
@@ -173,7 +164,7 @@ def _remove_stale_temporaries(path: Path) -> None:
     for tmp in _temporaries(path):
         parts = tmp.name.split(".")
         pid = int(parts[-3]) if len(parts) >= 4 and parts[-3].isdigit() else None
-        if pid is None or (pid != os.getpid() and not _alive(pid)):
+        if pid is None or (pid != os.getpid() and not pid_alive(pid)):
             tmp.unlink(missing_ok=True)
 
 
