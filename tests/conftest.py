@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -131,3 +132,15 @@ def s3_env(s3_server, monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
     return s3_server.env()
+
+
+@pytest.fixture(autouse=True)
+def _release_output_locks():
+    """A CLI command run in-process (typer's CliRunner) holds its --out lock until the process
+    exits; release whatever a test left held so the next test starts with no lock exported."""
+    yield
+    from cleanse import lock
+
+    for key in list(lock._held):
+        while key in lock._held:
+            lock.release(Path(key).parent)

@@ -22,6 +22,28 @@ from cleanse.estimators.base import Estimator, PairwiseEstimator
 FAST = {"memorization": {"n_models": 128, "statistic": "probability"}}
 
 
+# Estimates from a single stochastic training run (f-INE's curriculum): on 106 wine samples a
+# single entry is noise-dominated (about 1 in 4 clean samples' own entry comes out negative), so
+# the sign contract is tested as a significance statement over many queries instead.
+ONE_RUN_ESTIMATES = {"fine"}
+
+
+def _assert_diagonal_supports_on_average(name: str, context) -> None:
+    """Over 40 queries: the own entry is positive on average (one-sided t > 3), and it ranks above
+    its row's median for more queries than a fair coin would give (binomial p < 0.01)."""
+    from scipy.stats import binomtest
+
+    rows = np.arange(40)
+    matrix = registry.get(name).pairwise(context, _options(name), context.train.subset(rows))
+    assert matrix.shape == (rows.size, len(context.train))  # (n_query, n_train)
+    diagonal = matrix[rows, rows]
+    t = diagonal.mean() / (diagonal.std(ddof=1) / np.sqrt(rows.size))
+    assert t > 3, f"{name}: own entries average {diagonal.mean():.3g} (t = {t:.2f}); a sample must support its label"
+    above_median = int((diagonal > np.median(matrix, axis=1)).sum())
+    p = binomtest(above_median, rows.size, 0.5, alternative="greater").pvalue
+    assert p < 0.01, f"{name}: own entry above its row's median for {above_median}/{rows.size} queries (p = {p:.3g})"
+
+
 def _options(name: str):
     return getattr(ScorerOptions(), name).model_copy(update=FAST.get(name, {}))
 
@@ -74,6 +96,8 @@ def test_deterministic_and_blind_to_ground_truth(name, scored, wine_context):
 @pytest.mark.parametrize("name", [n for n in registry.names() if isinstance(registry.get(n), PairwiseEstimator)])
 def test_pairwise_orientation_and_diagonal(name, wine_context, scored):
     context, _ = wine_context
+    if name in ONE_RUN_ESTIMATES:
+        return _assert_diagonal_supports_on_average(name, context)
     rows = np.array([0, 5, 9])
     matrix = registry.get(name).pairwise(context, _options(name), context.train.subset(rows))
     assert matrix.shape == (3, len(context.train))  # (n_query, n_train)

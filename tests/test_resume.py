@@ -245,7 +245,8 @@ def test_lock_is_reentrant_and_passes_to_child_processes(tmp_path: Path) -> None
         stranger = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path)], capture_output=True, text=True,
                                   env={k: v for k, v in os.environ.items() if k != "CLEANSE_OUT_LOCKS"})
         assert stranger.stdout.strip() == "refused", stranger.stderr
-    assert "CLEANSE_OUT_LOCKS" not in os.environ
+    # released: no entry for this root is passed to children any more
+    assert str(lock.lock_path(tmp_path)) not in os.environ.get("CLEANSE_OUT_LOCKS", "")
     assert not (tmp_path / lock.LOCK_NAME).exists()
 
 

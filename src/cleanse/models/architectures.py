@@ -5,6 +5,7 @@ All take inputs of shape ``(batch, *feature_shape)`` and return logits ``(batch,
 
 from __future__ import annotations
 
+import threading
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -87,9 +88,24 @@ def check_fits_in_memory(spec: ModelSpec) -> int:
     return count
 
 
+# torch initialises parameters from the process-wide CPU generator. Every construction holds this
+# lock inside fork_rng, so that concurrent threads (Prefect's task runner) never draw from the
+# generator between another thread's seeding and its initialisation (a TrainedModel.module() in
+# one branch used to shift a cleanlab fold model's initialisation in another), and so that no
+# construction moves the generator for anyone else. Reentrant: seeded_model seeds inside it.
+INIT_LOCK = threading.RLock()
+
+
 def build_model(spec: ModelSpec) -> nn.Module:
-    """A freshly initialised model (initialisation uses torch's global RNG; seed it first)."""
+    """A model with torch's default initialisation drawn from the process-wide generator as it
+    stands (left unchanged afterwards); use :func:`cleanse.models.trainer.seeded_model` for a
+    seeded initialisation, or load a state into it."""
     check_fits_in_memory(spec)  # before torch tries to allocate it
+    with INIT_LOCK, torch.random.fork_rng(devices=[]):
+        return _construct(spec)
+
+
+def _construct(spec: ModelSpec) -> nn.Module:
     n_inputs = 1
     for size in spec.feature_shape:
         n_inputs *= size

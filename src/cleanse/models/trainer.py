@@ -11,7 +11,6 @@ one is the final model), each with the learning rate in effect, for TracInCP (Pr
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,7 +19,7 @@ from torch import nn
 
 from cleanse.config import ModelConfig
 from cleanse.errors import TrainingDivergedError
-from cleanse.models.architectures import ModelSpec, build_model, default_device
+from cleanse.models.architectures import INIT_LOCK, ModelSpec, build_model, default_device
 from cleanse.progress import Progress
 
 State = dict[str, torch.Tensor]
@@ -76,16 +75,14 @@ def l2_penalty(parameters: dict[str, torch.Tensor] | list[torch.Tensor], weight_
     return 0.5 * weight_decay * sum((p * p).sum() for p in values)
 
 
-_GLOBAL_RNG_LOCK = threading.Lock()
-
-
 def seeded_model(spec: ModelSpec, seed: int) -> nn.Module:
     """``build_model(spec)`` initialised from ``seed`` (the initialisation every trainer uses)."""
-    # fork_rng saves and restores the process-wide generator: two threads (concurrent Prefect task
-    # branches) interleaving here would build each other's initialisation.
-    # Only the CPU generator initialises parameters; torch.manual_seed would also queue a lazy
-    # CUDA/XPU/MTIA seeding with a captured stack per call, which dominates for many small models.
-    with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
+    # fork_rng saves and restores the process-wide generator, and INIT_LOCK (also held by every
+    # build_model) keeps concurrent threads from drawing from it between the seeding and the
+    # initialisation. Only the CPU generator initialises parameters; torch.manual_seed would also
+    # queue a lazy CUDA/XPU/MTIA seeding with a captured stack per call, which dominates for many
+    # small models.
+    with INIT_LOCK, torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)
         return build_model(spec)
 
