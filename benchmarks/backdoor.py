@@ -275,10 +275,11 @@ def render(result: dict[str, Any], docs: Path, out: Path, image: Path) -> str:
         "back, seed 1 keeps 54 poisons and one clean 0 out, 1.6 pt below; the CNN spreads across retrains: "
         "retrained with seeds 0–5, that set averages 0.962 (std 0.6 pt) and the oracle's 0.969 (std 0.2 pt).", "",
         "f-INE's single-run test on the probes' losses (`fine (triggered probes)`) finds poisons only where "
-        "the data is small: AP 0.39–0.67 on wine (5 poisons of 106), 0.07–0.16 on breast_cancer and chance "
-        "(0.06–0.08) on digits. In a round, one unit's inclusion moves a probe's loss by little against the "
+        "the data is small: AP 0.27–0.64 on wine (5 poisons of 106), 0.07–0.10 on breast_cancer and chance "
+        "(0.05–0.07) on digits (f-INE's own random stream; on the stream it used to share with the corruption "
+        "draws it read 0.39–0.67, 0.07–0.16 and 0.06–0.08: single-run f-INE moves that much with its draws). In a round, one unit's inclusion moves a probe's loss by little against the "
         "steps of the other units; detrending the per-round loss change over the neighbouring rounds "
-        "(`scorers.fine.pairwise_detrend`) raised wine MLP seed 0 from 0.18 to 0.76. TracIn reads each "
+        "(`scorers.fine.pairwise_detrend`) raised wine MLP seed 0 from 0.18 to 0.76 (earlier stream). TracIn reads each "
         "sample's own gradient and is not limited this way.", "",
         f"Targets: best AP ≥ {TARGETS['ap']}; ASR after cleansing ≤ {TARGETS['asr']}; clean test accuracy within "
         f"{TARGETS['accuracy_gap'] * 100:.0f} pt of the oracle.", "",
