@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import os
 import shutil
@@ -49,7 +48,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from cleanse.config import Params, flatten
+from cleanse.config import Params, fingerprint, flatten
 from cleanse.errors import CleanseError
 from cleanse.lock import pid_alive
 from cleanse.storage import Layout, read_json, write_json, write_tensors
@@ -518,19 +517,18 @@ def _log_model(client: Any, params: Params, run_id: str, spec: dict[str, Any], w
     return version.version
 
 
-def _log_datasets(client: Any, run_id: str, layout: Layout, params: Params) -> None:
+def _log_datasets(client: Any, run_id: str, layout: Layout, staged: Any) -> None:
     """The staged splits as dataset inputs (name, content digest, source address)."""
     import mlflow.data
     from mlflow.entities import DatasetInput, InputTag
 
-    from cleanse.pipeline import load_staged
+    from cleanse.pipeline import content_digest
 
-    staged = load_staged(layout, params)
     inputs = []
     for split, context in (("train", "training"), ("val", "validation"), ("test", "testing")):
         path = layout.split(split)
         data = getattr(staged, split)
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        digest = content_digest(str(path)).removeprefix("sha256:")[:16]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "source can be interpreted in multiple ways": a file either way
             dataset = mlflow.data.from_numpy(data.features, targets=data.label, source=layout.location(path),
@@ -579,7 +577,7 @@ def _log_one(client: Any, entry: dict[str, Any], params: Params, layout: Layout,
         staged = load_staged(layout, params)
         _log(client, parent, metrics={"n_train": len(staged.train), "n_val": len(staged.val),
                                       "n_test": len(staged.test), "n_corrupted": int(staged.train.is_corrupted.sum())})
-        _log_datasets(client, parent, layout, params)
+        _log_datasets(client, parent, layout, staged)
     elif stage == "train":
         meta = read_json(layout.base_model / STAGE_META_NAME)
         _log(client, parent, metrics={"base.test_accuracy": meta["test_accuracy"], "train_seconds": meta["seconds"],
@@ -680,10 +678,6 @@ def log_stage(params: Params, layout: Layout, stage: str, estimator: str | None 
         _save_entry(params, layout, entry)
 
 
-def _metrics_digest(metrics: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(metrics, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _finish(client: Any, entry: dict[str, Any], params: Params, layout: Layout, metrics: dict[str, Any]) -> None:
     """Log what the running stages did not (stages skipped as fresh, a run logged afterwards),
     the report, the description, and close the parent as FINISHED."""
@@ -715,7 +709,7 @@ def _finish(client: Any, entry: dict[str, Any], params: Params, layout: Layout, 
         if _run_status(client, child) == "RUNNING":
             client.set_terminated(child, "FINISHED")
     client.set_terminated(parent, "FINISHED")
-    entry["metrics_digest"] = _metrics_digest(metrics)
+    entry["metrics_digest"] = fingerprint(metrics)
 
 
 @_guarded
@@ -750,7 +744,7 @@ def log_pipeline(params: Params, layout: Layout, metrics: dict[str, Any], *, run
     run's id is returned and nothing is logged twice."""
     with _LOCK:
         client, entry = _open(params, layout, create=False, reopen_closed=True)
-        if entry is not None and entry.get("metrics_digest") == _metrics_digest(metrics) \
+        if entry is not None and entry.get("metrics_digest") == fingerprint(metrics) \
                 and _run_status(client, entry["run_id"]) == "FINISHED":
             return entry["run_id"]
         client, entry = _open(params, layout)
