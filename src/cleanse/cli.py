@@ -209,7 +209,6 @@ def report(params_file: ParamsOption = None, overrides: SetOption = None, out: O
         from cleanse.report import run_report
 
         params, layout = _setup(params_file, overrides, out)
-        _require_report_inputs(params, layout)
         if track:
             _check_servers(params)
         metrics = run_report(params, layout)
@@ -316,21 +315,6 @@ def _check_servers(params: Any, *, prefect: bool = False) -> None:
         _check_reachable("PREFECT_API_URL", os.environ["PREFECT_API_URL"])
     if params.tracking.enabled and os.environ.get("MLFLOW_TRACKING_URI"):
         _check_reachable("MLFLOW_TRACKING_URI", os.environ["MLFLOW_TRACKING_URI"])
-
-
-def _require_report_inputs(params: Any, layout: Any) -> None:
-    """The report reads the retrain results (and the probes): refuse ones that another configuration
-    produced, as every other stage does, instead of reporting them under the current params."""
-    from cleanse import pipeline
-
-    pipeline._require_fresh(layout.retrain_result("references"), pipeline.references_fingerprint(params),
-                            "reference retrains")
-    for name in params.estimators:
-        pipeline._require_fresh(layout.retrain_result(name), pipeline.retrain_fingerprint(params, name),
-                                f"{name} retrain result")
-    if params.query.kind != "none":
-        pipeline._require_fresh(pipeline.query_dir(layout) / "query.json", pipeline.query_fingerprint(params),
-                                "probes")
 
 
 def _known(name: str) -> str:

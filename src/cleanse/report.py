@@ -307,8 +307,24 @@ Detection metrics use k = number corrupted; <i>test_acc</i> is after removing ea
     return write_text(page, layout.reports / "report.html")
 
 
+def _require_fresh_inputs(params: Params, layout: Layout) -> None:
+    """The report reads the retrain results (and the probes): refuse ones that another configuration
+    produced, as every other stage does, instead of reporting them under the current params."""
+    from cleanse import pipeline
+
+    pipeline._require_fresh(layout.retrain_result("references"), pipeline.references_fingerprint(params),
+                            "reference retrains")
+    for name in params.estimators:
+        pipeline._require_fresh(layout.retrain_result(name), pipeline.retrain_fingerprint(params, name),
+                                f"{name} retrain result")
+    if params.query.kind != "none":
+        pipeline._require_fresh(pipeline.query_dir(layout) / "query.json", pipeline.query_fingerprint(params),
+                                "probes")
+
+
 def run_report(params: Params, layout: Layout) -> dict[str, Any]:
     """Write the metrics, plots and the HTML report; return the metrics."""
+    _require_fresh_inputs(params, layout)
     metrics = collect_metrics(params, layout)
     images = write_plots(params, layout, metrics)
     write_html(metrics, images, layout)
