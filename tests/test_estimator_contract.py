@@ -93,6 +93,22 @@ def test_deterministic_and_blind_to_ground_truth(name, scored, wine_context):
     assert again.equals(scored[name].table)
 
 
+@pytest.mark.parametrize("name", registry.names())
+def test_declared_league_matches_validation_label_use(name, scored, wine_context):
+    """An estimator declaring ``reads_validation_labels = False`` gives the same scores when the
+    validation labels are scrambled; one declaring True gives different scores (its league in the
+    quality grid and the recommendation depends on this declaration being right)."""
+    from cleanse.estimators.base import reads_validation_labels
+
+    context, _ = wine_context
+    scrambled = replace(context, val=replace(context.val, label=np.roll(context.val.label, 1)))
+    again = registry.get(name).score(scrambled, _options(name)).table
+    if reads_validation_labels(registry.get(name), _options(name)):
+        assert not again["score"].equals(scored[name].table["score"]), f"{name} declares it reads validation labels"
+    else:
+        assert again.equals(scored[name].table), f"{name} reads validation labels but declares it does not"
+
+
 @pytest.mark.parametrize("name", [n for n in registry.names() if isinstance(registry.get(n), PairwiseEstimator)])
 def test_pairwise_orientation_and_diagonal(name, wine_context, scored):
     context, _ = wine_context

@@ -88,6 +88,7 @@ def clustering_scores(features: np.ndarray, label: np.ndarray, n_components: int
 
 class SpectralSignatureEstimator:
     name: ClassVar[str] = "spectral_signatures"
+    reads_validation_labels: ClassVar[bool] = False
     options_type: ClassVar[type] = SpectralOptions
 
     def score(self, context: ScoringContext, options: SpectralOptions) -> ScoreResult:
@@ -97,6 +98,7 @@ class SpectralSignatureEstimator:
 
 class ActivationClusteringEstimator:
     name: ClassVar[str] = "activation_clustering"
+    reads_validation_labels: ClassVar[bool] = False
     options_type: ClassVar[type] = ActivationClusteringOptions
 
     def score(self, context: ScoringContext, options: ActivationClusteringOptions) -> ScoreResult:

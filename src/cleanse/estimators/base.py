@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import polars as pl
@@ -57,8 +57,14 @@ class ScoreResult:
 
 @runtime_checkable
 class Estimator(Protocol):
+    """``reads_validation_labels`` declares the estimator's league: True when its scores depend on
+    the validation split's labels (which cleanse treats as trusted), either as a class constant or
+    as a function of the options; such estimators are compared against baselines and peers given
+    the same trusted data (see :func:`reads_validation_labels`)."""
+
     name: ClassVar[str]
     options_type: ClassVar[type[BaseModel]]
+    reads_validation_labels: ClassVar[bool | Callable[[BaseModel], bool]]
 
     def score(self, context: ScoringContext, options: BaseModel) -> ScoreResult: ...
 
@@ -79,3 +85,11 @@ def score_table(sample_id: np.ndarray, score: np.ndarray, **columns: np.ndarray)
         dtype = pl.Boolean if values.dtype == bool else pl.Float64
         data[name] = pl.Series(values.astype(bool if dtype == pl.Boolean else np.float64), dtype=dtype)
     return pl.DataFrame(data)
+
+
+def reads_validation_labels(estimator: Estimator, options: BaseModel) -> bool:
+    """Whether ``estimator`` with ``options`` reads the validation labels (the trusted league).
+    Probes drawn from the validation split (``query.kind: val_errors``) are a property of the run,
+    not of the estimator, and are accounted for by the caller."""
+    declared = estimator.reads_validation_labels
+    return bool(declared(options) if callable(declared) else declared)

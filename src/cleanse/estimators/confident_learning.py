@@ -43,6 +43,7 @@ def out_of_sample_probabilities(context: ScoringContext, folds: int) -> np.ndarr
 
 class ConfidentLearningEstimator:
     name: ClassVar[str] = "cleanlab"
+    reads_validation_labels: ClassVar[bool] = False
     options_type: ClassVar[type] = CleanlabOptions
 
     def score(self, context: ScoringContext, options: CleanlabOptions) -> ScoreResult:

@@ -209,6 +209,10 @@ class FineEstimator:
     name: ClassVar[str] = "fine"
     options_type: ClassVar[type] = FineOptions
 
+    @staticmethod
+    def reads_validation_labels(options: FineOptions) -> bool:
+        return options.query == "val"  # the validation loss is the signal
+
     def score(self, context: ScoringContext, options: FineOptions) -> ScoreResult:
         started = time.perf_counter()
         unit_of_row, n_units = _unit_index(context, options)

@@ -221,6 +221,7 @@ def train_query_effects(fm: FunctionalModel, x: torch.Tensor, y: torch.Tensor, x
 
 class SelfInfluenceEstimator:
     name: ClassVar[str] = "influence"
+    reads_validation_labels: ClassVar[bool] = False
     options_type: ClassVar[type] = InfluenceOptions
 
     def score(self, context: ScoringContext, options: InfluenceOptions) -> ScoreResult:
@@ -241,6 +242,7 @@ class SelfInfluenceEstimator:
 
 class ValidationInfluenceEstimator:
     name: ClassVar[str] = "influence_val"
+    reads_validation_labels: ClassVar[bool] = True
     options_type: ClassVar[type] = InfluenceOptions
 
     def score(self, context: ScoringContext, options: InfluenceOptions) -> ScoreResult:

@@ -107,6 +107,7 @@ def validation_minimum_scores(context: ScoringContext, options: FvmOptions) -> t
 
 class FlatValidationInfluenceEstimator:
     name: ClassVar[str] = "influence_fvm"
+    reads_validation_labels: ClassVar[bool] = True
     options_type: ClassVar[type] = FvmOptions
 
     def score(self, context: ScoringContext, options: FvmOptions) -> ScoreResult:

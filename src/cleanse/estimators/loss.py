@@ -16,6 +16,7 @@ from cleanse.estimators.base import ScoreResult, ScoringContext, score_table
 
 class LossEstimator:
     name: ClassVar[str] = "loss"
+    reads_validation_labels: ClassVar[bool] = False
     options_type: ClassVar[type] = LossOptions
 
     @torch.no_grad()

@@ -258,6 +258,7 @@ def heldout_predictions(shards: list[Shard], features: np.ndarray) -> np.ndarray
 
 class MemorizationEstimator:
     name: ClassVar[str] = "memorization"
+    reads_validation_labels: ClassVar[bool] = False
     options_type: ClassVar[type] = MemorizationOptions
 
     def score(self, context: ScoringContext, options: MemorizationOptions) -> ScoreResult:

@@ -51,6 +51,7 @@ def _functional(context: ScoringContext, checkpoint: Checkpoint) -> FunctionalMo
 
 class TracInEstimator:
     name: ClassVar[str] = "tracin"
+    reads_validation_labels: ClassVar[bool] = False
     options_type: ClassVar[type] = TracInOptions
 
     def score(self, context: ScoringContext, options: TracInOptions) -> ScoreResult:

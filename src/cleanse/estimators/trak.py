@@ -117,6 +117,7 @@ def fit(context: ScoringContext, options: TrakOptions) -> list[TrakModel]:
 
 class TrakEstimator:
     name: ClassVar[str] = "trak"
+    reads_validation_labels: ClassVar[bool] = False
     options_type: ClassVar[type] = TrakOptions
 
     def score(self, context: ScoringContext, options: TrakOptions) -> ScoreResult:
