@@ -273,6 +273,42 @@ class FineOptions(_Section):
                                                        "side (0 = off): the training progress every unit shares")
 
 
+class TrustedOptions(_Section):
+    """The trusted-data baseline (``cleanse.estimators.trusted``): a model fitted on the validation
+    split alone scores each training sample by its loss under the given label."""
+
+    model: Literal["logreg", "run"] = Field(
+        "logreg", description="logreg: scikit-learn logistic regression on the flattened features; run: the "
+        "run's own architecture and recipe (model.*), trained on the validation split.")
+    C: float = Field(1.0, gt=0, description="logreg: inverse L2 strength (scikit-learn's C).")
+    max_iter: int = Field(1000, ge=1, description="logreg: L-BFGS iterations.")
+    probability_floor: float = Field(1e-6, gt=0, lt=1, description="Probabilities are clipped to at least "
+                                     "this before the log: bounds the loss, and is the probability given to "
+                                     "a label whose class the validation split lacks.")
+
+
+class HoldoutEnsembleOptions(_Section):
+    """The out-of-subset, early-stopped ensemble (``cleanse.estimators.holdout_ensemble``)."""
+
+    n_models: int = Field(8, ge=4, description="K models, in K/2 pairs of complementary random halves of the "
+                          "training set (each sample is held out by exactly K/2 models); must be even.")
+    statistic: Literal["margin", "loss"] = Field(
+        "margin", description="Over the models that held a sample out: margin: max_{j != y} p_j - p_y of their "
+        "mean probabilities; loss: their mean cross-entropy of the given label y.")
+    stop_on: Literal["accuracy", "loss"] = Field(
+        "loss", description="Each model's stopping epoch maximises its held-out half's accuracy (ties: lower "
+        "loss) or minimises its held-out loss, both under the given training labels.")
+    patience: int = Field(10, ge=1, description="Stop once no model has improved for this many epochs.")
+    max_epochs: int | None = Field(None, ge=1, description="Epoch cap (None = model.epochs).")
+
+    @field_validator("n_models")
+    @classmethod
+    def _even(cls, value: int) -> int:
+        if value % 2:
+            raise ValueError(f"must be even (pairs of complementary halves), got {value}")
+        return value
+
+
 class ScorerOptions(_Section):
     """Per-estimator options. Changing one section reruns only that estimator downstream."""
 
@@ -287,6 +323,8 @@ class ScorerOptions(_Section):
     trak: TrakOptions = TrakOptions()
     influence_fvm: FvmOptions = FvmOptions()
     fine: FineOptions = FineOptions()
+    trusted: TrustedOptions = TrustedOptions()
+    holdout_ensemble: HoldoutEnsembleOptions = HoldoutEnsembleOptions()
 
 
 class DetectConfig(_Section):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -169,11 +170,16 @@ def train_ensemble(
     *,
     device: torch.device | None = None,
     init_seeds: np.ndarray | None = None,
+    on_epoch: Callable[[int, Ensemble], bool | None] | None = None,
 ) -> Ensemble:
     """Train K models at once: model ``k`` on the rows ``masks[k]`` of ``features`` ``(n, *shape)``
     and ``label`` ``(n,)``, seeded by ``seeds[k]``, with ``config``'s recipe (see the module doc).
     ``init_seeds`` ``(K,)`` seeds the initialisation separately from the data order (default
-    ``seeds``), e.g. one shared initialisation so that only the data order varies."""
+    ``seeds``), e.g. one shared initialisation so that only the data order varies.
+
+    ``on_epoch(epoch, ensemble)`` is called after every epoch (``epoch`` counts from 1) with the
+    models as they are then (a detached view: read it, do not keep it past the call); returning
+    True stops training there (early stopping), and the ensemble of that epoch is returned."""
     masks = np.asarray(masks)
     seeds = np.asarray(seeds, dtype=np.int64)
     n = int(label.shape[0])
@@ -194,7 +200,7 @@ def train_ensemble(
     optimizer = _Optimizer(params, config)
     for p in params.values():
         p.requires_grad_(True)
-    for _ in range(config.epochs):
+    for epoch in range(1, config.epochs + 1):
         index, valid = _epoch_order(members, generators, steps * batch)
         index = index.view(len(members), steps, batch).to(device)
         valid = valid.view(len(members), steps, batch).to(device)
@@ -208,6 +214,10 @@ def train_ensemble(
             loss = (ce * weight).sum() + 0.5 * config.weight_decay * sum((p * p).sum() for p in params.values())
             grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
             optimizer.step(params, grads, ok.any(1) if uneven else None)
+        if on_epoch is not None:
+            current = Ensemble(spec=spec, params={name: p.detach() for name, p in params.items()}, seeds=seeds)
+            if on_epoch(epoch, current):
+                break
     return Ensemble(spec=spec, params={name: p.detach() for name, p in params.items()}, seeds=seeds)
 
 

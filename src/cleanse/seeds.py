@@ -22,6 +22,8 @@ import numpy as np
 # reproducibility, so never rename one.
 PURPOSES = frozenset({
     "fine.inclusion",  # f-INE: which units are in each round
+    "holdout_ensemble.halves",  # holdout_ensemble: the random halves of the training set
+    "holdout_ensemble.models",  # holdout_ensemble: its models' training seeds
 })
 
 # Streams that existed before this module, kept bit-identical: purpose -> offset added to the seed.

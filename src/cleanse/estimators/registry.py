@@ -22,6 +22,8 @@ _REGISTRY: dict[str, str] = {
     "trak": "cleanse.estimators.trak:TrakEstimator",
     "influence_fvm": "cleanse.estimators.influence_fvm:FlatValidationInfluenceEstimator",
     "fine": "cleanse.estimators.fine:FineEstimator",
+    "trusted": "cleanse.estimators.trusted:TrustedEstimator",
+    "holdout_ensemble": "cleanse.estimators.holdout_ensemble:HoldoutEnsembleEstimator",
 }
 
 
