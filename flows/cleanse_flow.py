@@ -2,6 +2,7 @@
 
     stage -> train -> score(e) -> detect(e) -> retrain(e)   for each estimator e, concurrently
                    -> references                            (in parallel with the estimators)
+          -> recommend (one cleaned model, chosen without ground truth)
           -> report (+ MLflow run + markdown artifact)
 
 Run it with ``python -m flows.cleanse_flow`` (or ``python flows/cleanse_flow.py``), or deploy it with
@@ -28,7 +29,7 @@ from prefect import flow
 from prefect.futures import wait
 
 from cleanse.errors import CleanseError
-from tasks import detect, query, references, report, retrain, score, stage, train
+from tasks import detect, query, recommend, references, report, retrain, score, stage, train
 from tasks._common import route_cleanse_logs, task_options
 
 
@@ -137,8 +138,8 @@ def cleanse_flow(params_file: str | None = "params.yaml", overrides: list[str] |
     common = (params_file, overrides, out)
     # Retries where a task touches S3 or a server; never for CleanseErrors (see task_options).
     work = task_options(params, out)
-    staging, training, querying, referencing, scoring, detecting, retraining = (
-        t.with_options(**work) for t in (stage, train, query, references, score, detect, retrain))
+    staging, training, querying, referencing, scoring, detecting, retraining, recommending = (
+        t.with_options(**work) for t in (stage, train, query, references, score, detect, retrain, recommend))
 
     # Everything is submitted, then settled: a failed or crashed branch fails the flow run with
     # its stage and reason, and the report only ever runs on complete results.
@@ -153,6 +154,8 @@ def cleanse_flow(params_file: str | None = "params.yaml", overrides: list[str] |
         branches += [(f"score {name}", scored), (f"detect {name}", flagged),
                      (f"retrain {name}", retraining.submit(*common, name, fresh=fresh, wait_for=[flagged]))]
     settle(branches)
+    recommended = recommending.submit(*common, fresh=fresh)
+    settle([("recommend", recommended)])
     reported = report.submit(*common)
     settle([("report", reported)])
     metrics = reported.result()

@@ -8,9 +8,9 @@ whose outputs are fresh (same fingerprint) is skipped, so rerunning a flow resum
 from tasks.detect import detect
 from tasks.query import query
 from tasks.report import report
-from tasks.retrain import references, retrain
+from tasks.retrain import recommend, references, retrain
 from tasks.score import score
 from tasks.stage import stage
 from tasks.train import train
 
-__all__ = ["detect", "query", "references", "report", "retrain", "score", "stage", "train"]
+__all__ = ["detect", "query", "recommend", "references", "report", "retrain", "score", "stage", "train"]

@@ -1,5 +1,6 @@
-"""Prefect tasks: retrain without one estimator's flags (and a random set of the same size), and
-the references (baseline, oracle, random removal) -> retrain/<name>.json."""
+"""Prefect tasks: retrain without one estimator's flags (and a random set of the same size), the
+references (baseline, oracle, random removal) -> retrain/<name>.json, and the recommendation ->
+recommend/recommend.json."""
 
 from __future__ import annotations
 
@@ -28,3 +29,13 @@ def references(params_file: str | None, overrides: list[str] | None, out: str, f
     result = layout.retrain_result("references")
     return run_unless_fresh("references", result, pipeline.references_fingerprint(params), result,
                             lambda: pipeline.run_references(params, layout), fresh)
+
+
+@task(name="recommend", task_run_name="recommend", cache_policy=NO_CACHE)
+def recommend(params_file: str | None, overrides: list[str] | None, out: str, fresh: bool = False) -> str:
+    from cleanse import pipeline
+
+    params, layout = setup(params_file, overrides, out)
+    result = pipeline.recommend_dir(layout) / "recommend.json"
+    return run_unless_fresh("recommend", result, pipeline.recommend_fingerprint(params), result,
+                            lambda: pipeline.run_recommend(params, layout), fresh)

@@ -72,7 +72,7 @@ def test_resume_skips_fresh_stages_and_reruns_stale_ones(finished):
     lines.clear()
     run_all(changed, layout, log=lines.append)
     rerun = sorted(line.split(":")[0].split("] ")[1].split(" (")[0] for line in lines if line.startswith("[done]"))
-    assert rerun == ["detect tracin", "retrain tracin", "score tracin"]
+    assert rerun == ["detect tracin", "recommend", "retrain tracin", "score tracin"]
     run_all(params, layout, log=lambda line: None)  # restore for other tests
 
 

@@ -239,6 +239,8 @@ def test_separate_stage_calls_and_threads_share_one_parent(tmp_path):
     (parent,) = _runs(client, "pipeline")
     assert parent.info.status == "RUNNING"
     assert set(_children(client, parent.info.run_id)) == {"loss", "influence", "baseline", "oracle", "random"}
+    pipeline.run_recommend(params, layout)
+    assert client.get_run(parent.info.run_id).data.tags["recommended.estimator"] in {"none", "loss", "influence"}
     assert log_pipeline(params, layout, run_report(params, layout)) == parent.info.run_id
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
     assert len(_runs(client, "pipeline")) == 1

@@ -201,6 +201,14 @@ def references(params_file: ParamsOption = None, overrides: SetOption = None, ou
 
 
 @app.command()
+def recommend(params_file: ParamsOption = None, overrides: SetOption = None, out: OutOption = ".") -> None:
+    """Choose one cleaned model without ground truth -> recommend/recommend.json, models/recommended/."""
+    from cleanse import pipeline
+
+    _guarded(lambda: pipeline.run_recommend(*_setup(params_file, overrides, out)))
+
+
+@app.command()
 def report(params_file: ParamsOption = None, overrides: SetOption = None, out: OutOption = ".",
            track: Annotated[bool, typer.Option(help="Also log to MLflow (when tracking.enabled).")] = True) -> None:
     """Write reports/metrics.json, plots and report.html; print the comparison table."""

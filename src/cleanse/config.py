@@ -35,6 +35,64 @@ def _open_fraction(value: float, *, allow_zero: bool = False) -> float:
     return value
 
 
+# The settings whose default depends on whether the run has probes (query.kind other than none):
+# dotted key -> (value without probes, value with probes). With probes, the values documented in
+# docs/benchmarks.md ("Backdoor: probe attribution and iterative cleansing"): geometric checkpoints
+# and unit training gradients for TracIn, iterative cleansing. Without, self-influence keeps even
+# checkpoints and raw TracIn scores, and a one-shot retrain.
+AUTO_SETTINGS: dict[str, tuple[Any, Any]] = {
+    "model.checkpoint_spacing": ("even", "geometric"),
+    "scorers.tracin.normalize": ("none", "train"),
+    "cleansing.iterative": (False, True),
+}
+_UNSET = object()
+
+
+def _probe_free(key: str, value: Any) -> Any:
+    """A section validated on its own (no ``query.kind`` in sight) reads ``auto`` as the value without probes."""
+    return AUTO_SETTINGS[key][0] if value == "auto" else value
+
+
+def _items(node: Any) -> dict[str, Any] | None:
+    """A section as a mutable mapping (a model: only the fields set explicitly); None if it is neither."""
+    if isinstance(node, BaseModel):
+        return node.model_dump(exclude_unset=True)
+    return dict(node) if isinstance(node, dict) else None
+
+
+def _lookup(node: Any, path: list[str]) -> Any:
+    for key in path:
+        items = _items(node)
+        if items is None or key not in items:
+            return _UNSET
+        node = items[key]
+    return node
+
+
+def _replaced(node: Any, path: list[str], value: Any) -> Any:
+    items = {} if node is _UNSET else _items(node)
+    if items is None:  # not a section: validation names it
+        return node
+    items[path[0]] = value if len(path) == 1 else _replaced(items.get(path[0], _UNSET), path[1:], value)
+    return items
+
+
+def resolve_auto(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` (what :class:`Params` validates) with each :data:`AUTO_SETTINGS` key that is unset or
+    ``auto`` given its value for the run's ``query.kind``. The one place these defaults are decided:
+    :class:`Params` calls it before validating, so the stages, fingerprints, MLflow params and the CLI
+    only ever see the resolved values, and ``auto`` fingerprints as the value it stands for. An
+    explicit value always wins (``cleansing.iterative: true`` without probes is still refused)."""
+    kind = _lookup(raw, ["query", "kind"])
+    probes = kind is not _UNSET and kind != "none"
+    out = dict(raw)
+    for key, (without, with_probes) in AUTO_SETTINGS.items():
+        path = key.split(".")
+        if _lookup(out, path) in (_UNSET, "auto"):
+            out = _replaced(out, path, with_probes if probes else without)
+    return out
+
+
 class DataConfig(_Section):
     """Where the data comes from and how it is split."""
 
@@ -114,14 +172,22 @@ class ModelConfig(_Section):
                                 description="L2 coefficient: loss + wd/2 * ||theta||^2.")
     optimizer: Literal["adam", "sgd", "lbfgs"] = "adam"
     checkpoints: int = Field(5, ge=1, description="Checkpoints saved for TracIn (the last is the final epoch).")
-    checkpoint_spacing: Literal["even", "geometric"] = Field(
-        "even", description="even: evenly spaced epochs; geometric: log-spaced from epoch 1, dense where the "
-        "loss falls fastest. Long runs that fit poisons early need geometric (docs/benchmarks.md, backdoor).")
+    checkpoint_spacing: Literal["auto", "even", "geometric"] = Field(
+        "auto", validate_default=True,
+        description="even: evenly spaced epochs; geometric: log-spaced from epoch 1, dense where the loss falls "
+        "fastest (runs that fit poisons early need it for probe attribution; docs/benchmarks.md, backdoor); "
+        "auto: geometric when query.kind names probes, else even (self-influence: early checkpoints dilute the "
+        "mislabel signal).")
 
     @field_validator("hidden", mode="before")
     @classmethod
     def _hidden_as_list(cls, value: Any) -> Any:
         return [value] if isinstance(value, int) else value
+
+    @field_validator("checkpoint_spacing", mode="before")
+    @classmethod
+    def _spacing_auto(cls, value: Any) -> Any:
+        return _probe_free("model.checkpoint_spacing", value)
 
     @field_validator("hidden")
     @classmethod
@@ -154,7 +220,9 @@ class InfluenceOptions(_Section):
     """
 
     solver: Literal["auto", "exact", "cg", "lissa", "ekfac"] = Field(
-        "auto", description="auto = exact when #params <= exact_max_params; above, ekfac for self-influence (n quadratic forms) and cg for validation/query influence (few right-hand sides)."
+        "auto", description="auto = the most accurate of exact, preconditioned cg, ekfac (all layers), exact and "
+        "ekfac on the last layer whose predicted cost (timed on a few hundred rows, extrapolated to n) fits "
+        "cost_budget_epochs x one training epoch; the choice and every prediction go to the score metadata."
     )
     curvature: Literal["ggn", "hessian"] = Field(
         "ggn",
@@ -165,7 +233,12 @@ class InfluenceOptions(_Section):
     layers: Literal["all", "last"] = Field(
         "all", description="all: every parameter; last: the classifier head only (the rest held fixed)."
     )
-    exact_max_params: int = Field(6000, ge=1)
+    exact_max_params: int = Field(20000, ge=1, description="auto never takes exact above this many parameters "
+                                  "(its (p, p) float64 matrices: 3 x 8 p^2 bytes, 9.6 GB at 20,000).")
+    cost_budget_epochs: float = Field(5.0, gt=0, description="auto: the solver's predicted seconds must fit this many "
+                                      "training epochs (one epoch predicted from timed optimizer steps).")
+    epoch_seconds: float | None = Field(None, gt=0, description="auto: one training epoch's measured seconds, "
+                                        "instead of the prediction from timed optimizer steps.")
     cg_max_iter: int = Field(100, ge=1)
     cg_tol: float = Field(1e-5, gt=0, description="Relative residual at which CG stops.")
     cg_preconditioner: Literal["none", "ekfac"] = Field(
@@ -210,16 +283,20 @@ class FvmOptions(_Section):
 class TracInOptions(_Section):
     checkpoints: Literal["all", "last"] = Field("all", description="Which saved checkpoints to sum over.")
     chunk_size: int = Field(2048, ge=1, description="Samples per chunk of per-sample gradient work.")
-    normalize: Literal["none", "train", "both"] = Field(
-        "none", description="Train -> query scores per checkpoint with unit training gradients ('train': "
-        "large-gradient samples do not dominate a probe's proponents, and checkpoints where the probe is "
-        "still being learned weigh most) or unit gradients on both sides ('both': gradient cosine).")
+    normalize: Literal["auto", "none", "train", "both"] = Field(
+        "auto", validate_default=True,
+        description="Train -> query scores per checkpoint with unit training gradients ('train': large-gradient "
+        "samples do not dominate a probe's proponents, and checkpoints where the probe is still being learned "
+        "weigh most) or unit gradients on both sides ('both': gradient cosine); auto: train when query.kind "
+        "names probes, else none.")
 
     @field_validator("normalize", mode="before")
     @classmethod
     def _normalize_flag(cls, value: Any) -> Any:
         # true/false were the options before 'train' existed; they meant cosine / raw.
-        return {True: "both", False: "none"}.get(value, value) if isinstance(value, bool) else value
+        if isinstance(value, bool):
+            return {True: "both", False: "none"}[value]
+        return _probe_free("scorers.tracin.normalize", value)
 
 
 class SpectralOptions(_Section):
@@ -376,9 +453,15 @@ class QueryConfig(_Section):
 
 class CleansingConfig(_Section):
     """Iterative (group-aware) cleansing in the retrain stage: remove the top ``step``, retrain,
-    re-score, until the behaviour on held-out probes is gone or the budget is spent."""
+    re-score, until the behaviour on held-out probes is gone or the budget is spent. Only the
+    estimators with train -> probe scores iterate; ``iterative`` defaults to on exactly when the run
+    has probes (``query.kind``; see :data:`AUTO_SETTINGS`)."""
 
-    iterative: bool = Field(False, description="Off: remove the detect stage's flags once.")
+    iterative: bool = Field(
+        "auto", validate_default=True,  # type: ignore[assignment]  # resolved to a bool before it is stored
+        description="auto (on iff query.kind names probes) | true | false. On: estimators with train -> probe "
+        "scores (influence, tracin, ...) remove, retrain and re-score each round; the others are retrained once "
+        "from their flags. Off: remove the detect stage's flags once.")
     step: int = Field(12, ge=1, description="Samples removed per round.")
     max_fraction: float = Field(0.15, description="Budget: never remove more than this fraction of the training set.")
     max_rounds: int = Field(20, ge=1)
@@ -390,10 +473,34 @@ class CleansingConfig(_Section):
                           "is none of the probes' labels or is the one the cleansed model predicts, retrain, and "
                           "keep that only if the behaviour stays gone.")
 
+    @field_validator("iterative", mode="before")
+    @classmethod
+    def _iterative_auto(cls, value: Any) -> Any:
+        if value != "auto" and not isinstance(value, bool):
+            raise ValueError(f"must be auto, true or false, got {_shown(value)}")
+        return _probe_free("cleansing.iterative", value)
+
     @field_validator("max_fraction")
     @classmethod
     def _fraction(cls, value: float) -> float:
         return _open_fraction(value)
+class RecommendConfig(_Section):
+    """How the one recommended cleaned model is chosen (``cleanse.recommend``): never from the
+    ground truth or the test split."""
+
+    budget_factors: list[float] = Field(
+        [0.5, 0.75, 1.25, 1.5], description="The winning estimator's ranking is also retrained at these multiples "
+        "of its automatic budget; the best by the same rule (held-out probe behaviour, then validation accuracy, "
+        "then fewer removed) is recommended. [] keeps each estimator's own budget.")
+
+    @field_validator("budget_factors")
+    @classmethod
+    def _positive(cls, value: list[float]) -> list[float]:
+        if any(factor <= 0 for factor in value):
+            raise ValueError(f"every factor must be positive, got {value}")
+        return value
+
+
 class EvaluateConfig(_Section):
     """Optional evaluations in the report (off by default: each retrains many models)."""
 
@@ -427,6 +534,12 @@ class Params(_Section):
     tracking: TrackingConfig = TrackingConfig()
     query: QueryConfig = QueryConfig()
     cleansing: CleansingConfig = CleansingConfig()
+    recommend: RecommendConfig = RecommendConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_auto(cls, data: Any) -> Any:
+        return resolve_auto(data) if isinstance(data, dict) else data
 
     @field_validator("seed")
     @classmethod

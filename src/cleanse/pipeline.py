@@ -7,7 +7,8 @@ fingerprint of everything it depends on (its configuration and its inputs' finge
 ``cleanse run`` resumes from the first stage whose outputs are missing or stale.
 
 Stages: ``stage -> train -> score(estimator) -> detect(estimator) -> retrain(estimator)``,
-``references`` (baseline / oracle / random removal) and ``report``.
+``references`` (baseline / oracle / random removal), ``recommend`` (one cleaned model, chosen
+without ground truth) and ``report``.
 """
 
 from __future__ import annotations
@@ -153,10 +154,17 @@ def detect_fingerprint(params: Params, estimator: str) -> str:
     return fingerprint("detect", score_fingerprint(params, estimator), params.detect)
 
 
+# Bumped when a retrain result gains keys that later stages read (val_accuracy, the held-out
+# probes' behaviour rate), so results written before are recomputed rather than misread.
+RETRAIN_RESULT_VERSION = 2
+
+
 def retrain_fingerprint(params: Params, estimator: str) -> str:
-    if params.cleansing.iterative:
-        return fingerprint("retrain", detect_fingerprint(params, estimator), params.cleansing)
-    return fingerprint("retrain", detect_fingerprint(params, estimator))
+    from cleanse.cleansing import iterates
+
+    if iterates(params, estimator):
+        return fingerprint("retrain", detect_fingerprint(params, estimator), params.cleansing, RETRAIN_RESULT_VERSION)
+    return fingerprint("retrain", detect_fingerprint(params, estimator), RETRAIN_RESULT_VERSION)
 
 
 def query_fingerprint(params: Params) -> str:
@@ -164,7 +172,15 @@ def query_fingerprint(params: Params) -> str:
 
 
 def references_fingerprint(params: Params) -> str:
-    return fingerprint("references", train_fingerprint(params))
+    return fingerprint("references", train_fingerprint(params), RETRAIN_RESULT_VERSION)
+
+
+def recommend_fingerprint(params: Params) -> str:
+    parts: list[Any] = [references_fingerprint(params), params.recommend, params.detect.max_fraction]
+    parts += [retrain_fingerprint(params, name) for name in params.estimators]
+    if params.query.kind != "none":
+        parts += [query_fingerprint(params), params.cleansing.stop_rate]
+    return fingerprint("recommend", *parts)
 
 
 def run_fingerprint(params: Params) -> str:
@@ -292,13 +308,18 @@ def _spec(params: Params, meta: DatasetMeta) -> Any:
     return spec_for(params.model.arch, params.model.hidden, meta.feature_shape, meta.n_classes)
 
 
-def evaluate_model(model: Any, staged: StagedData) -> dict[str, float]:
-    """Test accuracy (clean labels) and, for backdoors, the attack success rate."""
+def evaluate_model(model: Any, staged: StagedData, query: Any = None) -> dict[str, float]:
+    """Test accuracy (clean labels), validation accuracy (the trusted split's labels: what the
+    recommendation may read), for backdoors the attack success rate, and with probes (a
+    :class:`cleanse.query.QuerySet`) the share of held-out probes that still show the behaviour."""
     from cleanse.evaluate import accuracy, attack_success_rate, triggered_test_inputs
     from cleanse.models.trainer import predict_proba
 
     module = model.module()
-    out = {"test_accuracy": accuracy(predict_proba(module, staged.test.features), staged.test.label_clean)}
+    out = {"test_accuracy": accuracy(predict_proba(module, staged.test.features), staged.test.label_clean),
+           "val_accuracy": accuracy(predict_proba(module, staged.val.features), staged.val.label)}
+    if query is not None and len(query.heldout):
+        out["heldout_behaviour_rate"] = float(query.behaviour_rate(predict_proba(module, query.heldout.features)))
     if staged.meta.trigger is not None:
         triggered = triggered_test_inputs(staged.test, staged.meta.trigger)
         out["attack_success_rate"] = attack_success_rate(predict_proba(module, triggered), staged.meta.trigger["target_class"])
@@ -436,20 +457,22 @@ def run_detect(params: Params, layout: Layout, estimator: str) -> Path:
 # ----------------------------------------------------------------------------- retrain
 
 
-def retrain_without(params: Params, staged: StagedData, removed_ids: np.ndarray) -> dict[str, float]:
+def retrain_without(params: Params, staged: StagedData, removed_ids: np.ndarray, query: Any = None) -> dict[str, float]:
     """Retrain with the same seed and recipe on the training split minus ``removed_ids``."""
-    return retrained_without(params, staged, removed_ids)[1]
+    return retrained_without(params, staged, removed_ids, query)[1]
 
 
-def retrained_without(params: Params, staged: StagedData, removed_ids: np.ndarray) -> tuple[Any, dict[str, float]]:
-    """:func:`retrain_without`, also returning the retrained model (logged to MLflow)."""
+def retrained_without(params: Params, staged: StagedData, removed_ids: np.ndarray,
+                      query: Any = None) -> tuple[Any, dict[str, float]]:
+    """:func:`retrain_without`, also returning the retrained model (logged to MLflow); ``query``:
+    the run's probes, whose held-out part is checked (:func:`evaluate_model`)."""
     from cleanse.models.architectures import default_device
     from cleanse.models.trainer import train_model
 
     kept = staged.train.without(removed_ids)
     model = train_model(_spec(params, staged.meta), kept.features, kept.label, params.model, seed=params.seed,
                         device=default_device())
-    return model, {**evaluate_model(model, staged), "n_removed": int(len(staged.train) - len(kept)),
+    return model, {**evaluate_model(model, staged, query), "n_removed": int(len(staged.train) - len(kept)),
                    "n_corrupted_removed": int(staged.train.is_corrupted[np.isin(staged.train.sample_id, removed_ids)].sum())}
 
 
@@ -467,9 +490,11 @@ def run_retrain(params: Params, layout: Layout, estimator: str) -> Path:
     flags = read_table(layout.flags(estimator))
     flagged = flags.filter(pl.col("is_flagged"))["sample_id"].to_numpy()
     started = time.perf_counter()
-    if params.cleansing.iterative:
+    from cleanse.cleansing import iterates
+
+    if iterates(params, estimator):
         return _retrain_iteratively(params, layout, estimator, staged, started)
-    cleaned_model, cleaned = retrained_without(params, staged, flagged)
+    cleaned_model, cleaned = retrained_without(params, staged, flagged, _probes(params, layout, staged))
     random = retrain_without(params, staged, random_ids(staged, flagged.size, params.seed))
     write_json({"estimator": estimator, "fingerprint": retrain_fingerprint(params, estimator),
                 "seconds": time.perf_counter() - started, "n_flagged": int(flagged.size),
@@ -500,8 +525,18 @@ def _retrain_iteratively(params: Params, layout: Layout, estimator: str, staged:
                 "seconds": time.perf_counter() - started, "n_flagged": int(removed.size), "iterative": True,
                 "stopped": loop["stopped"], "rounds": loop["rounds"], "removed_ids": removed.tolist(),
                 "cleaned": cleaned, "random_same_count": random}, layout.retrain_result(estimator))
-    _track(params, layout, "retrain", estimator)
+    _track(params, layout, "retrain", estimator, model=loop["model"])  # the cleansed model, as the one-shot path logs
+    layout.publish()
     return layout.retrain_result(estimator)
+
+
+def _probes(params: Params, layout: Layout, staged: StagedData) -> Any:
+    """The run's probes (the deterministic choice :func:`run_query` records), None without."""
+    if params.query.kind == "none":
+        return None
+    from cleanse.query import query_for
+
+    return query_for(params, staged, load_model(layout.base_model))
 
 
 @_locked
@@ -509,9 +544,8 @@ def run_references(params: Params, layout: Layout) -> Path:
     """Baseline (the base model: no removal), oracle (exactly the corrupted removed), and random
     removal of as many samples as were corrupted."""
     staged = load_staged(layout, params)
-    base_meta = read_json(layout.base_model / STAGE_META_NAME)
     _require_fresh(layout.base_model / STAGE_META_NAME, train_fingerprint(params), "base model")
-    baseline = {key: base_meta[key] for key in ("test_accuracy", "attack_success_rate") if key in base_meta}
+    baseline = evaluate_model(load_model(layout.base_model), staged, _probes(params, layout, staged))
     out: dict[str, Any] = {"fingerprint": references_fingerprint(params), "baseline": baseline}
     corrupted = staged.train.sample_id[staged.train.is_corrupted]
     if corrupted.size:
@@ -521,6 +555,90 @@ def run_references(params: Params, layout: Layout) -> Path:
     _track(params, layout, "references")
     layout.publish()
     return layout.retrain_result("references")
+
+
+# ----------------------------------------------------------------------------- recommend
+
+
+def recommend_dir(layout: Layout) -> Path:
+    """``recommend.json`` (the choice, every candidate and the recommended model's evaluation) and
+    ``models/recommended/`` (its weights)."""
+    return layout.root / "recommend"
+
+
+def recommended_model_dir(layout: Layout) -> Path:
+    return layout.root / "models" / "recommended"
+
+
+def _removed_ids(layout: Layout, estimator: str, result: dict[str, Any]) -> np.ndarray:
+    if "removed_ids" in result:  # iterative cleansing records what it removed
+        return np.asarray(result["removed_ids"], dtype=np.int64)
+    flags = read_table(layout.flags(estimator))
+    return flags.filter(pl.col("is_flagged"))["sample_id"].to_numpy().astype(np.int64)
+
+
+@_locked
+def run_recommend(params: Params, layout: Layout) -> Path:
+    """Choose one cleaned model without ground truth (:mod:`cleanse.recommend`): "no removal" and
+    every estimator's cleaned model compete on held-out probe behaviour (with probes) and validation
+    accuracy; the winner's ranking is retrained at ``recommend.budget_factors`` times its budget
+    and the best of those is kept. Writes ``recommend/recommend.json`` and ``models/recommended/``."""
+    from cleanse.recommend import NO_REMOVAL, Candidate, budget_counts, choose, top_ids
+
+    staged = load_staged(layout, params)
+    references = read_json(layout.retrain_result("references"))
+    _require_fresh(layout.retrain_result("references"), references_fingerprint(params), "reference retrains")
+    started = time.perf_counter()
+    query = _probes(params, layout, staged)
+    nan = float("nan")
+
+    def candidate(name: str, removed: np.ndarray, result: dict[str, Any], factor: float = 1.0) -> Candidate:
+        return Candidate(name, removed, float(result["val_accuracy"]),
+                         float(result.get("heldout_behaviour_rate", nan) if query is not None else nan), factor)
+
+    candidates = [candidate(NO_REMOVAL, np.zeros(0, dtype=np.int64), references["baseline"])]
+    results: dict[str, dict[str, Any]] = {}
+    for name in params.estimators:
+        _require_fresh(layout.retrain_result(name), retrain_fingerprint(params, name), f"{name} retrain result")
+        results[name] = read_json(layout.retrain_result(name))
+        candidates.append(candidate(name, _removed_ids(layout, name, results[name]), results[name]["cleaned"]))
+    first = choose(candidates, stop_rate=params.cleansing.stop_rate)
+    winner = candidates[first]
+    trained: dict[int, Any] = {}
+    ladder = []
+    # The budget: the winner's own ranking at other counts (an iterative loop chose its own removals).
+    if winner.estimator != NO_REMOVAL and not results[winner.estimator].get("iterative"):
+        scores = read_table(layout.scores(winner.estimator))
+        for factor, count in budget_counts(winner.n_removed, params.recommend.budget_factors, len(staged.train),
+                                           params.detect.max_fraction):
+            removed = top_ids(scores["sample_id"].to_numpy(), scores["score"].to_numpy(), count)
+            model, result = retrained_without(params, staged, removed, query)
+            candidates.append(candidate(winner.estimator, removed, result, factor))
+            trained[len(candidates) - 1] = (model, result)
+            ladder.append(len(candidates) - 1)
+    chosen_index = choose([candidates[i] for i in [first, *ladder]], stop_rate=params.cleansing.stop_rate)
+    chosen_index = [first, *ladder][chosen_index]
+    chosen = candidates[chosen_index]
+    if chosen_index in trained:
+        model, evaluation = trained[chosen_index]
+    elif chosen.estimator == NO_REMOVAL:
+        model, evaluation = load_model(layout.base_model), dict(references["baseline"])
+    else:  # the same seed and recipe as the retrain stage: the same model
+        model, evaluation = retrained_without(params, staged, chosen.removed_ids, query)
+    evaluation = {**evaluation, "n_removed": chosen.n_removed,
+                  "n_corrupted_removed": int(staged.train.is_corrupted[np.isin(staged.train.sample_id,
+                                                                               chosen.removed_ids)].sum())}
+    save_model(model, recommended_model_dir(layout), {"fingerprint": recommend_fingerprint(params),
+                                                      "estimator": chosen.estimator, **evaluation})
+    write_json({"fingerprint": recommend_fingerprint(params), "estimator": chosen.estimator,
+                "budget_factor": chosen.budget_factor, "n_removed": chosen.n_removed,
+                "removed_ids": chosen.removed_ids.tolist(), "cleaned": evaluation,
+                "rule": "held-out probe behaviour (with probes), then validation accuracy, then fewer removed",
+                "candidates": [c.summary() for c in candidates], "chosen": chosen_index,
+                "seconds": time.perf_counter() - started}, recommend_dir(layout) / "recommend.json")
+    _track(params, layout, "recommend")
+    layout.publish()
+    return recommend_dir(layout) / "recommend.json"
 
 
 # ----------------------------------------------------------------------------- tracking
@@ -558,6 +676,8 @@ def run_all(params: Params, layout: Layout, *, resume: bool = True, log: Any = p
         ]
     steps.append(("references", layout.retrain_result("references"), references_fingerprint(params),
                   lambda: run_references(params, layout)))
+    steps.append(("recommend", recommend_dir(layout) / "recommend.json", recommend_fingerprint(params),
+                  lambda: run_recommend(params, layout)))
     if params.tracking.enabled:  # the parent run opens now, so its duration is the pipeline's
         from cleanse.tracking import close_pipeline_run, open_pipeline_run
 

@@ -6,6 +6,7 @@
      "baseline": {"test_accuracy", ["attack_success_rate"]},
      "oracle":   {...},                      # only with ground truth
      "random":   {...},                      # random removal of n_corrupted samples
+     "recommended": {"estimator", "detection", "retrain", "n_flagged", "budget_factor", "candidates", ...},
      "estimators": {name: {"detection": {roc_auc, average_precision, precision_at_k, recall_at_k, k},
                            "retrain": {test_accuracy, [attack_success_rate], random_test_accuracy, n_removed},
                            "n_flagged", "seconds"}},
@@ -69,6 +70,7 @@ def collect_metrics(params: Params, layout: Layout) -> dict[str, Any]:
             metrics["estimators"][name]["cleansing"] = {
                 "stopped": retrain["stopped"],
                 "rounds": [{k: v for k, v in r.items() if k not in ("flagged_ids", "readmitted_ids")} for r in retrain["rounds"]]}
+    metrics["recommended"] = recommended_metrics(layout, metrics, truth)
     recorded = query_dir(layout) / "query.json"
     if params.query.kind != "none" and recorded.is_file():
         metrics["query"] = read_json(recorded)
@@ -80,10 +82,49 @@ def collect_metrics(params: Params, layout: Layout) -> dict[str, Any]:
     return metrics
 
 
+def recommended_metrics(layout: Layout, metrics: dict[str, Any], truth: dict[int, bool]) -> dict[str, Any]:
+    """``metrics["recommended"]``, in an estimator's shape (``detection``, ``retrain``, ``n_flagged``,
+    ``seconds``) plus ``estimator`` (``"none"`` = no removal), ``budget_factor`` and the candidates.
+    Detection is the chosen estimator's ranking (None for no removal); the ground truth and the test
+    split appear here only as the evaluation of a choice made without them."""
+    from cleanse.evaluate import detection_metrics
+    from cleanse.pipeline import recommend_dir
+    from cleanse.recommend import NO_REMOVAL
+
+    chosen = read_json(recommend_dir(layout) / "recommend.json")
+    name = chosen["estimator"]
+    if name == NO_REMOVAL:
+        detection = {key: None for key in ("roc_auc", "average_precision", "precision_at_k", "recall_at_k", "k")}
+    else:
+        detection = metrics["estimators"][name]["detection"]
+    cleaned = chosen["cleaned"]
+    retrain = {key: cleaned[key] for key in ("test_accuracy", "attack_success_rate", "val_accuracy",
+                                             "heldout_behaviour_rate", "n_removed", "n_corrupted_removed")
+               if key in cleaned}
+    if name != NO_REMOVAL:
+        retrain["random_test_accuracy"] = metrics["estimators"][name]["retrain"]["random_test_accuracy"]
+    return {"estimator": name, "detection": detection, "retrain": retrain, "n_flagged": chosen["n_removed"],
+            "budget_factor": chosen["budget_factor"], "seconds": chosen["seconds"], "rule": chosen["rule"],
+            "candidates": chosen["candidates"]}
+
+
 def comparison_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per reference and estimator, for tables (CLI, Prefect artifact, HTML)."""
+    """One row per reference and estimator, for tables (CLI, Prefect artifact, HTML); the
+    recommendation first."""
     rows = []
     asr = "attack_success_rate" in metrics["baseline"]
+    recommended = metrics.get("recommended")
+    if recommended is not None:
+        detection = recommended["detection"]
+        factor = recommended.get("budget_factor", 1.0)
+        budget = "" if factor == 1.0 else f", {factor:g}x budget"
+        row = {"method": f"RECOMMENDED: {recommended['estimator']}{budget}", "roc_auc": detection["roc_auc"],
+               "ap": detection["average_precision"], "p_at_k": detection["precision_at_k"],
+               "flagged": recommended["n_flagged"], "test_acc": recommended["retrain"]["test_accuracy"],
+               "seconds": None}
+        if asr:
+            row["asr"] = recommended["retrain"].get("attack_success_rate")
+        rows.append(row)
     for key, label in (("baseline", "baseline (no removal)"), ("random", "random removal (k = #corrupted)"), ("oracle", "oracle")):
         if key in metrics:
             row = {"method": label, "roc_auc": None, "ap": None, "p_at_k": None, "flagged": metrics[key].get("n_removed", 0),
@@ -277,6 +318,20 @@ def write_probe_plots(params: Params, layout: Layout, metrics: dict[str, Any], *
     return written
 
 
+def _recommendation_sentence(metrics: dict[str, Any]) -> str:
+    recommended = metrics.get("recommended")
+    if recommended is None:
+        return ""
+    name = recommended["estimator"]
+    retrain = recommended["retrain"]
+    what = "no removal (the base model)" if name == "none" else (
+        f"{html.escape(name)}'s ranking, {recommended['n_flagged']} samples removed")
+    return (f"<b>Recommended: {what}</b>, validation accuracy {retrain.get('val_accuracy', float('nan')):.3f}, "
+            f"test accuracy {retrain['test_accuracy']:.3f}. Chosen by {html.escape(recommended['rule'])}, among "
+            f"{len(recommended['candidates'])} candidates (recommend/recommend.json); never from the ground truth "
+            "or the test split. The model is in models/recommended/.")
+
+
 def _data_uri(path: Path, media_type: str = "image/png") -> str:
     """A file as a ``data:`` URI, so that report.html is one self-contained file (MLflow's artifact
     viewer shows it in a sandbox where relative paths do not resolve)."""
@@ -300,6 +355,7 @@ def write_html(metrics: dict[str, Any], images: list[str], layout: Layout) -> Pa
 </head><body><h1>cleanse report</h1>
 <p>Dataset <b>{html.escape(str(dataset['name']))}</b>: {dataset['n_train']} training samples, {dataset['n_corrupted']} corrupted ({html.escape(str(dataset['corruption']))}).
 Detection metrics use k = number corrupted; <i>test_acc</i> is after removing each method's flags and retraining with the same seed and recipe.</p>
+<p>{_recommendation_sentence(metrics)}</p>
 <table>{table}</table>
 <p><a href="data:application/json;base64,{encoded_metrics}" download="metrics.json">metrics.json</a> · top flagged samples per estimator: {flagged}</p>
 {figures}
@@ -320,6 +376,8 @@ def _require_fresh_inputs(params: Params, layout: Layout) -> None:
     if params.query.kind != "none":
         pipeline._require_fresh(pipeline.query_dir(layout) / "query.json", pipeline.query_fingerprint(params),
                                 "probes")
+    pipeline._require_fresh(pipeline.recommend_dir(layout) / "recommend.json", pipeline.recommend_fingerprint(params),
+                            "recommendation")
 
 
 def run_report(params: Params, layout: Layout) -> dict[str, Any]:

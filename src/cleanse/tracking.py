@@ -635,6 +635,20 @@ def _log_one(client: Any, entry: dict[str, Any], params: Params, layout: Layout,
             child = _child(client, params, entry, name)
             _log(client, child, metrics=_numeric("", values))
             _log(client, parent, metrics=_numeric(f"{name}.", values))
+    elif stage == "recommend":
+        from cleanse.pipeline import recommend_dir, recommended_model_dir
+
+        chosen = read_json(recommend_dir(layout) / "recommend.json")
+        values = {k: v for k, v in chosen["cleaned"].items() if not isinstance(v, (list, dict))}
+        _log(client, parent, metrics=_numeric("recommended.", values),
+             tags={"recommended.estimator": chosen["estimator"],
+                   "recommended.budget_factor": str(chosen["budget_factor"])})
+        client.log_artifact(parent, str(recommend_dir(layout) / "recommend.json"), "recommend")
+        model_meta = read_json(recommended_model_dir(layout) / "meta.json")
+        _log_model(client, params, parent, model_meta["spec"], recommended_model_dir(layout) / "model.safetensors",
+                   artifact_path="recommended_model", alias="recommended",
+                   description=f"recommended: {chosen['estimator']} ({chosen['n_removed']} samples removed), "
+                               f"run {parent}")
     else:
         raise ValueError(f"unknown stage {stage!r}")
 
@@ -643,7 +657,7 @@ def _stage_keys(params: Params) -> list[tuple[str, str | None]]:
     keys: list[tuple[str, str | None]] = [("stage", None), ("train", None), ("references", None)]
     for name in params.estimators:
         keys += [("score", name), ("detect", name), ("retrain", name)]
-    return keys
+    return keys + [("recommend", None)]
 
 
 def _key(stage: str, estimator: str | None) -> str:

@@ -1,0 +1,99 @@
+"""One recommended cleaned model per run, chosen without ground truth.
+
+Every estimator in a run proposes a cleaned model (its flags removed, retrained with the same seed
+and recipe); "no removal" (the base model) is a candidate too. The recommendation is the candidate
+that a user could pick with what they have:
+
+1. **Behaviour on held-out probes** (only when the run has probes, ``query.kind`` set): candidates
+   whose held-out probes still show the behaviour (a triggered input still sent to the target, a
+   validation error still made) at a rate above ``max(stop_rate, lowest rate of any candidate)``
+   are out. The held-out probes are never scored, so this is an honest check.
+2. **Validation accuracy** of the retrained model on the validation split (the split cleanse
+   treats as trusted; it is never corrupted). Highest wins.
+3. **Ties** go to the candidate that removes fewer samples, so "no removal" wins unless cleaning
+   measurably helps: on a clean or easy data set it is a legitimate recommendation.
+
+The budget is chosen the same way: the winning estimator's ranking is also retrained at
+``budget_factors`` times its automatic budget, and the best of those by the same rule is the
+recommendation. The test split and the ground truth (``is_corrupted``) are never read here; the
+report shows them next to the choice.
+
+All functions are pure: ``candidates`` in, an index out.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+NO_REMOVAL = "none"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A cleaned model proposed for the recommendation.
+
+    ``estimator``: whose ranking chose ``removed_ids`` (``"none"`` for the base model);
+    ``removed_ids``: ``(k,)`` int64 sample ids removed before retraining; ``val_accuracy``: accuracy
+    of the retrained model on the validation split; ``heldout_behaviour_rate``: share of held-out
+    probes still showing the behaviour (nan without probes)."""
+
+    estimator: str
+    removed_ids: np.ndarray
+    val_accuracy: float
+    heldout_behaviour_rate: float = math.nan
+    budget_factor: float = 1.0
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def n_removed(self) -> int:
+        return int(np.asarray(self.removed_ids).size)
+
+    def summary(self) -> dict:
+        return {"estimator": self.estimator, "n_removed": self.n_removed, "budget_factor": self.budget_factor,
+                "val_accuracy": self.val_accuracy,
+                "heldout_behaviour_rate": None if math.isnan(self.heldout_behaviour_rate)
+                else self.heldout_behaviour_rate}
+
+
+def admissible(candidates: Sequence[Candidate], stop_rate: float) -> list[int]:
+    """Indices of the candidates whose held-out behaviour rate is at most
+    ``max(stop_rate, lowest rate)``; all of them when no candidate has a rate (no probes)."""
+    rates = np.array([c.heldout_behaviour_rate for c in candidates], dtype=np.float64)
+    if not np.isfinite(rates).any():
+        return list(range(len(candidates)))
+    threshold = max(stop_rate, float(np.nanmin(rates)))
+    return [i for i, rate in enumerate(rates) if np.isfinite(rate) and rate <= threshold + 1e-12]
+
+
+def choose(candidates: Sequence[Candidate], *, stop_rate: float) -> int:
+    """Index of the recommended candidate (rules in the module docstring). Raises ValueError on an
+    empty list."""
+    if not candidates:
+        raise ValueError("no candidates to recommend from")
+    pool = admissible(candidates, stop_rate)
+    # Highest validation accuracy; then fewest removed; then list order (the base model first).
+    return min(pool, key=lambda i: (-candidates[i].val_accuracy, candidates[i].n_removed, i))
+
+
+def budget_counts(k: int, factors: Sequence[float], n_train: int, max_fraction: float) -> list[tuple[float, int]]:
+    """``(factor, count)`` for every factor whose count ``round(factor * k)`` lies in
+    ``[1, max_fraction * n_train]`` and differs from ``k`` and from the others (first kept)."""
+    cap = max(1, int(math.floor(max_fraction * n_train)))
+    seen = {k}
+    out = []
+    for factor in factors:
+        count = int(round(factor * k))
+        if 1 <= count <= cap and count not in seen:
+            seen.add(count)
+            out.append((float(factor), count))
+    return out
+
+
+def top_ids(sample_id: np.ndarray, score: np.ndarray, count: int) -> np.ndarray:
+    """The ``count`` highest-scoring sample ids (ties broken by sample id, as the detect stage does)."""
+    order = np.lexsort((np.asarray(sample_id), -np.asarray(score, dtype=np.float64)))
+    return np.asarray(sample_id)[order[:count]].astype(np.int64)
