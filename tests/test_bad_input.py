@@ -178,6 +178,8 @@ CASES = [
     Case("experiment-100k", "config", _sets("tracking.experiment=" + "x" * 100_000), "tracking.experiment: must be 1..256"),
     Case("hidden-10**12", "config", _sets("model.arch=mlp", f"model.hidden=[{10**12}]"), "cannot fit in this machine's"),
     Case("cnn-on-tabular", "config", _sets("model.arch=cnn", "data.source=sklearn:wine"), "'cnn' needs image data"),
+    Case("negative-budget-factor", "config", _sets("recommend.budget_factors=[0.5,-1]"),
+         "recommend.budget_factors: every factor must be positive"),
     Case("trigger-larger-than-features", "config",
          _sets("data.source=sklearn:iris", "corruption.kind=backdoor", "corruption.trigger_size=5"),
          "corruption.trigger_size: 5 is larger than the number of features (4)"),

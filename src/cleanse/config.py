@@ -527,7 +527,10 @@ class Params(_Section):
     data: DataConfig = DataConfig()
     corruption: CorruptionConfig = CorruptionConfig()
     model: ModelConfig = ModelConfig()
-    estimators: list[str] = Field(["loss", "cleanlab", "influence", "influence_val", "tracin"])
+    estimators: list[str] = Field(
+        ["loss", "cleanlab", "influence", "influence_val", "tracin", "trusted", "holdout_ensemble"],
+        description="Estimators to run; each proposes a cleaned model and the recommendation chooses among them. "
+        "trusted (validation split) and holdout_ensemble (no validation labels) are the ones it most often needs.")
     scorers: ScorerOptions = ScorerOptions()
     detect: DetectConfig = DetectConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
