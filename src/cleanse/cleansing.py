@@ -15,6 +15,9 @@ label the cleansed model agrees with, are put back (``cleansing.readmit``) and t
 retrained; that last round is kept only if the behaviour stays gone (else the first half of
 them is tried, at most 3 retrains).
 
+Only estimators with train -> probe scores are cleansed this way (:func:`iterates`); the retrain
+stage retrains the others once without their flags.
+
 Round 0 is the model before any removal. Every round records the ids flagged in it, the held-out
 behaviour rate, clean test accuracy and (for backdoors) the attack success rate on the test set.
 """
@@ -22,6 +25,7 @@ behaviour rate, clean test accuracy and (for backdoors) the attack success rate 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +37,20 @@ from cleanse.config import Params
 from cleanse.data.dataset import StagedData
 from cleanse.progress import progress
 from cleanse.query import QuerySet
+
+
+def iterates(params: Params, estimator: str) -> bool:
+    """Whether the retrain stage cleanses ``estimator`` iteratively: ``cleansing.iterative`` is on
+    and the estimator has train -> probe scores (:func:`cleanse.attribution.supports_query`) to
+    re-rank the survivors with. The others (``loss``, ``cleanlab``, ...) would only re-rank by their
+    own self-scores, which do not see the behaviour the loop stops on; they are retrained once
+    without their flags."""
+    if not params.cleansing.iterative:
+        return False
+    from cleanse.attribution import supports_query
+    from cleanse.estimators import registry
+
+    return supports_query(registry.get(estimator))
 
 
 def _ranked_ids(sample_id: np.ndarray, score: np.ndarray) -> np.ndarray:
@@ -180,12 +198,16 @@ def cleanse_iteratively(
                                      model_config=params.model, seed=params.seed, device=device)
             probes = _current_probes(query, model) if config.refresh_probes else query
             record["n_probes_scored"] = len(probes.probes)
+            started = time.perf_counter()
             score = score_with_query(estimator, context, options, probes, params.query.aggregate)[0].table["score"].to_numpy()
+            record["score_seconds"] = time.perf_counter() - started  # re-scoring dominates the loop's cost
         take = _ranked_ids(kept.sample_id, score)[: min(config.step, budget - len(removed))]
         rounds[-1]["next_ids"] = take.tolist()
         removed += take.tolist()
         remaining = staged.train.without(np.asarray(removed))
+        started = time.perf_counter()
         model = train_model(spec, remaining.features, remaining.label, params.model, seed=params.seed, device=device)
+        record["retrain_seconds"] = time.perf_counter() - started
     rounds[-1].pop("next_ids", None)
     if config.readmit and stopped == "behaviour_gone" and removed:
         outcome = readmit_agreeing(params, staged, query, spec, model, removed, device, log)

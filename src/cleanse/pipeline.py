@@ -59,7 +59,9 @@ def canonical(params: Params) -> Params:
     """``params`` with every default that stands for a value resolved, so that configurations
     meaning the same run fingerprint the same (``model.hidden: [64]`` and the MLP's built-in
     default; any ``hidden`` of a logistic regression; memorization's ``epochs: null`` and
-    ``model.epochs``). Only used for fingerprints: the stages read ``params`` as given."""
+    ``model.epochs``). Only used for fingerprints: the stages read ``params`` as given. The
+    settings that follow ``query.kind`` (``auto``) need nothing here: :func:`cleanse.config.resolve_auto`
+    replaces them with their values before ``params`` exists."""
     from cleanse.models.architectures import DEFAULT_HIDDEN
 
     model = params.model
