@@ -6,6 +6,8 @@ self-influence path when no probes are configured.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -18,10 +20,12 @@ from cleanse.estimators.activations import clustering_scores, spectral_scores
 from cleanse.query import build_query, query_for, read_probe_file
 from tests.conftest import context_for
 
+REPO = Path(__file__).resolve().parents[1]
+
 BACKDOOR = ["data.source=sklearn:wine", "corruption.kind=backdoor", "corruption.fraction=0.1",
             "corruption.trigger_size=3", "model.arch=logreg", "model.epochs=30", "model.lr=0.01",
-            "model.checkpoints=5", "tracking.enabled=false", "query.kind=triggered", "query.size=8",
-            "scorers.tracin.normalize=train", "model.checkpoint_spacing=geometric"]
+            "model.checkpoints=5", "tracking.enabled=false", "query.kind=triggered", "query.size=8"]
+# With probes, geometric checkpoints, unit training gradients and iterative cleansing are the defaults.
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +77,11 @@ def test_without_probes_scores_are_unchanged(wine_context):
         options = getattr(params.scorers, name)
         direct = registry.get(name).score(context, options)
         via, matrix = score_with_query(registry.get(name), context, options, None)
-        assert matrix is None and via.table.equals(direct.table) and via.meta == direct.meta
+        assert matrix is None and via.table.equals(direct.table)
+        # The same metadata, up to the timings behind an ``auto`` solver choice (they vary run to run).
+        plan, direct_plan = via.meta.get("auto", {}), direct.meta.get("auto", {})
+        assert {k: v for k, v in via.meta.items() if k != "auto"} == {k: v for k, v in direct.meta.items() if k != "auto"}
+        assert plan.get("chosen") == direct_plan.get("chosen")
     from cleanse.config import fingerprint
 
     assert score_fingerprint(params, "tracin") == fingerprint("score", train_fingerprint(params), "tracin",
@@ -209,6 +217,62 @@ def test_query_configuration_errors():
         load_params(None, ["query.kind=val_errors", "query.size=0"])
     with pytest.raises(ConfigError, match="cleansing.iterative needs probes"):
         load_params(None, ["cleansing.iterative=true"])
+    with pytest.raises(ConfigError, match="cleansing.iterative: must be auto, true or false, got 'often'"):
+        load_params(None, ["query.kind=val_errors", "cleansing.iterative=often"])
+    with pytest.raises(ConfigError, match="model.checkpoint_spacing: 'log' is not one of 'auto', 'even' or 'geometric'"):
+        load_params(None, ["model.checkpoint_spacing=log"])
+
+
+PROBE_SETTINGS = {"model.checkpoint_spacing": "geometric", "scorers.tracin.normalize": "train",
+                  "cleansing.iterative": True}
+SELF_SETTINGS = {"model.checkpoint_spacing": "even", "scorers.tracin.normalize": "none", "cleansing.iterative": False}
+
+
+def _settings(params) -> dict:
+    return {"model.checkpoint_spacing": params.model.checkpoint_spacing,
+            "scorers.tracin.normalize": params.scorers.tracin.normalize,
+            "cleansing.iterative": params.cleansing.iterative}
+
+
+def test_probes_alone_select_the_probe_settings():
+    """``query.kind`` set alone resolves every ``auto`` setting to what probe attribution needs; an
+    explicit value wins; ``auto`` and its resolved value are the same run (same fingerprints)."""
+    from cleanse.config import Params, QueryConfig, ScorerOptions, TracInOptions
+    from cleanse.pipeline import retrain_fingerprint, run_fingerprint, score_fingerprint, train_fingerprint
+    from cleanse.tracking import run_params
+
+    backdoor = ["corruption.kind=backdoor", "corruption.fraction=0.05"]
+    for path in (None, REPO / "params.yaml"):  # the built-in defaults and the project's params.yaml say auto
+        assert _settings(load_params(path, [])) == SELF_SETTINGS
+        for kind in ("triggered", "val_errors"):
+            assert _settings(load_params(path, [*backdoor, f"query.kind={kind}"])) == PROBE_SETTINGS
+    # Explicit values win, with or without probes (iterative only with them).
+    explicit = ["model.checkpoint_spacing=even", "scorers.tracin.normalize=both", "cleansing.iterative=false"]
+    assert _settings(load_params(None, [*backdoor, "query.kind=triggered", *explicit])) == {
+        "model.checkpoint_spacing": "even", "scorers.tracin.normalize": "both", "cleansing.iterative": False}
+    assert _settings(load_params(None, ["model.checkpoint_spacing=geometric", "scorers.tracin.normalize=train"])) == {
+        **SELF_SETTINGS, "model.checkpoint_spacing": "geometric", "scorers.tracin.normalize": "train"}
+    # A configuration built in code resolves the same way; a section's own explicit value wins there too.
+    assert _settings(Params(query=QueryConfig(kind="val_errors"))) == PROBE_SETTINGS
+    coded = Params(query=QueryConfig(kind="val_errors"), scorers=ScorerOptions(tracin=TracInOptions(normalize="both")))
+    assert coded.scorers.tracin.normalize == "both" and coded.model.checkpoint_spacing == "geometric"
+    # auto, left unset, spelled out, or replaced by the value it stands for: one run, one set of fingerprints.
+    probes = [*backdoor, "query.kind=triggered"]
+    spellings = [load_params(None, probes),
+                 load_params(None, [*probes, *(f"{key}=auto" for key in PROBE_SETTINGS)]),
+                 load_params(None, [*probes, *(f"{key}={value}" for key, value in PROBE_SETTINGS.items())])]
+    for name in ("tracin", "loss"):
+        assert len({(train_fingerprint(p), score_fingerprint(p, name), retrain_fingerprint(p, name), run_fingerprint(p))
+                    for p in spellings}) == 1
+    without = [load_params(None, backdoor), load_params(None, [*backdoor, *(f"{key}={value}" for key, value in
+                                                                          SELF_SETTINGS.items())])]
+    assert len({(train_fingerprint(p), retrain_fingerprint(p, "tracin"), run_fingerprint(p)) for p in without}) == 1
+    # The probe run is another run: its checkpoints (train) and cleansing (retrain) differ.
+    assert train_fingerprint(spellings[0]) != train_fingerprint(without[0])
+    # MLflow sees the resolved values.
+    logged = run_params(spellings[0])
+    assert logged["model.checkpoint_spacing"] == "geometric" and logged["cleansing.iterative"] == "True"
+    assert logged["tracin.normalize"] == "train"
 
 
 def test_probe_file(backdoor, tmp_path):
@@ -217,7 +281,7 @@ def test_probe_file(backdoor, tmp_path):
     np.savez(good, X=staged.val.features[:5], y=np.full(5, 2))
     features, label = read_probe_file(str(good), staged.meta)
     assert features.shape == (5, *staged.meta.feature_shape) and (label == 2).all()
-    config = load_params(None, [*BACKDOOR[:-3], "query.kind=file", f"query.path={good}", "query.size=3"]).query
+    config = load_params(None, [*BACKDOOR[:-2], "query.kind=file", f"query.path={good}", "query.size=3"]).query
     query = build_query(config, staged, lambda x: np.eye(3)[np.full(len(x), 2)], seed=0)
     assert len(query.probes) == 3 and len(query.heldout) == 2
     bad = tmp_path / "bad.npz"
@@ -264,8 +328,12 @@ def test_pipeline_with_probes_and_iterative_cleansing(tmp_path):
     from cleanse.pipeline import pairwise_path, run_all
     from cleanse.storage import Layout
 
-    params = load_params(None, [*BACKDOOR, "estimators=[tracin,spectral_signatures]", "cleansing.iterative=true",
-                                "cleansing.step=4"])
+    from cleanse.cleansing import iterates
+    from cleanse.storage import read_table
+
+    # query.kind alone turns iterative cleansing on; spectral_signatures has no train -> probe scores.
+    params = load_params(None, [*BACKDOOR, "estimators=[tracin,spectral_signatures]", "cleansing.step=4"])
+    assert params.cleansing.iterative and iterates(params, "tracin") and not iterates(params, "spectral_signatures")
     layout = Layout.at(tmp_path)
     metrics = run_all(params, layout, log=lambda line: None)
     matrix = np.load(pairwise_path(layout, "tracin"), mmap_mode="r")
@@ -277,6 +345,11 @@ def test_pipeline_with_probes_and_iterative_cleansing(tmp_path):
     assert rounds[0]["n_removed"] == 0 and rounds[-1]["heldout_behaviour_rate"] <= params.cleansing.stop_rate
     retrain = json.loads(layout.retrain_result("tracin").read_text())
     assert retrain["iterative"] and len(retrain["removed_ids"]) == retrain["cleaned"]["n_removed"]
+    # An estimator without train -> probe scores is retrained once, without exactly its flags.
+    once = json.loads(layout.retrain_result("spectral_signatures").read_text())
+    flags = read_table(layout.flags("spectral_signatures"))
+    assert "iterative" not in once and "cleansing" not in metrics["estimators"]["spectral_signatures"]
+    assert once["n_flagged"] == once["cleaned"]["n_removed"] == int(flags["is_flagged"].sum()) > 0
     assert metrics["estimators"]["tracin"]["retrain"]["attack_success_rate"] < metrics["baseline"]["attack_success_rate"]
     page = (layout.reports / "report.html").read_text()
     assert "cleansing_rounds.png" in page
@@ -284,7 +357,6 @@ def test_pipeline_with_probes_and_iterative_cleansing(tmp_path):
     assert len(proponents) == 1 + 8 * 6
     # query/ records the probes the score stages used.
     from cleanse.pipeline import query_dir, run_query
-    from cleanse.storage import read_table
 
     probes = read_table(query_dir(layout) / "probes.parquet")
     assert probes.height == 8 and (probes["label"] == 0).all()
