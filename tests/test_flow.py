@@ -115,8 +115,8 @@ def assert_same_scores(flow_out: Path, cli_out: Path, names: list[str], rtol: fl
 
 @pytest.mark.timeout(600)
 def test_flow_with_default_estimators_matches_cli(prefect_api, tmp_path, monkeypatch):
-    """The five default estimators, concurrently on Prefect's thread pool, give the CLI's (sequential)
-    score tables and flags; influence and influence_val share torch's forward-mode AD and cleanlab
+    """The default estimators, concurrently on Prefect's thread pool, give the CLI's (sequential)
+    score tables, flags and recommendation; influence and influence_val share torch's forward-mode AD and cleanlab
     would fork a pool without n_jobs. The library's progress lines reach the run's log."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
@@ -139,6 +139,7 @@ def test_flow_with_default_estimators_matches_cli(prefect_api, tmp_path, monkeyp
     flow_metrics = json.loads((tmp_path / "flow" / "reports" / "metrics.json").read_text())
     for name in names:
         assert flow_metrics["estimators"][name]["detection"] == cli_metrics["estimators"][name]["detection"], name
+    assert flow_metrics["recommended"] == json.loads(json.dumps(cli_metrics["recommended"]))
 
     APILogHandler().flush()  # the log worker sends in batches: drain it
     with get_client(sync_client=True) as client:
