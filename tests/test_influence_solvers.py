@@ -188,3 +188,105 @@ def test_functional_model_leaves_the_callers_module_as_it_was():
     assert not fm.module.training
     x = torch.randn(5, 3)
     assert torch.allclose(fm.logits(fm.theta, x), module.eval()(x))
+
+
+# ------------------------------------------------------------------------- solver: auto (cost model)
+def test_auto_takes_the_most_accurate_solver_a_generous_budget_allows(wine_context):
+    """With a budget of a million epochs every candidate fits: auto must take exact on all layers,
+    and the scores must be exact's."""
+    from cleanse.estimators.influence import Workload, plan_solver
+
+    context, _ = wine_context
+    options = InfluenceOptions(cost_budget_epochs=1e6, epoch_seconds=1.0)
+    plan = plan_solver(context, options, Workload("self"))
+    assert (plan.solver, plan.layers, plan.within_budget) == ("exact", "all", True)
+    auto = SelfInfluenceEstimator().score(context, options)
+    exact = SelfInfluenceEstimator().score(context, InfluenceOptions(solver="exact"))
+    np.testing.assert_allclose(auto.table["score"].to_numpy(), exact.table["score"].to_numpy(), rtol=1e-6)
+    assert auto.meta["auto"]["chosen"] == "exact (all layers)"
+
+
+def test_auto_walks_down_the_accuracy_order_as_the_budget_shrinks(wine_context):
+    """The choice is the first candidate (in accuracy order) whose prediction fits the budget; every
+    candidate above it was predicted over budget. A budget nothing fits takes the cheapest."""
+    from cleanse.estimators.influence import ACCURACY_ORDER, Workload, plan_solver
+
+    context, _ = wine_context
+    generous = plan_solver(context, InfluenceOptions(cost_budget_epochs=1e6, epoch_seconds=1.0), Workload("self"))
+    priced = {(c["solver"], c["layers"]): c["predicted_s"] for c in generous.candidates}
+    assert list(priced) == [ACCURACY_ORDER[0]]  # the search stops at the first that fits
+    for workload in (Workload("self"), Workload("rhs", 1)):
+        # a budget just below exact's prediction must reject exact and take a later candidate
+        exact_s = plan_solver(context, InfluenceOptions(cost_budget_epochs=1e6, epoch_seconds=1.0),
+                              workload).predicted_s
+        plan = plan_solver(context, InfluenceOptions(cost_budget_epochs=exact_s / 2, epoch_seconds=1.0), workload)
+        order = [(c["solver"], c["layers"]) for c in plan.candidates]
+        assert order == list(ACCURACY_ORDER[: len(order)])
+        assert all(not c["fits"] for c in plan.candidates[:-1])
+        assert (plan.solver, plan.layers) != ("exact", "all")
+        if plan.within_budget:
+            assert plan.predicted_s <= plan.budget_s
+        nothing = plan_solver(context, InfluenceOptions(cost_budget_epochs=1e-9, epoch_seconds=1.0), workload)
+        assert not nothing.within_budget
+        assert nothing.predicted_s == min(c["predicted_s"] for c in nothing.candidates if c["predicted_s"] is not None)
+
+
+def test_auto_predictions_match_measured_solver_times(digits_logreg):
+    """The cost model's predictions, checked against the measured time of each solver on the same
+    problem: within a factor of 4 either way (timings on a shared machine are noisy; a cost model
+    off by a power of n or p would be off by far more)."""
+    import time
+
+    from cleanse.estimators.influence import _CostModel, Workload, problem
+
+    context, _ = digits_logreg
+    prob = problem(context, "all")
+    x, y = prob.tensors(context, context.train)
+    for solver in ("exact", "ekfac"):
+        options = InfluenceOptions(solver=solver)
+        predicted = sum(_CostModel(prob.fm, x, y, options).predict(solver, Workload("self")).values())
+        SelfInfluenceEstimator().score(context, options)  # warm-up
+        started = time.perf_counter()
+        SelfInfluenceEstimator().score(context, options)
+        measured = time.perf_counter() - started
+        assert measured / 4 <= predicted <= measured * 4, f"{solver}: predicted {predicted:.3f} s, measured {measured:.3f} s"
+
+
+def test_inverse_hessian_refuses_an_unresolved_auto(small_mlp):
+    from cleanse.estimators.influence import InverseHessian
+
+    fm, x, y = small_mlp
+    with pytest.raises(ValueError, match="plan_solver"):
+        InverseHessian(fm, x, y, InfluenceOptions(), seed=0)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_closed_form_linear_head_ggn_matrix_equals_its_columns(bias):
+    """The closed-form (p, p) Gauss-Newton matrix of a linear head equals the matrix of its
+    curvature-vector products applied to the identity (themselves checked against J^T H J above)."""
+    from cleanse.grads import _linear_head_ggn, linear_head_ggn_matrix
+
+    torch.manual_seed(1)
+    head = torch.nn.Linear(7, 4, bias=bias)
+    fm = FunctionalModel.of(head, 1e-2)
+    x = torch.randn(50, 7)
+    columns = _linear_head_ggn(fm, x)(torch.eye(fm.n_params)).double()
+    np.testing.assert_allclose(linear_head_ggn_matrix(fm, x, chunk_size=16).numpy(), columns.numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_grad_dots_over_a_block_of_directions_equal_materialised_gradients(arch):
+    """``grad_dots`` with a ``(p, k)`` block (the all-Linear fast path for the MLP, forward mode per
+    direction for the CNN) equals the per-sample gradients times the block, in chunks."""
+    from cleanse.grads import grad_dots, per_sample_grads
+    from cleanse.models.architectures import build_model, spec_for
+
+    torch.manual_seed(0)
+    shape = (1, 8, 8) if arch == "cnn" else (20,)
+    module = build_model(spec_for(arch, [12, 6] if arch == "cnn" else [16, 8], shape, 4))
+    fm = FunctionalModel.of(module, weight_decay=0.0)
+    x, y = torch.randn(37, *shape), torch.randint(0, 4, (37,))
+    block = torch.randn(fm.n_params, 5, generator=torch.Generator().manual_seed(2))
+    reference = per_sample_grads(fm, x, y) @ block
+    assert torch.allclose(grad_dots(fm, x, y, block, chunk_size=10), reference, atol=1e-4)
+    assert torch.allclose(grad_dots(fm, x, y, block[:, 3], chunk_size=10), reference[:, 3], atol=1e-4)

@@ -250,8 +250,9 @@ class InfluenceOptions(_Section):
         None, description="LiSSA scaling s (must bound the Hessian's top eigenvalue); None = estimated."
     )
     lissa_batch_size: int = Field(128, ge=1)
-    ekfac_fisher: Literal["expected", "empirical"] = Field(
-        "expected", description="expected: labels enumerated from the model's softmax (true Fisher); empirical: observed labels."
+    ekfac_fisher: Literal["expected", "sampled", "empirical"] = Field(
+        "expected", description="expected: labels enumerated from the model's softmax (true Fisher); sampled: one "
+        "label per sample drawn from it (seeded; 1/C of the work); empirical: observed labels."
     )
 
 

@@ -17,9 +17,19 @@ so ``delta_i(q) > 0`` means ``i`` *helps* ``q`` (removing it raises ``q``'s loss
 Solver (``scorers.<name>.solver``): ``exact`` eigendecomposes ``H`` (small models); ``cg`` and
 ``lissa`` only use curvature-vector products from ``torch.func``; ``ekfac`` uses the
 eigenvalue-corrected Kronecker factorisation of :mod:`cleanse.ekfac` (George et al., 2018; Grosse
-et al., 2023). ``auto`` takes ``exact`` when the model has at most ``exact_max_params``
-parameters; above that, ``ekfac`` for self-influence (one quadratic form per training sample, all
-from one factorisation) and ``cg`` for the few right-hand sides of validation and query influence. LiSSA's repeats give a standard error (``score_se``).
+et al., 2023). ``auto`` (the default) chooses by predicted cost (:func:`plan_solver`): the
+candidates, from most to least accurate, are exact, EK-FAC-preconditioned CG, EK-FAC (expected
+Fisher) and EK-FAC with one sampled label per sample on all layers, then exact and EK-FAC on the
+last layer (``layers: last``); each one's cost is predicted
+from per-row costs timed on a few hundred training rows (curvature products, per-sample
+gradients, forward-mode passes, an EK-FAC fit) and machine constants (a float64 matrix product,
+an ``eigh``), extrapolated to n and p, and the first that fits ``cost_budget_epochs`` x one
+training epoch (itself predicted from timed optimizer steps) is taken. The workload matters:
+self-influence needs n quadratic forms (CG would solve n systems), validation and query
+influence a few solves and one forward-mode pass over the training set per right-hand side. The
+choice, the budget and every candidate's prediction are stored in the score metadata (``auto``).
+Timings vary with the machine's load, so two runs near a budget boundary may choose differently:
+set ``solver`` (and ``layers``) to pin one. LiSSA's repeats give a standard error (``score_se``).
 
 Curvature (``curvature``): ``ggn`` (default) is the generalised Gauss-Newton matrix, which equals
 the Hessian for logistic regression and is positive semi-definite for every network, so CG never
@@ -37,6 +47,9 @@ Documented LiSSA configuration that matches leave-one-out on logistic regression
 
 from __future__ import annotations
 
+import copy
+import math
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import ClassVar
@@ -62,19 +75,21 @@ from cleanse.grads import (
     mean_grad,
     per_sample_grads,
 )
+from cleanse.models.trainer import l2_penalty
 from cleanse.progress import progress
 
 
 class InverseHessian:
-    """``(H + damping I)^-1`` applied to blocks, by the configured solver."""
+    """``(H + damping I)^-1`` applied to blocks, by the configured solver (``exact``, ``cg``,
+    ``lissa`` or ``ekfac``; ``auto`` is resolved by :func:`plan_solver` before construction)."""
 
-    def __init__(self, fm: FunctionalModel, x: torch.Tensor, y: torch.Tensor, options: InfluenceOptions, seed: int,
-                 large_solver: str = "cg"):
+    def __init__(self, fm: FunctionalModel, x: torch.Tensor, y: torch.Tensor, options: InfluenceOptions, seed: int):
         self.fm, self.x, self.y, self.options, self.seed = fm, x, y, options, seed
         solver = options.solver
         if solver == "auto":
-            solver = "exact" if fm.n_params <= options.exact_max_params else large_solver
+            raise ValueError("InverseHessian needs a concrete solver; resolve 'auto' with plan_solver first")
         self.solver = solver
+        self.plan: SolverPlan | None = None
         self.exact: ExactInverse | None = None
         self.ekfac: EKFAC | None = None
         self.reports: list[SolverReport] = []
@@ -83,7 +98,7 @@ class InverseHessian:
             self.reports.append(self.exact.report)
         if solver == "ekfac" or (solver == "cg" and options.cg_preconditioner == "ekfac"):
             # EK-FAC's inverse includes the L2 term; as a preconditioner it targets H + damping I.
-            self.ekfac = EKFAC(fm, x, y, damping=options.damping, fisher=options.ekfac_fisher)
+            self.ekfac = EKFAC(fm, x, y, damping=options.damping, fisher=options.ekfac_fisher, seed=seed)
             if solver == "ekfac":
                 self.reports.append(SolverReport("ekfac", options.damping, True, note=f"fisher={options.ekfac_fisher}"))
 
@@ -131,12 +146,294 @@ class InverseHessian:
         return np.concatenate(values), None if errors[0] is None else np.concatenate(errors)
 
     def summary(self) -> dict:
-        return {
+        out = {
             "solver": self.solver,
+            "layers": self.options.layers,
             "n_params": self.fm.n_params,
             "converged": all(report.converged for report in self.reports),
             "reports": [asdict(report) for report in self.reports[:5]],
         }
+        if self.plan is not None:
+            out["auto"] = self.plan.as_meta()
+        return out
+
+
+# ------------------------------------------------------------------------------- choosing the solver
+# Candidates from most to least accurate (``layers="all"``). Exact inverts the curvature itself;
+# preconditioned CG solves the same systems to ``cg_tol``; EK-FAC approximates the curvature by
+# Kronecker factors per layer; the last-layer problems drop every earlier layer's parameters.
+# ``ekfac_sampled`` is EK-FAC with one label per sample drawn from the model (``ekfac_fisher:
+# sampled``): the same factors in expectation at 1/C of the label-dependent work, so it can fit a
+# budget the expected Fisher does not; it is tried only when ``ekfac_fisher`` is ``expected``.
+ACCURACY_ORDER: tuple[tuple[str, str], ...] = (("exact", "all"), ("cg", "all"), ("ekfac", "all"),
+                                               ("ekfac_sampled", "all"), ("exact", "last"), ("ekfac", "last"))
+_PROBE_ROWS = 256  # rows on which the per-row costs are timed
+_LBFGS_EVALUATIONS = 50  # the trainer's L-BFGS max_iter (objective evaluations per epoch, at most)
+_PROBE_COLUMNS = 8  # curvature-product columns timed at once
+_MACHINE: dict[str, float] = {}  # machine constants (matrix-product rate, eigh time), timed once per process
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the solver must deliver. ``self``: one quadratic form ``g_i^T (H + lambda I)^-1 g_i`` per
+    training sample; ``rhs``: ``k`` solves (the mean validation gradient, or one per query) and
+    ``k`` forward-mode passes over the training set."""
+
+    kind: str  # "self" | "rhs"
+    k: int = 1
+
+
+@dataclass
+class SolverPlan:
+    """The solver ``auto`` chose, and why: the predicted seconds of every candidate it considered
+    (in accuracy order), the budget, and the one-epoch time the budget is tied to."""
+
+    solver: str
+    layers: str
+    budget_s: float
+    epoch_s: float
+    predicted_s: float
+    candidates: list[dict]
+    probe_s: float
+    within_budget: bool
+    probes: dict[str, float]  # seconds of each timing probe (problem layers: quantity)
+
+    def options(self, options: InfluenceOptions) -> InfluenceOptions:
+        """``options`` with the chosen solver, layers (and, for ``ekfac_sampled``, the Fisher) set."""
+        update = {"solver": self.solver, "layers": self.layers}
+        if self.solver == "ekfac_sampled":
+            update.update(solver="ekfac", ekfac_fisher="sampled")
+        return options.model_copy(update=update)
+
+    def as_meta(self) -> dict:
+        return {"chosen": f"{self.solver} ({self.layers} layers)", "solver": self.solver, "layers": self.layers,
+                "predicted_s": self.predicted_s, "budget_s": self.budget_s, "epoch_s_estimated": self.epoch_s,
+                "within_budget": self.within_budget, "probe_s": self.probe_s, "probes": self.probes,
+                "candidates": self.candidates}
+
+
+def _best_time(fn: Callable[[], object], repeats: int = 3) -> float:
+    """Fastest of ``repeats`` runs of ``fn`` (other processes only ever slow a run down)."""
+    best = math.inf
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def estimate_epoch_seconds(context: ScoringContext, steps: int = 16) -> float:
+    """One training epoch's seconds, predicted from ``steps`` consecutive optimizer steps of the
+    trainer's recipe (shuffled minibatches of ``model_config.batch_size``, cross-entropy + L2, Adam
+    or SGD) on a copy of the trained model, scaled to ``ceil(n / batch)`` steps. Timed as a loop,
+    as the trainer runs it: single steps timed apart ran 3x faster on the digits MLP (hot caches).
+    L-BFGS (one full-batch step per epoch) counts ``_LBFGS_EVALUATIONS`` objective evaluations: the
+    trainer's ``max_iter``, an upper bound."""
+    config = context.model_config
+    module = copy.deepcopy(context.model.module(context.device)).train()
+    params = list(module.parameters())
+    x, y = context.tensors(context.train)
+    n = x.shape[0]
+    batch = n if config.optimizer == "lbfgs" else min(config.batch_size, n)
+    per_epoch = math.ceil(n / batch)
+    steps = min(steps, per_epoch)
+    optimizer = (torch.optim.SGD(params, lr=0.0, momentum=0.9) if config.optimizer == "sgd"
+                 else torch.optim.Adam(params, lr=0.0))  # lr 0: the same work, the copy does not move
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(context.seed)).to(x.device)
+
+    def step(rows: torch.Tensor) -> None:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(module(x[rows]), y[rows]) + l2_penalty(params, config.weight_decay)
+        loss.backward()
+        optimizer.step()
+
+    step(order[:batch])  # warm-up (allocations, optimizer state)
+    started = time.perf_counter()
+    for index in range(steps):
+        step(order[index * batch: (index + 1) * batch])
+    seconds = (time.perf_counter() - started) / steps * per_epoch
+    return seconds * _LBFGS_EVALUATIONS if config.optimizer == "lbfgs" else seconds
+
+
+class _CostModel:
+    """Per-row and per-column costs of one differentiated problem, timed on ``_PROBE_ROWS`` rows and
+    extrapolated linearly in n (every pass is a loop over row chunks) and, for the dense
+    eigendecomposition, cubically in p. Each quantity is timed once, on first use."""
+
+    def __init__(self, fm: FunctionalModel, x: torch.Tensor, y: torch.Tensor, options: InfluenceOptions):
+        self.fm, self.x, self.y, self.options = fm, x, y, options
+        self.n, self.p = x.shape[0], fm.n_params
+        m = min(self.n, _PROBE_ROWS)
+        self.m, self.xs, self.ys = m, x[:m], y[:m]
+        self.spent: dict[str, float] = {}  # seconds each probe took (reported in the plan)
+        self._cache: dict[str, float] = {}
+
+    def _timed(self, key: str, fn: Callable[[], float]) -> float:
+        if key not in self._cache:
+            started = time.perf_counter()
+            self._cache[key] = fn()
+            self.spent[key] = time.perf_counter() - started
+        return self._cache[key]
+
+    def curvature_row_column(self) -> float:
+        """Seconds per (training row x column) of a curvature-vector product."""
+        def probe() -> float:
+            apply = curvature_fn(self.fm, self.xs, self.ys, self.options.curvature)
+            block = torch.randn(self.p, _PROBE_COLUMNS, generator=torch.Generator().manual_seed(0)).to(self.fm.theta)
+            apply(block)  # warm-up: torch.func traces on the first call
+            return _best_time(lambda: apply(block)) / (self.m * _PROBE_COLUMNS)
+        return self._timed("curvature", probe)
+
+    def curvature_matrix_seconds(self) -> float:
+        """Building the ``(p, p)`` curvature: ``p`` curvature columns over n rows; for a linear head
+        (closed form, :func:`cleanse.grads.linear_head_ggn_matrix`) its float64 products, ``C`` Gram
+        matrices ``(d+1)^2`` and one ``(C (d+1))^2`` per row, at the timed matrix-product rate (timing
+        it on a few hundred rows would mostly time its fixed ``p^2`` work: 2.3x over at 50,000 rows)."""
+        if self.options.curvature == "ggn" and isinstance(self.fm.module, torch.nn.Linear) and self.x.dim() == 2:
+            classes = self.fm.shapes[0][0]
+            aug = self.p // classes
+            return 2 * self.n * (classes * aug**2 + (classes * aug) ** 2) / self.matmul_flops()
+        return self.p * self.n * self.curvature_row_column()
+
+    def grads_row(self) -> float:
+        """Seconds per row of materialised per-sample gradients."""
+        return self._timed("grads", lambda: _best_time(lambda: per_sample_grads(self.fm, self.xs, self.ys)) / self.m)
+
+    def dots_row(self) -> float:
+        """Seconds per row of one forward-mode pass ``g_i . v`` over the training set."""
+        direction = torch.ones_like(self.fm.theta)
+        return self._timed("dots", lambda: _best_time(lambda: grad_dots(self.fm, self.xs, self.ys, direction)) / self.m)
+
+    def matmul_flops(self) -> float:
+        """Float64 matrix-product rate (flop/s), timed on a 512-square product (once per process)."""
+        def probe() -> float:
+            a = torch.randn(512, 512, dtype=torch.float64)
+            return 2 * 512**3 / _best_time(lambda: a @ a)
+        return self._machine("matmul", probe)
+
+    def eigh_seconds(self) -> float:
+        """``eigh`` of the ``(p, p)`` curvature: timed at ``min(p, 512)`` and scaled by ``p^3``."""
+        size = min(self.p, 512)
+
+        def probe() -> float:
+            a = torch.randn(size, size, dtype=torch.float64)
+            return _best_time(lambda: torch.linalg.eigh(a @ a.T), repeats=2)
+        return self._machine(f"eigh{size}", probe) * (self.p / size) ** 3
+
+    def _machine(self, key: str, fn: Callable[[], float]) -> float:
+        """A property of the machine, not of the problem: timed once per process."""
+        if key not in _MACHINE:
+            started = time.perf_counter()
+            _MACHINE[key] = fn()
+            self.spent[key] = time.perf_counter() - started
+        return _MACHINE[key]
+
+    def ekfac_seconds(self, fisher: str | None = None) -> tuple[float, float]:
+        """EK-FAC: (fit, quadratic forms over the training set), from a fit on the probe rows whose
+        passes scale with n and whose factor eigendecompositions do not."""
+        fisher = fisher or self.options.ekfac_fisher
+
+        def probe() -> float:
+            fit = EKFAC(self.fm, self.xs, self.ys, damping=self.options.damping, fisher=fisher)
+            self._cache[f"ekfac_fixed_{fisher}"] = fit.seconds_eigh
+            self._cache[f"ekfac_qf_row_{fisher}"] = _best_time(lambda: fit.quadratic_forms(self.xs, self.ys),
+                                                               repeats=2) / self.m
+            return fit.seconds_passes / self.m
+        per_row = self._timed(f"ekfac_row_{fisher}", probe)
+        return (self._cache[f"ekfac_fixed_{fisher}"] + per_row * self.n,
+                self._cache[f"ekfac_qf_row_{fisher}"] * self.n)
+
+    def predict(self, solver: str, workload: Workload) -> dict[str, float]:
+        """Predicted seconds of ``solver`` on this problem for ``workload``, by part (their sum is
+        the prediction). CG is priced at ``cg_max_iter`` iterations: its worst case."""
+        n, p, k = self.n, self.p, workload.k
+        parts: dict[str, float] = {}
+        if workload.kind == "rhs":
+            parts["train_passes"] = k * n * self.dots_row()
+        if solver == "exact":
+            parts["curvature_matrix"] = self.curvature_matrix_seconds()
+            parts["eigh"] = self.eigh_seconds()
+            if workload.kind == "self":
+                parts["forms"] = n * self.grads_row() + 2 * n * p * p / self.matmul_flops()
+            else:
+                parts["solve"] = 2 * k * p * p / self.matmul_flops()
+        elif solver in ("ekfac", "ekfac_sampled"):
+            fit, forms = self.ekfac_seconds("sampled" if solver == "ekfac_sampled" else None)
+            parts["factor_fit"] = fit
+            if workload.kind == "self":
+                parts["forms"] = forms
+        elif solver == "cg":
+            if self.options.cg_preconditioner == "ekfac":
+                parts["preconditioner_fit"] = self.ekfac_seconds()[0]
+            columns = n if workload.kind == "self" else k
+            parts["iterations"] = self.options.cg_max_iter * columns * n * self.curvature_row_column()
+            if workload.kind == "self":
+                parts["gradients"] = n * self.grads_row()
+        else:
+            raise ValueError(f"no cost model for solver {solver!r}")
+        return parts
+
+    def lower_bound(self, solver: str, workload: Workload) -> float:
+        """A lower bound from the curvature-product probe alone, to skip the costlier probes (0 for
+        EK-FAC, which needs none)."""
+        if solver == "exact":
+            return self.curvature_matrix_seconds()
+        if solver == "cg":
+            # A curvature-vector product is a forward-mode and a reverse pass over the rows, at least
+            # half the cost of the (cheaply timed) pass that dots every row's gradient with a vector;
+            # this bound spares the curvature probe (torch.func tracing, seconds at 10^5 parameters).
+            columns = self.n if workload.kind == "self" else workload.k
+            return 0.5 * self.options.cg_max_iter * columns * self.n * self.dots_row()
+        return 0.0
+
+
+def plan_solver(context: ScoringContext, options: InfluenceOptions, workload: Workload,
+                epoch_s: float | None = None, problems: dict[str, Problem] | None = None) -> SolverPlan:
+    """Resolve ``solver: auto`` by predicted cost: the most accurate candidate of
+    :data:`ACCURACY_ORDER` whose predicted seconds fit ``cost_budget_epochs`` x one epoch
+    (``epoch_s``, else ``options.epoch_seconds``, else :func:`estimate_epoch_seconds`). Candidates are timed lazily in accuracy
+    order and the search stops at the first that fits; if none fits, the cheapest is taken and
+    ``within_budget`` is False. ``exact`` is never considered above ``exact_max_params``
+    parameters (its ``(p, p)`` float64 matrices). ``layers: last`` restricts the search to the
+    last layer. ``problems`` (layers -> :class:`Problem`) is filled with the problems built, for reuse."""
+    started = time.perf_counter()
+    problems = {} if problems is None else problems
+    epoch_s = epoch_s or options.epoch_seconds or estimate_epoch_seconds(context)
+    budget = options.cost_budget_epochs * epoch_s
+    order = [(s, l) for s, l in ACCURACY_ORDER if (options.layers == "all" or l == "last")
+             and (s != "ekfac_sampled" or options.ekfac_fisher == "expected")]
+    if options.layers == "last":
+        order.insert(1, ("cg", "last"))
+    models: dict[str, _CostModel] = {}
+    candidates: list[dict] = []
+    chosen: dict | None = None
+    for solver, layers in order:
+        if layers not in models:
+            prob = problems.setdefault(layers, problem(context, layers))
+            x, y = prob.tensors(context, context.train)
+            models[layers] = _CostModel(prob.fm, x, y, options)
+        costs = models[layers]
+        row = {"solver": solver, "layers": layers, "n_params": costs.p}
+        if solver == "exact" and costs.p > options.exact_max_params:
+            row.update(predicted_s=None, fits=False, why=f"{costs.p} parameters > exact_max_params (memory)")
+        elif (bound := costs.lower_bound(solver, workload)) > budget:
+            row.update(predicted_s=bound, fits=False, why="lower bound over budget (curvature products alone)")
+        else:
+            parts = costs.predict(solver, workload)
+            seconds = sum(parts.values())
+            row.update(predicted_s=seconds, fits=seconds <= budget, parts=parts)
+        candidates.append(row)
+        if row["fits"]:
+            chosen = row
+            break
+    if chosen is None:
+        priced = [row for row in candidates if row["predicted_s"] is not None]
+        chosen = min(priced, key=lambda row: row["predicted_s"])
+    probe_s = time.perf_counter() - started
+    probes = {f"{layers}:{key}": seconds for layers, model in models.items() for key, seconds in model.spent.items()}
+    return SolverPlan(solver=chosen["solver"], layers=chosen["layers"], budget_s=budget, epoch_s=epoch_s,
+                      predicted_s=chosen["predicted_s"], candidates=candidates, probe_s=probe_s,
+                      within_budget=bool(chosen["fits"]), probes=probes)
 
 
 def _mean_and_se(per_repeat: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
@@ -185,10 +482,19 @@ def problem(context: ScoringContext, layers: str = "all") -> Problem:
 
 
 def _setup(context: ScoringContext, options: InfluenceOptions,
-           large_solver: str = "cg") -> tuple[Problem, torch.Tensor, torch.Tensor, InverseHessian]:
-    prob = problem(context, options.layers)
+           workload: Workload) -> tuple[Problem, torch.Tensor, torch.Tensor, InverseHessian]:
+    """The problem, its training tensors and the inverse; ``solver: auto`` is resolved by
+    :func:`plan_solver` for ``workload`` and the plan is kept on the inverse (``summary()``)."""
+    problems: dict[str, Problem] = {}
+    plan = None
+    if options.solver == "auto":
+        plan = plan_solver(context, options, workload, problems=problems)
+        options = plan.options(options)
+    prob = problems.get(options.layers) or problem(context, options.layers)
     x, y = prob.tensors(context, context.train)
-    return prob, x, y, InverseHessian(prob.fm, x, y, options, context.seed, large_solver)
+    inverse = InverseHessian(prob.fm, x, y, options, context.seed)
+    inverse.plan = plan
+    return prob, x, y, inverse
 
 
 def removal_effects(context: ScoringContext, options: InfluenceOptions, query: Split) -> tuple[np.ndarray, InverseHessian]:
@@ -197,7 +503,7 @@ def removal_effects(context: ScoringContext, options: InfluenceOptions, query: S
     Positive = removing training sample ``i`` is predicted to raise query ``q``'s loss (``i``
     supports ``q``'s label).
     """
-    prob, x, y, inverse = _setup(context, options)
+    prob, x, y, inverse = _setup(context, options, Workload("rhs", len(query)))
     xq, yq = prob.tensors(context, query)
     return train_query_effects(prob.fm, x, y, xq, yq, lambda block: inverse.solve(block).mean(0)), inverse
 
@@ -208,15 +514,15 @@ def train_query_effects(fm: FunctionalModel, x: torch.Tensor, y: torch.Tensor, x
 
     ``inverse_hvp`` maps a block ``(p, k)`` to ``(H + lambda I)^-1`` applied to it, ``(p, k)``
     (exact, CG, LiSSA, EK-FAC, ...). Returns ``(n_query, n_train)``, float64; positive = training
-    sample ``i`` supports query ``q``'s label. One solve for all queries, then one forward-mode
-    product over the training set per query (no per-sample training gradients are materialised).
+    sample ``i`` supports query ``q``'s label. One solve for all queries, then one pass over the
+    training set for all of them (:func:`grad_dots`; no per-sample training gradient is materialised).
     """
     query_grads = per_sample_grads(fm, xq, yq)  # (n_query, p)
     solved = inverse_hvp(query_grads.T)  # (p, n_query)
     n = x.shape[0]
-    rows = [grad_dots(fm, x, y, solved[:, q].to(fm.theta.dtype)) / n
-            for q in progress(range(solved.shape[1]), "influence: train -> query products", unit="query")]
-    return torch.stack(rows).detach().double().cpu().numpy()
+    # every query's direction in one pass over the training set (a forward and a backward pass
+    # shared by all of them for Linear networks; see grad_dots)
+    return (grad_dots(fm, x, y, solved.to(fm.theta.dtype)).T / n).detach().double().cpu().numpy()
 
 
 class SelfInfluenceEstimator:
@@ -225,10 +531,9 @@ class SelfInfluenceEstimator:
     options_type: ClassVar[type] = InfluenceOptions
 
     def score(self, context: ScoringContext, options: InfluenceOptions) -> ScoreResult:
-        # Self-influence needs one quadratic form per training sample. Above the exact size, CG would
-        # solve n systems; EK-FAC gives all n forms from one factorisation (issue-6 benchmark on the
-        # digits MLP: AUC 0.9965 in 1.1 s against last-layer CG's 0.996 in 6.0 s), so ``auto`` takes it here.
-        _, x, y, inverse = _setup(context, options, large_solver="ekfac")
+        # Self-influence needs one quadratic form per training sample: CG would solve n systems, so
+        # the cost model rules it out beyond tiny n; EK-FAC gives all n forms from one factorisation.
+        _, x, y, inverse = _setup(context, options, Workload("self"))
         # One CG system per chunk: larger chunks batch more right-hand sides per curvature product.
         score, se = inverse.quadratic_forms(x, y, 512 if inverse.exact is not None else 256)
         columns = {"self_influence": score}
@@ -246,12 +551,12 @@ class ValidationInfluenceEstimator:
     options_type: ClassVar[type] = InfluenceOptions
 
     def score(self, context: ScoringContext, options: InfluenceOptions) -> ScoreResult:
-        prob, x, y, inverse = _setup(context, options)
+        prob, x, y, inverse = _setup(context, options, Workload("rhs", 1))
         fm = prob.fm
         xv, yv = prob.tensors(context, context.val)
         solved = inverse.solve(mean_grad(fm, xv, yv)[:, None])  # (repeats, p, 1)
         n = x.shape[0]
-        per_repeat = torch.stack([grad_dots(fm, x, y, solved[r, :, 0].to(fm.theta.dtype)) / n for r in range(solved.shape[0])])
+        per_repeat = grad_dots(fm, x, y, solved[:, :, 0].T.to(fm.theta.dtype)).T / n  # (repeats, n), one pass
         delta, se = _mean_and_se(per_repeat)
         columns = {"delta_val_loss": delta}
         if se is not None:

@@ -80,6 +80,6 @@ class TracInEstimator:
                 scale = per_sample_sq_norms(fm, x, y, chunk_size=options.chunk_size).sqrt().clamp_min(1e-30)
             if options.normalize == "both":
                 query_grads = query_grads / query_grads.norm(dim=1, keepdim=True).clamp_min(1e-30)
-            for q in range(query_grads.shape[0]):
-                out[q] += checkpoint.lr * grad_dots(fm, x, y, query_grads[q]).double() / scale
+            # every probe in one pass over the training set (grad_dots shares it between directions)
+            out += checkpoint.lr * (grad_dots(fm, x, y, query_grads.T).double() / scale[:, None]).T
         return out.cpu().numpy()
