@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 
 from cleanse.pipeline import recommend_dir, recommended_model_dir, run_all, run_recommend
-from cleanse.recommend import NO_REMOVAL, Candidate, admissible, budget_counts, choose, top_ids
+from cleanse.recommend import NO_REMOVAL, Candidate, admissible, budget_counts, choose, consistency, top_ids
 from cleanse.storage import Layout
 from tests.conftest import small_params
 
@@ -37,6 +37,18 @@ def test_probe_behaviour_comes_before_validation_accuracy():
     # When no candidate reaches stop_rate, the lowest rate any reaches is the bar.
     worse = [_c(NO_REMOVAL, 0, 0.97, 0.95), _c("a", 50, 0.90, 0.20), _c("b", 40, 0.96, 0.30)]
     assert choose(worse, stop_rate=0.02) == 1
+
+
+def test_remaining_ties_go_to_the_ranking_that_describes_the_removal():
+    ids = np.arange(6)
+    removed = np.array([4, 5])
+    assert consistency(ids, np.array([0, 0, 0, 0, 1, 1.0]), removed) == 1.0
+    assert consistency(ids, np.array([1, 0, 0, 0, 0.5, 0]), removed) == 0.5
+    assert consistency(ids, np.zeros(6), np.zeros(0)) == 1.0
+    same = [_c("influence", 2, 0.95), _c("tracin", 2, 0.95)]
+    same[0] = Candidate("influence", removed, 0.95, consistency=0.5)
+    same[1] = Candidate("tracin", removed, 0.95, consistency=1.0)
+    assert choose(same, stop_rate=0.02) == 1
 
 
 def test_budget_ladder_and_top_ids():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -585,7 +586,7 @@ def run_recommend(params: Params, layout: Layout) -> Path:
     every estimator's cleaned model compete on held-out probe behaviour (with probes) and validation
     accuracy; the winner's ranking is retrained at ``recommend.budget_factors`` times its budget
     and the best of those is kept. Writes ``recommend/recommend.json`` and ``models/recommended/``."""
-    from cleanse.recommend import NO_REMOVAL, Candidate, budget_counts, choose, top_ids
+    from cleanse.recommend import NO_REMOVAL, Candidate, budget_counts, choose, consistency, top_ids
 
     staged = load_staged(layout, params)
     references = read_json(layout.retrain_result("references"))
@@ -603,7 +604,13 @@ def run_recommend(params: Params, layout: Layout) -> Path:
     for name in params.estimators:
         _require_fresh(layout.retrain_result(name), retrain_fingerprint(params, name), f"{name} retrain result")
         results[name] = read_json(layout.retrain_result(name))
-        candidates.append(candidate(name, _removed_ids(layout, name, results[name]), results[name]["cleaned"]))
+        removed = _removed_ids(layout, name, results[name])
+        proposed = candidate(name, removed, results[name]["cleaned"])
+        if results[name].get("iterative"):  # the loop's removals need not be its first ranking's top
+            scores = read_table(layout.scores(name))
+            proposed = replace(proposed, consistency=consistency(scores["sample_id"].to_numpy(),
+                                                                 scores["score"].to_numpy(), removed))
+        candidates.append(proposed)
     first = choose(candidates, stop_rate=params.cleansing.stop_rate)
     winner = candidates[first]
     trained: dict[int, Any] = {}

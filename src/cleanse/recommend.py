@@ -12,6 +12,10 @@ that a user could pick with what they have:
    treats as trusted; it is never corrupted). Highest wins.
 3. **Ties** go to the candidate that removes fewer samples, so "no removal" wins unless cleaning
    measurably helps: on a clean or easy data set it is a legitimate recommendation.
+4. Remaining ties (iterative cleansing often ends with the same removals from two rankings) go to
+   the candidate whose own ranking agrees most with what was removed (``consistency``: the share of
+   the removed samples among the top ``k`` of its scores; 1 for a one-shot removal), so the
+   detection metrics reported with the recommendation describe the removal it made.
 
 The budget is chosen the same way: the winning estimator's ranking is also retrained at
 ``budget_factors`` times its automatic budget, and the best of those by the same rule is the
@@ -46,6 +50,7 @@ class Candidate:
     val_accuracy: float
     heldout_behaviour_rate: float = math.nan
     budget_factor: float = 1.0
+    consistency: float = 1.0
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -56,7 +61,7 @@ class Candidate:
         return {"estimator": self.estimator, "n_removed": self.n_removed, "budget_factor": self.budget_factor,
                 "val_accuracy": self.val_accuracy,
                 "heldout_behaviour_rate": None if math.isnan(self.heldout_behaviour_rate)
-                else self.heldout_behaviour_rate}
+                else self.heldout_behaviour_rate, "consistency": self.consistency}
 
 
 def admissible(candidates: Sequence[Candidate], stop_rate: float) -> list[int]:
@@ -75,8 +80,10 @@ def choose(candidates: Sequence[Candidate], *, stop_rate: float) -> int:
     if not candidates:
         raise ValueError("no candidates to recommend from")
     pool = admissible(candidates, stop_rate)
-    # Highest validation accuracy; then fewest removed; then list order (the base model first).
-    return min(pool, key=lambda i: (-candidates[i].val_accuracy, candidates[i].n_removed, i))
+    # Highest validation accuracy; then fewest removed; then the most self-consistent ranking; then
+    # list order (the base model first).
+    return min(pool, key=lambda i: (-candidates[i].val_accuracy, candidates[i].n_removed,
+                                    -candidates[i].consistency, i))
 
 
 def budget_counts(k: int, factors: Sequence[float], n_train: int, max_fraction: float) -> list[tuple[float, int]]:
@@ -97,3 +104,13 @@ def top_ids(sample_id: np.ndarray, score: np.ndarray, count: int) -> np.ndarray:
     """The ``count`` highest-scoring sample ids (ties broken by sample id, as the detect stage does)."""
     order = np.lexsort((np.asarray(sample_id), -np.asarray(score, dtype=np.float64)))
     return np.asarray(sample_id)[order[:count]].astype(np.int64)
+
+
+def consistency(sample_id: np.ndarray, score: np.ndarray, removed_ids: np.ndarray) -> float:
+    """Share of ``removed_ids`` among the ``len(removed_ids)`` highest of ``score`` ``(n,)`` (1.0
+    when nothing was removed): how well a ranking describes the removal made with it."""
+    removed_ids = np.asarray(removed_ids)
+    if removed_ids.size == 0:
+        return 1.0
+    top = top_ids(sample_id, score, removed_ids.size)
+    return float(np.isin(removed_ids, top).mean())
