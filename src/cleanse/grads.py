@@ -255,7 +255,7 @@ def _linear_grad_dots(fm: FunctionalModel, linears: list[nn.Linear], x: torch.Te
         weights = block[slices[f"{key}weight"]].T.reshape(k, out_features, in_features)
         # (n, in) x (in, k * out) -> (n, k, out), contracted with delta over out
         projected = (inputs.to(block.dtype) @ weights.permute(2, 0, 1).reshape(in_features, k * out_features))
-        total += (projected.reshape(-1, k, out_features) * delta[:, None, :]).sum(2)
+        total += torch.bmm(projected.reshape(-1, k, out_features), delta[:, :, None])[:, :, 0]  # one pass, no temp
         if layer.bias is not None:
             total += delta @ block[slices[f"{key}bias"]]
     return total

@@ -391,8 +391,10 @@ def plan_solver(context: ScoringContext, options: InfluenceOptions, workload: Wo
                 epoch_s: float | None = None, problems: dict[str, Problem] | None = None) -> SolverPlan:
     """Resolve ``solver: auto`` by predicted cost: the most accurate candidate of
     :data:`ACCURACY_ORDER` whose predicted seconds fit ``cost_budget_epochs`` x one epoch
-    (``epoch_s``, else ``options.epoch_seconds``, else :func:`estimate_epoch_seconds`). Candidates are timed lazily in accuracy
-    order and the search stops at the first that fits; if none fits, the cheapest is taken and
+    (``epoch_s``, else ``options.epoch_seconds``, else :func:`estimate_epoch_seconds`). Candidates
+    are timed lazily in accuracy order and the search stops at the first whose prediction fits the
+    budget left after the probes so far (the budget bounds the estimator's whole time, the epoch
+    estimate and probes included); if none fits, the cheapest is taken and
     ``within_budget`` is False. ``exact`` is never considered above ``exact_max_params``
     parameters (its ``(p, p)`` float64 matrices). ``layers: last`` restricts the search to the
     last layer. ``problems`` (layers -> :class:`Problem`) is filled with the problems built, for reuse."""
@@ -421,7 +423,9 @@ def plan_solver(context: ScoringContext, options: InfluenceOptions, workload: Wo
         else:
             parts = costs.predict(solver, workload)
             seconds = sum(parts.values())
-            row.update(predicted_s=seconds, fits=seconds <= budget, parts=parts)
+            # the probes already spent count against the budget: it bounds the estimator's whole time
+            left = budget - (time.perf_counter() - started)
+            row.update(predicted_s=seconds, fits=seconds <= left, budget_left_s=left, parts=parts)
         candidates.append(row)
         if row["fits"]:
             chosen = row
