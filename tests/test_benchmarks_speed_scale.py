@@ -65,8 +65,22 @@ def test_speed_json_structure(smoke_runs: dict[str, Path]) -> None:
             assert detectors[name]["status"] in ("ok", "skipped"), detectors[name]
             if detectors[name]["status"] == "skipped":
                 assert detectors[name]["reason"]
-        assert {c["cleanse"] for c in run["comparisons"]} == set(registry.names())
+        assert {c["cleanse"] for c in run["comparisons"]} == set(registry.names()) | {"influence_val [cg]"}
+        for name in ("influence", "influence_val"):  # the default solver: auto, with its choice recorded
+            assert detectors[name]["options"]["solver"] == "auto"
+            auto = detectors[name]["extra"]["estimator_meta"]["auto"]
+            assert auto["predicted_s"] > 0 and auto["budget_s"] > 0 and auto["candidates"]
+            assert auto["chosen"] == f"{auto['solver']} ({auto['layers']} layers)"
+        assert detectors["influence_val [cg]"]["extra"]["estimator_meta"]["solver"] == "cg"
+        pairwise = {r["name"]: r for r in run["pairwise"]}
+        assert set(pairwise) == {"tracin", "influence"}
+        for row in pairwise.values():
+            assert row["shape"] == [8, run["n"]] and row["finite"] and row["seconds"] > 0
+            assert math.isclose(row["ratio_per_checkpoint"] * row["checkpoints"], row["ratio_to_epoch"])
     head = result["headline"]
+    for key in ("influence_epoch_ratio", "influence_val_epoch_ratio", "pairwise_epoch_ratio"):
+        assert head[key]["measured"] > 0 and head[key]["met"] in (True, False), key
+    assert head["fine_training_ratio"]["met"] is None  # the f-INE target is read at n >= 10,000 only
     assert head["n"] == result["runs"][-1]["n"]
     assert head["self_influence_epoch_ratio"]["measured"] > 0
     assert head["self_influence_epoch_ratio"]["met"] in (True, False)
