@@ -373,8 +373,10 @@ def _cg_verdict(rows: dict[str, Any]) -> list[str]:
             "Gauss-Newton products are two dense matrix products per block of right-hand sides, and converged "
             "columns drop out of the iteration.")
     if peer is not None:
-        line += (f" dattri's CG in the same run: {peer['seconds']:.0f} s ({peer['seconds'] / ours['seconds']:.0f}x "
-                 f"slower), AUC {peer['roc_auc']:.3f}.")
+        line += (f" dattri's CG in the same run, on all layers (its default): {peer['seconds']:.0f} s, AUC "
+                 f"{peer['roc_auc']:.3f}. That is not the peer's best configuration on these layers: dattri's "
+                 "last-layer explicit IF reached AUC 0.996 in 1.2 s on the quality grid's digits MLP with 20% flips (a similar model), faster "
+                 "than this CG and close to cleanse's exact last-layer solve above.")
     return [line, ""]
 
 
