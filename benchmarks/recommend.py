@@ -61,6 +61,14 @@ def overrides(cell: str, seed: int) -> list[str]:
 
 
 def run_one(cell: str, seed: int, cache: str) -> dict[str, Any]:
+    """:func:`measure`, or the error that stopped it (reported, never silently dropped)."""
+    try:
+        return measure(cell, seed, cache)
+    except Exception as exc:  # one failed run must not lose the others' results
+        return {"cell": cell, "seed": seed, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def measure(cell: str, seed: int, cache: str) -> dict[str, Any]:
     """One ``run_all`` (resumed from ``cache`` when there); the numbers the tables need."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
@@ -107,7 +115,7 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per regime: means over seeds of the recommendation, the oracle and each single estimator."""
     rows = []
     for cell, (label, _) in REGIMES.items():
-        mine = [r for r in runs if r["cell"] == cell]
+        mine = [r for r in runs if r["cell"] == cell and "error" not in r]
         if not mine:
             continue
         names = mine[0]["estimators"].keys()
@@ -186,7 +194,7 @@ def render(result: dict[str, Any], docs: Path, out: Path, image: Path) -> str:
         "with it. The recommendation is chosen from held-out probe behaviour (with probes), validation accuracy and "
         "the number removed, never from the ground truth or the test split; *best single* is the default estimator "
         "with the highest mean test accuracy, read off after the fact (the bar, not a choice a user could make).", "",
-        f"Default estimators: {', '.join(f'`{n}`' for n in result['runs'][0]['default_estimators'])}.", "",
+        f"Default estimators: {', '.join(f'`{n}`' for n in next(r for r in result['runs'] if 'error' not in r)['default_estimators'])}.", "",
     ]
     table = []
     for row in rows:
@@ -195,9 +203,9 @@ def render(result: dict[str, Any], docs: Path, out: Path, image: Path) -> str:
         table.append([row["regime"], ", ".join(row["recommended"]), fmt(row["recommended_ap"], 3),
                       fmt(row["baseline_accuracy"], 3), fmt(row["recommended_accuracy"], 3), fmt(row["oracle_accuracy"], 3),
                       f"{row['best_single']} ({fmt(row['best_single_accuracy'], 3)})", asr,
-                      fmt(row["within_oracle"]), fmt(row["at_least_best_single"]), fmt(row["seconds"], 0)])
+                      fmt(row["within_oracle"]), fmt(row["at_least_best_single"])])
     lines.append(md_table(["regime", "recommended (per seed)", "AP", "acc: none", "acc: recommended", "acc: oracle",
-                           "best single (acc)", "ASR none → rec.", "≥ oracle − 1 pt", "≥ best single", "run s"], table))
+                           "best single (acc)", "ASR none → rec.", "≥ oracle − 1 pt", "≥ best single"], table))
     lines += ["", f"![The recommendation against the references]({Path(image).relative_to(docs.parent).as_posix()})", ""]
     lines.append("Test accuracy of every default estimator's cleaned model (mean over seeds):")
     lines.append("")
@@ -216,7 +224,8 @@ def render(result: dict[str, Any], docs: Path, out: Path, image: Path) -> str:
                   f"`holdout_ensemble` reaches {fmt(target_row['untrusted_ap'].get('holdout_ensemble'), 3)} "
                   f"({'met' if (target_row['untrusted_ap'].get('holdout_ensemble') or 0) >= UNTRUSTED_AP_TARGET else 'missed'}); "
                   f"the highest of that league is `{best[0]}` ({fmt(best[1], 3)})."]
-    lines += [""] + [f"- {note}" for note in result.get("notes", [])]
+    failed = [f"{r['cell']} seed {r['seed']}: {r['error']}" for r in result["runs"] if "error" in r]
+    lines += [""] + [f"- {note}" for note in result.get("notes", [])] + [f"- Failed: {line}" for line in failed]
     return "\n".join(lines)
 
 
@@ -245,19 +254,22 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown cells {unknown}; allowed: {', '.join(REGIMES)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     started = time.perf_counter()
-    jobs = [(cell, seed) for cell in cells for seed in seeds]
+    # Seed-major: every regime gets its first seed before any gets a second (a cut-short run still covers all).
+    jobs = [(cell, seed) for seed in seeds for cell in cells]
     runs: list[dict[str, Any]] = []
     environment_info = environment(1)
     if args.jobs <= 1:
         for cell, seed in jobs:
             runs.append(run_one(cell, seed, str(args.cache)))
-            print(f"done {cell} seed {seed}: {runs[-1]['seconds']:.0f} s", flush=True)
+            print(f"done {cell} seed {seed}: {runs[-1].get('seconds', float('nan')):.0f} s {runs[-1].get('error', '')}",
+                  flush=True)
     else:
         with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
             futures = {pool.submit(run_one, cell, seed, str(args.cache)): (cell, seed) for cell, seed in jobs}
             for future in as_completed(futures):
                 runs.append(future.result())
-                print(f"done {futures[future][0]} seed {futures[future][1]}: {runs[-1]['seconds']:.0f} s", flush=True)
+                print(f"done {futures[future][0]} seed {futures[future][1]}: "
+                      f"{runs[-1].get('seconds', float('nan')):.0f} s {runs[-1].get('error', '')}", flush=True)
     runs.sort(key=lambda r: (list(REGIMES).index(r["cell"]), r["seed"]))
     result = {"environment": environment_info, "argv": " ".join(argv if argv is not None else sys.argv[1:]),
               "wall_seconds": time.perf_counter() - started, "runs": runs, "summary": summarise(runs),
