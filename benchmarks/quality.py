@@ -10,17 +10,31 @@ scores the training set of that same model in this process:
 - the peers, each imported only if installed (``benchmarks/setup_peers.sh``): cleanlab
   (label-quality scores from 5-fold out-of-sample probabilities), captum ``TracInCPFast`` and
   ``TracInCP``, dattri explicit influence functions, ``TracIn`` and ``TRAK``, kronfluence EK-FAC
-  self-influence.
+  self-influence;
+- the same peers given the clean validation split (rows ending in "(val)"): train -> validation
+  attributions, each training sample scored by minus its summed helpfulness to the validation loss.
+
+Two leagues. A detector that reads the validation labels (a cleanse estimator's own
+``reads_validation_labels`` declaration; the "(val)" peers; the ``trusted`` baseline, a model fitted
+on the validation split alone) is compared only with the peers given the same data; the others only
+with the self-influence peers. Targets are counted per *fixed* estimator (estimator x regime ->
+cells meeting the target), never for a per-cell best chosen with the ground truth.
 
 Detection metrics (ROC-AUC, AP, P@k with k = number corrupted) are computed against the ground
 truth. Each detector's top-k is then removed and the model retrained with every training seed
 (``cleanse.pipeline.retrain_without``); test accuracy and, for backdoors, the attack success rate
 are reported as mean +- sd over seeds, next to no removal, random removal (an independent draw per
-seed) and the oracle (exactly the corrupted samples removed).
+seed) and the oracle (exactly the corrupted samples removed). When
+``benchmarks/results/recommend.json`` (``benchmarks/recommend.py``) exists, the recommendation of
+``cleanse run`` is shown next to the fixed estimators for the cells it covers.
 
     .venv-bench/bin/python benchmarks/quality.py                       # full grid, about 45 min on 2 cores
     .venv-bench/bin/python benchmarks/quality.py --grid smoke --out /tmp/q.json --docs /tmp/b.md
     .venv-bench/bin/python benchmarks/quality.py --render-only         # docs from an existing JSON
+    # new detectors only, onto an existing result (no reference retrains, detection metrics only):
+    .venv-bench/bin/python benchmarks/quality.py --only "cleanse trusted" --no-references --detect-only \
+        --detection-seeds 1 --out /tmp/new.json --no-docs
+    .venv-bench/bin/python benchmarks/quality.py --merge benchmarks/results/quality.json /tmp/new.json
 
 Writes the JSON (``--out``) and regenerates the "Quality" section of ``docs/benchmarks.md``
 (between ``<!-- quality:start -->`` and ``<!-- quality:end -->``; the rest of the file is kept) with
@@ -32,12 +46,14 @@ from __future__ import annotations
 import argparse
 import copy
 import fnmatch
+import functools
 import hashlib
 import importlib
 import json
 import math
 import os
 import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -45,7 +61,7 @@ import traceback
 import warnings
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -73,6 +89,7 @@ from cleanse.pipeline import evaluate_model, random_ids, retrain_without
 ROOT = Path(__file__).resolve().parent.parent
 START_MARKER = "<!-- quality:start -->"
 END_MARKER = "<!-- quality:end -->"
+DEFAULT_RECOMMEND = ROOT / "benchmarks/results/recommend.json"
 
 # ----------------------------------------------------------------------------- the grid
 
@@ -84,7 +101,38 @@ CORRUPTIONS: dict[str, list[str]] = {
     "backdoor5": ["corruption.kind=backdoor", "corruption.fraction=0.05", "corruption.target_class=0",
                   "corruption.trigger_size=3"],
 }
-CORRUPTION_LABEL = {"sym20": "20% symmetric flips", "pair40": "40% pair flips", "backdoor5": "5% backdoor"}
+# Multi-source pair flips: the 40% of samples that ``pair40`` picks (same seed, same samples), each
+# relabelled from class c to one of the fixed classes c+1, c+2, c+3 (mod C; drawn uniformly per
+# sample), so every class receives flips from three source classes instead of one. Single-source
+# pair noise makes each flipped class one tight cluster inside its new label, which is what
+# activation clustering splits off; these cells test whether that survives several sources. Needs
+# C >= 3 (binary data has a single other class): digits (3 sources per class) and wine (C = 3, so
+# c+1 and c+2 only: 2 sources). Applied after staging by :func:`multi_source_pair`.
+CORRUPTIONS["multipair40"] = CORRUPTIONS["pair40"]
+MULTI_SOURCE_OFFSETS = (1, 2, 3)
+MULTI_SOURCE_DATASETS = ("digits", "wine")
+CORRUPTION_LABEL = {"sym20": "20% symmetric flips", "pair40": "40% pair flips", "backdoor5": "5% backdoor",
+                    "multipair40": "40% multi-source pair flips (c → c+1, c+2 or c+3)"}
+
+
+def multi_source_pair(staged: StagedData, seed: int) -> StagedData:
+    """Relabel ``pair40``'s flipped samples from ``c -> c+1`` to ``c -> c+o``, ``o`` drawn uniformly
+    from the offsets in :data:`MULTI_SOURCE_OFFSETS` below the number of classes (seeded).
+
+    The corrupted set (``is_corrupted``) is unchanged: every chosen sample still gets a wrong label.
+    """
+    n_classes = staged.meta.n_classes
+    offsets = np.array([o for o in MULTI_SOURCE_OFFSETS if o < n_classes])
+    if offsets.size < 2:
+        raise ValueError(f"multi-source pair flips need at least 3 classes, the data has {n_classes}")
+    train = staged.train
+    chosen = np.flatnonzero(train.is_corrupted)
+    rng = np.random.default_rng([seed, 4242])
+    label = train.label.copy()
+    label[chosen] = (train.label_clean[chosen] + rng.choice(offsets, size=chosen.size)) % n_classes
+    is_corrupted = label != train.label_clean
+    assert np.array_equal(is_corrupted, train.is_corrupted)
+    return replace(staged, train=replace(train, label=label, is_corrupted=is_corrupted))
 
 # Memorising MLP: no weight decay, trained until it fits ~100% of the (corrupted) training labels.
 # Measured (seed 0): digits reaches 0.995-1.000 at epoch 180-210 with Adam lr 1e-3 (so 200 epochs);
@@ -135,6 +183,8 @@ class Cell:
             out.append("40% pair flips")
         if self.corruption == "backdoor5":
             out.append("backdoor")
+        if self.corruption == "multipair40":
+            out.append("multi-source pair flips")
         return out
 
     def params(self, seed: int = 0) -> Params:
@@ -143,15 +193,24 @@ class Cell:
             *MODELS[self.model](self.dataset), *SCORER_OVERRIDES, "tracking.enabled=false",
         ])
 
+    def stage(self, params: Params) -> StagedData:
+        """The staged splits of this cell (the pipeline's own corruption, then any benchmark-only one)."""
+        staged = stage_data(params)
+        if self.corruption == "multipair40":
+            staged = multi_source_pair(staged, params.seed)
+        return staged
+
 
 def full_grid() -> list[Cell]:
-    """30 cells: 3 datasets x 3 corruptions x {logreg, mlp, memorising mlp} + the CNN on digits.
+    """37 cells: 3 datasets x 3 corruptions x {logreg, mlp, memorising mlp} + the CNN on digits (30),
+    and multi-source pair flips on digits and wine (7).
 
     Ordered with the memorising cells first: their retrains are the slowest and run in the
     background while the cheaper cells are scored.
     """
     cells = [Cell(ds, corruption, model) for ds in DATASETS for corruption in CORRUPTIONS
-             for model in ("logreg", "mlp", "mlp_mem", "cnn") if model != "cnn" or ds == "digits"]
+             for model in ("logreg", "mlp", "mlp_mem", "cnn") if model != "cnn" or ds == "digits"
+             if corruption != "multipair40" or ds in MULTI_SOURCE_DATASETS]
     return sorted(cells, key=lambda c: (c.model != "mlp_mem", c.dataset != "digits"))
 
 
@@ -184,6 +243,11 @@ class Bench:
         return (torch.as_tensor(self.staged.train.features, dtype=torch.float32),
                 torch.as_tensor(self.staged.train.label, dtype=torch.long))
 
+    def val_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The clean validation split (features, labels): the trusted data of the trusted league."""
+        return (torch.as_tensor(self.staged.val.features, dtype=torch.float32),
+                torch.as_tensor(self.staged.val.label, dtype=torch.long))
+
     def dataset(self) -> torch.utils.data.TensorDataset:
         return torch.utils.data.TensorDataset(*self.tensors())
 
@@ -204,6 +268,15 @@ class Bench:
         return self._checkpoint_files
 
 
+# Leagues: a detector that reads the clean validation labels ("trusted") is only compared with
+# detectors given the same trusted data; one that reads only the (possibly corrupted) training set
+# and the model ("untrusted") with the self-influence peers.
+TRUSTED, UNTRUSTED = "trusted", "untrusted"
+LEAGUE_LABEL = {UNTRUSTED: "no validation labels", TRUSTED: "reads the clean validation labels"}
+# Baselines of the trusted league: cleanse estimators that are the bar, not a contender.
+TRUSTED_BASELINES = ("trusted",)
+
+
 @dataclass
 class Detector:
     name: str
@@ -211,14 +284,33 @@ class Detector:
     fn: Callable[[Bench], tuple[np.ndarray, dict[str, Any]]]
     requires: tuple[str, ...] = ()
     note: str = ""
+    league: str = UNTRUSTED
+    unavailable: str | None = None  # why it cannot run here (checked before the first cell)
+
+
+def _scorer_options(scorers: Any, name: str, estimator: Any) -> Any:
+    options = getattr(scorers, name, None)
+    return estimator.options_type() if options is None else options
+
+
+@functools.lru_cache(maxsize=None)
+def cleanse_league(name: str) -> str | None:
+    """The league of cleanse estimator ``name`` with the grid's scorer options (``params.scorers``
+    plus :data:`SCORER_OVERRIDES`), from its own declaration; ``None`` when it cannot be imported."""
+    from cleanse.estimators.base import reads_validation_labels
+
+    try:
+        estimator = registry.get(name)
+    except Exception:  # noqa: BLE001 - not importable here: no declaration to read
+        return None
+    options = _scorer_options(load_params(None, SCORER_OVERRIDES).scorers, name, estimator)
+    return TRUSTED if reads_validation_labels(estimator, options) else UNTRUSTED
 
 
 def _cleanse_detector(name: str) -> Detector:
     def run(bench: Bench) -> tuple[np.ndarray, dict[str, Any]]:
         estimator = registry.get(name)
-        options = getattr(bench.params.scorers, name, None)
-        if options is None:
-            options = estimator.options_type()
+        options = _scorer_options(bench.params.scorers, name, estimator)
         context = ScoringContext(train=bench.staged.train, val=bench.staged.val, meta=bench.staged.meta,
                                  model=bench.model, model_config=bench.params.model, seed=bench.params.seed,
                                  device=torch.device("cpu"))
@@ -230,7 +322,16 @@ def _cleanse_detector(name: str) -> Detector:
         meta = {key: value for key, value in result.meta.items() if key != "reports"}
         return result.table["score"].to_numpy(), _jsonable(meta)
 
-    return Detector(f"cleanse {name}", "cleanse", run)
+    league = cleanse_league(name)
+    unavailable = None
+    if league is None:
+        try:
+            registry.get(name)
+        except Exception as exc:  # noqa: BLE001 - recorded as the skip reason
+            unavailable = f"estimator not importable here: {type(exc).__name__}: {exc}"
+        league = TRUSTED if name in TRUSTED_BASELINES else UNTRUSTED
+    family = "baseline" if name in TRUSTED_BASELINES else "cleanse"
+    return Detector(f"cleanse {name}", family, run, league=league, unavailable=unavailable)
 
 
 @torch.no_grad()
@@ -332,8 +433,9 @@ def _projector(bench: Bench) -> dict[str, Any]:
     return {"proj_dim": min(512, bench.n_params), "proj_max_batch_size": 32, "proj_seed": 0, "device": "cpu"}
 
 
-def det_dattri_if(bench: Bench) -> tuple[np.ndarray, dict[str, Any]]:
-    """dattri IFAttributorExplicit on the last layer, damping 1e-3.
+def _dattri_if_last_layer(bench: Bench) -> tuple[Any, nn.Linear, nn.Module]:
+    """dattri IFAttributorExplicit on the last layer, damping 1e-3, with the frozen penultimate
+    features as its data (returns the attributor, the last layer and the feature map).
 
     Workarounds (peer-baselines.md): dattri builds the Hessian through the whole network even with
     ``layer_name``, so it gets the last layer as the model and the frozen penultimate features as
@@ -345,14 +447,22 @@ def det_dattri_if(bench: Bench) -> tuple[np.ndarray, dict[str, Any]]:
 
     module = bench.model.module()
     assert isinstance(module, nn.Sequential) and isinstance(module[-1], nn.Linear)
-    x, y = bench.tensors()
-    with torch.no_grad():
-        features = module[:-1](x)
     last = copy.deepcopy(module[-1])
     task = AttributionTask(loss_func=_dattri_loss(last, 1), model=last,
                            checkpoints={k: v.detach().clone() for k, v in last.state_dict().items()})
-    attributor = IFAttributorExplicit(task=task, regularization=1e-3, device="cpu")
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(features, y), batch_size=len(y), shuffle=False)
+    return IFAttributorExplicit(task=task, regularization=1e-3, device="cpu"), last, module[:-1]
+
+
+def _features_loader(features: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.utils.data.DataLoader:
+    """The penultimate features of ``x`` with labels ``y``, as one batch."""
+    with torch.no_grad():
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(features(x), y), batch_size=len(y))
+
+
+def det_dattri_if(bench: Bench) -> tuple[np.ndarray, dict[str, Any]]:
+    """dattri IFAttributorExplicit self-influence on the last layer (:func:`_dattri_if_last_layer`)."""
+    attributor, last, features = _dattri_if_last_layer(bench)
+    loader = _features_loader(features, *bench.tensors())
     attributor.cache(loader)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -360,7 +470,7 @@ def det_dattri_if(bench: Bench) -> tuple[np.ndarray, dict[str, Any]]:
     return scores.detach().double().numpy().reshape(-1), {"layer": "last", "params": n_parameters(last)}
 
 
-def det_dattri_tracin(bench: Bench) -> tuple[np.ndarray, dict[str, Any]]:
+def _dattri_tracin(bench: Bench) -> Any:
     """dattri TracInAttributor over all checkpoints, lr weights, random projection (it always projects)."""
     from dattri.algorithm.tracin import TracInAttributor
     from dattri.task import AttributionTask
@@ -369,9 +479,13 @@ def det_dattri_tracin(bench: Bench) -> tuple[np.ndarray, dict[str, Any]]:
     checkpoints = bench.checkpoints()
     task = AttributionTask(loss_func=_dattri_loss(module, len(bench.staged.meta.feature_shape)), model=module,
                            checkpoints=[c.state for c in checkpoints])
-    attributor = TracInAttributor(task=task, weight_list=torch.tensor([c.lr for c in checkpoints]),
-                                  normalized_grad=False, projector_kwargs=_projector(bench), device="cpu")
-    scores = attributor.self_attribute(bench.loader(64))
+    return TracInAttributor(task=task, weight_list=torch.tensor([c.lr for c in checkpoints]),
+                            normalized_grad=False, projector_kwargs=_projector(bench), device="cpu")
+
+
+def det_dattri_tracin(bench: Bench) -> tuple[np.ndarray, dict[str, Any]]:
+    """dattri TracIn self-influence (:func:`_dattri_tracin`)."""
+    scores = _dattri_tracin(bench).self_attribute(bench.loader(64))
     return scores.detach().double().numpy().reshape(-1), {"proj_dim": _projector(bench)["proj_dim"]}
 
 
@@ -401,12 +515,41 @@ def det_dattri_trak(bench: Bench) -> tuple[np.ndarray, dict[str, Any]]:
     return scores.detach().double().numpy().reshape(-1), {"proj_dim": _projector(bench)["proj_dim"]}
 
 
-def det_kronfluence(bench: Bench) -> tuple[np.ndarray, dict[str, Any]]:
-    """kronfluence EK-FAC self-influence (true Fisher from sampled labels), damping 1e-3."""
+def _kronfluence_factors(bench: Bench, name: str) -> tuple[Any, torch.utils.data.TensorDataset]:
+    """A kronfluence Analyzer with EK-FAC factors fitted on the training set, and that dataset."""
     import logging
 
     from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.arguments import FactorArguments
+
+    task = _kronfluence_task()
+    model = prepare_model(bench.model.module().float(), task)
+    out = tempfile.mkdtemp(dir=bench.workdir)
+    logging.getLogger("kronfluence").setLevel(logging.WARNING)
+    analyzer = Analyzer(analysis_name=name, model=model, task=task, cpu=True, disable_tqdm=True,
+                        output_dir=out, log_level=logging.WARNING)
+    dataset = bench.dataset()
+    torch.manual_seed(bench.params.seed)
+    analyzer.fit_all_factors(factors_name="ekfac", dataset=dataset, per_device_batch_size=256,
+                             factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=True)
+    return analyzer, dataset
+
+
+def det_kronfluence(bench: Bench) -> tuple[np.ndarray, dict[str, Any]]:
+    """kronfluence EK-FAC self-influence (true Fisher from sampled labels), damping 1e-3."""
+    from kronfluence.arguments import ScoreArguments
+
+    analyzer, dataset = _kronfluence_factors(bench, "quality")
+    analyzer.compute_self_scores(scores_name="self", factors_name="ekfac", train_dataset=dataset,
+                                 per_device_train_batch_size=256, score_args=ScoreArguments(damping_factor=1e-3),
+                                 overwrite_output_dir=True)
+    scores = analyzer.load_self_scores("self")["all_modules"]
+    return scores.detach().double().numpy().reshape(-1), {"damping": 1e-3}
+
+
+def _kronfluence_task() -> Any:
+    """Cross-entropy classification task: true Fisher from sampled labels for the factors, the
+    summed cross-entropy as the measurement."""
     from kronfluence.task import Task
 
     class Classification(Task):
@@ -422,25 +565,99 @@ def det_kronfluence(bench: Bench) -> tuple[np.ndarray, dict[str, Any]]:
             x, y = batch
             return nn.functional.cross_entropy(model(x), y, reduction="sum")
 
-    task = Classification()
-    model = prepare_model(bench.model.module().float(), task)
-    out = tempfile.mkdtemp(dir=bench.workdir)
-    logging.getLogger("kronfluence").setLevel(logging.WARNING)
-    analyzer = Analyzer(analysis_name="quality", model=model, task=task, cpu=True, disable_tqdm=True,
-                        output_dir=out, log_level=logging.WARNING)
-    dataset = bench.dataset()
-    torch.manual_seed(bench.params.seed)
-    analyzer.fit_all_factors(factors_name="ekfac", dataset=dataset, per_device_batch_size=256,
-                             factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=True)
-    analyzer.compute_self_scores(scores_name="self", factors_name="ekfac", train_dataset=dataset,
-                                 per_device_train_batch_size=256, score_args=ScoreArguments(damping_factor=1e-3),
-                                 overwrite_output_dir=True)
-    scores = analyzer.load_self_scores("self")["all_modules"]
-    return scores.detach().double().numpy().reshape(-1), {"damping": 1e-3}
+    return Classification()
+
+
+# ---- trusted league: the same peers, attributing the clean validation loss to the training samples.
+# Every tool returns train -> validation scores oriented as "helpful" (positive: training on the
+# sample lowers the validation loss); the detector score is minus the sum over the validation set,
+# so higher = raises the validation loss = more likely harmful. The orientation was checked on
+# wine/sym20/logreg against ground truth and against cleanse ``influence_val`` (docs: Quality).
+
+
+def _harmful(helpful: torch.Tensor, train_axis: int) -> np.ndarray:
+    """Minus the summed helpfulness over the validation axis of a train x val (or val x train) matrix."""
+    helpful = helpful.detach().double()
+    return -helpful.sum(dim=1 - train_axis).numpy().reshape(-1)
+
+
+def det_captum_fast_val(bench: Bench) -> tuple[np.ndarray, dict[str, Any]]:
+    """captum TracInCPFast ``influence(validation batch)``: (n_val, n_train) last-layer TracInCP."""
+    from captum.influence import TracInCPFast
+
+    model = bench.model.module()
+    tracin = TracInCPFast(model, _last_linear(model), bench.dataset(), bench.checkpoint_files(),
+                          checkpoints_load_func=_captum_load, loss_fn=_ce_sum(), batch_size=512)
+    return _harmful(tracin.influence(bench.val_tensors()), train_axis=1), {"n_val": len(bench.staged.val)}
+
+
+def det_captum_full_val(bench: Bench) -> tuple[np.ndarray, dict[str, Any]]:
+    """captum TracInCP ``influence(validation batch)``: all layers, all checkpoints."""
+    from captum.influence import TracInCP
+
+    model = bench.model.module()
+    tracin = TracInCP(model, bench.dataset(), bench.checkpoint_files(), checkpoints_load_func=_captum_load,
+                      loss_fn=_ce_sum(), batch_size=512, sample_wise_grads_per_batch=True)
+    return _harmful(tracin.influence(bench.val_tensors()), train_axis=1), {"n_val": len(bench.staged.val)}
+
+
+def det_dattri_if_val(bench: Bench) -> tuple[np.ndarray, dict[str, Any]]:
+    """dattri IFAttributorExplicit ``attribute(train, validation)`` on the last layer
+    (:func:`_dattri_if_last_layer`)."""
+    attributor, last, features = _dattri_if_last_layer(bench)
+    train_loader = _features_loader(features, *bench.tensors())
+    attributor.cache(train_loader)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        helpful = attributor.attribute(train_loader, _features_loader(features, *bench.val_tensors()))
+    return _harmful(helpful, train_axis=0), {"layer": "last", "params": n_parameters(last)}  # helpful: (n_train, n_val)
+
+
+def det_dattri_tracin_val(bench: Bench) -> tuple[np.ndarray, dict[str, Any]]:
+    """dattri TracIn ``attribute(train, validation)`` (:func:`_dattri_tracin`)."""
+    # dattri recomputes every test gradient per training batch: the validation set as one batch and
+    # training batches of 256 keep that to a few passes.
+    val = torch.utils.data.TensorDataset(*bench.val_tensors())
+    val_loader = torch.utils.data.DataLoader(val, batch_size=len(val))
+    helpful = _dattri_tracin(bench).attribute(bench.loader(256), val_loader)  # (n_train, n_val)
+    return _harmful(helpful, train_axis=0), {"proj_dim": _projector(bench)["proj_dim"]}
+
+
+def det_kronfluence_val(bench: Bench) -> tuple[np.ndarray, dict[str, Any]]:
+    """kronfluence EK-FAC pairwise scores (validation queries x training samples), damping 1e-3."""
+    from kronfluence.arguments import ScoreArguments
+
+    analyzer, dataset = _kronfluence_factors(bench, "quality_val")
+    analyzer.compute_pairwise_scores(scores_name="val", factors_name="ekfac",
+                                     query_dataset=torch.utils.data.TensorDataset(*bench.val_tensors()),
+                                     train_dataset=dataset, per_device_query_batch_size=256,
+                                     per_device_train_batch_size=256,
+                                     score_args=ScoreArguments(damping_factor=1e-3), overwrite_output_dir=True)
+    helpful = analyzer.load_pairwise_scores("val")["all_modules"]  # (n_val, n_train)
+    return _harmful(helpful, train_axis=1), {"damping": 1e-3}
+
+
+def trusted_peers() -> list[Detector]:
+    """The peers of the trusted league: each tool's train -> validation attribution."""
+    captum, dattri_if = ("captum.influence",), ("dattri.algorithm.influence_function", "dattri.task")
+    return [
+        Detector("captum TracInCPFast (val)", "peer", det_captum_fast_val, captum, league=TRUSTED),
+        Detector("captum TracInCP (val)", "peer", det_captum_full_val, captum, league=TRUSTED),
+        Detector("dattri IF-explicit (val)", "peer", det_dattri_if_val, dattri_if, league=TRUSTED),
+        Detector("dattri TracIn (val)", "peer", det_dattri_tracin_val, ("dattri.algorithm.tracin", "dattri.task"),
+                 league=TRUSTED),
+        Detector("kronfluence EK-FAC (val)", "peer", det_kronfluence_val, ("kronfluence.analyzer", "kronfluence.task"),
+                 league=TRUSTED),
+    ]
 
 
 def detectors() -> list[Detector]:
-    out = [_cleanse_detector(name) for name in registry.names()]
+    names = registry.names()
+    out = [_cleanse_detector(name) for name in names]
+    # The trusted baseline is always a row: skipped with the reason where the estimator is missing.
+    out += [Detector(f"cleanse {name}", "baseline", _cleanse_detector(name).fn, league=TRUSTED,
+                     unavailable=f"estimator {name!r} is not in cleanse's registry here")
+            for name in TRUSTED_BASELINES if name not in names]
     out.append(Detector("AUM", "baseline", det_aum, note="minus the checkpoint-mean margin (Pleiss et al. 2020)"))
     out += [
         Detector("cleanlab", "peer", det_cleanlab, ("cleanlab.filter", "cleanlab.rank")),
@@ -451,7 +668,7 @@ def detectors() -> list[Detector]:
         Detector("dattri TRAK", "peer", det_dattri_trak, ("dattri.algorithm.trak", "dattri.task")),
         Detector("kronfluence EK-FAC", "peer", det_kronfluence, ("kronfluence.analyzer", "kronfluence.task")),
     ]
-    return out
+    return out + trusted_peers()
 
 
 # (detector, applies(cell, n_params), reason): detector/cell pairs that cannot finish in useful time. Empty
@@ -479,8 +696,9 @@ def warm_imports(dets: list[Detector]) -> None:
     """Import every estimator module and peer before anything is timed."""
     for det in dets:
         _peer_status(det.requires)
-    for name in registry.names():
-        registry.get(name)
+    for det in dets:
+        if det.family in ("cleanse", "baseline") and det.name.startswith("cleanse ") and det.unavailable is None:
+            registry.get(det.name.removeprefix("cleanse "))
     for module in ("cleanlab.filter", "cleanlab.rank", "sklearn.metrics"):
         _peer_status((module,))
 
@@ -617,7 +835,7 @@ def _detect_once(det: Detector, bench: Bench, seed: int) -> dict[str, Any]:
 
 def score_cell(cell: Cell, seeds: list[int], dets: list[Detector], retrainer: Retrainer,
                log: Callable[[str], None], detection_seeds: int | None = None,
-               with_references: bool = True) -> dict[str, Any]:
+               with_references: bool = True, retrain_detectors: bool = True) -> dict[str, Any]:
     """Stage once (split and corruption fixed by the first seed); for each of the first
     ``detection_seeds`` training seeds (default all), train the detection model, run every detector
     on it and queue the retrain without its top-k with that seed. The remaining seeds only retrain,
@@ -629,7 +847,7 @@ def score_cell(cell: Cell, seeds: list[int], dets: list[Detector], retrainer: Re
     """
     n_detect = len(seeds) if detection_seeds is None else max(1, min(detection_seeds, len(seeds)))
     params = cell.params(seed=seeds[0])
-    staged = stage_data(params)
+    staged = cell.stage(params)
     train = staged.train
     spec = spec_for(params.model.arch, params.model.hidden, staged.meta.feature_shape, staged.meta.n_classes)
     k = int(train.is_corrupted.sum())
@@ -674,7 +892,7 @@ def score_cell(cell: Cell, seeds: list[int], dets: list[Detector], retrainer: Re
             for det in dets:
                 if det.name in skipped:
                     continue
-                reason = _peer_status(det.requires)
+                reason = det.unavailable or _peer_status(det.requires)
                 if reason is None:
                     reason = next((why for name, applies, why in SKIP_RULES
                                    if name == det.name and applies(cell, n_params)), None)
@@ -691,8 +909,10 @@ def score_cell(cell: Cell, seeds: list[int], dets: list[Detector], retrainer: Re
                 if run["status"] != "ok":
                     log(f"  {det.name:<22} FAILED {run['reason']}")
                     continue
-                last_top_k[det.name] = run.pop("top_k")
-                run["retrain"] = retrainer.submit(cell, params, staged, last_top_k[det.name], seed)
+                top_k = run.pop("top_k")
+                if retrain_detectors:
+                    last_top_k[det.name] = top_k
+                    run["retrain"] = retrainer.submit(cell, params, staged, top_k, seed)
                 m = run["metrics"]
                 log(f"  {det.name:<22} AUC={m['roc_auc']:.3f} AP={m['average_precision']:.3f} "
                     f"P@k={m['precision_at_k']:.3f}  {run['score_seconds']:.2f}s (+{run['prep_seconds']:.1f}s prep)")
@@ -708,7 +928,7 @@ def score_cell(cell: Cell, seeds: list[int], dets: list[Detector], retrainer: Re
     record["detection_model"] = record["detection_models"][0]
     record["references"] = references
     for det in dets:
-        entry: dict[str, Any] = {"family": det.family}
+        entry: dict[str, Any] = {"family": det.family, "league": det.league}
         record["detectors"][det.name] = entry
         if det.name in skipped:
             entry.update(status="skipped", reason=skipped[det.name])
@@ -727,12 +947,13 @@ def score_cell(cell: Cell, seeds: list[int], dets: list[Detector], retrainer: Re
             metrics_values=per_metric,
             score_seconds=float(np.mean([run["score_seconds"] for run in ok])),
             prep_seconds=float(np.mean([run["prep_seconds"] for run in ok])),
-            extra=ok[0]["extra"], retrain=[run["retrain"] for run in ok] + extra_retrains.get(det.name, []),
+            extra=ok[0]["extra"],
+            retrain=[run["retrain"] for run in ok if "retrain" in run] + extra_retrains.get(det.name, []),
         )
         if any("non_finite_scores" in run for run in ok):
             entry["non_finite_scores"] = max(run.get("non_finite_scores", 0) for run in ok)
     for name, why in NOT_RUN.items():
-        record["detectors"][name] = {"family": "peer", "status": "skipped", "reason": why}
+        record["detectors"][name] = {"family": "peer", "league": UNTRUSTED, "status": "skipped", "reason": why}
     return record
 
 
@@ -762,46 +983,179 @@ def resolve_cell(record: dict[str, Any], results: dict[str, dict[str, Any]]) -> 
 
 # ----------------------------------------------------------------------------- targets
 
+HARD_REGIMES = ("memorising MLP", "40% pair flips", "multi-source pair flips", "backdoor")
+AP_MARGIN = 0.05  # AP target: at least the best peer of the same league + 0.05
+ACC_SLACK = 0.005  # cleaned accuracy target: at least the oracle's - 0.5 pt
+ASR_SLACK = 0.02  # backdoor target: ASR at most the oracle's + 2 pt
 
-def _best(record: dict[str, Any], family: str) -> tuple[str, dict[str, Any]] | None:
-    candidates = [(name, e) for name, e in record["detectors"].items()
-                  if e.get("status") == "ok" and e["family"] == family and e["metrics"]["average_precision"] is not None]
-    if not candidates:
+
+def league_of(name: str, entry: dict[str, Any]) -> str:
+    """A detector row's league: as recorded, else from the estimator's own declaration (cleanse
+    rows), else by name (the trusted-league peers end in "(val)"; every other peer reads no
+    validation labels)."""
+    if entry.get("league") in (TRUSTED, UNTRUSTED):
+        return entry["league"]
+    if name.startswith("cleanse "):
+        estimator = name.removeprefix("cleanse ")
+        league = cleanse_league(estimator)
+        if league is not None:
+            return league
+        return TRUSTED if estimator in TRUSTED_BASELINES else UNTRUSTED
+    return TRUSTED if name.endswith("(val)") else UNTRUSTED
+
+
+def annotate(cells: list[dict[str, Any]]) -> None:
+    """Stamp every detector entry with its league, and the trusted baselines' family (for results
+    written before leagues were recorded)."""
+    for record in cells:
+        for name, entry in record["detectors"].items():
+            entry["league"] = league_of(name, entry)
+            if name.removeprefix("cleanse ") in TRUSTED_BASELINES:
+                entry["family"] = "baseline"
+
+
+def _ok_ap(entry: dict[str, Any] | None) -> float | None:
+    if not entry or entry.get("status") != "ok":
         return None
-    return max(candidates, key=lambda item: item[1]["metrics"]["average_precision"])
+    return entry["metrics"]["average_precision"]
+
+
+def _best_peer(record: dict[str, Any], league: str) -> tuple[str, float] | None:
+    """The best peer of ``league`` in this cell by AP. Choosing the peer with the ground truth can
+    only favour the peers: the bar a fixed estimator has to clear."""
+    peers = [(name, _ok_ap(e)) for name, e in record["detectors"].items()
+             if e["family"] == "peer" and e.get("league") == league and _ok_ap(e) is not None]
+    return max(peers, key=lambda item: item[1]) if peers else None
+
+
+def contenders(cells: list[dict[str, Any]]) -> list[str]:
+    """Every cleanse estimator and baseline row (the fixed estimators the targets are counted for),
+    in first-seen order."""
+    names: list[str] = []
+    for record in cells:
+        for name, entry in record["detectors"].items():
+            if entry["family"] in ("cleanse", "baseline") and entry.get("status") == "ok" and name not in names:
+                names.append(name)
+    return names
 
 
 def evaluate_targets(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per hard-regime cell: AP margin over the best peer, cleaned accuracy vs the oracle, ASR vs the oracle.
-
-    "Best cleanse estimator" = the cleanse estimator with the highest AP in the cell; its cleaned
-    accuracy and ASR are the ones compared with the oracle (mean over training seeds).
+    """One row per (fixed estimator, hard-regime cell): its AP against the best peer of its league
+    (and, in the trusted league, against the trusted baseline), its cleaned accuracy against the
+    oracle, and for backdoors its ASR against the oracle's. No row ever picks an estimator by the
+    ground truth: counts per estimator are sums of that estimator's own rows.
     """
+    annotate(cells)
+    baselines = [f"cleanse {name}" for name in TRUSTED_BASELINES]
+    rows = []
+    for name in contenders(cells):
+        for record in cells:
+            entry = record["detectors"].get(name)
+            for regime in record["regimes"]:
+                league = league_of(name, entry or {})
+                row: dict[str, Any] = {"estimator": name, "league": league, "regime": regime, "cell": record["key"]}
+                ap = _ok_ap(entry)
+                if ap is None:
+                    rows.append({**row, "ran": False, "note": (entry or {}).get("reason", "not measured in this cell")})
+                    continue
+                row.update(ran=True, ap=ap)
+                peer = _best_peer(record, league)
+                if peer is not None:
+                    row.update(best_peer=peer[0], best_peer_ap=peer[1], ap_margin=ap - peer[1],
+                               ap_target_met=bool(ap >= peer[1] + AP_MARGIN))
+                base_ap = next((_ok_ap(record["detectors"].get(b)) for b in baselines
+                                if _ok_ap(record["detectors"].get(b)) is not None), None)
+                if league == TRUSTED and base_ap is not None and name not in baselines:
+                    row.update(trusted_ap=base_ap, trusted_target_met=bool(ap >= base_ap + AP_MARGIN))
+                oracle, cleaned = record["references"]["oracle"], entry["retrain"]
+                if cleaned.get("test_accuracy") and oracle.get("test_accuracy"):
+                    acc, oracle_acc = cleaned["test_accuracy"]["mean"], oracle["test_accuracy"]["mean"]
+                    row.update(accuracy=acc, oracle_accuracy=oracle_acc, accuracy_gap=acc - oracle_acc,
+                               accuracy_target_met=bool(acc >= oracle_acc - ACC_SLACK))
+                if (record["corruption"] == "backdoor5" and cleaned.get("attack_success_rate")
+                        and oracle.get("attack_success_rate")):
+                    asr, oracle_asr = cleaned["attack_success_rate"]["mean"], oracle["attack_success_rate"]["mean"]
+                    row.update(asr=asr, oracle_asr=oracle_asr, asr_target_met=bool(asr <= oracle_asr + ASR_SLACK))
+                rows.append(row)
+    return rows
+
+
+def target_counts(rows: list[dict[str, Any]], key: str) -> dict[tuple[str, str], tuple[int, int, int]]:
+    """``(estimator, regime) -> (met, evaluated, cells in the regime)`` for target ``key``; an
+    estimator that did not run in a cell, or a cell without the comparison, is not evaluated."""
+    out: dict[tuple[str, str], tuple[int, int, int]] = {}
+    for row in rows:
+        met, evaluated, total = out.get((row["estimator"], row["regime"]), (0, 0, 0))
+        flag = row.get(key)
+        out[(row["estimator"], row["regime"])] = (met + bool(flag), evaluated + (flag is not None), total + 1)
+    return out
+
+
+# ----------------------------------------------------------------------------- recommendation
+
+
+def load_recommendations(path: Path) -> dict[str, dict[str, Any]] | None:
+    """Per cell, the recommendation of ``cleanse run`` (``benchmarks/recommend.py``'s per-seed
+    records) summarised over seeds: the estimators it chose, its AP and cleaned accuracy, and the
+    oracle's and no removal's accuracy from the same runs. ``None`` when the file is absent."""
+    if not path.is_file():
+        return None
+    raw = json.loads(path.read_text())
+    if isinstance(raw, dict):
+        raw = next((v for k, v in raw.items() if k in ("records", "runs", "results", "cells") and isinstance(v, list)), [])
+    by_cell: dict[str, list[dict[str, Any]]] = {}
+    for rec in raw:
+        if isinstance(rec, dict) and "cell" in rec and isinstance(rec.get("recommended"), dict):
+            by_cell.setdefault(rec["cell"], []).append(rec)
+
+    def get(rec: dict[str, Any] | None, *path: str) -> float | None:
+        for key in path:
+            if not isinstance(rec, dict):
+                return None
+            rec = rec.get(key)
+        return float(rec) if isinstance(rec, (int, float)) and math.isfinite(float(rec)) else None
+
+    def mean(values: list[float | None]) -> float | None:
+        clean = [v for v in values if v is not None]
+        return float(np.mean(clean)) if clean else None
+
+    out = {}
+    for cell, recs in by_cell.items():
+        out[cell] = {
+            "seeds": sorted(rec.get("seed") for rec in recs if rec.get("seed") is not None),
+            "estimators": sorted({str(rec["recommended"].get("estimator")) for rec in recs}),
+            "ap": mean([get(rec, "recommended", "detection", "average_precision") for rec in recs]),
+            "accuracy": mean([get(rec, "recommended", "retrain", "test_accuracy") for rec in recs]),
+            "asr": mean([get(rec, "recommended", "retrain", "attack_success_rate") for rec in recs]),
+            "oracle_accuracy": mean([get(rec, "oracle", "retrain", "test_accuracy") or get(rec, "oracle", "test_accuracy")
+                                     for rec in recs]),
+            "baseline_accuracy": mean([get(rec, "baseline", "retrain", "test_accuracy")
+                                       or get(rec, "baseline", "test_accuracy") for rec in recs]),
+        }
+    return out
+
+
+RECOMMENDATION = "recommendation (cleanse run)"
+
+
+def recommendation_rows(cells: list[dict[str, Any]], recs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Target rows for the recommendation, in the trusted league (it chooses by validation
+    accuracy), for the hard-regime cells recommend.json covers; the format of :func:`evaluate_targets`."""
     rows = []
     for record in cells:
+        rec = recs.get(record["key"])
+        if rec is None:
+            continue
         for regime in record["regimes"]:
-            best_cleanse, best_peer = _best(record, "cleanse"), _best(record, "peer")
-            row: dict[str, Any] = {"regime": regime, "cell": record["key"]}
-            if best_cleanse is None:
-                rows.append({**row, "note": "no cleanse estimator ran"})
-                continue
-            name, entry = best_cleanse
-            ap = entry["metrics"]["average_precision"]
-            row.update(best_cleanse=name, best_cleanse_ap=ap)
-            if best_peer is not None:
-                peer_ap = best_peer[1]["metrics"]["average_precision"]
-                row.update(best_peer=best_peer[0], best_peer_ap=peer_ap, ap_margin=ap - peer_ap,
-                           ap_target_met=bool(ap >= peer_ap + 0.05))
-            oracle = record["references"]["oracle"]
-            cleaned = entry["retrain"]
-            if cleaned["test_accuracy"] and oracle["test_accuracy"]:
-                acc, oracle_acc = cleaned["test_accuracy"]["mean"], oracle["test_accuracy"]["mean"]
-                row.update(accuracy=acc, oracle_accuracy=oracle_acc, accuracy_gap=acc - oracle_acc,
-                           accuracy_target_met=bool(acc >= oracle_acc - 0.005))
-            if record["corruption"] == "backdoor5" and cleaned.get("attack_success_rate") and oracle.get("attack_success_rate"):
-                asr, oracle_asr = cleaned["attack_success_rate"]["mean"], oracle["attack_success_rate"]["mean"]
-                before = record["references"]["no removal"]["attack_success_rate"]["mean"]
-                row.update(asr=asr, oracle_asr=oracle_asr, asr_before=before, asr_target_met=bool(asr <= oracle_asr + 0.02))
+            row: dict[str, Any] = {"estimator": RECOMMENDATION, "league": TRUSTED, "regime": regime,
+                                   "cell": record["key"], "ran": rec["ap"] is not None}
+            if rec["ap"] is not None:
+                row["ap"] = rec["ap"]
+                peer = _best_peer(record, TRUSTED)
+                if peer is not None:
+                    row.update(best_peer=peer[0], best_peer_ap=peer[1], ap_target_met=bool(rec["ap"] >= peer[1] + AP_MARGIN))
+            if rec["accuracy"] is not None and rec["oracle_accuracy"] is not None:
+                row["accuracy_target_met"] = bool(rec["accuracy"] >= rec["oracle_accuracy"] - ACC_SLACK)
             rows.append(row)
     return rows
 
@@ -819,54 +1173,109 @@ def _pm(summary: dict[str, Any] | None) -> str:
     return f"{summary['mean']:.3f} ± {summary['sd']:.3f}"
 
 
-def _met(flag: bool | None) -> str:
-    return "–" if flag is None else ("**met**" if flag else "missed")
+def _short(name: str) -> str:
+    return name.removeprefix("cleanse ")
+
+
+def _regimes(cells: list[dict[str, Any]]) -> list[str]:
+    return [r for r in HARD_REGIMES if any(r in c["regimes"] for c in cells)]
+
+
+def _count_table(rows: list[dict[str, Any]], names: list[str], regimes: list[str], key: str,
+                 cells: list[dict[str, Any]]) -> list[str]:
+    """Estimator x regime: cells meeting target ``key`` / cells in the regime (not-evaluated cells noted)."""
+    counts = target_counts(rows, key)
+    lines = ["| estimator | " + " | ".join(f"{r} ({sum(r in c['regimes'] for c in cells)})" for r in regimes)
+             + " | all hard rows |", "|---|" + "---|" * (len(regimes) + 1)]
+    for name in names:
+        texts, met_all, total_all, gaps = [], 0, 0, 0
+        for regime in regimes:
+            met, evaluated, total = counts.get((name, regime), (0, 0, 0))
+            if total == 0:
+                total = sum(regime in c["regimes"] for c in cells)
+            missing = total - evaluated
+            texts.append(f"{met} / {total}" + (f" ({missing} n/e)" if missing else ""))
+            met_all, total_all, gaps = met_all + met, total_all + total, gaps + missing
+        lines.append(f"| {_short(name)} | " + " | ".join(texts) + f" | **{met_all} / {total_all}**"
+                     + (f" ({gaps} n/e)" if gaps else "") + " |")
+    return lines
+
+
+def _league_ap_table(cells: list[dict[str, Any]], league: str) -> list[str]:
+    """Cells x detectors of one league: AP of every fixed estimator and peer (no per-cell best)."""
+    names = [n for n in _detector_order(cells) if any(c["detectors"].get(n, {}).get("league") == league for c in cells)]
+    own = [n for n in names if not any(c["detectors"].get(n, {}).get("family") == "peer" for c in cells)]
+    peers = [n for n in names if n not in own]
+    lines = ["| cell | " + " | ".join(_short(n) for n in own) + " | " + " | ".join(f"*{n}*" for n in peers) + " |",
+             "|---|" + "---|" * (len(own) + len(peers))]
+    for record in cells:
+        values = [_fmt(_ok_ap(record["detectors"].get(n))) for n in own + peers]
+        lines.append(f"| {record['key']} | " + " | ".join(values) + " |")
+    return lines
+
+
+def _ap_range(cells: list[dict[str, Any]], name: str) -> str:
+    values = [_ok_ap(c["detectors"].get(name)) for c in cells]
+    values = [v for v in values if v is not None]
+    return f"{min(values):.3f}–{max(values):.3f} ({len(values)} cells)" if values else "not run"
+
+
+def _recommendation_table(cells: list[dict[str, Any]], recs: dict[str, dict[str, Any]]) -> list[str]:
+    lines = ["| cell | seeds | recommended estimator(s) | AP | best fixed estimator AP (which) | best trusted peer AP | "
+             "acc cleaned / oracle / no removal |", "|---|---|---|---|---|---|---|"]
+    for record in cells:
+        rec = recs.get(record["key"])
+        if rec is None:
+            continue
+        fixed = [(n, _ok_ap(record["detectors"].get(n))) for n in contenders([record])]
+        fixed = [(n, ap) for n, ap in fixed if ap is not None]
+        best = max(fixed, key=lambda item: item[1]) if fixed else None
+        peer = _best_peer(record, TRUSTED)
+        lines.append(
+            f"| {record['key']} | {','.join(map(str, rec['seeds']))} | {', '.join(rec['estimators'])} | {_fmt(rec['ap'])} | "
+            + (f"{best[1]:.3f} ({_short(best[0])})" if best else "–") + f" | {_fmt(peer[1] if peer else None)} | "
+            f"{_fmt(rec['accuracy'])} / {_fmt(rec['oracle_accuracy'])} / {_fmt(rec['baseline_accuracy'])} |")
+    return lines
 
 
 def _cell_table(record: dict[str, Any]) -> list[str]:
     backdoor = record["corruption"] == "backdoor5"
     ok = {name: e for name, e in record["detectors"].items() if e.get("status") == "ok"}
-    best = {}
-    for metric in ("roc_auc", "average_precision", "precision_at_k"):
-        values = [e["metrics"][metric] for e in ok.values() if e["metrics"][metric] is not None]
-        best[metric] = max(values) if values else None
-    accs = [e["retrain"]["test_accuracy"]["mean"] for e in ok.values() if e["retrain"]["test_accuracy"]]
-    best["acc"] = max(accs) if accs else None
-    asrs = [e["retrain"]["attack_success_rate"]["mean"] for e in ok.values() if e["retrain"].get("attack_success_rate")]
-    best["asr"] = min(asrs) if asrs else None
+
+    def best_of(league: str, metric: str) -> float | None:
+        values = [e["metrics"][metric] for e in ok.values() if e["league"] == league and e["metrics"][metric] is not None]
+        return max(values) if values else None
 
     def bold(text: str, value: float | None, target: float | None) -> str:
         return f"**{text}**" if value is not None and target is not None and abs(value - target) < 1e-12 else text
 
-    header = "| detector | family | ROC-AUC | AP | P@k | score s | prep s | test acc after removing top-k |"
-    rule = "|---|---|---|---|---|---|---|---|"
+    header = "| detector | league | family | ROC-AUC | AP | P@k | score s | prep s | test acc after removing top-k |"
+    rule = "|---|---|---|---|---|---|---|---|---|"
     if backdoor:
         header += " ASR after |"
         rule += "---|"
     lines = [header, rule]
-    for name, e in ok.items():
-        m = e["metrics"]
-        acc = e["retrain"]["test_accuracy"]
-        sd = e.get("metrics_sd", {})
+    for league in (UNTRUSTED, TRUSTED):
+        for name, e in ok.items():
+            if e["league"] != league:
+                continue
+            m, acc, sd = e["metrics"], e["retrain"]["test_accuracy"], e.get("metrics_sd", {})
 
-        def with_sd(metric: str) -> str:
-            text = _fmt(m[metric])
-            return f"{text} ± {sd[metric]:.3f}" if m[metric] is not None and sd.get(metric) else text
+            def with_sd(metric: str) -> str:
+                text = _fmt(m[metric])
+                text = f"{text} ± {sd[metric]:.3f}" if m[metric] is not None and sd.get(metric) else text
+                return bold(text, m[metric], best_of(league, metric))
 
-        cells = [name, e["family"],
-                 bold(with_sd("roc_auc"), m["roc_auc"], best["roc_auc"]),
-                 bold(with_sd("average_precision"), m["average_precision"], best["average_precision"]),
-                 bold(with_sd("precision_at_k"), m["precision_at_k"], best["precision_at_k"]),
-                 f"{e['score_seconds']:.2f}", f"{e['prep_seconds']:.2f}",
-                 bold(_pm(acc), acc["mean"] if acc else None, best["acc"])]
-        if backdoor:
-            asr = e["retrain"].get("attack_success_rate")
-            cells.append(bold(_pm(asr), asr["mean"] if asr else None, best["asr"]))
-        lines.append("| " + " | ".join(cells) + " |")
+            cells = [name, "val labels" if league == TRUSTED else "–", e["family"], with_sd("roc_auc"),
+                     with_sd("average_precision"), with_sd("precision_at_k"), f"{e['score_seconds']:.2f}",
+                     f"{e['prep_seconds']:.2f}", _pm(acc)]
+            if backdoor:
+                cells.append(_pm(e["retrain"].get("attack_success_rate")))
+            lines.append("| " + " | ".join(cells) + " |")
     labels = {"no removal": "*no removal*", "random": "*random k removed*", "oracle": "*oracle (corrupted removed)*"}
     for name, label in labels.items():
         ref = record["references"][name]
-        cells = [label, "reference", "", "", "", "", "", _pm(ref["test_accuracy"])]
+        cells = [label, "", "reference", "", "", "", "", "", _pm(ref["test_accuracy"])]
         if backdoor:
             cells.append(_pm(ref.get("attack_success_rate")))
         lines.append("| " + " | ".join(cells) + " |")
@@ -874,66 +1283,76 @@ def _cell_table(record: dict[str, Any]) -> list[str]:
 
 
 def _plots(data: dict[str, Any], img_dir: Path) -> list[str]:
-    """AP per regime per detector (bars) and AP per cell per detector (heatmap); returns file names."""
+    """Per league: AP per regime per detector (bars) and AP per cell per detector (heatmaps side by
+    side); returns file names."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     cells = data["cells"]
-    names = [n for n in _detector_order(cells)]
-    if not names:
+    leagues = {league: [n for n in _detector_order(cells)
+                        if any(c["detectors"].get(n, {}).get("league") == league for c in cells)]
+               for league in (UNTRUSTED, TRUSTED)}
+    leagues = {league: names for league, names in leagues.items() if names}
+    if not leagues:
         return []
     img_dir.mkdir(parents=True, exist_ok=True)
-    files = []
 
     def ap(record: dict[str, Any], name: str) -> float:
-        entry = record["detectors"].get(name, {})
-        if entry.get("status") != "ok" or entry["metrics"]["average_precision"] is None:
-            return float("nan")
-        return entry["metrics"]["average_precision"]
+        value = _ok_ap(record["detectors"].get(name))
+        return float("nan") if value is None else value
 
     groups = {"easy (no hard regime)": [c for c in cells if not c["regimes"]]}
-    for regime in ("memorising MLP", "40% pair flips", "backdoor"):
+    for regime in HARD_REGIMES:
         groups[regime] = [c for c in cells if regime in c["regimes"]]
     groups = {g: cs for g, cs in groups.items() if cs}
-    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(groups) * max(1, len(names)) / 6), 4.5))
-    width = 0.8 / len(names)
+    fig, axes = plt.subplots(1, len(leagues), figsize=(7.5 * len(leagues), 4.8), squeeze=False)
     colors = plt.get_cmap("tab20")
-    for j, name in enumerate(names):
-        means = [np.nanmean([ap(c, name) for c in cs]) if any(np.isfinite(ap(c, name)) for c in cs) else np.nan
-                 for cs in groups.values()]
-        ax.bar(np.arange(len(groups)) + (j - (len(names) - 1) / 2) * width, means, width, label=name, color=colors(j % 20))
-    ax.set_xticks(np.arange(len(groups)))
-    ax.set_xticklabels([f"{g}\n({len(cs)} cells)" for g, cs in groups.items()])
-    ax.set_ylabel("average precision (mean over cells)")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=7, ncol=2, loc="upper right", bbox_to_anchor=(1.0, 1.0))
-    ax.set_title("Detection AP per regime (seed-0 detection model)")
-    fig.tight_layout()
-    fig.savefig(img_dir / "quality_ap.png", dpi=110)
+    for ax, (league, names) in zip(axes[0], leagues.items()):
+        width = 0.8 / len(names)
+        for j, name in enumerate(names):
+            means = [np.nanmean([ap(c, name) for c in cs]) if any(np.isfinite(ap(c, name)) for c in cs) else np.nan
+                     for cs in groups.values()]
+            hatch = "//" if any(c["detectors"].get(name, {}).get("family") == "peer" for c in cells) else None
+            ax.bar(np.arange(len(groups)) + (j - (len(names) - 1) / 2) * width, means, width, label=_short(name),
+                   color=colors(j % 20), hatch=hatch, edgecolor="white" if hatch else None, linewidth=0)
+        ax.set_xticks(np.arange(len(groups)))
+        ax.set_xticklabels([f"{g}\n({len(cs)} cells)" for g, cs in groups.items()], fontsize=7)
+        ax.set_ylabel("average precision (mean over cells)")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=6, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.14))
+        ax.set_title(f"League: {LEAGUE_LABEL[league]} (hatched = peer)", fontsize=9)
+    fig.savefig(img_dir / "quality_ap.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    files.append("quality_ap.png")
 
-    matrix = np.array([[ap(c, name) for name in names] for c in cells])
-    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * len(names), 1.2 + 0.28 * len(cells)))
-    image = ax.imshow(np.ma.masked_invalid(matrix), vmin=0, vmax=1, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
-    ax.set_yticks(range(len(cells)))
-    ax.set_yticklabels([c["key"] for c in cells], fontsize=7)
-    for i in range(matrix.shape[0]):
-        for j in range(matrix.shape[1]):
-            if np.isfinite(matrix[i, j]):
-                ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=5.5,
-                        color="white" if matrix[i, j] < 0.5 else "black")
-    fig.colorbar(image, ax=ax, label="AP")
-    ax.set_title("AP per cell (blank = skipped)")
-    fig.tight_layout()
-    fig.savefig(img_dir / "quality_ap_cells.png", dpi=110)
+    widths = [len(names) for names in leagues.values()]
+    fig, axes = plt.subplots(1, len(leagues), figsize=(2.5 + 0.5 * sum(widths), 1.4 + 0.26 * len(cells)),
+                             gridspec_kw={"width_ratios": widths}, squeeze=False)
+    for k, (ax, (league, names)) in enumerate(zip(axes[0], leagues.items())):
+        matrix = np.array([[ap(c, name) for name in names] for c in cells])
+        image = ax.imshow(np.ma.masked_invalid(matrix), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels([_short(n) for n in names], rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(len(cells)))
+        ax.set_yticklabels([c["key"] for c in cells] if k == 0 else [], fontsize=7)
+        for i in range(matrix.shape[0]):
+            for j in range(matrix.shape[1]):
+                if np.isfinite(matrix[i, j]):
+                    ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=5.5,
+                            color="white" if matrix[i, j] < 0.5 else "black")
+        n_own = sum(not _is_peer(cells, n) for n in names)
+        ax.axvline(n_own - 0.5, color="white", linewidth=3)  # own estimators | peers
+        ax.set_title(LEAGUE_LABEL[league] + " (peers right of the line)", fontsize=9)
+    fig.colorbar(image, ax=axes[0].tolist(), label="AP", fraction=0.02)
+    fig.suptitle("AP per cell, by league (blank = not run)", fontsize=10)
+    fig.savefig(img_dir / "quality_ap_cells.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    files.append("quality_ap_cells.png")
-    return files
+    return ["quality_ap.png", "quality_ap_cells.png"]
+
+
+def _is_peer(cells: list[dict[str, Any]], name: str) -> bool:
+    return any(c["detectors"].get(name, {}).get("family") == "peer" for c in cells)
 
 
 def _detector_order(cells: list[dict[str, Any]]) -> list[str]:
@@ -942,75 +1361,142 @@ def _detector_order(cells: list[dict[str, Any]]) -> list[str]:
         for name, entry in record["detectors"].items():
             if entry.get("status") == "ok" and name not in names:
                 names.append(name)
-    return names
+    # Own estimators and baselines first, then the peers.
+    return sorted(names, key=lambda n: _is_peer(cells, n))
 
 
-def render_markdown(data: dict[str, Any], md_path: Path, img_dir: Path | None = None) -> str:
-    """Regenerate the Quality section of ``md_path`` (between the markers) and its plots."""
+def render_markdown(data: dict[str, Any], md_path: Path, img_dir: Path | None = None,
+                    recommend_path: Path | None = None) -> str:
+    """Regenerate the Quality section of ``md_path`` (between the markers) and its plots; with
+    ``recommend_path`` (default ``benchmarks/results/recommend.json``) present, the recommendation's
+    rows too."""
     md_path = Path(md_path)
     img_dir = Path(img_dir) if img_dir is not None else md_path.parent / "img"
-    meta, cells, targets = data["meta"], data["cells"], data["targets"]
+    meta, cells = data["meta"], data["cells"]
+    targets = evaluate_targets(cells)
+    recs = load_recommendations(Path(recommend_path) if recommend_path is not None else DEFAULT_RECOMMEND)
+    if recs:
+        targets += recommendation_rows(cells, recs)
     rel = os.path.relpath(img_dir, md_path.parent)
     plots = _plots(data, img_dir)
+    regimes = _regimes(cells)
+    names = contenders(cells) + ([RECOMMENDATION] if recs else [])
+    by_league = {league: [n for n in names if any(r["estimator"] == n and r["league"] == league for r in targets)]
+                 for league in (UNTRUSTED, TRUSTED)}
+    detector_leagues = {league: [n for n in _detector_order(cells)
+                                 if any(c["detectors"].get(n, {}).get("league") == league for c in cells)]
+                        for league in (UNTRUSTED, TRUSTED)}
 
     out = [START_MARKER, "## Quality", ""]
     out += [
         f"Generated by `{meta['command']}` on {meta['finished']} "
         f"({meta['runtime_seconds'] / 60:.1f} min wall on {meta['machine']}). "
-        f"Grid `{meta['grid']}`: {len(cells)} cells; training seeds {meta['seeds']} for every retrain "
-        "(split and corruption fixed, seed 0); detectors scored on the models of the first "
+        f"Grid `{meta['grid']}`: {len(cells)} cells; training seeds {meta['seeds']} for every retrain unless a cell "
+        "says otherwise (split and corruption fixed, seed 0); detectors scored on the models of the first "
         f"{meta.get('detection_seeds', len(meta['seeds']))} seed(s) (per cell below), the other seeds retraining without "
-        "the last detection model's top-k. "
-        "Raw numbers, per-seed values and every skip reason: "
+        "the last detection model's top-k. Raw numbers, per-seed values and every skip reason: "
         f"`{meta['json']}`.",
         "",
+        *(["Runs merged in afterwards (new detectors or cells, on the same detection models; `--merge`):", "",
+            *[f"{i}. `{r['command']}` ({r['finished']}, {r['runtime_seconds'] / 60:.1f} min wall on {r['machine']})"
+              for i, r in enumerate(meta["merged_runs"], 1)], ""] if meta.get("merged_runs") else []),
         "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".",
         "",
         "Metrics: ROC-AUC, AP and P@k (k = number corrupted, so P@k = R@k) against the ground truth; "
         "*score s* is the detector's own time (perf_counter, this process, 1 thread); *prep s* is extra "
-        "training a detector needs outside scoring (cleanlab's 5-fold fits; cleanse's `cleanlab` "
-        "estimator includes its folds in *score s*). Test accuracy (clean labels) and attack success rate "
-        "(share of triggered non-target test inputs classified as the target) are mean ± sd (ddof 1) over "
-        "the training seeds after removing the detector's top-k and retraining from scratch. "
-        "**Bold** = best in the column (highest; lowest ASR). AUM is a free baseline, not a peer. cleanse's "
-        "`cleanlab` estimator wraps the same cleanlab calls as the `cleanlab` peer (with different folds and seeds).",
+        "training a detector needs outside scoring (cleanlab's 5-fold fits). Test accuracy (clean labels) and "
+        "attack success rate (share of triggered non-target test inputs classified as the target) are "
+        "mean ± sd (ddof 1) over the training seeds after removing the detector's top-k and retraining from scratch; "
+        "\"–\" where a detector was scored for detection only.",
+        "",
+        "### Two leagues",
+        "",
+        "cleanse treats the validation split as trusted: it is never corrupted. An estimator that reads its "
+        "labels has information that a self-influence tool run on the training set alone does not, so every "
+        "detector is placed in a league and compared only with the peers given the same data:",
+        "",
+        *[f"- **{LEAGUE_LABEL[league]}**: cleanse estimators and baselines " + ", ".join(_short(n) for n in names if not _is_peer(cells, n))
+          + "; peers " + (", ".join(n for n in names if _is_peer(cells, n)) or "none") + "."
+          for league, names in detector_leagues.items()],
+        "",
+        "A cleanse estimator's league is its own declaration (`reads_validation_labels` with the grid's options). "
+        "The trusted-league peers are the same tools attributing the clean validation loss to the training samples "
+        "(captum `influence(validation batch)`, dattri `attribute(train, validation)`, kronfluence pairwise scores "
+        "with the validation set as queries); a training sample's score is minus its summed helpfulness, i.e. "
+        "higher = raises the validation loss. `trusted` is the baseline of that league: "
+        "a model fitted on the validation split alone, each training sample scored by its loss under the given "
+        "label. AUM (minus the checkpoint-mean logit margin, Pleiss et al. 2020) is a free baseline of the other league.",
+        "",
+        "Peer settings: cleanse `trak`'s ridge (`scorers.trak.damping` 0.3, relative to the mean diagonal) was "
+        "chosen on the linear datamodeling score (`benchmarks/influence.py`: digits with 20% symmetric flips, split "
+        "seed 0 — the training split of this grid's digits/sym20 cells —, logistic regression and MLP, 30 retrained "
+        "random halves, the first 20 test samples as queries). That is tuning on attribution, not on detection, "
+        "but on this grid's own digits data; the flip-detection AUC of its self-scores moved by 0.001 over the "
+        "dampings tried. dattri's TRAK runs at `regularization` 1e-3 (absolute) and was tuned on nothing; the other "
+        "peers run at their defaults or at damping 1e-3.",
         "",
     ]
     for name in plots:
         out += [f"![{name}]({rel}/{name})", ""]
 
-    out += ["### Targets (hard regimes)", "",
-            "Per cell of each hard regime: the best cleanse estimator (highest AP) against the best peer "
-            "(target AP ≥ peer + 0.05); its cleaned accuracy against the oracle (target ≥ oracle − 0.5 pt, "
-            "means over seeds); for backdoors its ASR against the oracle's (target ≤ oracle + 2 pt).", "",
-            "| regime | cell | best cleanse (AP) | best peer (AP) | AP margin | AP target | acc cleaned / oracle | "
-            "acc target | ASR before → cleaned / oracle | ASR target |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
-    for row in targets:
-        if "best_cleanse" not in row:
-            out.append(f"| {row['regime']} | {row['cell']} | {row.get('note', '')} | | | | | | | |")
+    out += ["### Targets per fixed estimator", "",
+            "Each estimator is held fixed across the grid; a count is the number of hard-regime cells where that "
+            f"estimator meets the target. The bar is the best peer **of the same league** in that cell + {AP_MARGIN} "
+            "AP (the best peer is chosen per cell with the ground truth, which can only favour the peers). Nothing is "
+            "chosen per cell for cleanse: there is no \"best cleanse estimator\" row. *n/e* = not evaluated: the "
+            "estimator did not run in that many cells, or the comparison was missing there (no peer of the league "
+            "ran, or no retrain); those cells count as not met. *All hard rows*: a cell in two hard regimes "
+            "(a memorising MLP on pair flips or a backdoor) counts in both.", ""]
+    for league in (UNTRUSTED, TRUSTED):
+        if not by_league[league]:
             continue
-        asr = (f"{row['asr_before']:.3f} → {row['asr']:.3f} / {row['oracle_asr']:.3f}" if "asr" in row else "–")
-        out.append(
-            f"| {row['regime']} | {row['cell']} | {row['best_cleanse']} ({row['best_cleanse_ap']:.3f}) | "
-            f"{row.get('best_peer', '–')} ({_fmt(row.get('best_peer_ap'))}) | {_fmt(row.get('ap_margin'), 3)} | "
-            f"{_met(row.get('ap_target_met'))} | {_fmt(row.get('accuracy'))} / {_fmt(row.get('oracle_accuracy'))} | "
-            f"{_met(row.get('accuracy_target_met'))} | {asr} | {_met(row.get('asr_target_met'))} |")
-    out += ["", "Summary (cells meeting each target / cells in the regime):", ""]
-    out += ["| regime | AP ≥ best peer + 0.05 | acc ≥ oracle − 0.5 pt | ASR ≤ oracle + 2 pt |", "|---|---|---|---|"]
-    for regime in dict.fromkeys(r["regime"] for r in targets):
-        rows = [r for r in targets if r["regime"] == regime]
+        out += [f"**{LEAGUE_LABEL[league].capitalize()}**: AP ≥ best peer of the league + {AP_MARGIN}", ""]
+        out += _count_table([r for r in targets if r["league"] == league], by_league[league], regimes,
+                            "ap_target_met", cells) + [""]
+    baselines = [f"cleanse {b}" for b in TRUSTED_BASELINES]
+    if any(r.get("trusted_target_met") is not None for r in targets):
+        trusted_rows = [r for r in targets if r["league"] == TRUSTED and r["estimator"] not in baselines]
+        out += [f"**{LEAGUE_LABEL[TRUSTED].capitalize()}**: AP ≥ the `trusted` baseline + {AP_MARGIN}", ""]
+        out += _count_table(trusted_rows, [n for n in by_league[TRUSTED] if n not in baselines], regimes,
+                            "trusted_target_met", cells) + [""]
+    out += [f"Cleaned accuracy ≥ oracle − {ACC_SLACK * 100:.1f} pt (means over seeds), every estimator "
+            "(a cell where it was scored for detection only is n/e):", ""]
+    out += _count_table(targets, names, regimes, "accuracy_target_met", cells) + [""]
+    if "backdoor" in regimes:
+        out += [f"Backdoor ASR ≤ oracle + {ASR_SLACK * 100:.0f} pt after removing the top-k:", ""]
+        out += _count_table(targets, names, ["backdoor"], "asr_target_met", cells) + [""]
 
-        def count(key: str) -> str:
-            flags = [r[key] for r in rows if key in r]
-            return f"{sum(flags)} / {len(flags)}" if flags else "–"
+    out += ["AP ranges of the trusted league over the grid (min–max over the cells where it ran): "
+            + "; ".join(f"{_short(n)} {_ap_range(cells, n)}" for n in detector_leagues[TRUSTED]) + ".", ""]
+    multi = [c for c in cells if c["corruption"] == "multipair40"]
+    if multi:
+        single = [c for c in cells if c["corruption"] == "pair40" and c["dataset"] in MULTI_SOURCE_DATASETS]
+        ac = "cleanse activation_clustering"
+        out += ["**Single- vs multi-source pair flips.** With 40% single-source pair flips every class c+1 receives "
+                "its flips from class c alone, so the flipped samples form one tight cluster inside their new label: "
+                "exactly what activation clustering (2-means per label) splits off. In the multi-source cells the "
+                "same samples go to c+1, c+2 or c+3, so a label holds its own samples and up to three foreign clusters. "
+                f"Activation clustering: AP {_ap_range(single, ac)} on single-source pair flips (digits, wine) and "
+                f"{_ap_range(multi, ac)} on multi-source ones. Per cell (AP):", ""]
+        out += _league_ap_table(multi, UNTRUSTED) + [""] + _league_ap_table(multi, TRUSTED) + [""]
+    if recs:
+        out += ["### Recommendation", "",
+                f"`cleanse run`'s recommended cleaned model (`{os.path.relpath(DEFAULT_RECOMMEND, ROOT)}`, written by "
+                "`benchmarks/recommend.py`), next to the fixed estimators of this grid, for the cells it covers. The "
+                "recommendation picks by validation accuracy, so it is counted in the trusted league (row "
+                f"*{RECOMMENDATION}* above). Its accuracies are from its own runs (oracle and no removal alike); the best "
+                "fixed estimator is shown for reference only (chosen with the ground truth).", ""]
+        out += _recommendation_table(cells, recs) + [""]
 
-        out.append(f"| {regime} | {count('ap_target_met')} | {count('accuracy_target_met')} | {count('asr_target_met')} |")
+    out += ["### AP by league", "", "Every detector's AP per cell (peers in italics); no cell-wise best.", ""]
+    for league in (UNTRUSTED, TRUSTED):
+        out += [f"**{LEAGUE_LABEL[league].capitalize()}**", ""] + _league_ap_table(cells, league) + [""]
 
-    out += ["", "### Per cell", ""]
+    out += ["### Per cell", ""]
     for record in cells:
         dm = record["detection_model"]
         fitted = dm["train_accuracy_on_corrupted"]
+        seeds = record.get("retrain_seeds", meta["seeds"])
         out += [f"#### {record['dataset']} · {CORRUPTION_LABEL[record['corruption']]} · {MODEL_LABEL[record['model']]}", "",
                 f"n_train {record['n_train']}, k = {record['k']} corrupted, n_test {record['n_test']}, "
                 f"{record['n_params']} parameters, {record['model_config']['epochs']} epochs. Detection model: "
@@ -1018,8 +1504,8 @@ def render_markdown(data: dict[str, Any], md_path: Path, img_dir: Path | None = 
                 f"({_fmt(fitted)} on the corrupted ones), test accuracy {dm['test_accuracy']:.3f}"
                 + (f", ASR {dm['attack_success_rate']:.3f}" if "attack_success_rate" in dm else "")
                 + f"; trained in {dm['train_seconds']:.1f} s (seed {dm['seed']}). Detection metrics and scoring times "
-                f"are means (± sd) over {len(record.get('detection_models', [dm]))} detection seed(s), each "
-                "seed's detectors scoring that seed's model; retrains use every training seed.", ""]
+                f"are means (± sd) over {len(record.get('detection_models', [dm]))} detection seed(s); retrains use "
+                f"training seeds {seeds}. **Bold** = best in the column within the league.", ""]
         out += _cell_table(record)
         skipped = [f"{n} ({e['status']}: {e['reason']})" for n, e in record["detectors"].items()
                    if e.get("status") in ("skipped", "failed") and n not in NOT_RUN]
@@ -1033,6 +1519,9 @@ def render_markdown(data: dict[str, Any], md_path: Path, img_dir: Path | None = 
         out.append("")
     out += ["### Not run, and skip rules", ""] + [f"- {n} (nowhere): {why}" for n, why in NOT_RUN.items()]
     out += [f"- {n} (where it applies; see each cell): {why}" for n, _, why in SKIP_RULES]
+    out += [f"- {r['cell']}: {r['reason']}; not merged" for r in meta.get("merge_rejected") or []]
+    missing = {n: [c["key"] for c in cells if n not in c["detectors"]] for n in _detector_order(cells)}
+    out += [f"- {n}: not measured in {len(keys)} cell(s): {', '.join(keys)}" for n, keys in missing.items() if keys]
     out += ["", END_MARKER]
     section = "\n".join(out) + "\n"
 
@@ -1068,7 +1557,8 @@ def _versions() -> dict[str, str]:
 def run(grid: str, seeds: list[int], out: Path, docs: Path | None, jobs: int, only: list[str] | None = None,
         cell_patterns: list[str] | None = None, log: Callable[[str], None] = print,
         detection_seeds: int | None = None, retrain_device: str = "cpu",
-        with_references: bool = True) -> dict[str, Any]:
+        with_references: bool = True, exclude: list[str] | None = None,
+        retrain_detectors: bool = True) -> dict[str, Any]:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     started = time.perf_counter()
@@ -1076,6 +1566,8 @@ def run(grid: str, seeds: list[int], out: Path, docs: Path | None, jobs: int, on
     dets = detectors()
     if only:
         dets = [d for d in dets if d.name in only or d.family == "cleanse" and "cleanse" in only]
+    if exclude:
+        dets = [d for d in dets if d.name not in exclude]
     if cell_patterns:
         cells = [c for c in cells if any(fnmatch.fnmatch(c.key, pattern) for pattern in cell_patterns)]
     warm_imports(dets)
@@ -1083,7 +1575,8 @@ def run(grid: str, seeds: list[int], out: Path, docs: Path | None, jobs: int, on
     records = []
     for cell in cells:
         cell_started = time.perf_counter()
-        records.append(score_cell(cell, seeds, dets, retrainer, log, detection_seeds, with_references))
+        records.append(score_cell(cell, seeds, dets, retrainer, log, detection_seeds, with_references,
+                                  retrain_detectors))
         records[-1]["scoring_wall_seconds"] = time.perf_counter() - cell_started
         retrainer.pump(1)
     log(f"scoring done in {time.perf_counter() - started:.0f} s; waiting for retrains")
@@ -1092,7 +1585,7 @@ def run(grid: str, seeds: list[int], out: Path, docs: Path | None, jobs: int, on
         resolve_cell(record, retrainer.results)
     data = {
         "meta": {
-            "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:]) if sys.argv[1:] else
+            "command": "python benchmarks/quality.py " + shlex.join(sys.argv[1:]) if sys.argv[1:] else
                        "python benchmarks/quality.py",
             "grid": grid, "seeds": seeds, "detection_seeds": detection_seeds or len(seeds),
             "retrain_device": retrain_device, "json": str(out.relative_to(ROOT) if out.is_relative_to(ROOT) else out),
@@ -1115,14 +1608,18 @@ def run(grid: str, seeds: list[int], out: Path, docs: Path | None, jobs: int, on
 
 
 def merge_runs(runs: list[dict[str, Any]], out: Path) -> dict[str, Any]:
-    """One result from runs over cell subsets (e.g. run side by side on a many-core machine).
+    """One result from runs over cell subsets (e.g. run side by side on a many-core machine), or
+    from a complete run and later runs of new detectors or cells on top of it.
 
     A cell in several runs keeps the first run's record; the detectors a later run scored replace
-    the earlier entries (recorded under ``replaced_detectors``).
+    the earlier entries (recorded under ``replaced_detectors``), after checking that both runs
+    trained the same detection model. Later runs are listed in ``meta.merged_runs``.
     """
     order = {cell.key: i for i, cell in enumerate(full_grid())}
     cells: dict[str, dict[str, Any]] = {}
-    for run_data in runs:
+    overlay = False  # a later run re-scoring cells of an earlier one (not disjoint runs side by side)
+    rejected: list[dict[str, str]] = []
+    for index, run_data in enumerate(runs):
         for record in run_data["cells"]:
             if record["key"] not in cells:
                 if not (record["references"].get("oracle") or {}).get("test_accuracy"):
@@ -1133,19 +1630,38 @@ def merge_runs(runs: list[dict[str, Any]], out: Path) -> dict[str, Any]:
             # A later run of the same cell (e.g. ``--only`` one detector after a fix) replaces the
             # detectors it ran; the cell's references and other detectors stay from the first run.
             base = cells[record["key"]]
+            overlay = True
             if record["detection_models"][0]["seed"] != base["detection_models"][0]["seed"] or record["k"] != base["k"]:
                 raise SystemExit(f"cell {record['key']}: runs disagree on the detection seed or the corruption")
+            new_model, old_model = record["detection_model"], base["detection_model"]
+            if any(abs(new_model[m] - old_model[m]) > 1e-9 for m in ("test_accuracy", "train_accuracy")):
+                # Not the same detection model (e.g. convolutions on another CPU): its detectors would
+                # not be comparable with the cell's others, so they are left out and listed.
+                why = (f"{', '.join(n for n in record['detectors'] if n not in NOT_RUN)} from merged run "
+                       f"{index}: its detection model differs (test accuracy "
+                       f"{new_model['test_accuracy']:.4f} vs {old_model['test_accuracy']:.4f})")
+                rejected.append({"cell": record["key"], "reason": why})
+                print(f"merge: {record['key']}: {why}; left out")
+                continue
             ran = {n: e for n, e in record["detectors"].items() if n not in NOT_RUN}
             base["detectors"].update(ran)
             base.setdefault("replaced_detectors", []).extend(ran)
     meta = dict(runs[0]["meta"])
-    meta.update(
-        command=f"{len(runs)} runs of python benchmarks/quality.py --cells ... side by side, merged with --merge",
-        runtime_seconds=max(r["meta"]["runtime_seconds"] for r in runs),
-        n_retrains=sum(r["meta"]["n_retrains"] for r in runs),
-        machine=f"{len(runs)} processes side by side on: " + "; ".join(dict.fromkeys(r["meta"]["machine"] for r in runs)),
-        json=str(out.relative_to(ROOT) if out.is_relative_to(ROOT) else out),
-    )
+    if not overlay and not meta.get("merged_runs"):  # disjoint runs side by side: one wall time
+        meta.update(
+            command=f"{len(runs)} runs of python benchmarks/quality.py --cells ... side by side, merged with --merge",
+            runtime_seconds=max(r["meta"]["runtime_seconds"] for r in runs),
+            machine=f"{len(runs)} processes side by side on: "
+                    + "; ".join(dict.fromkeys(r["meta"]["machine"] for r in runs)),
+        )
+    # Every run merged in after the first, with its own command (new detectors or cells added later).
+    if overlay or meta.get("merged_runs"):
+        meta["merged_runs"] = list(meta.get("merged_runs") or []) + [
+            {key: r["meta"].get(key) for key in ("command", "finished", "runtime_seconds", "machine")}
+            for r in runs[1:]]
+    meta["merge_rejected"] = list(meta.get("merge_rejected") or []) + rejected
+    meta.update(n_retrains=sum(r["meta"]["n_retrains"] for r in runs),
+                json=str(out.relative_to(ROOT) if out.is_relative_to(ROOT) else out))
     records = sorted(cells.values(), key=lambda r: order.get(r["key"], len(order)))
     data = {"meta": meta, "cells": records, "targets": evaluate_targets(records)}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -1166,6 +1682,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="retrain worker processes (0 = in this process)")
     parser.add_argument("--only", default=None, help="comma-separated detector names to run ('cleanse' = all "
                                                       "cleanse estimators); default all")
+    parser.add_argument("--exclude", default=None, help="comma-separated detector names not to run")
     parser.add_argument("--cells", default=None, help="comma-separated glob patterns on dataset/corruption/model, "
                                                        "e.g. 'digits/*/mlp_mem'; default the whole grid")
     parser.add_argument("--render-only", action="store_true", help="regenerate the docs from --out and exit")
@@ -1177,6 +1694,9 @@ def main(argv: list[str] | None = None) -> int:
                              "the other seeds retrain without the last detection model's top-k")
     parser.add_argument("--no-references", action="store_true",
                         help="skip the no-removal/random/oracle retrains (for --only runs merged onto a full run)")
+    parser.add_argument("--detect-only", action="store_true",
+                        help="detection metrics only: no retrain without the detectors' top-k (their cleaned "
+                             "accuracy is then not reported)")
     parser.add_argument("--retrain-device", default="cpu", help="device of the retrain workers (cpu | cuda)")
     parser.add_argument("--merge", nargs="+", type=Path, default=None,
                         help="combine the JSONs of runs on disjoint --cells into --out (grid order), recompute "
@@ -1201,7 +1721,8 @@ def main(argv: list[str] | None = None) -> int:
 
     run(args.grid, seeds, args.out, None if args.no_docs else args.docs, args.jobs,
         args.only.split(",") if args.only else None, args.cells.split(",") if args.cells else None, log,
-        args.detection_seeds, args.retrain_device, not args.no_references)
+        args.detection_seeds, args.retrain_device, not args.no_references,
+        args.exclude.split(",") if args.exclude else None, not args.detect_only)
     return 0
 
 
