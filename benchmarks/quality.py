@@ -571,8 +571,10 @@ def _kronfluence_task() -> Any:
 # ---- trusted league: the same peers, attributing the clean validation loss to the training samples.
 # Every tool returns train -> validation scores oriented as "helpful" (positive: training on the
 # sample lowers the validation loss); the detector score is minus the sum over the validation set,
-# so higher = raises the validation loss = more likely harmful. The orientation was checked on
-# wine/sym20/logreg against ground truth and against cleanse ``influence_val`` (docs: Quality).
+# so higher = raises the validation loss = more likely harmful. Orientation checked on
+# wine/sym20/logreg (seed 0, 21 of 106 flipped): with this sign the five tools reach AP 0.70-0.98,
+# with the opposite 0.11-0.18 (chance 0.20), and their Spearman correlation with cleanse
+# ``influence_val``'s score (documented sign) is +0.52 to +1.00 (dattri IF-explicit: +1.00).
 
 
 def _harmful(helpful: torch.Tensor, train_axis: int) -> np.ndarray:
