@@ -20,6 +20,12 @@ misclassified validation samples) next to self-influence, for TracIn and influen
 
     .venv/bin/python benchmarks/backdoor.py                        # full, about 30 min on 2 cores
     .venv/bin/python benchmarks/backdoor.py --grid smoke --out /tmp/b.json --docs /tmp/b.md
+    .venv/bin/python benchmarks/backdoor.py --render-only                # re-summarise the stored jobs
+    .venv-bench/bin/python benchmarks/backdoor.py --peers --seeds 0     # captum / dattri, same probes
+
+``--peers`` adds captum's and dattri's train -> probe APs (same probes, same aggregation) to the
+stored result without rerunning cleanse's loops; ``--rerun cell:seed,...`` recomputes single jobs.
+The removal budget (at most 1.5x the poisons removed) is checked per seed.
 
 Writes ``benchmarks/results/backdoor.json`` and the ``backdoor`` section of ``docs/benchmarks.md``.
 """
@@ -47,12 +53,12 @@ import torch  # noqa: E402
 from _common import REPO, environment, fmt, jsonable, md_table  # noqa: E402
 from quality import CORRUPTIONS, MODELS, Cell  # noqa: E402
 
-TARGETS = {"ap": 0.8, "asr": 0.05, "accuracy_gap": 0.01}
-# TracIn reads geometrically spaced checkpoints with unit training gradients: on the memorising
-# digits MLP the poisons are fit within 3 of 200 epochs, before any evenly spaced checkpoint.
-TRACIN = ["model.checkpoint_spacing=geometric", "scorers.tracin.normalize=train"]
-QUERY = ["query.kind=triggered", "query.size=8", "query.aggregate=normalized_mean", "query.contrast=reference",
-         *TRACIN]
+TARGETS = {"ap": 0.8, "asr": 0.05, "accuracy_gap": 0.01, "removal_budget": 1.5}
+# The defaults with probes (cleanse.config.AUTO_SETTINGS): 8 probes, normalized mean, one-sided
+# reference contrast, geometric checkpoints with unit training gradients for TracIn (on the
+# memorising digits MLP the poisons are fit within 3 of 200 epochs, before any evenly spaced
+# checkpoint), iterative cleansing.
+QUERY = ["query.kind=triggered"]
 CLEANSE_WITH = "tracin"
 
 # Cheapest first, so that a run cut short still covers every dataset.
@@ -121,8 +127,8 @@ def backdoor_job(cell: Cell, seed: int) -> dict[str, Any]:
     started = time.perf_counter()
     params, staged, model = _setup(cell, seed, QUERY)
     n = len(staged.train)
-    params = params.model_copy(update={"cleansing": params.cleansing.model_copy(update={
-        "iterative": True, "step": step_for(n), "max_fraction": 0.15, "stop_rate": 0.02})})
+    # The one setting not left at its default: the step scales with the training set.
+    params = params.model_copy(update={"cleansing": params.cleansing.model_copy(update={"step": step_for(n)})})
     truth = staged.train.is_corrupted
     query = query_for(params, staged, model)
     detectors: dict[str, Any] = {}
@@ -151,7 +157,7 @@ def noise_job(cell: Cell, seed: int) -> dict[str, Any]:
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     started = time.perf_counter()
-    extra = ["query.kind=val_errors", "query.size=8", "query.contrast=reference", *TRACIN]
+    extra = ["query.kind=val_errors"]
     params, staged, model = _setup(cell, seed, extra)
     truth = staged.train.is_corrupted
     query = query_for(params, staged, model)
@@ -168,8 +174,13 @@ def _mean(values: list[float | None]) -> float | None:
     return float(np.mean(finite)) if finite else None
 
 
+def within_budget(job: dict[str, Any]) -> bool:
+    """Whether one seed's iterative cleansing removed at most ``removal_budget`` x the number of poisons."""
+    return job["cleansing"]["n_removed"] <= TARGETS["removal_budget"] * job["k"] + 1e-9
+
+
 def summarise(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per cell: means over seeds and the targets."""
+    """Per cell: means over seeds and the targets (the removal budget is checked per seed)."""
     rows = []
     for key in dict.fromkeys(job["cell"] for job in jobs):
         runs = [job for job in jobs if job["cell"] == key]
@@ -178,7 +189,9 @@ def summarise(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"cell": key, "seeds": [r["seed"] for r in runs], "ap": ap,
                                "auc": {name: _mean([r["detectors"][name]["roc_auc"] for r in runs]) for name in names}}
         if "cleansing" in runs[0]:
-            best = max(names, key=lambda name: ap[name] if ap[name] is not None else -1)
+            # Ties (several rankings at AP 1.0) go to the ranking the loop cleanses with.
+            best = max(names, key=lambda name: (ap[name] if ap[name] is not None else -1,
+                                                name == f"{CLEANSE_WITH} (triggered probes)"))
             row.update({
                 "k": runs[0]["k"], "n_train": runs[0]["n_train"], "step": runs[0]["step"],
                 "best": best, "best_ap": ap[best],
@@ -187,6 +200,8 @@ def summarise(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "asr_after": _mean([r["cleansing"]["attack_success_rate"] for r in runs]),
                 "accuracy_after": _mean([r["cleansing"]["test_accuracy"] for r in runs]),
                 "removed": _mean([r["cleansing"]["n_removed"] for r in runs]),
+                "removed_per_seed": [r["cleansing"]["n_removed"] for r in runs],
+                "budget_seeds": sum(within_budget(r) for r in runs),
                 "poisons_removed": _mean([r["cleansing"]["n_corrupted_removed"] for r in runs]),
                 "rounds": _mean([len(r["cleansing"]["rounds"]) - 1 for r in runs]),
                 "stopped": [r["cleansing"]["stopped"] for r in runs],
@@ -197,6 +212,17 @@ def summarise(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row["asr_met"] = row["asr_after"] is not None and row["asr_after"] <= TARGETS["asr"]
             row["accuracy_gap"] = row["oracle_accuracy"] - row["accuracy_after"]
             row["accuracy_met"] = row["accuracy_gap"] <= TARGETS["accuracy_gap"] + 1e-12
+            row["budget_met"] = row["budget_seeds"] == len(runs)
+            with_peers = [r for r in runs if "peers" in r]
+            if with_peers:
+                peer_names = [name for name in with_peers[0]["peers"] if not name.startswith("_")]
+                row["peer_seeds"] = [r["seed"] for r in with_peers]
+                row["peer_ap"] = {name: {key: _mean([r["peers"][name].get(key) for r in with_peers])
+                                         for key in ("ap", "ap_contrast", "ap_negated")} for name in peer_names}
+                row["cleanse_probe_ap_peer_seeds"] = _mean(
+                    [r["detectors"][f"{CLEANSE_WITH} (triggered probes)"]["average_precision"] for r in with_peers])
+                row["peer_errors"] = {name: r["peers"][name]["error"] for r in with_peers for name in peer_names
+                                      if "error" in r["peers"][name]}
         rows.append(row)
     return rows
 
@@ -244,17 +270,20 @@ def render(result: dict[str, Any], docs: Path, out: Path, image: Path) -> str:
         f"`{meta['environment']['git_commit']}`). "
         f"Raw numbers per seed: `{relative_link(out, REPO)}`. Cells and model recipes are `benchmarks/quality.py`'s "
         "backdoor cells; split and poisons fixed (seed 0), training seeds "
-        f"{meta['seeds']}; every number is a mean over the seeds.", "",
-        "Probes: `query.kind: triggered`, `query.size: 8` (triggered validation inputs of non-target classes that "
-        "the model sends to the target, spread over their true classes), contrasted with 8 correctly classified "
-        "validation inputs of the target class (`query.contrast: reference`, positive general support only); "
-        "TracIn over geometrically spaced checkpoints (`model.checkpoint_spacing: geometric`: epochs 1, 2, 3, "
-        "6, ... of a 200-epoch run) with unit training gradients (`scorers.tracin.normalize: train`). Cleansing: "
-        f"the `{CLEANSE_WITH}` probe ranking, ~1.1% of the training set removed per round, retrain from scratch, "
-        "re-score with the probes the retrained model still gets wrong; stop once ≤ 2% of the held-out triggered "
-        "validation inputs still go to the target, or at 15% removed; then put back the removed samples of "
-        "other labels than the target's or whose label the cleansed model agrees with, kept only if the "
-        "behaviour stays gone. ASR and accuracy are on the test set, which the loop never sees. The oracle removes exactly the poisons and retrains with the same "
+        f"{meta['seeds']}; every number is a mean over the seeds."
+        + (f" Recomputed since with `--rerun`: {', '.join(meta['reruns'])}." if meta.get("reruns") else "")
+        + (f" Peers added by `{meta['peers_command']}`." if meta.get("peers_command") else ""), "",
+        "Settings: the defaults with `query.kind: triggered` (they follow from setting `query.kind`); only the "
+        "cleansing step is scaled to the training set. Probes: 8 triggered validation inputs of non-target "
+        "classes that the model sends to the target, spread over their true classes, contrasted with 8 correctly "
+        "classified validation inputs of the target class (one-sided: positive general support only); TracIn "
+        "over geometrically spaced checkpoints (epochs 1, 2, 3, 6, ... of a 200-epoch run) with unit training "
+        f"gradients. Cleansing: iterative, with the `{CLEANSE_WITH}` probe ranking, ~1.1% of the training set "
+        "removed per round, retrain from scratch, re-score with the probes the retrained model still gets wrong; "
+        "stop once ≤ 2% of the held-out triggered validation inputs still go to the target, or at 15% removed; "
+        "then put back the removed samples of other labels than the target's or whose label the cleansed model "
+        "agrees with, kept only if the held-out behaviour does not rise. ASR and accuracy are on the test set, "
+        "which the loop never sees. The oracle removes exactly the poisons and retrains with the same "
         "seed; on wine one test sample is 2.2 pt of accuracy.", "",
         "What each part bought on the digits cells (MLP / CNN, mean of 3 seeds), measured one change at a time: "
         "the previous design (two-sided contrast, probes drawn at random, fixed probes) reached AP 0.816 / 0.891 "
@@ -289,16 +318,36 @@ def render(result: dict[str, Any], docs: Path, out: Path, image: Path) -> str:
     rows = [r for r in result["summary"] if "best" in r]
     lines.append(md_table(
         ["cell", "k / n", "best (AP)", "ASR before → after (oracle)", "acc after / oracle", "removed (poisons)",
-         "rounds", "AP ≥ 0.8", "ASR ≤ 0.05", "acc ≥ oracle − 1 pt"],
+         "removed per seed", "rounds", "AP ≥ 0.8", "ASR ≤ 0.05", "acc ≥ oracle − 1 pt",
+         f"removed ≤ {TARGETS['removal_budget']}× k (seeds)"],
         [[r["cell"], f"{r['k']} / {r['n_train']}", f"{r['best']} ({fmt(r['best_ap'], 3)})",
           f"{fmt(r['asr_before'], 3)} → {fmt(r['asr_after'], 3)} ({fmt(r['oracle_asr'], 3)})",
           f"{fmt(r['accuracy_after'], 3)} / {fmt(r['oracle_accuracy'], 3)}",
-          f"{fmt(r['removed'], 1)} ({fmt(r['poisons_removed'], 1)})", fmt(r["rounds"], 1),
-          fmt(r["ap_met"]), fmt(r["asr_met"]), fmt(r["accuracy_met"])] for r in rows]))
+          f"{fmt(r['removed'], 1)} ({fmt(r['poisons_removed'], 1)})",
+          " / ".join(str(int(v)) for v in r["removed_per_seed"]), fmt(r["rounds"], 1),
+          fmt(r["ap_met"]), fmt(r["asr_met"]), fmt(r["accuracy_met"]),
+          f"{fmt(r['budget_met'])} ({r['budget_seeds']} / {len(r['seeds'])})"] for r in rows]))
     lines += ["", f"![ASR against cleansing rounds]({relative_link(image, docs.parent)})", "",
               "AP against the poisoned set per detector (mean over seeds; chance = k / n):", ""]
     names = list(rows[0]["ap"]) if rows else []
     lines.append(md_table(["cell", *names], [[r["cell"], *(fmt(r["ap"].get(n), 3) for n in names)] for r in rows]))
+    peered = [r for r in rows if "peer_ap" in r]
+    if peered:
+        names = list(peered[0]["peer_ap"])
+        lines += ["", "Peers given the same probes (seed " + ", ".join(str(s) for s in peered[0]["peer_seeds"]) +
+                  " only): each tool's train → probe matrix (positive = the training sample supports the probe's "
+                  "label), ranked by the same normalized mean over the 8 probes, AP against the poisons; after the "
+                  "slash, with cleanse's one-sided reference contrast applied to it too. Same models and "
+                  "checkpoints (retrained; probes and test accuracy match the stored run); the peers weight "
+                  "checkpoints by learning rate with raw gradients (their defaults), cleanse's TracIn uses unit "
+                  "training gradients; dattri IF is its explicit inverse on the last layer (damping 1e-3). "
+                  "Sign check: the opposite ranking has AP at chance for every peer (`ap_negated` in the JSON). "
+                  "Next to it, cleanse's `tracin (triggered probes)` on the same seed:", ""]
+        lines.append(md_table(
+            ["cell", "cleanse tracin (triggered probes)", *names],
+            [[r["cell"], fmt(r["cleanse_probe_ap_peer_seeds"], 3),
+              *(f"{fmt(r['peer_ap'][n]['ap'], 3)} / {fmt(r['peer_ap'][n]['ap_contrast'], 3)}"
+                if n not in r.get("peer_errors", {}) else "failed" for n in names)] for r in peered]))
     noise = [r for r in result["summary"] if "best" not in r]
     if noise:
         names = list(noise[0]["ap"])
@@ -306,8 +355,8 @@ def render(result: dict[str, Any], docs: Path, out: Path, image: Path) -> str:
                   "samples, labelled with the wrong prediction) next to self-influence, AP (mean over seeds). TracIn "
                   "reads the same geometric checkpoints here; with evenly spaced ones its self-influence AP was "
                   "0.979 / 0.928 / 0.846 (digits / breast_cancer / wine, previous run). Early checkpoints, where "
-                  "every sample still has a large gradient, dilute the mislabel signal, which is why `even` stays "
-                  "the default spacing:", ""]
+                  "every sample still has a large gradient, dilute the mislabel signal, which is why "
+                  "self-influence (no probes) keeps `even` spacing:", ""]
         lines.append(md_table(["cell", *names], [[r["cell"], *(fmt(r["ap"].get(n), 3) for n in names)] for r in noise]))
     return "\n".join(lines)
 
@@ -364,6 +413,163 @@ def run(grid: str, seeds: list[int], out: Path, docs: Path | None, jobs: int, ca
     return publish(jsonable(result), out, docs, "backdoor", plot, render)
 
 
+# ---- peers given the same probes: each tool's train -> probe matrix, aggregated like cleanse's.
+# Every tool returns "helpful" scores (positive: training on the sample lowers the probe's loss under
+# its label, i.e. supports the probe label), the orientation of cleanse's pairwise matrices.
+
+
+def _peer_captum(full: bool) -> Any:
+    def matrix(bench: Any, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+        from captum.influence import TracInCP, TracInCPFast
+        from quality import _captum_load, _ce_sum, _last_linear
+
+        model = bench.model.module()
+        if full:
+            tracin = TracInCP(model, bench.dataset(), bench.checkpoint_files(), checkpoints_load_func=_captum_load,
+                              loss_fn=_ce_sum(), batch_size=512, sample_wise_grads_per_batch=True)
+        else:
+            tracin = TracInCPFast(model, _last_linear(model), bench.dataset(), bench.checkpoint_files(),
+                                  checkpoints_load_func=_captum_load, loss_fn=_ce_sum(), batch_size=512)
+        return tracin.influence((x, y)).detach().double().numpy()  # (n_query, n_train)
+
+    return matrix
+
+
+def _peer_dattri_if(bench: Any, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    from quality import _dattri_if_last_layer, _features_loader
+
+    attributor, _, features = _dattri_if_last_layer(bench)
+    train_loader = _features_loader(features, *bench.tensors())
+    attributor.cache(train_loader)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        helpful = attributor.attribute(train_loader, _features_loader(features, x, y))  # (n_train, n_query)
+    return helpful.detach().double().numpy().T
+
+
+def _peer_dattri_tracin(bench: Any, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    from quality import _dattri_tracin
+
+    probes = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=len(y))
+    helpful = _dattri_tracin(bench).attribute(bench.loader(256), probes)  # (n_train, n_query)
+    return helpful.detach().double().numpy().T
+
+
+PEERS = {"captum TracInCPFast (last layer)": _peer_captum(False), "captum TracInCP": _peer_captum(True),
+         "dattri IF explicit (last layer)": _peer_dattri_if, "dattri TracIn": _peer_dattri_tracin}
+
+
+def peer_job(cell: Cell, seed: int, stored: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The peers' AP against the poisons from the same probes (and reference inputs) as cleanse.
+
+    Per peer: ``normalized_mean`` of its ``(n_query, n_train)`` support matrix (positive = supports the
+    probe label, so higher = more harmful), without and with cleanse's one-sided reference contrast;
+    ``ap_negated`` is the AP of the opposite sign (a sign check: it should be near chance).
+    """
+    import tempfile
+
+    from cleanse.attribution import aggregate_support, contrast
+    from cleanse.evaluate import detection_metrics
+    from cleanse.pipeline import evaluate_model
+    from cleanse.query import query_for
+    from quality import Bench
+
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    params, staged, model = _setup(cell, seed, QUERY)
+    query = query_for(params, staged, model)
+    truth = staged.train.is_corrupted
+    check = {"query_matches": stored is None or stored["query"] == jsonable(query.summary()),
+             "test_accuracy": evaluate_model(model, staged)["test_accuracy"]}
+    if stored is not None:
+        check["stored_test_accuracy"] = stored["base"]["test_accuracy"]
+    joined = query.probes if query.reference is None else query.probes.concat(query.reference)
+    x = torch.as_tensor(joined.features, dtype=torch.float32)
+    y = torch.as_tensor(joined.label, dtype=torch.long)
+    n_probes = len(query.probes)
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as workdir:
+        bench = Bench(cell=cell, params=params, staged=staged, model=model, workdir=Path(workdir))
+        for name, matrix_fn in PEERS.items():
+            started = time.perf_counter()
+            try:
+                both = np.asarray(matrix_fn(bench, x, y), dtype=np.float64)
+            except Exception as error:  # a peer failing on one cell must not lose the others' numbers
+                out[name] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+                continue
+            support = aggregate_support(both[:n_probes])
+            row: dict[str, Any] = {"seconds": time.perf_counter() - started,
+                                   "ap": detection_metrics(support, truth)["average_precision"],
+                                   "ap_negated": detection_metrics(-support, truth)["average_precision"]}
+            if query.reference is not None:
+                contrasted, _ = contrast(support, aggregate_support(both[n_probes:]))
+                row["ap_contrast"] = detection_metrics(contrasted, truth)["average_precision"]
+            out[name] = row
+            print(f"  {cell.key} seed {seed} {name}: {row}", flush=True)
+    return {"cell": cell.key, "seed": seed, "check": check, "peers": out}
+
+
+def run_peers(out: Path, docs: Path | None, seeds: list[int], cells: list[str] | None) -> dict[str, Any]:
+    """Add the peers' probe APs to the stored result at ``out`` (cleanse's loops are not rerun); the
+    file is rewritten after every cell, so a run cut short keeps what it finished."""
+    from _common import publish
+
+    result = json.loads(out.read_text())
+    stored = {(job["cell"], job["seed"]): job for job in result["backdoor_jobs"]}
+    for cell in GRIDS["full"][0]:
+        if cells and cell.key not in cells:
+            continue
+        for seed in seeds:
+            job = stored.get((cell.key, seed))
+            if job is None:
+                continue
+            started = time.perf_counter()
+            measured = peer_job(cell, seed, job)
+            job["peers"] = {**measured["peers"], "_check": measured["check"]}
+            print(f"done peers {cell.key} seed {seed} ({time.perf_counter() - started:.0f} s)", flush=True)
+            result["meta"]["peers_command"] = "python benchmarks/backdoor.py " + " ".join(sys.argv[1:])
+            result["summary"] = summarise(result["backdoor_jobs"]) + summarise(result["noise_jobs"])
+            publish(jsonable(result), out, docs, "backdoor", plot, render)
+    return result
+
+
+def rerun(out: Path, docs: Path | None, pairs: list[str], cache: Path | None) -> dict[str, Any]:
+    """Recompute the backdoor jobs ``pairs`` ("cell:seed") and replace them in the stored result at
+    ``out``, keeping their peers' numbers (with ``cache``, jobs already there are not recomputed)."""
+    from _common import publish
+
+    cells = {cell.key: cell for cell in GRIDS["full"][0]}
+    done = _cached(cache)
+    fresh = []
+    for pair in pairs:
+        key, seed = pair.rsplit(":", 1)
+        job = done.get((key, int(seed))) or backdoor_job(cells[key], int(seed))
+        if cache is not None and (key, int(seed)) not in done:
+            with cache.open("a") as handle:
+                handle.write(json.dumps(jsonable(job)) + "\n")
+        fresh.append(job)
+    result = json.loads(out.read_text())
+    for job in fresh:
+        index = next(i for i, old in enumerate(result["backdoor_jobs"])
+                     if (old["cell"], old["seed"]) == (job["cell"], job["seed"]))
+        if "peers" in result["backdoor_jobs"][index]:
+            job["peers"] = result["backdoor_jobs"][index]["peers"]
+        result["backdoor_jobs"][index] = job
+    result["meta"]["reruns"] = sorted(set(result["meta"].get("reruns", [])) | set(pairs))
+    result["summary"] = summarise(result["backdoor_jobs"]) + summarise(result["noise_jobs"])
+    return publish(jsonable(result), out, docs, "backdoor", plot, render)
+
+
+def render_only(out: Path, docs: Path | None) -> dict[str, Any]:
+    """Recompute the summary from the stored per-seed jobs at ``out`` and re-render (no measuring)."""
+    from _common import publish
+
+    result = json.loads(out.read_text())
+    result["meta"]["targets"] = TARGETS
+    result["summary"] = summarise(result["backdoor_jobs"]) + summarise(result["noise_jobs"])
+    return publish(jsonable(result), out, docs, "backdoor", plot, render)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--grid", choices=sorted(GRIDS), default="full")
@@ -374,8 +580,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (0 = this process)")
     parser.add_argument("--cache", type=Path, default=None, help="JSON-lines file of finished jobs (resume)")
     parser.add_argument("--cached-only", action="store_true", help="publish the cached jobs; compute nothing")
+    parser.add_argument("--render-only", action="store_true",
+                        help="recompute the summary from --out's per-seed jobs and re-render; compute nothing")
+    parser.add_argument("--peers", action="store_true",
+                        help="add captum's and dattri's probe APs for --seeds to --out (needs .venv-bench)")
+    parser.add_argument("--rerun", default="", help="comma-separated cell:seed backdoor jobs to recompute and replace "
+                        "in --out (the rest of --out is kept)")
+    parser.add_argument("--cells", default="", help="with --peers: comma-separated cell keys (default: all)")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    docs = None if args.no_docs else args.docs
+    if args.rerun:
+        rerun(args.out, docs, [p for p in args.rerun.split(",") if p], args.cache)
+        return 0
+    if args.render_only or args.peers:
+        if args.peers:
+            run_peers(args.out, docs, seeds, [c for c in args.cells.split(",") if c])
+        else:
+            render_only(args.out, docs)
+        return 0
     result = run(args.grid, seeds, args.out, None if args.no_docs else args.docs, args.jobs, args.cache,
                  args.cached_only)
     for row in result["summary"]:

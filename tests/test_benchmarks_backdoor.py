@@ -37,3 +37,26 @@ def test_smoke_grid_measures_and_renders_its_section(tmp_path):
     again = subprocess.run([*command, "--cached-only"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr[-2000:]
     assert json.loads(out.read_text())["summary"] == data["summary"]
+
+
+def _fake_job(seed: int, n_removed: int, k: int = 10) -> dict:
+    detectors = {"tracin (triggered probes)": {"average_precision": 0.9, "roc_auc": 0.95}}
+    outcome = {"attack_success_rate": 0.0, "test_accuracy": 0.9}
+    return {"cell": "fake/backdoor5/mlp", "seed": seed, "n_train": 200, "k": k, "step": 2, "base": outcome,
+            "detectors": detectors, "oracle": outcome,
+            "cleansing": {"stopped": "behaviour_gone", "rounds": [{}, {}], "n_removed": n_removed,
+                          "n_corrupted_removed": k, **outcome}}
+
+
+def test_removal_budget_is_checked_per_seed_not_on_the_mean():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from backdoor import summarise
+
+    # Mean removal 14 <= 15 = 1.5 x 10 poisons, but seed 2 removed 22: the cell misses the budget.
+    row = summarise([_fake_job(0, 10), _fake_job(1, 10), _fake_job(2, 22)])[0]
+    assert row["removed"] == 14.0
+    assert row["removed_per_seed"] == [10, 10, 22]
+    assert row["budget_seeds"] == 2 and row["budget_met"] is False
+    # Exactly 1.5 x k is within the budget.
+    row = summarise([_fake_job(0, 15), _fake_job(1, 11)])[0]
+    assert row["budget_seeds"] == 2 and row["budget_met"] is True
