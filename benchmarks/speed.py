@@ -928,6 +928,18 @@ def _carried_date(runs: list[dict[str, Any]]) -> str:
     return next((d["carried_from"] for r in runs for d in r["detectors"] if d.get("carried_from")), "unknown")
 
 
+def _in_epochs(auto: dict[str, Any], value: float | None) -> float | None:
+    """A prediction of ``auto``'s metadata in training epochs: results from before the analytic cost
+    model stored seconds and the planner's estimated epoch (``epoch_s_estimated``)."""
+    if value is None or "predicted_epochs" in auto:
+        return value
+    return value / auto["epoch_s_estimated"]
+
+
+def _auto_predicted(auto: dict[str, Any], row: dict[str, Any]) -> float | None:
+    return _in_epochs(auto, row.get("predicted_epochs", row.get("predicted_s")))
+
+
 def _auto_section(runs: list[dict[str, Any]]) -> list[str]:
     """What ``solver: auto`` chose at each n, its prediction and the measured time."""
     rows = []
@@ -937,25 +949,26 @@ def _auto_section(runs: list[dict[str, Any]]) -> list[str]:
             if not auto or d.get("status") != "ok":
                 continue
             rejected = "; ".join(
-                f"{c['solver']} ({c['layers']}) " + ("p > exact_max_params" if c["predicted_s"] is None
-                                                     else f"{fmt(c['predicted_s'], 1)} s")
+                f"{c['solver']} ({c['layers']}) " + ("p > exact_max_params" if _auto_predicted(auto, c) is None
+                                                     else f"{fmt(_auto_predicted(auto, c), 1)}")
                 for c in auto["candidates"] if (c["solver"], c["layers"]) != (auto["solver"], auto["layers"]))
             chosen = auto["chosen"] + ("" if auto["within_budget"] else " (none fit: the cheapest)")
-            rows.append([f"{run['n']:,}", d["name"], chosen, fmt(auto["predicted_s"]), fmt(d["seconds"]),
-                         fmt(auto["budget_s"]), f"{auto['epoch_s_estimated']:.3f} / {run['epoch_s']:.3f}",
-                         fmt(auto["probe_s"]), fmt(d.get("auc"), 4), rejected or "–"])
+            rows.append([f"{run['n']:,}", d["name"], chosen, fmt(_auto_predicted(auto, auto), 2),
+                         fmt(d["seconds"] / run["epoch_s"], 2), fmt(d["seconds"]), fmt(d.get("auc"), 4),
+                         rejected or "–"])
     if not rows:
         return []
     return ["### Solver chosen by `auto`", "",
-            "`solver: auto` times the per-row costs of each candidate on a few hundred training rows, extrapolates "
-            "them to n, and takes the most accurate candidate (all layers: exact > preconditioned CG > EK-FAC > EK-FAC "
-            "with one sampled label per sample; then the last layer: exact > EK-FAC) predicted to fit `cost_budget_epochs` (5) x one epoch; the epoch is itself "
-            "predicted from 16 timed optimizer steps. *predicted s* is the chosen candidate's prediction, *s* the "
-            "measured scoring time (which includes the probes, *probe s*); *epoch est. / measured* compares the "
-            "planner's epoch with the benchmark's. The choice and every candidate's prediction are in the score "
-            "metadata (`scores/<name>.meta.json`, key `auto`).", "",
-            md_table(["n", "estimator", "chosen", "predicted s", "s", "budget s", "epoch est. / measured", "probe s",
-                      "AUC", "rejected (predicted s; the budget left after the probes decides)"], rows), ""]
+            "`solver: auto` counts each candidate's work from the architecture, n and the options (multiply-adds, "
+            "dense products and eigendecompositions, priced by constants calibrated once by "
+            "`benchmarks/calibrate_costs.py`), in training epochs, and takes the most accurate candidate (all "
+            "layers: exact > preconditioned CG > EK-FAC > EK-FAC with one sampled label per sample; then the last "
+            "layer: exact > EK-FAC) predicted to fit `cost_budget_epochs` (5). *predicted epochs* is the chosen "
+            "candidate's prediction, *measured epochs* the measured scoring time over the benchmark's epoch. The "
+            "choice and every candidate's prediction are in the score metadata (`scores/<name>.meta.json`, key "
+            "`auto`).", "",
+            md_table(["n", "estimator", "chosen", "predicted epochs", "measured epochs", "s", "AUC",
+                      "rejected (predicted epochs)"], rows), ""]
 
 
 def _pairwise_section(runs: list[dict[str, Any]]) -> list[str]:
@@ -980,12 +993,12 @@ def _influence_notes(result: dict[str, Any]) -> list[str]:
             continue
         rejected = [c for c in auto["candidates"] if not c["fits"]]
         notes.append(
-            f"{d['name']} at n = {last['n']:,}: auto chose {auto['chosen']} (predicted {auto['predicted_s']:.1f} s, "
-            f"measured {d['seconds']:.1f} s including {auto['probe_s']:.1f} s of timing probes; budget "
-            f"{auto['budget_s']:.1f} s = {auto['budget_s'] / auto['epoch_s_estimated']:.0f} x its predicted epoch of "
-            f"{auto['epoch_s_estimated']:.2f} s, the benchmark measured {last['epoch_s']:.2f} s). Rejected as over "
-            "budget: " + "; ".join(f"{c['solver']} ({c['layers']} layers) {c['predicted_s']:,.1f} s"
-                                   for c in rejected if c["predicted_s"] is not None) + ".")
+            f"{d['name']} at n = {last['n']:,}: auto chose {auto['chosen']} (predicted "
+            f"{_auto_predicted(auto, auto):.2f} epochs, measured {d['seconds']:.1f} s = "
+            f"{d['seconds'] / last['epoch_s']:.2f} epochs of {last['epoch_s']:.2f} s; budget "
+            f"{_in_epochs(auto, auto.get('budget_epochs', auto.get('budget_s'))):.0f} epochs). Rejected as over "
+            "budget: " + "; ".join(f"{c['solver']} ({c['layers']} layers) {_auto_predicted(auto, c):,.1f} epochs"
+                                   for c in rejected if _auto_predicted(auto, c) is not None) + ".")
     for run in result["runs"]:
         for c in run["comparisons"]:
             if c["cleanse"] in ("influence", "influence_val") and c.get("fastest_peer_equal_auc_same_layers"):

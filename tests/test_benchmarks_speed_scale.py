@@ -69,7 +69,7 @@ def test_speed_json_structure(smoke_runs: dict[str, Path]) -> None:
         for name in ("influence", "influence_val"):  # the default solver: auto, with its choice recorded
             assert detectors[name]["options"]["solver"] == "auto"
             auto = detectors[name]["extra"]["estimator_meta"]["auto"]
-            assert auto["predicted_s"] > 0 and auto["budget_s"] > 0 and auto["candidates"]
+            assert auto["predicted_epochs"] > 0 and auto["budget_epochs"] == 5 and auto["candidates"]
             assert auto["chosen"] == f"{auto['solver']} ({auto['layers']} layers)"
         assert detectors["influence_val [cg]"]["extra"]["estimator_meta"]["solver"] == "cg"
         pairwise = {r["name"]: r for r in run["pairwise"]}

@@ -221,8 +221,9 @@ class InfluenceOptions(_Section):
 
     solver: Literal["auto", "exact", "cg", "lissa", "ekfac"] = Field(
         "auto", description="auto = the most accurate of exact, preconditioned cg, ekfac (all layers), exact and "
-        "ekfac on the last layer whose predicted cost (timed on a few hundred rows, extrapolated to n) fits "
-        "cost_budget_epochs x one training epoch; the choice and every prediction go to the score metadata."
+        "ekfac on the last layer whose predicted cost (counted from the architecture, n and the options, in training "
+        "epochs; nothing is timed, so the choice is deterministic) fits cost_budget_epochs; the choice and every "
+        "prediction go to the score metadata."
     )
     curvature: Literal["ggn", "hessian"] = Field(
         "ggn",
@@ -235,10 +236,8 @@ class InfluenceOptions(_Section):
     )
     exact_max_params: int = Field(20000, ge=1, description="auto never takes exact above this many parameters "
                                   "(its (p, p) float64 matrices: 3 x 8 p^2 bytes, 9.6 GB at 20,000).")
-    cost_budget_epochs: float = Field(5.0, gt=0, description="auto: the solver's predicted seconds must fit this many "
-                                      "training epochs (one epoch predicted from timed optimizer steps).")
-    epoch_seconds: float | None = Field(None, gt=0, description="auto: one training epoch's measured seconds, "
-                                        "instead of the prediction from timed optimizer steps.")
+    cost_budget_epochs: float = Field(5.0, gt=0, description="auto: the solver's predicted cost must be at most this "
+                                      "many training epochs (both counted by the same analytic cost model).")
     cg_max_iter: int = Field(100, ge=1)
     cg_tol: float = Field(1e-5, gt=0, description="Relative residual at which CG stops.")
     cg_preconditioner: Literal["none", "ekfac"] = Field(

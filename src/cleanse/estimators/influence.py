@@ -20,16 +20,17 @@ eigenvalue-corrected Kronecker factorisation of :mod:`cleanse.ekfac` (George et 
 et al., 2023). ``auto`` (the default) chooses by predicted cost (:func:`plan_solver`): the
 candidates, from most to least accurate, are exact, EK-FAC-preconditioned CG, EK-FAC (expected
 Fisher) and EK-FAC with one sampled label per sample on all layers, then exact and EK-FAC on the
-last layer (``layers: last``); each one's cost is predicted
-from per-row costs timed on a few hundred training rows (curvature products, per-sample
-gradients, forward-mode passes, an EK-FAC fit) and machine constants (a float64 matrix product,
-an ``eigh``), extrapolated to n and p, and the first that fits ``cost_budget_epochs`` x one
-training epoch (itself predicted from timed optimizer steps) is taken. The workload matters:
-self-influence needs n quadratic forms (CG would solve n systems), validation and query
-influence a few solves and one forward-mode pass over the training set per right-hand side. The
-choice, the budget and every candidate's prediction are stored in the score metadata (``auto``).
-Timings vary with the machine's load, so two runs near a budget boundary may choose differently:
-set ``solver`` (and ``layers``) to pin one. LiSSA's repeats give a standard error (``score_se``).
+last layer (``layers: last``); the first whose predicted cost is at most ``cost_budget_epochs``
+training epochs is taken. Costs are counted, not timed (:class:`CostModel`): multiply-adds of
+forward/backward passes from the layer shapes, per-sample gradients, curvature-vector products,
+``p^2``/``p^3`` dense work and the Kronecker factors' eigendecompositions, priced by a few
+per-operation-class constants calibrated once (:data:`COST_CONSTANTS`) and divided by one
+training epoch counted the same way. So the choice is a pure function of the architecture, n, the
+workload and the options: the same parameters always give the same solver (and the same scores),
+whatever the machine's load. The workload matters: self-influence needs n quadratic forms (CG
+would solve n systems), validation and query influence a few solves and one pass over the
+training set. The choice, the budget and every candidate's prediction (in epochs, by part) are
+stored in the score metadata (``auto``). LiSSA's repeats give a standard error (``score_se``).
 
 Curvature (``curvature``): ``ggn`` (default) is the generalised Gauss-Newton matrix, which equals
 the Hessian for logistic regression and is positive semi-definite for every network, so CG never
@@ -47,9 +48,7 @@ Documented LiSSA configuration that matches leave-one-out on logistic regression
 
 from __future__ import annotations
 
-import copy
 import math
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import ClassVar
@@ -57,10 +56,12 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from cleanse.config import InfluenceOptions
+from cleanse.config import InfluenceOptions, ModelConfig
 from cleanse.data.dataset import Split
 from cleanse.estimators.base import ScoreResult, ScoringContext, score_table
 from cleanse.ekfac import EKFAC
+from cleanse.ekfac import _layers as ekfac_layers
+from cleanse.errors import ConfigError
 from cleanse.grads import (
     ExactInverse,
     FunctionalModel,
@@ -75,7 +76,6 @@ from cleanse.grads import (
     mean_grad,
     per_sample_grads,
 )
-from cleanse.models.trainer import l2_penalty
 from cleanse.progress import progress
 
 
@@ -167,10 +167,29 @@ class InverseHessian:
 # budget the expected Fisher does not; it is tried only when ``ekfac_fisher`` is ``expected``.
 ACCURACY_ORDER: tuple[tuple[str, str], ...] = (("exact", "all"), ("cg", "all"), ("ekfac", "all"),
                                                ("ekfac_sampled", "all"), ("exact", "last"), ("ekfac", "last"))
-_PROBE_ROWS = 256  # rows on which the per-row costs are timed
 _LBFGS_EVALUATIONS = 50  # the trainer's L-BFGS max_iter (objective evaluations per epoch, at most)
-_PROBE_COLUMNS = 8  # curvature-product columns timed at once
-_MACHINE: dict[str, float] = {}  # machine constants (matrix-product rate, eigh time), timed once per process
+
+# Seconds per unit of work of each operation class, on one CPU thread (float32 networks; the dense
+# solves in float64). Fitted once by ``benchmarks/calibrate_costs.py`` (timed matrix products and
+# eigh, training steps, vmap per-sample gradients and curvature products on three MLPs; non-negative
+# least squares) on the project's development machine (2-core x86-64, torch CPU, OMP_NUM_THREADS=1,
+# shared with other jobs: the fastest of repeated timings), 2026-12-02. ``vmap_entry`` fitted to 0:
+# vmap's per-sample cost scales with the model's multiply-adds here.
+# Only their ratios matter: every prediction is divided by the predicted epoch, so a faster machine
+# changes nothing and the choice is a pure function of the architecture, n, the workload and options.
+COST_CONSTANTS: dict[str, float] = {
+    "mac": 7.321e-11,  # a multiply-add of a batched forward/backward pass (training step, grad_dots, EK-FAC capture)
+    "step": 1.998e-03,  # the fixed cost of one optimizer step (launches, zero_grad, autograd graph)
+    "param_step": 8.272e-09,  # one parameter's share of an Adam/SGD update
+    "vmap_mac": 6.604e-09,  # a multiply-add of a vmap(grad) per-sample gradient pass
+    "vmap_entry": 0.0,  # one materialised per-sample gradient entry (n x p)
+    "func_mac": 2.579e-10,  # a multiply-add of a torch.func curvature-vector product, per column
+    "mm": 1.300e-11,  # a float32 flop of a large matrix product (EK-FAC covariances, rotations)
+    "mm64": 5.396e-11,  # a float64 flop of a large matrix product (exact curvature, its forms)
+    "eigh": 7.891e-10,  # one unit of d^3 of a float64 symmetric eigendecomposition
+    "ekfac_call": 2.177e-03,  # the fixed cost of one layer's work on one EK-FAC row chunk, per labelling
+}
+_EKFAC_CHUNK = 512  # rows per chunk of EK-FAC's passes (cleanse.ekfac.EKFAC's chunk_size)
 
 
 @dataclass(frozen=True)
@@ -185,18 +204,15 @@ class Workload:
 
 @dataclass
 class SolverPlan:
-    """The solver ``auto`` chose, and why: the predicted seconds of every candidate it considered
-    (in accuracy order), the budget, and the one-epoch time the budget is tied to."""
+    """The solver ``auto`` chose, and why: the predicted cost of every candidate it considered (in
+    accuracy order, in training epochs) and the budget (``cost_budget_epochs``)."""
 
     solver: str
     layers: str
-    budget_s: float
-    epoch_s: float
-    predicted_s: float
+    budget_epochs: float
+    predicted_epochs: float
     candidates: list[dict]
-    probe_s: float
     within_budget: bool
-    probes: dict[str, float]  # seconds of each timing probe (problem layers: quantity)
 
     def options(self, options: InfluenceOptions) -> InfluenceOptions:
         """``options`` with the chosen solver, layers (and, for ``ekfac_sampled``, the Fisher) set."""
@@ -207,237 +223,194 @@ class SolverPlan:
 
     def as_meta(self) -> dict:
         return {"chosen": f"{self.solver} ({self.layers} layers)", "solver": self.solver, "layers": self.layers,
-                "predicted_s": self.predicted_s, "budget_s": self.budget_s, "epoch_s_estimated": self.epoch_s,
-                "within_budget": self.within_budget, "probe_s": self.probe_s, "probes": self.probes,
-                "candidates": self.candidates}
+                "predicted_epochs": self.predicted_epochs, "budget_epochs": self.budget_epochs,
+                "within_budget": self.within_budget, "candidates": self.candidates}
 
 
-def _best_time(fn: Callable[[], object], repeats: int = 3) -> float:
-    """Fastest of ``repeats`` runs of ``fn`` (other processes only ever slow a run down)."""
-    best = math.inf
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - started)
-    return best
+@dataclass(frozen=True)
+class LayerShape:
+    """One Linear/Conv2d layer as the cost model sees it: ``n_in`` inputs (bias column included),
+    ``out`` outputs, applied at ``positions`` places per sample (1 for Linear, the output pixels of
+    a convolution)."""
+
+    n_in: int
+    out: int
+    positions: int
 
 
-def estimate_epoch_seconds(context: ScoringContext, steps: int = 16) -> float:
-    """One training epoch's seconds, predicted from ``steps`` consecutive optimizer steps of the
-    trainer's recipe (shuffled minibatches of ``model_config.batch_size``, cross-entropy + L2, Adam
-    or SGD) on a copy of the trained model, scaled to ``ceil(n / batch)`` steps. Timed as a loop,
-    as the trainer runs it: single steps timed apart ran 3x faster on the digits MLP (hot caches).
-    L-BFGS (one full-batch step per epoch) counts ``_LBFGS_EVALUATIONS`` objective evaluations: the
-    trainer's ``max_iter``, an upper bound."""
-    config = context.model_config
-    module = copy.deepcopy(context.model.module(context.device)).train()
-    params = list(module.parameters())
-    x, y = context.tensors(context.train)
-    n = x.shape[0]
-    batch = n if config.optimizer == "lbfgs" else min(config.batch_size, n)
-    per_epoch = math.ceil(n / batch)
-    steps = min(steps, per_epoch)
-    optimizer = (torch.optim.SGD(params, lr=0.0, momentum=0.9) if config.optimizer == "sgd"
-                 else torch.optim.Adam(params, lr=0.0))  # lr 0: the same work, the copy does not move
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(context.seed)).to(x.device)
-
-    def step(rows: torch.Tensor) -> None:
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(module(x[rows]), y[rows]) + l2_penalty(params, config.weight_decay)
-        loss.backward()
-        optimizer.step()
-
-    step(order[:batch])  # warm-up (allocations, optimizer state)
-    started = time.perf_counter()
-    for index in range(steps):
-        step(order[index * batch: (index + 1) * batch])
-    seconds = (time.perf_counter() - started) / steps * per_epoch
-    return seconds * _LBFGS_EVALUATIONS if config.optimizer == "lbfgs" else seconds
+def layer_shapes(fm: FunctionalModel, x_one: torch.Tensor) -> list[LayerShape] | None:
+    """The Linear/Conv2d layers of ``fm`` from one forward pass of one row (shapes only; the values
+    are not used), or ``None`` if ``fm`` has parameters in other layers (EK-FAC refuses those)."""
+    try:
+        layers = ekfac_layers(fm)
+    except ConfigError:
+        return None
+    positions: dict[int, int] = {}
+    hooks = [layer.module.register_forward_hook(
+        lambda mod, args, out, index=index, width=layer.out_features:
+        positions.__setitem__(index, int(out[0].numel()) // width))
+        for index, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            fm.logits(fm.theta, x_one)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [LayerShape(layer.n_in, layer.out_features, positions.get(index, 1)) for index, layer in enumerate(layers)]
 
 
-class _CostModel:
-    """Per-row and per-column costs of one differentiated problem, timed on ``_PROBE_ROWS`` rows and
-    extrapolated linearly in n (every pass is a loop over row chunks) and, for the dense
-    eigendecomposition, cubically in p. Each quantity is timed once, on first use."""
+class CostModel:
+    """Predicted cost of each solver on one differentiated problem, by counting its work.
 
-    def __init__(self, fm: FunctionalModel, x: torch.Tensor, y: torch.Tensor, options: InfluenceOptions):
-        self.fm, self.x, self.y, self.options = fm, x, y, options
-        self.n, self.p = x.shape[0], fm.n_params
-        m = min(self.n, _PROBE_ROWS)
-        self.m, self.xs, self.ys = m, x[:m], y[:m]
-        self.spent: dict[str, float] = {}  # seconds each probe took (reported in the plan)
-        self._cache: dict[str, float] = {}
+    From the layer shapes alone (no timing): ``F`` = the multiply-adds of one forward pass of one
+    row (``sum_l n_in * out * positions``); a forward+backward pass is ``3F``, a curvature-vector
+    product (forward mode, then reverse) ``4F`` per column. Each count is priced by its operation
+    class in :data:`COST_CONSTANTS` and divided by one predicted training epoch, so every cost is in
+    epochs. ``n`` rows, ``p`` parameters, ``C`` classes.
+    """
 
-    def _timed(self, key: str, fn: Callable[[], float]) -> float:
-        if key not in self._cache:
-            started = time.perf_counter()
-            self._cache[key] = fn()
-            self.spent[key] = time.perf_counter() - started
-        return self._cache[key]
+    def __init__(self, fm: FunctionalModel, x_one: torch.Tensor, n: int, options: InfluenceOptions):
+        self.fm, self.n, self.options = fm, n, options
+        self.p = fm.n_params
+        self.shapes = layer_shapes(fm, x_one)
+        with torch.no_grad():
+            self.classes = int(fm.logits(fm.theta, x_one).shape[-1])
+        # without Linear/Conv2d shapes, a forward pass costs at least one multiply-add per parameter
+        self.forward = (sum(s.n_in * s.out * s.positions for s in self.shapes) if self.shapes else self.p)
+        self.linear_head = (options.curvature == "ggn" and isinstance(fm.module, torch.nn.Linear) and x_one.dim() == 2)
+        self.all_linear = bool(self.shapes) and all(s.positions == 1 for s in self.shapes)
 
-    def curvature_row_column(self) -> float:
-        """Seconds per (training row x column) of a curvature-vector product."""
-        def probe() -> float:
-            apply = curvature_fn(self.fm, self.xs, self.ys, self.options.curvature)
-            block = torch.randn(self.p, _PROBE_COLUMNS, generator=torch.Generator().manual_seed(0)).to(self.fm.theta)
-            apply(block)  # warm-up: torch.func traces on the first call
-            return _best_time(lambda: apply(block)) / (self.m * _PROBE_COLUMNS)
-        return self._timed("curvature", probe)
+    def pass_seconds(self, rows: int, directions: int = 1) -> float:
+        """A pass of ``g_i . v`` over ``rows`` rows for ``directions`` vectors (:func:`grad_dots`):
+        one shared forward+backward and a per-row contraction for all-Linear networks, forward
+        mode per direction otherwise."""
+        c = COST_CONSTANTS
+        if self.all_linear:
+            return rows * (3 * self.forward * c["mac"] + 2 * directions * self.p * c["mm"])
+        return directions * rows * 4 * self.forward * c["func_mac"]
 
-    def curvature_matrix_seconds(self) -> float:
-        """Building the ``(p, p)`` curvature: ``p`` curvature columns over n rows; for a linear head
-        (closed form, :func:`cleanse.grads.linear_head_ggn_matrix`) its float64 products, ``C`` Gram
-        matrices ``(d+1)^2`` and one ``(C (d+1))^2`` per row, at the timed matrix-product rate (timing
-        it on a few hundred rows would mostly time its fixed ``p^2`` work: 2.3x over at 50,000 rows)."""
-        if self.options.curvature == "ggn" and isinstance(self.fm.module, torch.nn.Linear) and self.x.dim() == 2:
-            classes = self.fm.shapes[0][0]
-            aug = self.p // classes
-            return 2 * self.n * (classes * aug**2 + (classes * aug) ** 2) / self.matmul_flops()
-        return self.p * self.n * self.curvature_row_column()
+    def grads_seconds(self, rows: int) -> float:
+        """Materialised per-sample gradients ``(rows, p)`` (vmap of grad)."""
+        c = COST_CONSTANTS
+        return rows * (3 * self.forward * c["vmap_mac"] + self.p * c["vmap_entry"])
 
-    def grads_row(self) -> float:
-        """Seconds per row of materialised per-sample gradients."""
-        return self._timed("grads", lambda: _best_time(lambda: per_sample_grads(self.fm, self.xs, self.ys)) / self.m)
+    def ekfac_seconds(self, sampled: bool) -> dict[str, float]:
+        """EK-FAC's fit (:class:`cleanse.ekfac.EKFAC`): two passes over the rows with ``C`` label
+        backward passes each (one for the sampled Fisher), the ``A`` and ``S`` covariances
+        (``n_in^2`` and ``out^2`` per position), their eigendecompositions and the eigenvalue
+        correction (rotating every per-sample gradient: ``n_in^2 + out^2 + n_in out`` per position)."""
+        c, n, shapes = COST_CONSTANTS, self.n, self.shapes
+        labels = 1 if sampled else self.classes
+        backward = 2 * self.forward * c["mac"]
+        covariances = sum(s.positions * (s.n_in**2 + labels * s.out**2) for s in shapes) * 2 * c["mm"]
+        rotations = labels * sum(s.positions * (s.n_in**2 + s.out**2 + s.n_in * s.out) for s in shapes) * 2 * c["mm"]
+        calls = 2 * math.ceil(n / _EKFAC_CHUNK) * (labels + 1) * len(shapes)
+        return {"factor_passes": n * (2 * self.forward * c["mac"] + 2 * labels * backward + covariances + rotations),
+                "factor_calls": calls * c["ekfac_call"],
+                "factor_eigh": sum(s.n_in**3 + s.out**3 for s in shapes) * c["eigh"]}
 
-    def dots_row(self) -> float:
-        """Seconds per row of one forward-mode pass ``g_i . v`` over the training set."""
-        direction = torch.ones_like(self.fm.theta)
-        return self._timed("dots", lambda: _best_time(lambda: grad_dots(self.fm, self.xs, self.ys, direction)) / self.m)
-
-    def matmul_flops(self) -> float:
-        """Float64 matrix-product rate (flop/s), timed on a 512-square product (once per process)."""
-        def probe() -> float:
-            a = torch.randn(512, 512, dtype=torch.float64)
-            return 2 * 512**3 / _best_time(lambda: a @ a)
-        return self._machine("matmul", probe)
-
-    def eigh_seconds(self) -> float:
-        """``eigh`` of the ``(p, p)`` curvature: timed at ``min(p, 512)`` and scaled by ``p^3``."""
-        size = min(self.p, 512)
-
-        def probe() -> float:
-            a = torch.randn(size, size, dtype=torch.float64)
-            return _best_time(lambda: torch.linalg.eigh(a @ a.T), repeats=2)
-        return self._machine(f"eigh{size}", probe) * (self.p / size) ** 3
-
-    def _machine(self, key: str, fn: Callable[[], float]) -> float:
-        """A property of the machine, not of the problem: timed once per process."""
-        if key not in _MACHINE:
-            started = time.perf_counter()
-            _MACHINE[key] = fn()
-            self.spent[key] = time.perf_counter() - started
-        return _MACHINE[key]
-
-    def ekfac_seconds(self, fisher: str | None = None) -> tuple[float, float]:
-        """EK-FAC: (fit, quadratic forms over the training set), from a fit on the probe rows whose
-        passes scale with n and whose factor eigendecompositions do not."""
-        fisher = fisher or self.options.ekfac_fisher
-
-        def probe() -> float:
-            fit = EKFAC(self.fm, self.xs, self.ys, damping=self.options.damping, fisher=fisher)
-            self._cache[f"ekfac_fixed_{fisher}"] = fit.seconds_eigh
-            self._cache[f"ekfac_qf_row_{fisher}"] = _best_time(lambda: fit.quadratic_forms(self.xs, self.ys),
-                                                               repeats=2) / self.m
-            return fit.seconds_passes / self.m
-        per_row = self._timed(f"ekfac_row_{fisher}", probe)
-        return (self._cache[f"ekfac_fixed_{fisher}"] + per_row * self.n,
-                self._cache[f"ekfac_qf_row_{fisher}"] * self.n)
+    def ekfac_forms_seconds(self) -> float:
+        """Quadratic forms over the training set from the factors: a forward+backward pass and one
+        rotation per row (no per-sample gradient is formed for Linear layers)."""
+        c = COST_CONSTANTS
+        rotation = sum(s.positions * (s.n_in**2 + s.out**2 + (s.n_in * s.out if s.positions > 1 else 0))
+                       for s in self.shapes) * 2 * c["mm"]
+        calls = math.ceil(self.n / _EKFAC_CHUNK) * 2 * len(self.shapes)
+        return self.n * (3 * self.forward * c["mac"] + rotation) + calls * c["ekfac_call"]
 
     def predict(self, solver: str, workload: Workload) -> dict[str, float]:
-        """Predicted seconds of ``solver`` on this problem for ``workload``, by part (their sum is
-        the prediction). CG is priced at ``cg_max_iter`` iterations: its worst case."""
-        n, p, k = self.n, self.p, workload.k
+        """Predicted seconds (on the calibration machine) of ``solver`` for ``workload``, by part
+        (their sum is the prediction). CG is priced at ``cg_max_iter`` iterations: its worst case."""
+        c, n, p, k = COST_CONSTANTS, self.n, self.p, workload.k
         parts: dict[str, float] = {}
         if workload.kind == "rhs":
-            parts["train_passes"] = k * n * self.dots_row()
+            parts["train_passes"] = self.pass_seconds(n, k)
         if solver == "exact":
-            parts["curvature_matrix"] = self.curvature_matrix_seconds()
-            parts["eigh"] = self.eigh_seconds()
+            if self.linear_head:  # closed form: C Gram matrices (d+1)^2 and one (C (d+1))^2 per row
+                aug = p // self.classes
+                parts["curvature_matrix"] = 2 * n * (self.classes * aug**2 + p**2) * c["mm64"]
+            else:  # p curvature-vector products over n rows
+                parts["curvature_matrix"] = p * n * 4 * self.forward * c["func_mac"]
+            parts["eigh"] = p**3 * c["eigh"]
             if workload.kind == "self":
-                parts["forms"] = n * self.grads_row() + 2 * n * p * p / self.matmul_flops()
+                parts["forms"] = self.grads_seconds(n) + 2 * n * p * p * c["mm64"]
             else:
-                parts["solve"] = 2 * k * p * p / self.matmul_flops()
+                parts["solve"] = 2 * k * p * p * c["mm64"]
         elif solver in ("ekfac", "ekfac_sampled"):
-            fit, forms = self.ekfac_seconds("sampled" if solver == "ekfac_sampled" else None)
-            parts["factor_fit"] = fit
+            parts.update(self.ekfac_seconds(solver == "ekfac_sampled" or self.options.ekfac_fisher == "sampled"))
             if workload.kind == "self":
-                parts["forms"] = forms
+                parts["forms"] = self.ekfac_forms_seconds()
         elif solver == "cg":
             if self.options.cg_preconditioner == "ekfac":
-                parts["preconditioner_fit"] = self.ekfac_seconds()[0]
+                parts.update({f"preconditioner_{key}": value for key, value in
+                              self.ekfac_seconds(self.options.ekfac_fisher == "sampled").items()})
             columns = n if workload.kind == "self" else k
-            parts["iterations"] = self.options.cg_max_iter * columns * n * self.curvature_row_column()
+            parts["iterations"] = self.options.cg_max_iter * columns * n * 4 * self.forward * c["func_mac"]
             if workload.kind == "self":
-                parts["gradients"] = n * self.grads_row()
+                parts["gradients"] = self.grads_seconds(n)
         else:
             raise ValueError(f"no cost model for solver {solver!r}")
         return parts
 
-    def lower_bound(self, solver: str, workload: Workload) -> float:
-        """A lower bound from the curvature-product probe alone, to skip the costlier probes (0 for
-        EK-FAC, which needs none)."""
-        if solver == "exact":
-            return self.curvature_matrix_seconds()
-        if solver == "cg":
-            # A curvature-vector product is a forward-mode and a reverse pass over the rows, at least
-            # half the cost of the (cheaply timed) pass that dots every row's gradient with a vector;
-            # this bound spares the curvature probe (torch.func tracing, seconds at 10^5 parameters).
-            columns = self.n if workload.kind == "self" else workload.k
-            return 0.5 * self.options.cg_max_iter * columns * self.n * self.dots_row()
-        return 0.0
+
+def epoch_seconds(model_config: ModelConfig, n: int, fm: FunctionalModel, x_one: torch.Tensor) -> float:
+    """One training epoch's predicted seconds (on the calibration machine): ``ceil(n / batch)``
+    optimizer steps (a fixed cost and an update of every parameter each) and a forward+backward
+    pass over the n rows. L-BFGS (one full-batch step per epoch) counts ``_LBFGS_EVALUATIONS``
+    objective evaluations: the trainer's ``max_iter``, an upper bound."""
+    c = COST_CONSTANTS
+    shapes = layer_shapes(fm, x_one)
+    forward = sum(s.n_in * s.out * s.positions for s in shapes) if shapes else fm.n_params
+    if model_config.optimizer == "lbfgs":
+        return _LBFGS_EVALUATIONS * (c["step"] + fm.n_params * c["param_step"] + n * 3 * forward * c["mac"])
+    steps = math.ceil(n / min(model_config.batch_size, max(n, 1)))
+    return steps * (c["step"] + fm.n_params * c["param_step"]) + n * 3 * forward * c["mac"]
 
 
 def plan_solver(context: ScoringContext, options: InfluenceOptions, workload: Workload,
-                epoch_s: float | None = None, problems: dict[str, Problem] | None = None) -> SolverPlan:
+                problems: dict[str, Problem] | None = None) -> SolverPlan:
     """Resolve ``solver: auto`` by predicted cost: the most accurate candidate of
-    :data:`ACCURACY_ORDER` whose predicted seconds fit ``cost_budget_epochs`` x one epoch
-    (``epoch_s``, else ``options.epoch_seconds``, else :func:`estimate_epoch_seconds`). Candidates
-    are timed lazily in accuracy order and the search stops at the first whose prediction fits the
-    budget left after the probes so far (the budget bounds the estimator's whole time, the epoch
-    estimate and probes included); if none fits, the cheapest is taken and
-    ``within_budget`` is False. ``exact`` is never considered above ``exact_max_params``
-    parameters (its ``(p, p)`` float64 matrices). ``layers: last`` restricts the search to the
-    last layer. ``problems`` (layers -> :class:`Problem`) is filled with the problems built, for reuse."""
-    started = time.perf_counter()
+    :data:`ACCURACY_ORDER` whose predicted cost (:class:`CostModel`, in training epochs) is at most
+    ``cost_budget_epochs``; if none fits, the cheapest is taken and ``within_budget`` is False.
+    A pure function of the architecture, n, the workload and ``options`` (nothing is timed), so the
+    same parameters always choose the same solver. ``exact`` is never considered above
+    ``exact_max_params`` parameters (its ``(p, p)`` float64 matrices). ``layers: last`` restricts the
+    search to the last layer. ``problems`` (layers -> :class:`Problem`) is filled with the problems
+    built, for reuse."""
     problems = {} if problems is None else problems
-    epoch_s = epoch_s or options.epoch_seconds or estimate_epoch_seconds(context)
-    budget = options.cost_budget_epochs * epoch_s
+    x_train, _ = context.tensors(context.train)
+    n = int(x_train.shape[0])
+    full = problems.setdefault("all", problem(context, "all")) if options.layers == "all" else problem(context, "all")
+    epoch = epoch_seconds(context.model_config, n, full.fm, x_train[:1])
     order = [(s, l) for s, l in ACCURACY_ORDER if (options.layers == "all" or l == "last")
              and (s != "ekfac_sampled" or options.ekfac_fisher == "expected")]
     if options.layers == "last":
         order.insert(1, ("cg", "last"))
-    models: dict[str, _CostModel] = {}
+    models: dict[str, CostModel] = {}
     candidates: list[dict] = []
-    chosen: dict | None = None
     for solver, layers in order:
         if layers not in models:
             prob = problems.setdefault(layers, problem(context, layers))
-            x, y = prob.tensors(context, context.train)
-            models[layers] = _CostModel(prob.fm, x, y, options)
+            models[layers] = CostModel(prob.fm, prob.features(x_train[:1]), n, options)
         costs = models[layers]
-        row = {"solver": solver, "layers": layers, "n_params": costs.p}
+        row: dict = {"solver": solver, "layers": layers, "n_params": costs.p}
         if solver == "exact" and costs.p > options.exact_max_params:
-            row.update(predicted_s=None, fits=False, why=f"{costs.p} parameters > exact_max_params (memory)")
-        elif (bound := costs.lower_bound(solver, workload)) > budget:
-            row.update(predicted_s=bound, fits=False, why="lower bound over budget (curvature products alone)")
+            row.update(predicted_epochs=None, fits=False, why=f"{costs.p} parameters > exact_max_params (memory)")
+        elif solver != "exact" and costs.shapes is None and (solver != "cg" or options.cg_preconditioner == "ekfac"):
+            row.update(predicted_epochs=None, fits=False, why="EK-FAC needs Linear/Conv2d layers only")
         else:
-            parts = costs.predict(solver, workload)
-            seconds = sum(parts.values())
-            # the probes already spent count against the budget: it bounds the estimator's whole time
-            left = budget - (time.perf_counter() - started)
-            row.update(predicted_s=seconds, fits=seconds <= left, budget_left_s=left, parts=parts)
+            parts = {key: value / epoch for key, value in costs.predict(solver, workload).items()}
+            predicted = sum(parts.values())
+            row.update(predicted_epochs=predicted, fits=predicted <= options.cost_budget_epochs,
+                       parts_epochs=parts)
         candidates.append(row)
-        if row["fits"]:
-            chosen = row
-            break
+    chosen = next((row for row in candidates if row["fits"]), None)
     if chosen is None:
-        priced = [row for row in candidates if row["predicted_s"] is not None]
-        chosen = min(priced, key=lambda row: row["predicted_s"])
-    probe_s = time.perf_counter() - started
-    probes = {f"{layers}:{key}": seconds for layers, model in models.items() for key, seconds in model.spent.items()}
-    return SolverPlan(solver=chosen["solver"], layers=chosen["layers"], budget_s=budget, epoch_s=epoch_s,
-                      predicted_s=chosen["predicted_s"], candidates=candidates, probe_s=probe_s,
-                      within_budget=bool(chosen["fits"]), probes=probes)
+        chosen = min((row for row in candidates if row["predicted_epochs"] is not None),
+                     key=lambda row: row["predicted_epochs"])
+    return SolverPlan(solver=chosen["solver"], layers=chosen["layers"], budget_epochs=options.cost_budget_epochs,
+                      predicted_epochs=chosen["predicted_epochs"], candidates=candidates,
+                      within_budget=bool(chosen["fits"]))
 
 
 def _mean_and_se(per_repeat: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
