@@ -310,6 +310,17 @@ def render(result: dict[str, Any], docs: Path, out: Path, image: Path) -> str:
         "steps of the other units; detrending the per-round loss change over the neighbouring rounds "
         "(`scorers.fine.pairwise_detrend`) raised wine MLP seed 0 from 0.18 to 0.76 (earlier stream). TracIn reads each "
         "sample's own gradient and is not limited this way.", "",
+        f"Removal budget: per seed, iterative cleansing should remove at most {TARGETS['removal_budget']}× the "
+        "poisons. On wine the oracle itself leaves the trigger working on 6.7–20% of the triggered test inputs "
+        "(logreg; MLP seed 2: 13%): the trigger pattern pushes these small tabular models towards the target "
+        "without any poison, so the loop, which stops only at ≤ 2% held-out behaviour, goes on removing clean "
+        "samples. That stopping rule, not the ranking (probe AP 1.0 there), misses the budget. Digits MLP_mem "
+        "seed 2 spent its budget (161 removed) with 53 of 54 poisons out and the held-out behaviour stuck at "
+        "7–12%; rerun with the current scoring code (commit 0bd4b72), the same seed has all 54 out after 72 "
+        "removals, behaviour gone, and 56 removed after readmission (ASR 0.002, accuracy 0.962 = oracle): that "
+        "seed's outcome turns on small numerical differences in how the last poisons rank. Readmission also "
+        "after a spent budget (same acceptance rule) took wine MLP seed 2 from 15 to 9 removed at unchanged ASR "
+        "and accuracy, still above 7.5; the library does not do that.", "",
         f"Targets: best AP ≥ {TARGETS['ap']}; ASR after cleansing ≤ {TARGETS['asr']}; clean test accuracy within "
         f"{TARGETS['accuracy_gap'] * 100:.0f} pt of the oracle.", "",
     ]
