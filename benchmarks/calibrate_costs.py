@@ -20,9 +20,11 @@ import numpy as np
 import torch
 from scipy.optimize import nnls
 
-from cleanse.config import InfluenceOptions
+from cleanse.config import InfluenceOptions, ModelConfig
 from cleanse.ekfac import EKFAC
 from cleanse.estimators.influence import COST_CONSTANTS, CostModel, Workload, layer_shapes
+from cleanse.models.architectures import spec_for
+from cleanse.models.trainer import train_model
 from cleanse.grads import FunctionalModel, curvature_fn, exact_hessian, exact_inverse, grad_dots, per_sample_grads
 
 # (inputs, hidden..., classes): the default digits MLP and the speed benchmark's MLP
@@ -76,28 +78,23 @@ def fit() -> dict[str, float]:
         fm = FunctionalModel.of(module, 1e-3)
         x, y = data(sizes, 2048)
         forward, p = forward_macs(fm, x), fm.n_params
-        params = list(module.parameters())
-        optimizer = torch.optim.Adam(params, lr=0.0)
-        for batch in (64, 256):
-            steps = 24
-
-            def loop() -> None:
-                for index in range(steps):
-                    optimizer.zero_grad()
-                    rows = slice(index * batch % 2048, index * batch % 2048 + batch)
-                    loss = torch.nn.functional.cross_entropy(module(x[rows]), y[rows])
-                    loss = loss + 0.5e-3 * sum(q.pow(2).sum() for q in params)
-                    loss.backward()
-                    optimizer.step()
-            train_rows.append([steps, steps * p, steps * batch * 3 * forward])
-            train_times.append(best(loop))
+        # one epoch as the trainer runs it (Adam minibatches, L2, per-epoch bookkeeping)
+        spec = spec_for("mlp", list(sizes[1:-1]), (sizes[0],), sizes[-1]) if len(sizes) > 2 else \
+            spec_for("logreg", None, (sizes[0],), sizes[-1])
+        features, labels = x.numpy(), y.numpy()
+        for rows, batch in ((1024, 64), (2048, 64), (2048, 256)):
+            config = ModelConfig(arch=spec.arch, hidden=list(sizes[1:-1]) or None, epochs=1, batch_size=batch,
+                                 checkpoints=1)
+            steps = math.ceil(rows / batch)
+            train_rows.append([1, steps, steps * p, rows * 3 * forward])
+            train_times.append(best(lambda: train_model(spec, features[:rows], labels[:rows], config, seed=0), 2))
         for rows in (256, 1024):
             vmap_rows.append([rows * 3 * forward, rows * p])
             vmap_times.append(best(lambda: per_sample_grads(fm, x[:rows], y[:rows]), 2))
         apply = curvature_fn(fm, x[:256], y[:256], "ggn")
         block = torch.randn(p, 8)
         func.append(best(lambda: apply(block), 2) / (8 * 256 * 4 * forward))
-    (c["step"], c["param_step"], c["mac"]), _ = nnls(np.array(train_rows, float), np.array(train_times))
+    (c["epoch"], c["step"], c["param_step"], c["mac"]), _ = nnls(np.array(train_rows, float), np.array(train_times))
     (c["vmap_mac"], c["vmap_entry"]), _ = nnls(np.array(vmap_rows, float), np.array(vmap_times))
     c["func_mac"] = float(np.median(func))
     # EK-FAC's fixed cost per layer, row chunk and labelling: the residual of its fits (factors and

@@ -171,23 +171,24 @@ _LBFGS_EVALUATIONS = 50  # the trainer's L-BFGS max_iter (objective evaluations 
 
 # Seconds per unit of work of each operation class, on one CPU thread (float32 networks; the dense
 # solves in float64). Fitted once by ``benchmarks/calibrate_costs.py`` (timed matrix products and
-# eigh, training steps, vmap per-sample gradients and curvature products on three MLPs; non-negative
+# eigh, one-epoch trainer runs, vmap per-sample gradients and curvature products on three MLPs; non-negative
 # least squares) on the project's development machine (2-core x86-64, torch CPU, OMP_NUM_THREADS=1,
 # shared with other jobs: the fastest of repeated timings), 2026-12-02. ``vmap_entry`` fitted to 0:
 # vmap's per-sample cost scales with the model's multiply-adds here.
 # Only their ratios matter: every prediction is divided by the predicted epoch, so a faster machine
 # changes nothing and the choice is a pure function of the architecture, n, the workload and options.
 COST_CONSTANTS: dict[str, float] = {
-    "mac": 7.321e-11,  # a multiply-add of a batched forward/backward pass (training step, grad_dots, EK-FAC capture)
-    "step": 1.998e-03,  # the fixed cost of one optimizer step (launches, zero_grad, autograd graph)
-    "param_step": 8.272e-09,  # one parameter's share of an Adam/SGD update
-    "vmap_mac": 6.604e-09,  # a multiply-add of a vmap(grad) per-sample gradient pass
+    "mac": 4.589e-11,  # a multiply-add of a batched forward/backward pass (training step, grad_dots, EK-FAC capture)
+    "epoch": 6.582e-03,  # the trainer's fixed cost per epoch (shuffling, bookkeeping)
+    "step": 1.121e-03,  # the fixed cost of one optimizer step (launches, zero_grad, autograd graph)
+    "param_step": 1.943e-08,  # one parameter's share of an Adam/SGD update
+    "vmap_mac": 4.830e-09,  # a multiply-add of a vmap(grad) per-sample gradient pass
     "vmap_entry": 0.0,  # one materialised per-sample gradient entry (n x p)
-    "func_mac": 2.579e-10,  # a multiply-add of a torch.func curvature-vector product, per column
-    "mm": 1.300e-11,  # a float32 flop of a large matrix product (EK-FAC covariances, rotations)
-    "mm64": 5.396e-11,  # a float64 flop of a large matrix product (exact curvature, its forms)
-    "eigh": 7.891e-10,  # one unit of d^3 of a float64 symmetric eigendecomposition
-    "ekfac_call": 2.177e-03,  # the fixed cost of one layer's work on one EK-FAC row chunk, per labelling
+    "func_mac": 3.405e-10,  # a multiply-add of a torch.func curvature-vector product, per column
+    "mm": 2.500e-11,  # a float32 flop of a large matrix product (EK-FAC covariances, rotations)
+    "mm64": 4.167e-11,  # a float64 flop of a large matrix product (exact curvature, its forms)
+    "eigh": 5.258e-10,  # one unit of d^3 of a float64 symmetric eigendecomposition
+    "ekfac_call": 1.117e-03,  # the fixed cost of one layer's work on one EK-FAC row chunk, per labelling
 }
 _EKFAC_CHUNK = 512  # rows per chunk of EK-FAC's passes (cleanse.ekfac.EKFAC's chunk_size)
 
@@ -355,16 +356,17 @@ class CostModel:
 
 def epoch_seconds(model_config: ModelConfig, n: int, fm: FunctionalModel, x_one: torch.Tensor) -> float:
     """One training epoch's predicted seconds (on the calibration machine): ``ceil(n / batch)``
-    optimizer steps (a fixed cost and an update of every parameter each) and a forward+backward
-    pass over the n rows. L-BFGS (one full-batch step per epoch) counts ``_LBFGS_EVALUATIONS``
+    optimizer steps (a fixed cost and an update of every parameter each), a forward+backward
+    pass over the n rows and the trainer's fixed cost per epoch. L-BFGS (one full-batch step per epoch) counts ``_LBFGS_EVALUATIONS``
     objective evaluations: the trainer's ``max_iter``, an upper bound."""
     c = COST_CONSTANTS
     shapes = layer_shapes(fm, x_one)
     forward = sum(s.n_in * s.out * s.positions for s in shapes) if shapes else fm.n_params
     if model_config.optimizer == "lbfgs":
-        return _LBFGS_EVALUATIONS * (c["step"] + fm.n_params * c["param_step"] + n * 3 * forward * c["mac"])
+        return c["epoch"] + _LBFGS_EVALUATIONS * (c["step"] + fm.n_params * c["param_step"]
+                                                  + n * 3 * forward * c["mac"])
     steps = math.ceil(n / min(model_config.batch_size, max(n, 1)))
-    return steps * (c["step"] + fm.n_params * c["param_step"]) + n * 3 * forward * c["mac"]
+    return c["epoch"] + steps * (c["step"] + fm.n_params * c["param_step"]) + n * 3 * forward * c["mac"]
 
 
 def plan_solver(context: ScoringContext, options: InfluenceOptions, workload: Workload,
