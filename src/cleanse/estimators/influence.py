@@ -20,8 +20,8 @@ eigenvalue-corrected Kronecker factorisation of :mod:`cleanse.ekfac` (George et 
 et al., 2023). ``auto`` (the default) chooses by predicted cost (:func:`plan_solver`): the
 candidates, from most to least accurate, are exact, EK-FAC-preconditioned CG, EK-FAC (expected
 Fisher) and EK-FAC with one sampled label per sample on all layers, then exact and EK-FAC on the
-last layer (``layers: last``); the first whose predicted cost is at most ``cost_budget_epochs``
-training epochs is taken. Costs are counted, not timed (:class:`CostModel`): multiply-adds of
+last layer (``layers: last``); the first whose predicted cost, with a 25% margin for the cost
+model's error, is at most ``cost_budget_epochs`` training epochs is taken. Costs are counted, not timed (:class:`CostModel`): multiply-adds of
 forward/backward passes from the layer shapes, per-sample gradients, curvature-vector products,
 ``p^2``/``p^3`` dense work and the Kronecker factors' eigendecompositions, priced by a few
 per-operation-class constants calibrated once (:data:`COST_CONSTANTS`) and divided by one
@@ -369,11 +369,18 @@ def epoch_seconds(model_config: ModelConfig, n: int, fm: FunctionalModel, x_one:
     return c["epoch"] + steps * (c["step"] + fm.n_params * c["param_step"]) + n * 3 * forward * c["mac"]
 
 
+# Predictions are multiplied by this before they are compared with the budget. The calibrated
+# constants predicted 0.6-1.2x of the measured cost (the n = 50,000 speed benchmark: sampled
+# EK-FAC predicted 4.64 epochs, measured 5.46), so a candidate is taken only with room for that
+# error and the budget holds as a measured bound, not only as a prediction.
+PREDICTION_MARGIN = 1.25
+
+
 def plan_solver(context: ScoringContext, options: InfluenceOptions, workload: Workload,
                 problems: dict[str, Problem] | None = None) -> SolverPlan:
     """Resolve ``solver: auto`` by predicted cost: the most accurate candidate of
-    :data:`ACCURACY_ORDER` whose predicted cost (:class:`CostModel`, in training epochs) is at most
-    ``cost_budget_epochs``; if none fits, the cheapest is taken and ``within_budget`` is False.
+    :data:`ACCURACY_ORDER` whose predicted cost (:class:`CostModel`, in training epochs) times
+    :data:`PREDICTION_MARGIN` is at most ``cost_budget_epochs``; if none fits, the cheapest is taken and ``within_budget`` is False.
     A pure function of the architecture, n, the workload and ``options`` (nothing is timed), so the
     same parameters always choose the same solver. ``exact`` is never considered above
     ``exact_max_params`` parameters (its ``(p, p)`` float64 matrices). ``layers: last`` restricts the
@@ -403,7 +410,7 @@ def plan_solver(context: ScoringContext, options: InfluenceOptions, workload: Wo
         else:
             parts = {key: value / epoch for key, value in costs.predict(solver, workload).items()}
             predicted = sum(parts.values())
-            row.update(predicted_epochs=predicted, fits=predicted <= options.cost_budget_epochs,
+            row.update(predicted_epochs=predicted, fits=predicted * PREDICTION_MARGIN <= options.cost_budget_epochs,
                        parts_epochs=parts)
         candidates.append(row)
     chosen = next((row for row in candidates if row["fits"]), None)
