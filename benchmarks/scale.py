@@ -1,4 +1,4 @@
-"""Scale benchmark (issue 3, part 3): projected-gradient self-scores at n = 10k, 100k and 1M.
+"""Scale benchmark: projected-gradient self-scores at n = 10k, 100k and 1M.
 
 The pipeline is cleanse's own (:mod:`cleanse.projection`): per-sample gradients of a small fixed
 MLP (32 -> 64 -> 10, seeded initialisation, 2,762 parameters) from

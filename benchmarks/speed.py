@@ -1,4 +1,4 @@
-"""Speed benchmark (issue 3, part 2): per-sample gradients and self-influence scoring time.
+"""Speed benchmark: per-sample gradients and self-influence scoring time.
 
 On synthetic data (``make_classification``, 256 features, 10 classes, 10% of the training labels
 flipped uniformly to another class) and an MLP 256-384-128-10 (149,258 parameters) trained by
