@@ -125,7 +125,7 @@ def project(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     ran, output = project.repro()
     estimators = project.params()["estimators"]
     fan_out = {f"{stage}@{name}" for stage in ("score", "detect", "retrain") for name in estimators}
-    assert set(ran) == {"source", "stage", "train", "query", "references", "report"} | fan_out, output[-4000:]
+    assert set(ran) == {"source", "stage", "train", "query", "references", "recommend", "report"} | fan_out, output[-4000:]
     assert len(ran) == len(set(ran)), ran
     return project
 
@@ -147,7 +147,7 @@ def test_repro_writes_every_artifact(project: Project) -> None:
         assert (root / path).is_file(), path
     # Every stage is locked; tracking was off, so no MLflow store appeared.
     lock = yaml.safe_load((root / "dvc.lock").read_text())
-    assert len(lock["stages"]) == 6 + 3 * len(estimators)
+    assert len(lock["stages"]) == 7 + 3 * len(estimators)
     # No probes in params.yaml: query/ records that, and holds no probe tables.
     assert json.loads((root / "query" / "query.json").read_text())["kind"] == "none"
     assert not (root / "query" / "probes.parquet").exists()
@@ -184,7 +184,7 @@ def test_one_estimator_option_reruns_only_its_chain(project: Project) -> None:
     project.write_params(params)
 
     ran, output = project.repro()
-    assert sorted(ran) == ["detect@tracin", "report", "retrain@tracin", "score@tracin", "source"], output[-4000:]
+    assert sorted(ran) == ["detect@tracin", "recommend", "report", "retrain@tracin", "score@tracin", "source"], output[-4000:]
     assert ran[-1] == "report"
     assert "didn't change, skipping" in output
     meta = json.loads((project.root / "scores" / "tracin.meta.json").read_text())

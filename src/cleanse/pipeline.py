@@ -642,7 +642,8 @@ def run_recommend(params: Params, layout: Layout) -> Path:
     write_json({"fingerprint": recommend_fingerprint(params), "estimator": chosen.estimator,
                 "budget_factor": chosen.budget_factor, "n_removed": chosen.n_removed,
                 "removed_ids": chosen.removed_ids.tolist(), "cleaned": evaluation,
-                "rule": "held-out probe behaviour (with probes), then validation accuracy, then fewer removed",
+                "rule": "held-out probe behaviour (with probes), then validation accuracy, then fewer removed, "
+                        "then the ranking that agrees with the removal",
                 "candidates": [c.summary() for c in candidates], "chosen": chosen_index,
                 "seconds": time.perf_counter() - started}, recommend_dir(layout) / "recommend.json")
     _track(params, layout, "recommend")
