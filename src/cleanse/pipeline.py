@@ -613,8 +613,7 @@ def run_recommend(params: Params, layout: Layout) -> Path:
         candidates.append(proposed)
     first = choose(candidates, stop_rate=params.cleansing.stop_rate)
     winner = candidates[first]
-    trained: dict[int, Any] = {}
-    ladder = []
+    trained: dict[int, Any] = {}  # ladder candidate index -> (model, evaluation)
     # The budget: the winner's own ranking at other counts (an iterative loop chose its own removals).
     if winner.estimator != NO_REMOVAL and not results[winner.estimator].get("iterative"):
         scores = read_table(layout.scores(winner.estimator))
@@ -624,9 +623,8 @@ def run_recommend(params: Params, layout: Layout) -> Path:
             model, result = retrained_without(params, staged, removed, query)
             candidates.append(candidate(winner.estimator, removed, result, factor))
             trained[len(candidates) - 1] = (model, result)
-            ladder.append(len(candidates) - 1)
-    chosen_index = choose([candidates[i] for i in [first, *ladder]], stop_rate=params.cleansing.stop_rate)
-    chosen_index = [first, *ladder][chosen_index]
+    contenders = [first, *trained]
+    chosen_index = contenders[choose([candidates[i] for i in contenders], stop_rate=params.cleansing.stop_rate)]
     chosen = candidates[chosen_index]
     if chosen_index in trained:
         model, evaluation = trained[chosen_index]

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -51,7 +51,6 @@ class Candidate:
     heldout_behaviour_rate: float = math.nan
     budget_factor: float = 1.0
     consistency: float = 1.0
-    extra: dict = field(default_factory=dict, compare=False)
 
     @property
     def n_removed(self) -> int:
