@@ -165,6 +165,18 @@ _CLOSE_ASSISTANT = """(() => { const close = [...document.querySelectorAll('butt
   .find(b => b.getAttribute('aria-label') === 'Close'); if (close) close.click(); return !!close; })()"""
 
 
+_OPEN_TEST_ACCURACY_CHART = """(() => { const title = [...document.querySelectorAll('span,div,h3,h4')]
+  .find(x => x.childElementCount === 0 && x.innerText.trim() === 'test_accuracy');
+  let card = title; for (let i = 0; i < 8 && card; i++) { card = card.parentElement;
+    const full = card.querySelector('button[data-component-id="fullscreen_button_chartcard"]');
+    if (full) { full.click(); return true; } } return false; })()"""
+_SCROLL_CHARTS_DOWN = """(() => { const titles = [...document.querySelectorAll('span,div,h3,h4')]
+  .filter(x => x.childElementCount === 0 && x.innerText.trim().endsWith('test_accuracy'));
+  if (titles.length) titles[titles.length - 1].scrollIntoView();
+  for (const el of document.querySelectorAll('*')) {
+    if (el.scrollHeight > el.clientHeight + 20) el.scrollTop += el.clientHeight; } })()"""
+
+
 def mlflow_screenshots(mlflow_url: str, experiment_id: str, parent: dict, names: list[str]) -> tuple[str, str]:
     """The parent run's description and the ``test_accuracy`` chart of its child runs (estimators
     and references), as ``mlflow-description.png`` and ``mlflow-chart.png``; returns the texts."""
@@ -189,11 +201,11 @@ def mlflow_screenshots(mlflow_url: str, experiment_id: str, parent: dict, names:
         browser.click("""(() => { const input = document.querySelector('input[placeholder="Search metric charts"]');
           const set = Object.getOwnPropertyDescriptor(HTMLInputElement.prototype, 'value').set;
           set.call(input, 'test_accuracy'); input.dispatchEvent(new Event('input', {bubbles: true})); })()""")
-        browser.click("""(() => { const title = [...document.querySelectorAll('span,div,h3,h4')]
-          .find(x => x.childElementCount === 0 && x.innerText.trim() === 'test_accuracy');
-          let card = title; for (let i = 0; i < 8 && card; i++) { card = card.parentElement;
-            const full = card.querySelector('button[data-component-id="fullscreen_button_chartcard"]');
-            if (full) { full.click(); return true; } } return false; })()""")
+        # charts below the fold are rendered lazily: scroll until the plain test_accuracy card exists
+        for _ in range(12):
+            if browser.click(_OPEN_TEST_ACCURACY_CHART):
+                break
+            browser.click(_SCROLL_CHARTS_DOWN)
         chart = browser.wait_for(("test_accuracy", "oracle", "random", "baseline", *names))
         browser.screenshot("mlflow-chart.png")
     finally:
@@ -236,7 +248,7 @@ with get_client(sync_client=True) as client:
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (`apt-get install chromium`)")
 def test_stack_run_shows_in_both_uis_and_down_leaves_nothing(tmp_path):
     from cleanse.lock import pid_alive as _alive
-    from cleanse.stack import Stack
+    from ops.stack import Stack
 
     state_dir = tmp_path / "stack"
     stack = Stack(state_dir)
