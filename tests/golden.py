@@ -1,0 +1,179 @@
+"""Golden fingerprints of two complete ``cleanse run`` outputs, so that a refactor can be proven
+output-identical.
+
+The two runs (:data:`RUNS`), each a real ``cleanse run --fresh`` in a subprocess with one BLAS/OpenMP
+thread (thread count changes floating-point summation order), from an empty working directory (so
+no ``params.yaml`` is picked up: the embedded defaults of :mod:`cleanse.config` apply):
+
+- ``default``: the README's first command, the embedded defaults at full size (scikit-learn digits,
+  10% symmetric label flips, the MLP, every default estimator and stage), with MLflow tracking off
+  (tracking only logs; it changes no output);
+- ``backdoor``: digits with 5% backdoor poisons, ``query.kind: triggered`` (8 triggered probes,
+  which also switch ``cleansing.iterative`` on), estimators ``loss`` (retrained once),
+  ``influence`` and ``tracin`` (cleansed iteratively with their train -> probe scores). Reduced to
+  stay small: 15 training epochs instead of 30 and ``cleansing.step`` 20 instead of 12 (fewer
+  retraining rounds); every stage still runs.
+
+What is fingerprinted, per run: every ``scores/<estimator>.parquet`` (its decoded columns: name,
+dtype and the values' bytes, in file order, so parquet writer metadata cannot matter), every
+``scores/<estimator>.pairwise.npy`` (shape, dtype, bytes) and ``reports/metrics.json`` after
+:func:`canonical_metrics`, the one documented canonicalisation: keys named ``seconds`` or ending in
+``_seconds`` (wall-clock durations: a stage's, a cleansing round's retraining and scoring) are dropped, and the output directory's absolute path is replaced by ``<out>``. Everything
+else must be byte-identical.
+
+Floating-point results differ between CPU instruction sets and torch builds, so the hashes are
+recorded with a platform key (:func:`platform_key`: torch version, torch's CPU capability, the
+machine). On another platform the test compares the recorded score vectors instead
+(``<run>.npz``: float32, ``score`` of every estimator, in sample-id order) with a tight tolerance,
+and the top-k flagged ids (k = the number of corrupted training samples) must be the same set.
+
+Re-record (only when outputs change on purpose, from a clean ``git worktree`` of the commit)::
+
+    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 .venv/bin/python -m tests.golden record
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
+FINGERPRINTS = GOLDEN_DIR / "fingerprints.json"
+
+RUNS: dict[str, list[str]] = {
+    "default": ["tracking.enabled=false"],
+    "backdoor": ["tracking.enabled=false", "corruption.kind=backdoor", "corruption.fraction=0.05",
+                 "query.kind=triggered", "estimators=[loss,influence,tracin]", "model.epochs=15",
+                 "cleansing.step=20"],
+}
+
+
+def is_volatile(key: str) -> bool:
+    """Whether a metrics.json key holds a wall-clock duration (dropped at every depth)."""
+    return key == "seconds" or key.endswith("_seconds")
+
+
+def platform_key() -> str:
+    """Where bit-identical floating point can be expected: torch version, CPU capability, machine."""
+    import torch
+
+    return f"torch={torch.__version__};cpu={torch.backends.cpu.get_cpu_capability()};machine={platform.machine()}"
+
+
+def run_pipeline(name: str, out: Path) -> Path:
+    """``cleanse run --fresh`` of run ``name`` into ``out``, single-threaded, with no params.yaml."""
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+           "CLEANSE_DEVICE": "cpu", "PYTHONHASHSEED": "0"}
+    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):  # no server: the plain in-process path
+        env.pop(key, None)
+    command = [sys.executable, "-m", "cleanse.cli", "run", "--fresh", "--out", str(out / "run")]
+    for override in RUNS[name]:
+        command += ["--set", override]
+    done = subprocess.run(command, cwd=out, env=env, capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        raise RuntimeError(f"golden run {name!r} failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    return out / "run"
+
+
+def canonical_metrics(metrics: Any, root: str) -> Any:
+    """``metrics.json`` without what varies between runs of the same code: wall-clock keys
+    (:func:`is_volatile`) are dropped, the run directory ``root`` in strings becomes ``<out>``."""
+    if isinstance(metrics, dict):
+        return {key: canonical_metrics(value, root) for key, value in metrics.items() if not is_volatile(key)}
+    if isinstance(metrics, list):
+        return [canonical_metrics(value, root) for value in metrics]
+    if isinstance(metrics, str):
+        return metrics.replace(root, "<out>")
+    return metrics
+
+
+def _sha(*parts: bytes) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(len(part).to_bytes(8, "little"))
+        digest.update(part)
+    return digest.hexdigest()
+
+
+def table_hash(path: Path) -> str:
+    """SHA-256 of a parquet file's decoded columns (name, dtype, values), not of its bytes."""
+    import polars as pl
+
+    frame = pl.read_parquet(path)
+    parts: list[bytes] = []
+    for column in frame.columns:
+        values = np.ascontiguousarray(frame[column].to_numpy())
+        parts += [column.encode(), str(values.dtype).encode(), values.tobytes()]
+    return _sha(*parts)
+
+
+def array_hash(path: Path) -> str:
+    values = np.load(path, allow_pickle=False)
+    return _sha(str(values.shape).encode(), str(values.dtype).encode(), np.ascontiguousarray(values).tobytes())
+
+
+def fingerprint(run: Path) -> dict[str, Any]:
+    """Hashes of one run's score tables, train -> probe matrices and canonical metrics.json."""
+    hashes = {f"scores/{path.name}": table_hash(path) for path in sorted((run / "scores").glob("*.parquet"))}
+    hashes |= {f"scores/{path.name}": array_hash(path) for path in sorted((run / "scores").glob("*.pairwise.npy"))}
+    metrics = json.loads((run / "reports" / "metrics.json").read_text(encoding="utf-8"))
+    canonical = json.dumps(canonical_metrics(metrics, str(run.resolve())), sort_keys=True).encode()
+    hashes["reports/metrics.json"] = _sha(canonical)
+    return hashes
+
+
+def score_vectors(run: Path) -> dict[str, np.ndarray]:
+    """``{estimator: score}`` (float32, by ascending sample id) and ``_sample_id`` of one run."""
+    import polars as pl
+
+    vectors: dict[str, np.ndarray] = {}
+    for path in sorted((run / "scores").glob("*.parquet")):
+        frame = pl.read_parquet(path).sort("sample_id")
+        vectors["_sample_id"] = frame["sample_id"].to_numpy().astype(np.int64)
+        vectors[path.stem] = frame["score"].to_numpy().astype(np.float32)
+    return vectors
+
+
+def top_k(sample_id: np.ndarray, score: np.ndarray, k: int) -> set[int]:
+    """The ``k`` highest-scoring ids (ties by ascending id, as :func:`cleanse.detect.flag`)."""
+    order = np.lexsort((sample_id, -score.astype(np.float64)))
+    return {int(i) for i in sample_id[order[:k]]}
+
+
+def produce(names: list[str], workdir: Path) -> dict[str, Path]:
+    """Run the named golden runs side by side (one thread each) under ``workdir``."""
+    with ThreadPoolExecutor(max_workers=len(names)) as pool:
+        futures = {name: pool.submit(run_pipeline, name, workdir / name) for name in names}
+        return {name: future.result() for name, future in futures.items()}
+
+
+def record() -> None:
+    """Run both golden runs and write ``fingerprints.json`` and one ``<run>.npz`` per run."""
+    GOLDEN_DIR.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="cleanse-golden-") as tmp:
+        runs = produce(list(RUNS), Path(tmp))
+        golden: dict[str, Any] = {"platform": platform_key(), "runs": {}}
+        for name, run in runs.items():
+            metrics = json.loads((run / "reports" / "metrics.json").read_text(encoding="utf-8"))
+            golden["runs"][name] = {"overrides": RUNS[name], "n_corrupted": metrics["dataset"]["n_corrupted"],
+                                    "hashes": fingerprint(run)}
+            np.savez_compressed(GOLDEN_DIR / f"{name}.npz", **score_vectors(run))
+    FINGERPRINTS.write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    print(f"recorded {FINGERPRINTS} on {golden['platform']}")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["record"]:
+        sys.exit("usage: python -m tests.golden record")
+    record()
