@@ -30,7 +30,7 @@ Layers are treated as independent (block-diagonal curvature).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -49,9 +49,10 @@ class _Layer:
     bias_slice: slice | None
     out_features: int
     in_features: int  # without the bias column
-    q_a: torch.Tensor | None = None
-    q_s: torch.Tensor | None = None
-    eigenvalues: torch.Tensor | None = None  # (out, in + 1)
+    # set by the fit (empty until then)
+    q_a: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    q_s: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    eigenvalues: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # (out, in + 1)
 
     @property
     def n_in(self) -> int:
@@ -93,6 +94,10 @@ def _unfold(layer: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     """Layer inputs as ``(n, in, L)`` columns: ``L = 1`` for Linear, patches for Conv2d."""
     if isinstance(layer, nn.Linear):
         return inputs.reshape(inputs.shape[0], -1, 1)
+    if not isinstance(layer, nn.Conv2d):
+        raise TypeError(f"EK-FAC factors Linear and Conv2d layers, not {type(layer).__name__}")
+    if isinstance(layer.padding, str):  # "same" / "valid": unfold takes the numbers only
+        raise ConfigError(f"EK-FAC needs Conv2d padding as numbers, not padding={layer.padding!r}")
     return nn.functional.unfold(inputs, layer.kernel_size, dilation=layer.dilation, padding=layer.padding,
                                 stride=layer.stride)
 

@@ -201,14 +201,14 @@ def measure_f_influence(
                 unit = units[max(arm - 1, 0)] if arm > 0 else None
                 statistic[start + k] = np.nan if unit is None else losses[k, unit].mean()
             with_losses.append(losses[arm_of_model[start:stop] == 0])
-        else:
+        elif query_features is not None and query_label is not None:  # refused above when missing
             losses = _query_losses(ensemble_logits(ensemble, query_features), query_label)
             statistic[start:stop] = losses.mean(1)
     with_all = np.concatenate(with_losses) if query == "self" else None
     rows = []
     for j, u in enumerate(units):
         without = statistic[arm_of_model == j + 1]
-        with_ = with_all[:, u].mean(1) if query == "self" else statistic[arm_of_model == 0]
+        with_ = with_all[:, u].mean(1) if with_all is not None else statistic[arm_of_model == 0]
         rows.append({"unit": j, "size": int(u.size), **asdict(f_influence(with_, without, n_bootstrap=n_bootstrap,
                                                                            seed=seed + j))})
     return pl.DataFrame(rows)

@@ -128,7 +128,7 @@ def write_rows(path: Path, start: int, rows: np.ndarray) -> None:
     row_bytes = shape[1] * dtype.itemsize
     descriptor = os.open(path, os.O_WRONLY)
     try:
-        view, position = memoryview(data).cast("B"), offset + start * row_bytes
+        view, position = data.data.cast("B"), offset + start * row_bytes  # data.data: the array's buffer
         while view:
             written = os.pwrite(descriptor, view, position)
             view, position = view[written:], position + written

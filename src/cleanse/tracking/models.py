@@ -99,7 +99,7 @@ def _log_model(client: Any, params: Params, run_id: str, spec: dict[str, Any], w
 
 def _log_datasets(client: Any, run_id: str, layout: Layout, staged: Any) -> None:
     """The staged splits as dataset inputs (name, content digest, source address)."""
-    import mlflow.data
+    from mlflow.data.numpy_dataset import from_numpy
     from mlflow.entities import DatasetInput, InputTag
 
     from cleanse.pipeline import content_digest
@@ -108,11 +108,11 @@ def _log_datasets(client: Any, run_id: str, layout: Layout, staged: Any) -> None
     for split, context in (("train", "training"), ("val", "validation"), ("test", "testing")):
         path = layout.split(split)
         data = getattr(staged, split)
-        digest = content_digest(str(path)).removeprefix("sha256:")[:16]
+        digest = (content_digest(str(path)) or "").removeprefix("sha256:")[:16]  # None only for a missing file
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "source can be interpreted in multiple ways": a file either way
-            dataset = mlflow.data.from_numpy(data.features, targets=data.label, source=layout.location(path),
-                                             name=f"{staged.meta.name}-{split}", digest=digest)
+            dataset = from_numpy(data.features, targets=data.label, source=layout.location(path),
+                                 name=f"{staged.meta.name}-{split}", digest=digest)
         inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]))
     client.log_inputs(run_id, datasets=inputs)
 

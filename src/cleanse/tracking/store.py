@@ -46,8 +46,9 @@ def artifact_location(layout: Layout) -> str:
         return (layout.root / "mlartifacts").as_uri()
     from cleanse.remote import endpoint
 
-    if endpoint():
-        os.environ.setdefault("MLFLOW_S3_ENDPOINT_URL", endpoint())
+    url = endpoint()
+    if url:
+        os.environ.setdefault("MLFLOW_S3_ENDPOINT_URL", url)
     return f"{layout.remote.rstrip('/')}/mlartifacts"
 
 
