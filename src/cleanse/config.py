@@ -13,395 +13,48 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Discriminator, Field, Tag, TypeAdapter, ValidationError, field_validator, model_validator
 
+from cleanse.config_base import (  # noqa: F401  (re-exported: the configuration's public names)
+    AUTO_SETTINGS,
+    MAX_EXPERIMENT_NAME,
+    MAX_LR,
+    MAX_SEED,
+    MAX_WEIGHT_DECAY,
+    _format_validation_error,
+    _open_fraction,
+    _probe_free,
+    _Section,
+    _shown,
+    apply_overrides,
+    parse_override,
+    resolve_auto,
+)
 from cleanse.errors import ConfigError
-
-
-class _Section(BaseModel):
-    # allow_inf_nan=False: inf or nan in any number (lr=inf, damping=nan) is refused at the boundary
-    # instead of training a NaN model.
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-
-def _open_fraction(value: float, *, allow_zero: bool = False) -> float:
-    low_ok = value >= 0 if allow_zero else value > 0
-    if not (low_ok and value < 1):
-        interval = "[0, 1)" if allow_zero else "(0, 1)"
-        raise ValueError(f"must lie in {interval}, got {value}")
-    return value
-
-
-# The settings whose default depends on whether the run has probes (query.kind other than none):
-# dotted key -> (value without probes, value with probes). With probes, the values documented in
-# docs/benchmarks.md ("Backdoor: probe attribution and iterative cleansing"): geometric checkpoints
-# and unit training gradients for TracIn, iterative cleansing. Without, self-influence keeps even
-# checkpoints and raw TracIn scores, and a one-shot retrain.
-AUTO_SETTINGS: dict[str, tuple[Any, Any]] = {
-    "model.checkpoint_spacing": ("even", "geometric"),
-    "scorers.tracin.normalize": ("none", "train"),
-    "cleansing.iterative": (False, True),
-}
-_UNSET = object()
-
-
-def _probe_free(key: str, value: Any) -> Any:
-    """A section validated on its own (no ``query.kind`` in sight) reads ``auto`` as the value without probes."""
-    return AUTO_SETTINGS[key][0] if value == "auto" else value
-
-
-def _items(node: Any) -> dict[str, Any] | None:
-    """A section as a mutable mapping (a model: only the fields set explicitly); None if it is neither."""
-    if isinstance(node, BaseModel):
-        return node.model_dump(exclude_unset=True)
-    return dict(node) if isinstance(node, dict) else None
-
-
-def _lookup(node: Any, path: list[str]) -> Any:
-    for key in path:
-        items = _items(node)
-        if items is None or key not in items:
-            return _UNSET
-        node = items[key]
-    return node
-
-
-def _replaced(node: Any, path: list[str], value: Any) -> Any:
-    items = {} if node is _UNSET else _items(node)
-    if items is None:  # not a section: validation names it
-        return node
-    items[path[0]] = value if len(path) == 1 else _replaced(items.get(path[0], _UNSET), path[1:], value)
-    return items
-
-
-def resolve_auto(raw: dict[str, Any]) -> dict[str, Any]:
-    """``raw`` (what :class:`Params` validates) with each :data:`AUTO_SETTINGS` key that is unset or
-    ``auto`` given its value for the run's ``query.kind``. The one place these defaults are decided:
-    :class:`Params` calls it before validating, so the stages, fingerprints, MLflow params and the CLI
-    only ever see the resolved values, and ``auto`` fingerprints as the value it stands for. An
-    explicit value always wins (``cleansing.iterative: true`` without probes is still refused)."""
-    kind = _lookup(raw, ["query", "kind"])
-    probes = kind is not _UNSET and kind != "none"
-    out = dict(raw)
-    for key, (without, with_probes) in AUTO_SETTINGS.items():
-        path = key.split(".")
-        if _lookup(out, path) in (_UNSET, "auto"):
-            out = _replaced(out, path, with_probes if probes else without)
-    return out
-
-
-class DataConfig(_Section):
-    """Where the data comes from and how it is split."""
-
-    source: str = Field(
-        "sklearn:digits",
-        description="sklearn:digits | sklearn:breast_cancer | sklearn:wine | sklearn:iris, "
-        "or a .parquet / .npz file (local path or s3:// URI).",
-    )
-    val_fraction: float = Field(0.15, description="Fraction of all samples held out for validation.")
-    test_fraction: float = Field(0.25, description="Fraction of all samples held out for testing.")
-    features: str | list[str] = Field(
-        "features",
-        description="Parquet only: the name of a list/array column, or a list of scalar feature columns.",
-    )
-    label_column: str = Field("label", description="Parquet only: the integer label column.")
-    id_column: str | None = Field(
-        None, description="Parquet only: an int64 id column; by default the row number is the id."
-    )
-    image_shape: list[int] | None = Field(
-        None, description="User data only: (C, H, W) to reshape flat features into images."
-    )
-    standardize: bool = Field(True, description="Tabular data: z-score features with train statistics.")
-
-    @field_validator("val_fraction", "test_fraction")
-    @classmethod
-    def _fraction(cls, value: float) -> float:
-        return _open_fraction(value)
-
-    @model_validator(mode="after")
-    def _splits_leave_training_data(self) -> DataConfig:
-        if self.val_fraction + self.test_fraction >= 0.9:
-            raise ValueError(
-                f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction:.2f} leaves "
-                "too little training data; keep the sum below 0.9"
-            )
-        return self
-
-
-class CorruptionConfig(_Section):
-    """Corruption injected into the training split, with ground truth kept."""
-
-    kind: Literal["none", "label_flip", "backdoor"] = "label_flip"
-    fraction: float = Field(0.1, description="Fraction of training samples to corrupt, in (0, 1).")
-    mode: Literal["symmetric", "pair"] = Field(
-        "symmetric", description="label_flip: uniform over other classes, or y -> (y + 1) mod C."
-    )
-    target_class: int = Field(0, ge=0, description="backdoor: the class the trigger maps to.")
-    trigger_size: int = Field(3, ge=1, description="backdoor: patch side (images) or #features (tabular).")
-
-    @field_validator("fraction")
-    @classmethod
-    def _fraction(cls, value: float) -> float:
-        return _open_fraction(value)
-
-
-# Far above any useful value (Adam/SGD use 1e-4..1, L-BFGS 1; L2 above 1 already swamps the loss):
-# larger values only diverge, so they are refused up front instead of failing after the stage.
-MAX_LR = 10.0
-MAX_WEIGHT_DECAY = 100.0
-# numpy, torch and scikit-learn all take 32-bit seeds; derived seeds add offsets up to ~1e6.
-MAX_SEED = 2**31 - 1
-# MLflow's experiment name column (String(256) in its SQL store).
-MAX_EXPERIMENT_NAME = 256
-
-
-class ModelConfig(_Section):
-    """Architecture and training recipe (one trainer for every model)."""
-
-    arch: Literal["logreg", "mlp", "cnn"] = "mlp"
-    hidden: list[int] | None = Field(
-        None, description="MLP hidden widths (default [64]); CNN channel counts (default [16, 32])."
-    )
-    epochs: int = Field(30, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(0.01, gt=0, le=MAX_LR, description=f"Learning rate, in (0, {MAX_LR:g}].")
-    weight_decay: float = Field(1e-3, ge=0, le=MAX_WEIGHT_DECAY,
-                                description="L2 coefficient: loss + wd/2 * ||theta||^2.")
-    optimizer: Literal["adam", "sgd", "lbfgs"] = "adam"
-    checkpoints: int = Field(5, ge=1, description="Checkpoints saved for TracIn (the last is the final epoch).")
-    checkpoint_spacing: Literal["auto", "even", "geometric"] = Field(
-        "auto", validate_default=True,
-        description="even: evenly spaced epochs; geometric: log-spaced from epoch 1, dense where the loss falls "
-        "fastest (runs that fit poisons early need it for probe attribution; docs/benchmarks.md, backdoor); "
-        "auto: geometric when query.kind names probes, else even (self-influence: early checkpoints dilute the "
-        "mislabel signal).")
-
-    @field_validator("hidden", mode="before")
-    @classmethod
-    def _hidden_as_list(cls, value: Any) -> Any:
-        return [value] if isinstance(value, int) else value
-
-    @field_validator("checkpoint_spacing", mode="before")
-    @classmethod
-    def _spacing_auto(cls, value: Any) -> Any:
-        return _probe_free("model.checkpoint_spacing", value)
-
-    @field_validator("hidden")
-    @classmethod
-    def _positive_widths(cls, value: list[int] | None) -> list[int] | None:
-        if value is not None and (not value or any(width < 1 for width in value)):
-            raise ValueError(f"must be one or more positive widths, got {value}")
-        return value
-
-
-class LossOptions(_Section):
-    statistic: Literal["loss", "margin"] = Field(
-        "loss", description="loss: final cross-entropy; margin: minus the final logit margin."
-    )
-
-
-class CleanlabOptions(_Section):
-    folds: int = Field(5, ge=2, description="K for the out-of-sample predicted probabilities.")
-    method: Literal["self_confidence", "normalized_margin", "confidence_weighted_entropy"] = "self_confidence"
-    n_jobs: int = Field(1, ge=1, description="Processes for cleanlab's find_label_issues. 1 (the default) "
-                        "starts no pool: a pool forked inside a threaded worker (Prefect) can deadlock.")
-
-
-class InfluenceOptions(_Section):
-    """Inverse-curvature solvers for influence functions (see ``cleanse.estimators.influence``).
-
-    Damping defaults: ``damping`` is added to the curvature on top of the L2 term already in the
-    objective. 1e-3 suits exact/CG/LiSSA on the Gauss-Newton matrix of small models; EK-FAC uses
-    the same value (Kronfluence's documented default is 1e-8, which is too small for 64-bit
-    eigenvalue noise on tiny models; 0.1 x mean eigenvalue is its heuristic when unset).
-    """
-
-    solver: Literal["auto", "exact", "cg", "lissa", "ekfac"] = Field(
-        "auto", description="auto = the most accurate of exact, preconditioned cg, ekfac (all layers), exact and "
-        "ekfac on the last layer whose predicted cost (counted from the architecture, n and the options, in training "
-        "epochs; nothing is timed, so the choice is deterministic) fits cost_budget_epochs; the choice and every "
-        "prediction go to the score metadata."
-    )
-    curvature: Literal["ggn", "hessian"] = Field(
-        "ggn",
-        description="ggn: generalised Gauss-Newton (positive semi-definite, equal to the Hessian for logreg; "
-        "CG then never meets negative curvature on non-convex nets); hessian: the true Hessian.",
-    )
-    damping: float = Field(1e-3, ge=0, description="lambda in (H + lambda I)^-1.")
-    layers: Literal["all", "last"] = Field(
-        "all", description="all: every parameter; last: the classifier head only (the rest held fixed)."
-    )
-    exact_max_params: int = Field(20000, ge=1, description="auto never takes exact above this many parameters "
-                                  "(its (p, p) float64 matrices: 3 x 8 p^2 bytes, 9.6 GB at 20,000).")
-    cost_budget_epochs: float = Field(5.0, gt=0, description="auto: the solver's predicted cost must be at most this "
-                                      "many training epochs (both counted by the same analytic cost model).")
-    cg_max_iter: int = Field(100, ge=1)
-    cg_tol: float = Field(1e-5, gt=0, description="Relative residual at which CG stops.")
-    cg_preconditioner: Literal["none", "ekfac"] = Field(
-        "ekfac", description="ekfac: preconditioned CG with the EK-FAC inverse (few iterations); none: plain CG."
-    )
-    lissa_depth: int = Field(200, ge=1)
-    lissa_repeats: int = Field(4, ge=1)
-    lissa_scale: float | None = Field(
-        None, description="LiSSA scaling s (must bound the Hessian's top eigenvalue); None = estimated."
-    )
-    lissa_batch_size: int = Field(128, ge=1)
-    ekfac_fisher: Literal["expected", "sampled", "empirical"] = Field(
-        "expected", description="expected: labels enumerated from the model's softmax (true Fisher); sampled: one "
-        "label per sample drawn from it (seeded; 1/C of the work); empirical: observed labels."
-    )
-
-
-class TrakOptions(_Section):
-    """TRAK (Park et al., ICML 2023); see ``cleanse.estimators.trak``."""
-
-    proj_dim: int = Field(2048, ge=1, description="k, the projection dimension (capped at the number of parameters).")
-    projection: Literal["rademacher", "gaussian"] = "rademacher"
-    n_models: int = Field(1, ge=1, description="M independently trained models in the ensemble (model 0 is the trained one).")
-    damping: float = Field(0.3, ge=0, description="lambda in (Phi^T Phi + lambda I)^-1, relative to the mean diagonal "
-                                                   "(0.3: best linear datamodeling score on digits).")
-    chunk_size: int = Field(256, ge=1, description="Samples per chunk of per-sample gradients.")
-
-
-class FvmOptions(_Section):
-    """Influence at (flat) validation minima (Ye et al., ICML 2025); see ``cleanse.estimators.influence_fvm``."""
-
-    variant: Literal["fvm", "vm"] = Field("fvm", description="fvm: sharpness-aware fine-tune on val; vm: plain ERM.")
-    sharpness: Literal["sam", "lpf"] = Field("sam", description="sam: SAM ascent step of radius rho; lpf: LPF-SGD, M=1 Gaussian perturbation of scale sigma.")
-    rho: float = Field(0.05, ge=0, description="SAM radius.")
-    sigma: float = Field(0.01, ge=0, description="LPF-SGD: perturbation scale relative to each tensor's norm / sqrt(size).")
-    steps: int = Field(100, ge=0, description="Full-batch fine-tuning steps on the validation set.")
-    lr: float = Field(1e-3, gt=0, description="Adam learning rate of the fine-tune.")
-    solver: Literal["auto", "exact", "cg", "ekfac"] = Field("auto", description="Inverse of the validation curvature (auto: exact when small, else ekfac).")
-    damping: float = Field(1e-2, ge=0, description="lambda; mandatory since n_val << p leaves H_val rank-deficient.")
-    exact_max_params: int = Field(6000, ge=1)
-
-
-class TracInOptions(_Section):
-    checkpoints: Literal["all", "last"] = Field("all", description="Which saved checkpoints to sum over.")
-    chunk_size: int = Field(2048, ge=1, description="Samples per chunk of per-sample gradient work.")
-    normalize: Literal["auto", "none", "train", "both"] = Field(
-        "auto", validate_default=True,
-        description="Train -> query scores per checkpoint with unit training gradients ('train': large-gradient "
-        "samples do not dominate a probe's proponents, and checkpoints where the probe is still being learned "
-        "weigh most) or unit gradients on both sides ('both': gradient cosine); auto: train when query.kind "
-        "names probes, else none.")
-
-    @field_validator("normalize", mode="before")
-    @classmethod
-    def _normalize_flag(cls, value: Any) -> Any:
-        # true/false were the options before 'train' existed; they meant cosine / raw.
-        if isinstance(value, bool):
-            return {True: "both", False: "none"}[value]
-        return _probe_free("scorers.tracin.normalize", value)
-
-
-class SpectralOptions(_Section):
-    directions: int = Field(1, ge=1, description="Top singular directions per class whose squared projections are summed.")
-
-
-class ActivationClusteringOptions(_Section):
-    n_components: int = Field(10, ge=1, description="Principal components kept before 2-means (Chen et al. use 10).")
-
-
-class MemorizationOptions(_Section):
-    """Feldman & Zhang (2020) subsampled memorization / influence (``cleanse.estimators.memorization``)."""
-
-    n_models: int = Field(1000, ge=2, description="K: subset models trained (the paper: 2,000-4,000).")
-    subset_fraction: float = Field(0.7, description="Each model trains on round(p * n) random samples.")
-    statistic: Literal["accuracy", "probability"] = Field(
-        "accuracy", description="accuracy: 0/1 correctness (the paper); probability: softmax probability of the label."
-    )
-    epochs: int | None = Field(None, ge=1, description="Epochs of each subset model (None = model.epochs).")
-    shard_size: int = Field(250, ge=1, description="Models per shard (one cached file, one flow task).")
-    pair_mem_threshold: float = Field(0.25, description="Long-tail report: mem of a high-influence pair's train side.")
-    pair_infl_threshold: float = Field(0.15, description="Long-tail report: infl of a high-influence pair.")
-    removal_threshold: float = Field(0.25, description="Marginal utility: remove the samples with mem >= this.")
-    utility_seeds: int = Field(3, ge=1, description="Marginal utility: retrains per arm (mean and std reported).")
-    top_k: int = Field(32, ge=1, description="Long-tail report: most-memorized samples shown.")
-
-    @field_validator("subset_fraction")
-    @classmethod
-    def _fraction(cls, value: float) -> float:
-        return _open_fraction(value)
-
-
-class FineOptions(_Section):
-    """Options of the single-run f-INE estimator (``scorers.fine``)."""
-
-    query: Literal["self", "val"] = Field("self", description="self: each unit's own loss; val: the validation loss.")
-    signal: Literal["loss_change", "alignment"] = Field(
-        "loss_change", description="per-round signal: observed change of the query, or its first-order gradient part.")
-    units: Literal["samples", "groups"] = Field("samples", description="groups: the data's 'group' column.")
-    rounds_per_epoch: int = Field(4, ge=1, description="inclusion is redrawn every round; a round is one pass over "
-                                                       "the included rows (about inclusion x n rows)")
-    inclusion: float = Field(0.25, gt=0.0, lt=1.0, description="probability that a unit is in a round; "
-                                                                "rounds_per_epoch x inclusion = 1 keeps the "
-                                                                "ordinary number of steps")
-    level: float = Field(0.95, gt=0.0, lt=1.0, description="confidence level of [mu_lo, mu_hi]")
-    centering: Literal["none", "round", "class"] = Field(
-        "class", description="subtract, per round, the mean signal of the withheld units (round) or of the withheld "
-                             "units with the same label (class): removes the training-progress drift shared by all")
-    pairwise_detrend: int = Field(4, ge=0, description="train -> query (probe) scores: subtract from each round's "
-                                                       "probe-loss signal the mean of this many rounds on either "
-                                                       "side (0 = off): the training progress every unit shares")
-
-
-class TrustedOptions(_Section):
-    """The trusted-data baseline (``cleanse.estimators.trusted``): a model fitted on the validation
-    split alone scores each training sample by its loss under the given label."""
-
-    model: Literal["logreg", "run"] = Field(
-        "logreg", description="logreg: scikit-learn logistic regression on the flattened features; run: the "
-        "run's own architecture and recipe (model.*), trained on the validation split.")
-    C: float = Field(1.0, gt=0, description="logreg: inverse L2 strength (scikit-learn's C).")
-    max_iter: int = Field(1000, ge=1, description="logreg: L-BFGS iterations.")
-    probability_floor: float = Field(1e-6, gt=0, lt=1, description="Probabilities are clipped to at least "
-                                     "this before the log: bounds the loss, and is the probability given to "
-                                     "a label whose class the validation split lacks.")
-
-
-class HoldoutEnsembleOptions(_Section):
-    """The out-of-subset, early-stopped ensemble (``cleanse.estimators.holdout_ensemble``)."""
-
-    n_models: int = Field(8, ge=4, description="K models, in K/2 pairs of complementary random halves of the "
-                          "training set (each sample is held out by exactly K/2 models); must be even.")
-    statistic: Literal["margin", "loss"] = Field(
-        "margin", description="Over the models that held a sample out: margin: max_{j != y} p_j - p_y of their "
-        "mean probabilities; loss: their mean cross-entropy of the given label y.")
-    stop_on: Literal["accuracy", "loss"] = Field(
-        "loss", description="Each model's stopping epoch maximises its held-out half's accuracy (ties: lower "
-        "loss) or minimises its held-out loss, both under the given training labels.")
-    patience: int = Field(10, ge=1, description="Stop once no model has improved for this many epochs.")
-    max_epochs: int | None = Field(None, ge=1, description="Epoch cap (None = model.epochs).")
-
-    @field_validator("n_models")
-    @classmethod
-    def _even(cls, value: int) -> int:
-        if value % 2:
-            raise ValueError(f"must be even (pairs of complementary halves), got {value}")
-        return value
-
-
-class ScorerOptions(_Section):
-    """Per-estimator options. Changing one section reruns only that estimator downstream."""
-
-    loss: LossOptions = LossOptions()
-    cleanlab: CleanlabOptions = CleanlabOptions()
-    influence: InfluenceOptions = InfluenceOptions()
-    influence_val: InfluenceOptions = InfluenceOptions()
-    tracin: TracInOptions = TracInOptions()
-    memorization: MemorizationOptions = MemorizationOptions()
-    spectral_signatures: SpectralOptions = SpectralOptions()
-    activation_clustering: ActivationClusteringOptions = ActivationClusteringOptions()
-    trak: TrakOptions = TrakOptions()
-    influence_fvm: FvmOptions = FvmOptions()
-    fine: FineOptions = FineOptions()
-    trusted: TrustedOptions = TrustedOptions()
-    holdout_ensemble: HoldoutEnsembleOptions = HoldoutEnsembleOptions()
+from cleanse.families.classification.config import CorruptionConfig, DataConfig, ModelConfig
+from cleanse.families.regression.config import (
+    RegressionCorruptionConfig,
+    RegressionDataConfig,
+    RegressionModelConfig,
+)
+from cleanse.estimators.options import (  # noqa: F401  (re-exported)
+    ActivationClusteringOptions,
+    CleanlabOptions,
+    FineOptions,
+    FvmOptions,
+    HoldoutEnsembleOptions,
+    InfluenceOptions,
+    LossOptions,
+    MemorizationOptions,
+    ScorerOptions,
+    SpectralOptions,
+    TracInOptions,
+    TrakOptions,
+    TrustedOptions,
+)
 
 
 class DetectConfig(_Section):
@@ -521,8 +174,12 @@ class TrackingConfig(_Section):
 
 
 class Params(_Section):
-    """The whole of ``params.yaml``."""
+    """The whole of ``params.yaml`` for the default family, classification (``family`` absent or
+    ``classification``); :class:`RegressionParams` is the regression family's. :func:`load_params`
+    chooses by ``family`` (a discriminated union, :data:`AnyParams`)."""
 
+    family: Literal["classification"] = Field(
+        "classification", description="The family of data and model (cleanse.families): classification | regression.")
     seed: int = 0
     data: DataConfig = DataConfig()
     corruption: CorruptionConfig = CorruptionConfig()
@@ -589,56 +246,48 @@ class Params(_Section):
             raise ValueError(f"estimators are listed twice: {value}")
         return value
 
+    @model_validator(mode="after")
+    def _estimators_support_family(self) -> Params:
+        from cleanse.estimators import registry
 
-def _shown(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
-
-
-def _format_validation_error(error: ValidationError) -> str:
-    """One line (the CLI prints ``error: <this>``): every problem as ``dotted.key: message``."""
-    problems = []
-    for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"])
-        message = item["msg"]
-        if item["type"] == "literal_error":
-            expected = item.get("ctx", {}).get("expected", "")
-            message = f"{_shown(item['input'])} is not one of {expected}"
-        elif item["type"] == "extra_forbidden":
-            message = "unknown key"
-        elif item["type"] == "finite_number":
-            message = f"must be a finite number, got {_shown(item['input'])}"
-        elif item["type"] in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-            message = f"{message}, got {_shown(item['input'])}"
-        elif message.startswith("Value error, "):
-            message = message.removeprefix("Value error, ")
-        problems.append(f"{key}: {message}" if key else message)
-    return "invalid configuration: " + "; ".join(" ".join(problem.split()) for problem in problems)
+        for name in self.estimators:
+            registry.check_supports(name, self.family)
+        return self
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """Split ``dotted.key=value`` into its key path and a YAML-typed value."""
-    if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected dotted.key=value")
-    key, raw = text.split("=", 1)
-    if not key.strip():
-        raise ConfigError(f"--set {text!r}: empty key")
-    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+class RegressionParams(Params):
+    """``params.yaml`` with ``family: regression``: the data, corruption and model sections are the
+    regression family's (:mod:`cleanse.families.regression.config`); probes are classification's
+    only, so ``query.kind`` stays ``none``."""
+
+    family: Literal["regression"] = "regression"  # type: ignore[assignment]
+    data: RegressionDataConfig = RegressionDataConfig()  # type: ignore[assignment]
+    corruption: RegressionCorruptionConfig = RegressionCorruptionConfig()  # type: ignore[assignment]
+    model: RegressionModelConfig = RegressionModelConfig()  # type: ignore[assignment]
+    estimators: list[str] = Field(
+        ["loss", "influence", "influence_val", "tracin", "trak"],
+        description="Estimators to run (those that support the regression family).")
+
+    @model_validator(mode="after")
+    def _no_probes(self) -> RegressionParams:
+        if self.query.kind != "none":
+            raise ValueError(f"query.kind: {self.query.kind!r} is a classification probe set; family 'regression' "
+                             "allows 'none'")
+        return self
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of ``raw`` with each ``dotted.key=value`` override applied."""
-    merged = json.loads(json.dumps(raw))
-    for text in overrides:
-        path, value = parse_override(text)
-        node = merged
-        for part in path[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {text!r}: {part!r} is not a section")
-            node = child
-        node[path[-1]] = value
-    return merged
+def _family_of(raw: Any) -> str:
+    if isinstance(raw, dict):
+        return str(raw.get("family", "classification"))
+    return str(getattr(raw, "family", "classification"))
+
+
+# The configuration of any family, chosen by the ``family`` key (absent = classification).
+AnyParams = Annotated[
+    Union[Annotated[Params, Tag("classification")], Annotated[RegressionParams, Tag("regression")]],
+    Discriminator(_family_of),
+]
+_ANY_PARAMS: TypeAdapter[Params] = TypeAdapter(AnyParams)
 
 
 def load_params(path: str | Path | None = None, overrides: list[str] | None = None) -> Params:
@@ -661,10 +310,20 @@ def load_params(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
         raw = loaded or {}
     raw = apply_overrides(raw, overrides or [])
+    return validate_params(raw)
+
+
+def validate_params(raw: dict[str, Any]) -> Params:
+    """Validate a raw ``params.yaml`` mapping into its family's params model; errors as one line
+    naming the dotted keys (``family: 'x' is not one of ...`` for an unknown family)."""
+    family = _family_of(raw)
+    if family not in ("classification", "regression"):
+        raise ConfigError(f"invalid configuration: family: {_shown(family)} is not one of 'classification', "
+                          "'regression'")
     try:
-        return Params.model_validate(raw)
+        return _ANY_PARAMS.validate_python(raw)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc)) from None
+        raise ConfigError(_format_validation_error(exc, tagged=True)) from None
 
 
 def fingerprint(*parts: BaseModel | dict[str, Any] | list[Any] | str | float) -> str:

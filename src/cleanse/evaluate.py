@@ -130,17 +130,19 @@ def lds(attributions: np.ndarray, masks: np.ndarray, outputs: np.ndarray) -> dic
 def leave_one_out_loss_changes(model: Any, train: Split, query: Split, config: Any, rows: np.ndarray, *,
                                epochs: int = 10, seed: int = 0) -> np.ndarray:
     """Ground truth for influence: ``L_query(theta_{-i}) - L_query(theta)`` for each training row in
-    ``rows``, shape ``(len(rows),)``, with the mean cross-entropy over ``query`` and each model
+    ``rows``, shape ``(len(rows),)``, with the mean loss of the model's family over ``query`` and each model
     retrained warm-started from ``model`` for ``epochs`` epochs (Koh & Liang, 2017, Fig. 2)."""
     import torch
 
+    from cleanse import families
     from cleanse.grads import FunctionalModel
     from cleanse.models.trainer import train_model
 
-    x, y = torch.tensor(query.features), torch.tensor(query.label)
+    task = families.get(model.spec.family)
+    x, y = torch.tensor(query.features), torch.as_tensor(query.label, dtype=task.target_dtype)
 
     def query_loss(trained: Any) -> float:
-        fm = FunctionalModel.of(trained.module(), 0.0)
+        fm = FunctionalModel.of(trained.module(), 0.0, task)
         return float(fm.losses(fm.theta, x, y).mean())
 
     base = query_loss(model)

@@ -3,12 +3,13 @@
 ``metrics.json`` follows the schema in the architecture document::
 
     {"dataset": {"name", "n_train", "n_corrupted"},
-     "baseline": {"test_accuracy", ["attack_success_rate"]},
+     "baseline": {"test_accuracy", ["attack_success_rate"]},   # regression: {"test_rmse"}
      "oracle":   {...},                      # only with ground truth
      "random":   {...},                      # random removal of n_corrupted samples
      "recommended": {"estimator", "detection", "retrain", "n_flagged", "budget_factor", "candidates", ...},
      "estimators": {name: {"detection": {roc_auc, average_precision, precision_at_k, recall_at_k, k},
                            "retrain": {test_accuracy, [attack_success_rate], random_test_accuracy, n_removed},
+                                      # regression: {test_rmse, random_test_rmse, n_removed}
                            "n_flagged", "seconds"}},
      "attribution": {"lds": {...}, "stability": {...}}}   # only when params.evaluate enables them
 """
@@ -29,13 +30,28 @@ from cleanse.data.dataset import Split
 from cleanse.storage import Layout, read_json, read_table, write_bytes, write_json, write_text
 
 
+def outcome_keys(metrics: dict[str, Any]) -> tuple[str, ...]:
+    """The outcome keys of the run's family (:attr:`cleanse.families.base.Family.outcome_keys`):
+    the first, its headline (``test_accuracy``, ``test_rmse``), is always in ``metrics["baseline"]``."""
+    from cleanse import families
+
+    for name in families.names():
+        keys = families.get(name).outcome_keys
+        if keys[0] in metrics["baseline"]:
+            return keys
+    raise KeyError(f"no family's outcome in the baseline's keys {sorted(metrics['baseline'])}")
+
+
 def collect_metrics(params: Params, layout: Layout) -> dict[str, Any]:
+    from cleanse import families
     from cleanse.evaluate import detection_metrics
     from cleanse.pipeline import load_staged, query_dir
 
     staged = load_staged(layout, params)
     references = read_json(layout.retrain_result("references"))
     truth = dict(zip(staged.train.sample_id.tolist(), staged.train.is_corrupted.tolist()))
+    outcomes = families.get(params.family).outcome_keys
+    headline = outcomes[0]
     n_corrupted = int(staged.train.is_corrupted.sum())
     metrics: dict[str, Any] = {
         "dataset": {"name": staged.meta.name, "n_train": len(staged.train), "n_corrupted": n_corrupted,
@@ -45,7 +61,7 @@ def collect_metrics(params: Params, layout: Layout) -> dict[str, Any]:
     }
     for key in ("oracle", "random"):
         if key in references:
-            metrics[key] = {k: v for k, v in references[key].items() if k in ("test_accuracy", "attack_success_rate", "n_removed")}
+            metrics[key] = {k: v for k, v in references[key].items() if k in (*outcomes, "n_removed")}
     for name in params.estimators:
         scores = read_table(layout.scores(name))
         is_corrupted = np.array([truth[i] for i in scores["sample_id"].to_list()], dtype=bool)
@@ -55,8 +71,8 @@ def collect_metrics(params: Params, layout: Layout) -> dict[str, Any]:
         metrics["estimators"][name] = {
             "detection": detection_metrics(scores["score"].to_numpy(), is_corrupted),
             "retrain": {
-                **{k: cleaned[k] for k in ("test_accuracy", "attack_success_rate") if k in cleaned},
-                "random_test_accuracy": retrain["random_same_count"]["test_accuracy"],
+                **{k: cleaned[k] for k in outcomes if k in cleaned},
+                f"random_{headline}": retrain["random_same_count"][headline],
                 "n_removed": cleaned["n_removed"],
                 "n_corrupted_removed": cleaned["n_corrupted_removed"],
             },
@@ -70,7 +86,7 @@ def collect_metrics(params: Params, layout: Layout) -> dict[str, Any]:
             metrics["estimators"][name]["cleansing"] = {
                 "stopped": retrain["stopped"],
                 "rounds": [{k: v for k, v in r.items() if k not in ("flagged_ids", "readmitted_ids")} for r in retrain["rounds"]]}
-    metrics["recommended"] = recommended_metrics(layout, metrics, truth)
+    metrics["recommended"] = recommended_metrics(layout, metrics, truth, params.family)
     recorded = query_dir(layout) / "query.json"
     if params.query.kind != "none" and recorded.is_file():
         metrics["query"] = read_json(recorded)
@@ -82,11 +98,13 @@ def collect_metrics(params: Params, layout: Layout) -> dict[str, Any]:
     return metrics
 
 
-def recommended_metrics(layout: Layout, metrics: dict[str, Any], truth: dict[int, bool]) -> dict[str, Any]:
+def recommended_metrics(layout: Layout, metrics: dict[str, Any], truth: dict[int, bool],
+                        family: str = "classification") -> dict[str, Any]:
     """``metrics["recommended"]``, in an estimator's shape (``detection``, ``retrain``, ``n_flagged``,
     ``seconds``) plus ``estimator`` (``"none"`` = no removal), ``budget_factor`` and the candidates.
     Detection is the chosen estimator's ranking (None for no removal); the ground truth and the test
     split appear here only as the evaluation of a choice made without them."""
+    from cleanse import families
     from cleanse.evaluate import detection_metrics
     from cleanse.pipeline import recommend_dir
     from cleanse.recommend import NO_REMOVAL
@@ -98,11 +116,13 @@ def recommended_metrics(layout: Layout, metrics: dict[str, Any], truth: dict[int
     else:
         detection = metrics["estimators"][name]["detection"]
     cleaned = chosen["cleaned"]
-    retrain = {key: cleaned[key] for key in ("test_accuracy", "attack_success_rate", "val_accuracy",
-                                             "heldout_behaviour_rate", "n_removed", "n_corrupted_removed")
+    task = families.get(family)
+    headline = task.outcome_keys[0]
+    retrain = {key: cleaned[key] for key in (*task.outcome_keys, task.selection[0], "heldout_behaviour_rate",
+                                             "n_removed", "n_corrupted_removed")
                if key in cleaned}
     if name != NO_REMOVAL:
-        retrain["random_test_accuracy"] = metrics["estimators"][name]["retrain"]["random_test_accuracy"]
+        retrain[f"random_{headline}"] = metrics["estimators"][name]["retrain"][f"random_{headline}"]
     return {"estimator": name, "detection": detection, "retrain": retrain, "n_flagged": chosen["n_removed"],
             "budget_factor": chosen["budget_factor"], "seconds": chosen["seconds"], "rule": chosen["rule"],
             "candidates": chosen["candidates"]}
@@ -113,6 +133,8 @@ def comparison_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     recommendation first."""
     rows = []
     asr = "attack_success_rate" in metrics["baseline"]
+    headline = outcome_keys(metrics)[0]
+    column = _COLUMNS.get(headline, headline)
     recommended = metrics.get("recommended")
     if recommended is not None:
         detection = recommended["detection"]
@@ -120,7 +142,7 @@ def comparison_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
         budget = "" if factor == 1.0 else f", {factor:g}x budget"
         row = {"method": f"RECOMMENDED: {recommended['estimator']}{budget}", "roc_auc": detection["roc_auc"],
                "ap": detection["average_precision"], "p_at_k": detection["precision_at_k"],
-               "flagged": recommended["n_flagged"], "test_acc": recommended["retrain"]["test_accuracy"],
+               "flagged": recommended["n_flagged"], column: recommended["retrain"][headline],
                "seconds": None}
         if asr:
             row["asr"] = recommended["retrain"].get("attack_success_rate")
@@ -128,7 +150,7 @@ def comparison_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     for key, label in (("baseline", "baseline (no removal)"), ("random", "random removal (k = #corrupted)"), ("oracle", "oracle")):
         if key in metrics:
             row = {"method": label, "roc_auc": None, "ap": None, "p_at_k": None, "flagged": metrics[key].get("n_removed", 0),
-                   "test_acc": metrics[key]["test_accuracy"], "seconds": None}
+                   column: metrics[key][headline], "seconds": None}
             if asr:
                 row["asr"] = metrics[key].get("attack_success_rate")
             rows.append(row)
@@ -136,11 +158,17 @@ def comparison_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
         detection = result["detection"]
         row = {"method": name, "roc_auc": detection["roc_auc"], "ap": detection["average_precision"],
                "p_at_k": detection["precision_at_k"], "flagged": result["n_flagged"],
-               "test_acc": result["retrain"]["test_accuracy"], "seconds": result["seconds"]}
+               column: result["retrain"][headline], "seconds": result["seconds"]}
         if asr:
             row["asr"] = result["retrain"].get("attack_success_rate")
         rows.append(row)
     return rows
+
+
+# Table columns of the outcome keys (the accuracy column predates families).
+_COLUMNS = {"test_accuracy": "test_acc"}
+_WORDS = {"test_accuracy": "test accuracy", "val_accuracy": "validation accuracy", "test_rmse": "test RMSE",
+          "val_rmse": "validation RMSE"}
 
 
 def _fmt(value: Any) -> str:
@@ -326,8 +354,10 @@ def _recommendation_sentence(metrics: dict[str, Any]) -> str:
     retrain = recommended["retrain"]
     what = "no removal (the base model)" if name == "none" else (
         f"{html.escape(name)}'s ranking, {recommended['n_flagged']} samples removed")
-    return (f"<b>Recommended: {what}</b>, validation accuracy {retrain.get('val_accuracy', float('nan')):.3f}, "
-            f"test accuracy {retrain['test_accuracy']:.3f}. Chosen by {html.escape(recommended['rule'])}, among "
+    headline = outcome_keys(metrics)[0]
+    validation = next((key for key in retrain if key.startswith("val_")), "val_accuracy")
+    return (f"<b>Recommended: {what}</b>, {_WORDS[validation]} {retrain.get(validation, float('nan')):.3f}, "
+            f"{_WORDS[headline]} {retrain[headline]:.3f}. Chosen by {html.escape(recommended['rule'])}, among "
             f"{len(recommended['candidates'])} candidates (recommend/recommend.json); never from the ground truth "
             "or the test split. The model is in models/recommended/.")
 

@@ -16,7 +16,8 @@ import polars as pl
 
 @dataclass(frozen=True)
 class Split:
-    """One split of the data. Labels are int64 class indices in ``[0, n_classes)``."""
+    """One split of the data. Labels are the family's targets: int64 class indices in
+    ``[0, n_classes)`` for classification, float64 values for regression."""
 
     sample_id: np.ndarray
     features: np.ndarray
@@ -61,8 +62,8 @@ class Split:
             {
                 "sample_id": pl.Series(self.sample_id, dtype=pl.Int64),
                 "features": pl.Series(flat, dtype=pl.Array(pl.Float32, flat.shape[1])),
-                "label": pl.Series(self.label, dtype=pl.Int64),
-                "label_clean": pl.Series(self.label_clean, dtype=pl.Int64),
+                "label": pl.Series(self.label, dtype=_label_dtype(self.label)),
+                "label_clean": pl.Series(self.label_clean, dtype=_label_dtype(self.label_clean)),
                 "is_corrupted": pl.Series(self.is_corrupted, dtype=pl.Boolean),
                 **({} if self.group is None else {"group": pl.Series(self.group, dtype=pl.Int64)}),
             }
@@ -75,11 +76,20 @@ class Split:
         return cls(
             sample_id=frame["sample_id"].to_numpy().astype(np.int64),
             features=features,
-            label=frame["label"].to_numpy().astype(np.int64),
-            label_clean=frame["label_clean"].to_numpy().astype(np.int64),
+            label=_label_array(frame["label"]),
+            label_clean=_label_array(frame["label_clean"]),
             is_corrupted=frame["is_corrupted"].to_numpy().astype(bool),
             group=frame["group"].to_numpy().astype(np.int64) if "group" in frame.columns else None,
         )
+
+
+def _label_dtype(values: np.ndarray) -> Any:
+    """Int64 for class indices, Float64 for real-valued targets."""
+    return pl.Float64 if np.issubdtype(values.dtype, np.floating) else pl.Int64
+
+
+def _label_array(column: pl.Series) -> np.ndarray:
+    return column.to_numpy().astype(np.float64 if column.dtype.is_float() else np.int64)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 Every loader returns a :class:`RawData` with a stable int64 ``sample_id`` per row (the row number
 in the source unless the user names an id column), float32 features of shape
-``(n, *feature_shape)`` and int64 labels in ``[0, n_classes)``. Input is checked here, once:
+``(n, *feature_shape)`` and int64 labels in ``[0, n_classes)`` (or, with ``target="real"`` for
+regression, float64 targets and ``n_classes = 1``). Input is checked here, once:
 unknown sources, unreadable files, NaN/inf features and out-of-range labels raise
 :class:`~cleanse.errors.DataError` naming the problem.
 """
@@ -21,6 +22,7 @@ from cleanse.errors import DataError
 from cleanse.storage import fetch_input
 
 BUILTIN_SOURCES = ("sklearn:digits", "sklearn:breast_cancer", "sklearn:wine", "sklearn:iris")
+REAL_SOURCES = ("sklearn:diabetes",)  # real-valued targets (the regression family)
 
 # What np.load raises on a damaged archive: a truncated zip (BadZipFile), a cut member (EOFError,
 # zlib.error), a bad header (ValueError), an unreadable file (OSError).
@@ -41,21 +43,23 @@ class RawData:
         return tuple(self.features.shape[1:])
 
 
-def load_source(config: DataConfig) -> RawData:
-    """Load and validate ``config.source``."""
+def load_source(config: DataConfig, target: str = "class") -> RawData:
+    """Load and validate ``config.source``; ``target``: ``class`` (integer class indices) or
+    ``real`` (finite float targets, for regression)."""
     source = config.source
-    if source.startswith("sklearn:"):
+    builtin = REAL_SOURCES if target == "real" else BUILTIN_SOURCES
+    if source.startswith("sklearn:") and source in builtin:
         raw = _load_builtin(source)
     elif source.endswith(".parquet"):
-        raw = _load_parquet(fetch_input(source), config)
+        raw = _load_parquet(fetch_input(source), config, target)
     elif source.endswith(".npz"):
-        raw = _load_npz(fetch_input(source), config)
+        raw = _load_npz(fetch_input(source), config, target)
     else:
         raise DataError(
-            f"data.source: unknown source {source!r}; allowed: {', '.join(BUILTIN_SOURCES)}, "
+            f"data.source: unknown source {source!r}; allowed: {', '.join(builtin)}, "
             "or a path / s3:// URI ending in .parquet or .npz"
         )
-    return _validated(raw)
+    return _validated_real(raw) if target == "real" else _validated(raw)
 
 
 def _load_builtin(source: str) -> RawData:
@@ -66,6 +70,7 @@ def _load_builtin(source: str) -> RawData:
         "sklearn:breast_cancer": datasets.load_breast_cancer,
         "sklearn:wine": datasets.load_wine,
         "sklearn:iris": datasets.load_iris,
+        "sklearn:diabetes": datasets.load_diabetes,
     }
     if source not in loaders:
         raise DataError(f"data.source: unknown source {source!r}; allowed: {', '.join(BUILTIN_SOURCES)}")
@@ -73,13 +78,14 @@ def _load_builtin(source: str) -> RawData:
     features = np.asarray(bunch.data, dtype=np.float32)
     if source == "sklearn:digits":
         features = (features / 16.0).reshape(-1, 1, 8, 8)
-    label = np.asarray(bunch.target, dtype=np.int64)
+    real = source in REAL_SOURCES
+    label = np.asarray(bunch.target, dtype=np.float64 if real else np.int64)
     return RawData(
         name=source.removeprefix("sklearn:"),
         sample_id=np.arange(len(label), dtype=np.int64),
         features=features,
         label=label,
-        n_classes=int(label.max()) + 1,
+        n_classes=_n_classes(label),
     )
 
 
@@ -115,7 +121,19 @@ def _as_labels(values: np.ndarray, where: str) -> np.ndarray:
     return values.astype(np.int64)
 
 
-def _load_npz(path: Path, config: DataConfig) -> RawData:
+def _as_targets(values: np.ndarray, where: str, target: str) -> np.ndarray:
+    """Class indices (int64) for ``target="class"``, finite float64 values for ``"real"``."""
+    if target == "class":
+        return _as_labels(values, where)
+    if values.dtype.kind not in "iuf":
+        raise DataError(f"{where}: targets must be numbers, got dtype {values.dtype}")
+    values = values.astype(np.float64)
+    if not np.all(np.isfinite(values)):
+        raise DataError(f"{where}: {int((~np.isfinite(values)).sum())} target(s) are missing, NaN or infinite")
+    return values
+
+
+def _load_npz(path: Path, config: DataConfig, target: str = "class") -> RawData:
     try:
         with np.load(path, allow_pickle=False) as archive:
             missing = [key for key in ("X", "y") if key not in archive.files]
@@ -125,8 +143,8 @@ def _load_npz(path: Path, config: DataConfig) -> RawData:
             if features.dtype.kind not in "biuf":
                 raise DataError(f"data.source {path}: X must be numeric, got dtype {features.dtype}")
             features = np.asarray(features, dtype=np.float32)
-            label = _as_labels(as_label_vector(np.asarray(archive["y"]), f"data.source {path}"),
-                               f"data.source {path}")
+            label = _as_targets(as_label_vector(np.asarray(archive["y"]), f"data.source {path}"),
+                                f"data.source {path}", target)
             ids = None
             if "sample_id" in archive.files:
                 ids = archive["sample_id"]
@@ -149,11 +167,11 @@ def _load_npz(path: Path, config: DataConfig) -> RawData:
         sample_id=ids if ids is not None else np.arange(len(label), dtype=np.int64),
         features=features,
         label=label,
-        n_classes=int(label.max()) + 1 if len(label) else 0,
+        n_classes=_n_classes(label),
     )
 
 
-def _load_parquet(path: Path, config: DataConfig) -> RawData:
+def _load_parquet(path: Path, config: DataConfig, target: str = "class") -> RawData:
     import polars as pl
 
     try:
@@ -195,7 +213,9 @@ def _load_parquet(path: Path, config: DataConfig) -> RawData:
         if bad:
             raise DataError(f"data.features: column(s) {', '.join(bad)} are not numeric; features must be numbers")
         features = frame.select(columns).cast(pl.Float32).fill_null(float("nan")).to_numpy().astype(np.float32)
-    label = _as_labels(frame[config.label_column].fill_null(-1).to_numpy(), f"data.label_column {config.label_column!r}")
+    labels = frame[config.label_column]
+    labels = labels.fill_null(-1) if target == "class" else labels.cast(pl.Float64, strict=False).fill_null(float("nan"))
+    label = _as_targets(labels.to_numpy(), f"data.label_column {config.label_column!r}", target)
     ids = _id_column(frame, config.id_column, path) if config.id_column else np.arange(frame.height, dtype=np.int64)
     group = None
     if "group" in frame.columns:
@@ -208,7 +228,7 @@ def _load_parquet(path: Path, config: DataConfig) -> RawData:
         sample_id=ids,
         features=_reshape(features, config),
         label=label,
-        n_classes=int(label.max()) + 1 if len(label) else 0,
+        n_classes=_n_classes(label),
         group=group,
     )
 
@@ -226,7 +246,8 @@ def _id_column(frame: object, name: str, path: Path) -> np.ndarray:
     return column.cast(pl.Int64).to_numpy()
 
 
-def _validated(raw: RawData) -> RawData:
+def _check_rows(raw: RawData) -> int:
+    """Refuse no rows, no features, and non-finite features; the number of rows."""
     n = raw.label.shape[0]
     if n == 0:
         raise DataError(f"data.source {raw.name}: no samples")
@@ -236,6 +257,11 @@ def _validated(raw: RawData) -> RawData:
     if bad.any():
         first = ", ".join(str(i) for i in raw.sample_id[bad][:5])
         raise DataError(f"data.source {raw.name}: {int(bad.sum())} sample(s) have NaN or infinite features (sample_id {first}, ...)")
+    return n
+
+
+def _validated(raw: RawData) -> RawData:
+    n = _check_rows(raw)
     if (raw.label < 0).any():
         first = ", ".join(str(i) for i in raw.sample_id[raw.label < 0][:5])
         raise DataError(
@@ -257,6 +283,23 @@ def _validated(raw: RawData) -> RawData:
         )
     if raw.n_classes < 2:
         raise DataError(f"data.source {raw.name}: need at least 2 classes, found {raw.n_classes}")
+    if len(np.unique(raw.sample_id)) != n:
+        raise DataError(f"data.source {raw.name}: sample ids are not unique")
+    return raw
+
+
+def _n_classes(label: np.ndarray) -> int:
+    """``max + 1`` for class indices; 1 (one output) for real-valued targets."""
+    if label.dtype.kind == "f":
+        return 1
+    return int(label.max()) + 1 if len(label) else 0
+
+
+def _validated_real(raw: RawData) -> RawData:
+    """Regression data: rows, features and ids as for classes; targets already checked finite."""
+    n = _check_rows(raw)
+    if n < 10:
+        raise DataError(f"data.source {raw.name}: {n} samples; a train/val/test split needs at least 10")
     if len(np.unique(raw.sample_id)) != n:
         raise DataError(f"data.source {raw.name}: sample ids are not unique")
     return raw

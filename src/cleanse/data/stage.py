@@ -13,7 +13,14 @@ from cleanse.data.splits import standardizer, stratified_split
 
 
 def stage_data(params: Params) -> StagedData:
-    """Load ``params.data.source``, split it, and corrupt the training split.
+    """The ``stage`` step of ``params.family`` (:meth:`cleanse.families.base.Family.stage`)."""
+    from cleanse import families
+
+    return families.get(params.family).stage(params)
+
+
+def stage_classification(params: Params) -> StagedData:
+    """Classification: load ``params.data.source``, split it, and corrupt the training split.
 
     Validation and test splits stay clean. Tabular features are standardised with the training
     split's statistics (computed before corruption); images are left as loaded.

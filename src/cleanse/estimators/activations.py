@@ -90,6 +90,7 @@ class SpectralSignatureEstimator:
     name: ClassVar[str] = "spectral_signatures"
     reads_validation_labels: ClassVar[bool] = False
     options_type: ClassVar[type] = SpectralOptions
+    families: ClassVar[tuple[str, ...]] = ("classification",)
 
     def score(self, context: ScoringContext, options: SpectralOptions) -> ScoreResult:
         score = spectral_scores(penultimate_features(context), context.train.label, options.directions)
@@ -100,6 +101,7 @@ class ActivationClusteringEstimator:
     name: ClassVar[str] = "activation_clustering"
     reads_validation_labels: ClassVar[bool] = False
     options_type: ClassVar[type] = ActivationClusteringOptions
+    families: ClassVar[tuple[str, ...]] = ("classification",)
 
     def score(self, context: ScoringContext, options: ActivationClusteringOptions) -> ScoreResult:
         score = clustering_scores(penultimate_features(context), context.train.label, options.n_components, context.seed)

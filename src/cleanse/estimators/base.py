@@ -25,8 +25,11 @@ import polars as pl
 import torch
 from pydantic import BaseModel
 
+from cleanse import families
 from cleanse.config import ModelConfig
 from cleanse.data.dataset import DatasetMeta, Split
+from cleanse.families.base import Family
+from cleanse.grads import FunctionalModel
 from cleanse.models.trainer import TrainedModel
 
 
@@ -43,10 +46,20 @@ class ScoringContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     cache_dir: Path | None = None  # where expensive intermediates may be kept for resuming (None: in memory)
 
+    @property
+    def task(self) -> Family:
+        """The family of the trained model: its loss, outcome and differentiated parameters."""
+        return families.get(self.model.spec.family)
+
     def tensors(self, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.as_tensor(split.features, dtype=torch.float32, device=self.device)
-        y = torch.as_tensor(split.label, dtype=torch.long, device=self.device)
+        y = torch.as_tensor(split.label, dtype=self.task.target_dtype, device=self.device)
         return x, y
+
+    def functional(self, module: torch.nn.Module, layers: str = "all") -> FunctionalModel:
+        """``module`` as a function of the parameters the family differentiates for ``layers``,
+        with the training objective's weight decay."""
+        return FunctionalModel.of(module, self.model_config.weight_decay, self.task, layers)
 
 
 @dataclass
@@ -60,10 +73,13 @@ class Estimator(Protocol):
     """``reads_validation_labels`` declares the estimator's league: True when its scores depend on
     the validation split's labels (which cleanse treats as trusted), either as a class constant or
     as a function of the options; such estimators are compared against baselines and peers given
-    the same trusted data (see :func:`reads_validation_labels`)."""
+    the same trusted data (see :func:`reads_validation_labels`). ``families`` names the families
+    (:mod:`cleanse.families`) the estimator supports; a configuration pairing it with another is
+    refused before anything runs."""
 
     name: ClassVar[str]
     options_type: ClassVar[type[BaseModel]]
+    families: ClassVar[tuple[str, ...]]
     reads_validation_labels: ClassVar[bool | Callable[[BaseModel], bool]]
 
     def score(self, context: ScoringContext, options: BaseModel) -> ScoreResult: ...

@@ -45,6 +45,7 @@ class ConfidentLearningEstimator:
     name: ClassVar[str] = "cleanlab"
     reads_validation_labels: ClassVar[bool] = False
     options_type: ClassVar[type] = CleanlabOptions
+    families: ClassVar[tuple[str, ...]] = ("classification",)
 
     def score(self, context: ScoringContext, options: CleanlabOptions) -> ScoreResult:
         from cleanlab.filter import find_label_issues

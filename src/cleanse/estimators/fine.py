@@ -58,13 +58,13 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy.stats import norm
 
 from cleanse.config import FineOptions
 from cleanse.data.dataset import Split
 from cleanse.errors import ConfigError
 from cleanse.estimators.base import ScoreResult, ScoringContext, score_table
+from cleanse.families.base import Family
 from cleanse.finfluence import tradeoff_spread_columns
 from cleanse.models.trainer import l2_penalty, seeded_model
 from cleanse import seeds
@@ -184,7 +184,7 @@ class _Curriculum:
             for lo in range(0, order.numel(), config.batch_size):
                 batch = order[lo: lo + config.batch_size]
                 optimizer.zero_grad()
-                (F.cross_entropy(model(x[batch]), y[batch]) + l2_penalty(params, config.weight_decay)).backward()
+                (context.task.mean_loss(model(x[batch]), y[batch]) + l2_penalty(params, config.weight_decay)).backward()
                 optimizer.step()
             if options.signal == "loss_change":
                 after = statistic(model)
@@ -208,6 +208,7 @@ def _mu(signals: np.ndarray, inclusions: np.ndarray, level: float) -> tuple[np.n
 class FineEstimator:
     name: ClassVar[str] = "fine"
     options_type: ClassVar[type] = FineOptions
+    families: ClassVar[tuple[str, ...]] = ("classification",)
 
     @staticmethod
     def reads_validation_labels(options: FineOptions) -> bool:
@@ -226,13 +227,13 @@ class FineEstimator:
 
         def statistic(theta_model: torch.nn.Module) -> np.ndarray:
             if options.query == "val":
-                return np.full(n_units, float(_losses(theta_model, xv, yv).mean()))
-            return _unit_means(_losses(theta_model, x, y).double().cpu().numpy(), unit_of_row, sizes)
+                return np.full(n_units, float(_losses(context.task, theta_model, xv, yv).mean()))
+            return _unit_means(_losses(context.task, theta_model, x, y).double().cpu().numpy(), unit_of_row, sizes)
 
         def first_order(model: torch.nn.Module, start_params: list[torch.Tensor]) -> np.ndarray:
             if options.query == "val":
-                return np.full(n_units, _directional(model, start_params, xv, yv, mean=True)[0])
-            return _unit_means(_directional(model, start_params, x, y), unit_of_row, sizes)
+                return np.full(n_units, _directional(context.task, model, start_params, xv, yv, mean=True)[0])
+            return _unit_means(_directional(context.task, model, start_params, x, y), unit_of_row, sizes)
 
         def centre(signal: np.ndarray, included: np.ndarray) -> np.ndarray:
             return _centred(signal, included, unit_label, options.centering)
@@ -282,10 +283,10 @@ class FineEstimator:
         xq, yq = context.tensors(query)
 
         def statistic(theta_model: torch.nn.Module) -> np.ndarray:
-            return _losses(theta_model, xq, yq).double().cpu().numpy()
+            return _losses(context.task, theta_model, xq, yq).double().cpu().numpy()
 
         def first_order(model: torch.nn.Module, start_params: list[torch.Tensor]) -> np.ndarray:
-            return _directional(model, start_params, xq, yq)
+            return _directional(context.task, model, start_params, xq, yq)
 
         signals, inclusions, _ = _Curriculum(context, options, unit_of_row, n_units).run(statistic, first_order)
         signals = _detrended(signals, options.pairwise_detrend)
@@ -296,8 +297,8 @@ class FineEstimator:
         return out
 
 
-def _losses(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """Per-row cross-entropy ``(n,)`` without autograd, in row chunks.
+def _losses(task: Family, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Per-row loss of the family ``(n,)`` (cross-entropy) without autograd, in row chunks.
 
     The query statistic is a forward pass over the whole training set every round (about as many
     full-data forward passes as rounds, which dominate f-INE's cost beyond a training run);
@@ -305,12 +306,12 @@ def _losses(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int
     over 10,000 rows of the speed benchmark's MLP.
     """
     with torch.inference_mode():
-        return torch.cat([F.cross_entropy(model(x[s:s + chunk]), y[s:s + chunk], reduction="none")
+        return torch.cat([task.per_sample_loss(model(x[s:s + chunk]), y[s:s + chunk])
                           for s in range(0, x.shape[0], chunk)]) if x.shape[0] else x.new_zeros(0)
 
 
-def _directional(model: torch.nn.Module, start_params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-                 mean: bool = False) -> np.ndarray:
+def _directional(task: Family, model: torch.nn.Module, start_params: list[torch.Tensor], x: torch.Tensor,
+                 y: torch.Tensor, mean: bool = False) -> np.ndarray:
     """<grad loss(theta_t), theta_{t+1} - theta_t> per row of ``(x, y)`` (or of their mean loss): one
     JVP at the round's starting parameters along the round's step."""
     from torch.func import functional_call
@@ -321,8 +322,8 @@ def _directional(model: torch.nn.Module, start_params: list[torch.Tensor], x: to
     step = tuple(p.detach() - p0 for p, p0 in zip(model.parameters(), start_params))
 
     def losses(*theta: torch.Tensor) -> torch.Tensor:
-        loss = F.cross_entropy(functional_call(model, dict(zip(names, theta)), (x,)), y,
-                               reduction="mean" if mean else "none")
+        output = functional_call(model, dict(zip(names, theta)), (x,))
+        loss = task.mean_loss(output, y) if mean else task.per_sample_loss(output, y)
         return loss.reshape(-1)
 
     with torch.no_grad():

@@ -161,6 +161,7 @@ class HoldoutEnsembleEstimator:
     name: ClassVar[str] = "holdout_ensemble"
     reads_validation_labels: ClassVar[bool] = False
     options_type: ClassVar[type] = HoldoutEnsembleOptions
+    families: ClassVar[tuple[str, ...]] = ("classification",)
 
     def score(self, context: ScoringContext, options: HoldoutEnsembleOptions) -> ScoreResult:
         train = context.train

@@ -405,6 +405,9 @@ def plan_solver(context: ScoringContext, options: InfluenceOptions, workload: Wo
         row: dict = {"solver": solver, "layers": layers, "n_params": costs.p}
         if solver == "exact" and costs.p > options.exact_max_params:
             row.update(predicted_epochs=None, fits=False, why=f"{costs.p} parameters > exact_max_params (memory)")
+        elif solver.startswith("ekfac") and not context.task.supports_ekfac:
+            row.update(predicted_epochs=None, fits=False, why=f"EK-FAC needs a softmax output (family "
+                       f"{context.task.name!r})")
         elif solver != "exact" and costs.shapes is None and (solver != "cg" or options.cg_preconditioner == "ekfac"):
             row.update(predicted_epochs=None, fits=False, why="EK-FAC needs Linear/Conv2d layers only")
         else:
@@ -449,9 +452,8 @@ class Problem:
 
 def problem(context: ScoringContext, layers: str = "all") -> Problem:
     module = context.model.module(context.device)
-    weight_decay = context.model_config.weight_decay
     if layers != "last":
-        return Problem(FunctionalModel.of(module, weight_decay), lambda x: x)
+        return Problem(context.functional(module), lambda x: x)
     head = dict(module.named_modules())[last_layer_name(module)]
 
     @torch.no_grad()
@@ -464,7 +466,7 @@ def problem(context: ScoringContext, layers: str = "all") -> Problem:
             handle.remove()
         return captured[0]
 
-    return Problem(FunctionalModel.of(head, weight_decay), features)
+    return Problem(context.functional(head), features)
 
 
 def _setup(context: ScoringContext, options: InfluenceOptions,
@@ -473,6 +475,12 @@ def _setup(context: ScoringContext, options: InfluenceOptions,
     :func:`plan_solver` for ``workload`` and the plan is kept on the inverse (``summary()``)."""
     problems: dict[str, Problem] = {}
     plan = None
+    if not context.task.supports_ekfac:
+        # EK-FAC's Fisher is drawn from a softmax (cleanse.ekfac): other families solve without it.
+        if options.solver == "ekfac":
+            raise ConfigError(f"scorers.<influence>.solver: 'ekfac' needs a softmax output; family "
+                              f"{context.task.name!r} allows auto, exact, cg, lissa")
+        options = options.model_copy(update={"cg_preconditioner": "none"})
     if options.solver == "auto":
         plan = plan_solver(context, options, workload, problems=problems)
         options = plan.options(options)
@@ -515,6 +523,7 @@ class SelfInfluenceEstimator:
     name: ClassVar[str] = "influence"
     reads_validation_labels: ClassVar[bool] = False
     options_type: ClassVar[type] = InfluenceOptions
+    families: ClassVar[tuple[str, ...]] = ("classification", "regression")
 
     def score(self, context: ScoringContext, options: InfluenceOptions) -> ScoreResult:
         # Self-influence needs one quadratic form per training sample: CG would solve n systems, so
@@ -535,6 +544,7 @@ class ValidationInfluenceEstimator:
     name: ClassVar[str] = "influence_val"
     reads_validation_labels: ClassVar[bool] = True
     options_type: ClassVar[type] = InfluenceOptions
+    families: ClassVar[tuple[str, ...]] = ("classification", "regression")
 
     def score(self, context: ScoringContext, options: InfluenceOptions) -> ScoreResult:
         prob, x, y, inverse = _setup(context, options, Workload("rhs", 1))

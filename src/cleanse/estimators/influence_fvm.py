@@ -78,11 +78,11 @@ def fine_tune_on_validation(fm: FunctionalModel, xv: torch.Tensor, yv: torch.Ten
 @torch.no_grad()
 def _accuracy_and_loss(fm: FunctionalModel, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
     logits = fm.logits(theta, x)
-    return float((logits.argmax(1) == y).double().mean()), float(torch.nn.functional.cross_entropy(logits, y))
+    return float((logits.argmax(1) == y).double().mean()), float(fm.task.mean_loss(logits, y))
 
 
 def validation_minimum_scores(context: ScoringContext, options: FvmOptions) -> tuple[np.ndarray, dict]:
-    fm = FunctionalModel.of(context.model.module(context.device), context.model_config.weight_decay)
+    fm = context.functional(context.model.module(context.device))
     x, y = context.tensors(context.train)
     xv, yv = context.tensors(context.val)
     before = _accuracy_and_loss(fm, fm.theta, xv, yv)
@@ -109,6 +109,7 @@ class FlatValidationInfluenceEstimator:
     name: ClassVar[str] = "influence_fvm"
     reads_validation_labels: ClassVar[bool] = True
     options_type: ClassVar[type] = FvmOptions
+    families: ClassVar[tuple[str, ...]] = ("classification",)
 
     def score(self, context: ScoringContext, options: FvmOptions) -> ScoreResult:
         score, meta = validation_minimum_scores(context, options)

@@ -260,6 +260,7 @@ class MemorizationEstimator:
     name: ClassVar[str] = "memorization"
     reads_validation_labels: ClassVar[bool] = False
     options_type: ClassVar[type] = MemorizationOptions
+    families: ClassVar[tuple[str, ...]] = ("classification",)
 
     def score(self, context: ScoringContext, options: MemorizationOptions) -> ScoreResult:
         shards, trained = all_shards(context, options)

@@ -31,6 +31,12 @@ def names() -> list[str]:
     return list(_REGISTRY)
 
 
+def check_supports(name: str, family: str) -> None:
+    """Refuse ``name`` for ``family`` unless the estimator declares it (its ``families``)."""
+    if family not in get(name).families:
+        raise ConfigError(f"estimator {name!r} does not support family {family!r}")
+
+
 def get(name: str):
     if name not in _REGISTRY:
         raise ConfigError(f"unknown estimator {name!r}; allowed: {', '.join(_REGISTRY)}")

@@ -46,13 +46,14 @@ def _checkpoints(context: ScoringContext, options: TracInOptions) -> list[Checkp
 def _functional(context: ScoringContext, checkpoint: Checkpoint) -> FunctionalModel:
     module = context.model.module(context.device)
     module.load_state_dict(checkpoint.state)
-    return FunctionalModel.of(module, context.model_config.weight_decay)
+    return context.functional(module)
 
 
 class TracInEstimator:
     name: ClassVar[str] = "tracin"
     reads_validation_labels: ClassVar[bool] = False
     options_type: ClassVar[type] = TracInOptions
+    families: ClassVar[tuple[str, ...]] = ("classification", "regression")
 
     def score(self, context: ScoringContext, options: TracInOptions) -> ScoreResult:
         x, y = context.tensors(context.train)

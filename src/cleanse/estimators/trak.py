@@ -48,12 +48,9 @@ from cleanse.projection import projection_matrix
 
 
 def margin(fm: FunctionalModel, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``logit_y - logsumexp_{c != y} logit_c`` of one sample (``x`` without a batch axis)."""
-    logits = fm.logits(theta, x.unsqueeze(0))[0]
-    is_label = torch.arange(logits.shape[0], device=logits.device) == y
-    own = logits.masked_fill(~is_label, 0.0).sum()
-    others = logits.masked_fill(is_label, float("-inf"))
-    return own - torch.logsumexp(others, dim=0)
+    """The family's measurement of one sample (``x`` without a batch axis): for classification the
+    margin ``logit_y - logsumexp_{c != y} logit_c``, for regression the prediction."""
+    return fm.task.measurement(fm.logits(theta, x.unsqueeze(0)), y.unsqueeze(0))[0]
 
 
 def projected_margin_grads(fm: FunctionalModel, x: torch.Tensor, y: torch.Tensor, projection: torch.Tensor,
@@ -98,7 +95,7 @@ def ensemble_members(context: ScoringContext, options: TrakOptions) -> list[Trai
 
 
 def featurize(context: ScoringContext, options: TrakOptions, member: TrainedModel, model_id: int) -> TrakModel:
-    fm = FunctionalModel.of(member.module(context.device), context.model_config.weight_decay)
+    fm = context.functional(member.module(context.device))
     x, y = context.tensors(context.train)
     k = min(options.proj_dim, fm.n_params)
     projection = projection_matrix(fm.n_params, k, kind=options.projection, seed=model_id, device=context.device)
@@ -107,8 +104,8 @@ def featurize(context: ScoringContext, options: TrakOptions, member: TrainedMode
     ridge = options.damping * max(float(torch.diagonal(gram).mean()), 1e-30)
     kernel_inverse = torch.linalg.inv(gram + ridge * torch.eye(k, dtype=torch.float64, device=gram.device))
     with torch.no_grad():
-        p_correct = torch.softmax(fm.logits(fm.theta, x).double(), 1).gather(1, y[:, None]).squeeze(1)
-    return TrakModel(fm, projection, features, kernel_inverse, 1.0 - p_correct)
+        weight = fm.task.loss_weight(fm.logits(fm.theta, x), y)  # 1 - p_y; |residual| for regression
+    return TrakModel(fm, projection, features, kernel_inverse, weight)
 
 
 def fit(context: ScoringContext, options: TrakOptions) -> list[TrakModel]:
@@ -119,6 +116,7 @@ class TrakEstimator:
     name: ClassVar[str] = "trak"
     reads_validation_labels: ClassVar[bool] = False
     options_type: ClassVar[type] = TrakOptions
+    families: ClassVar[tuple[str, ...]] = ("classification", "regression")
 
     def score(self, context: ScoringContext, options: TrakOptions) -> ScoreResult:
         models = fit(context, options)

@@ -73,6 +73,7 @@ class TrustedEstimator:
     name: ClassVar[str] = "trusted"
     reads_validation_labels: ClassVar[bool] = True
     options_type: ClassVar[type] = TrustedOptions
+    families: ClassVar[tuple[str, ...]] = ("classification",)
 
     def score(self, context: ScoringContext, options: TrustedOptions) -> ScoreResult:
         train = context.train

@@ -1,6 +1,9 @@
-"""Model architectures: multinomial logistic regression, an MLP and a small CNN.
+"""Model architectures: a linear model (multinomial logistic regression; ridge regression), an MLP
+and a small CNN.
 
-All take inputs of shape ``(batch, *feature_shape)`` and return logits ``(batch, n_classes)``.
+All take inputs of shape ``(batch, *feature_shape)`` and return ``(batch, n_classes)`` outputs:
+logits for classification, ``n_classes = 1`` predictions for regression. ``ModelSpec.family``
+names the family whose loss fits the model (:mod:`cleanse.families`).
 """
 
 from __future__ import annotations
@@ -23,9 +26,13 @@ class ModelSpec:
     feature_shape: tuple[int, ...]
     n_classes: int
     hidden: tuple[int, ...]
+    family: str = "classification"
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "feature_shape": list(self.feature_shape), "hidden": list(self.hidden)}
+        out = {**asdict(self), "feature_shape": list(self.feature_shape), "hidden": list(self.hidden)}
+        if self.family == "classification":  # the key is absent from models saved before families existed
+            del out["family"]
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ModelSpec:
@@ -34,6 +41,7 @@ class ModelSpec:
             feature_shape=tuple(data["feature_shape"]),
             n_classes=int(data["n_classes"]),
             hidden=tuple(data["hidden"]),
+            family=data.get("family", "classification"),
         )
 
 
@@ -43,7 +51,7 @@ def parameter_count(spec: ModelSpec) -> int:
     n_inputs = 1
     for size in spec.feature_shape:
         n_inputs *= int(size)
-    if spec.arch == "logreg":
+    if spec.arch in LINEAR_ARCHS:
         return (n_inputs + 1) * spec.n_classes
     if spec.arch == "mlp":
         total, width = 0, n_inputs
@@ -60,6 +68,10 @@ def parameter_count(spec: ModelSpec) -> int:
         return total + (channels * height * width + 1) * spec.n_classes
     return 0  # build_model names the problem
 
+
+# One Linear layer on the flattened input: logistic regression under cross-entropy, ridge regression
+# under squared error with the L2 penalty.
+LINEAR_ARCHS = ("logreg", "ridge")
 
 # Training holds each parameter four times in float32 (weights, gradients, Adam's two moments).
 BYTES_PER_PARAMETER = 16
@@ -109,7 +121,7 @@ def _construct(spec: ModelSpec) -> nn.Module:
     n_inputs = 1
     for size in spec.feature_shape:
         n_inputs *= size
-    if spec.arch == "logreg":
+    if spec.arch in LINEAR_ARCHS:
         return nn.Sequential(nn.Flatten(), nn.Linear(n_inputs, spec.n_classes))
     if spec.arch == "mlp":
         layers: list[nn.Module] = [nn.Flatten()]
@@ -132,23 +144,25 @@ def _construct(spec: ModelSpec) -> nn.Module:
             channels = out_channels
             height, width = (height + 1) // 2, (width + 1) // 2
         return nn.Sequential(*conv_layers, nn.Flatten(), nn.Linear(channels * height * width, spec.n_classes))
-    raise ConfigError(f"model.arch: {spec.arch!r} is not one of 'logreg', 'mlp', 'cnn'")
+    raise ConfigError(f"model.arch: {spec.arch!r} is not one of 'logreg', 'ridge', 'mlp', 'cnn'")
 
 
 def n_parameters(model: nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
 
 
-DEFAULT_HIDDEN = {"logreg": [], "mlp": [64], "cnn": [16, 32]}
+DEFAULT_HIDDEN = {"logreg": [], "ridge": [], "mlp": [64], "cnn": [16, 32]}
 
 
-def spec_for(arch: str, hidden: list[int] | None, feature_shape: tuple[int, ...], n_classes: int) -> ModelSpec:
+def spec_for(arch: str, hidden: list[int] | None, feature_shape: tuple[int, ...], n_classes: int,
+             family: str = "classification") -> ModelSpec:
     """The :class:`ModelSpec` for a configured architecture; ``hidden=None`` takes the arch's default."""
-    if arch == "logreg":
+    if arch in LINEAR_ARCHS:
         hidden = []
     elif hidden is None:
         hidden = DEFAULT_HIDDEN[arch]
-    return ModelSpec(arch=arch, feature_shape=tuple(feature_shape), n_classes=n_classes, hidden=tuple(hidden))
+    return ModelSpec(arch=arch, feature_shape=tuple(feature_shape), n_classes=n_classes, hidden=tuple(hidden),
+                     family=family)
 
 
 def default_device() -> torch.device:

@@ -1,7 +1,8 @@
 """One trainer for every model: seeded, bit-for-bit repeatable on the CPU, with checkpoints.
 
-Objective (the one influence functions differentiate): the mean cross-entropy over the training
-set plus ``weight_decay / 2 * ||theta||^2`` over all parameters. The penalty is part of the loss,
+Objective (the one influence functions differentiate): the mean loss of the model's family
+(cross-entropy for classification, squared error for regression; :mod:`cleanse.families`) over
+the training set plus ``weight_decay / 2 * ||theta||^2`` over all parameters. The penalty is part of the loss,
 not a decoupled optimizer step, so the Hessian used by :mod:`cleanse.estimators.influence` is the
 Hessian of exactly what was minimised.
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cleanse import families
 from cleanse.config import ModelConfig
 from cleanse.errors import TrainingDivergedError
 from cleanse.models.architectures import INIT_LOCK, ModelSpec, build_model, default_device
@@ -97,7 +99,8 @@ def train_model(
     device: torch.device | None = None,
     init_state: State | None = None,
 ) -> TrainedModel:
-    """Train ``spec`` on ``features`` ``(n, *feature_shape)`` and int labels ``(n,)``.
+    """Train ``spec`` on ``features`` ``(n, *feature_shape)`` and targets ``(n,)`` (class indices, or
+    floats for regression) under the loss of ``spec.family``.
 
     The same ``seed`` gives the same initialisation and minibatch order; with fewer samples (a
     retrain after removal) the order is drawn from the same generator. ``init_state`` warm-starts
@@ -109,17 +112,17 @@ def train_model(
         model.load_state_dict(init_state)
     model = model.to(device)
     x = torch.as_tensor(features, dtype=torch.float32, device=device)
-    y = torch.as_tensor(label, dtype=torch.long, device=device)
+    task = families.get(spec.family)
+    y = torch.as_tensor(label, dtype=task.target_dtype, device=device)
     n = x.shape[0]
     params = list(model.parameters())
-    loss_fn = nn.CrossEntropyLoss()
     save_at = set(checkpoint_epochs(config.epochs, config.checkpoints, config.checkpoint_spacing))
     checkpoints: list[Checkpoint] = []
     history: list[dict[str, float]] = []
     reporter = Progress(f"train {spec.arch} on {n}", config.epochs, unit="epoch")
 
     def objective(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        return loss_fn(model(xb), yb) + l2_penalty(params, config.weight_decay)
+        return task.mean_loss(model(xb), yb) + l2_penalty(params, config.weight_decay)
 
     if config.optimizer == "lbfgs":
         optimizer = torch.optim.LBFGS(

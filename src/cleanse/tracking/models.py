@@ -43,7 +43,9 @@ class CleanseModel(PythonModel):
 
         features = np.asarray(model_input, dtype=np.float32).reshape(-1, *self.spec.feature_shape)
         with torch.no_grad():
-            return torch.softmax(self.module(torch.from_numpy(features)), dim=1).numpy()
+            output = self.module(torch.from_numpy(features))
+        # class probabilities for classification; the predictions (n, 1) for regression
+        return (torch.softmax(output, dim=1) if self.spec.family == "classification" else output).numpy()
 
 
 mlflow.models.set_model(CleanseModel())
@@ -122,6 +124,7 @@ def _training_curves(client: Any, run_id: str, layout: Layout, params: Params) -
     saved checkpoint, all with step = epoch."""
     import numpy as np
 
+    from cleanse import families
     from cleanse.models.architectures import ModelSpec
     from cleanse.models.trainer import TrainedModel, predict_proba
     from cleanse.pipeline import STAGE_META_NAME, load_staged
@@ -130,12 +133,19 @@ def _training_curves(client: Any, run_id: str, layout: Layout, params: Params) -
     meta = read_json(layout.base_model / STAGE_META_NAME)
     for record in meta.get("history", []):
         _log(client, run_id, metrics={"train_loss": record["train_loss"]}, step=int(record["epoch"]))
-    val = load_staged(layout, params).val
+    staged = load_staged(layout, params)
+    val = staged.val
     if len(val) == 0:
         return
     spec = ModelSpec.from_json(meta["spec"])
+    task = families.get(spec.family)
     for checkpoint in meta.get("checkpoints", []):
         model = TrainedModel(spec, read_tensors(layout.base_model / checkpoint["file"]))
+        if not task.softmax_output:  # e.g. regression: the family's validation outcome (val_rmse)
+            key = task.selection[0]
+            _log(client, run_id, step=int(checkpoint["epoch"]),
+                 metrics={key: task.outcome(model, staged)[key]})
+            continue
         probabilities = predict_proba(model, val.features)
         picked = probabilities[np.arange(len(val)), val.label]
         _log(client, run_id, step=int(checkpoint["epoch"]),

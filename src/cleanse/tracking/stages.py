@@ -18,6 +18,13 @@ from cleanse.tracking.store import _LOCK, git_commit
 from cleanse.uris import redact
 
 
+
+def _headline(params: Params) -> str:
+    """The family's headline outcome (``test_accuracy``, ``test_rmse``; :mod:`cleanse.families`)."""
+    from cleanse import families
+
+    return families.get(params.family).outcome_keys[0]
+
 def _log_estimator(client: Any, entry: dict[str, Any], params: Params, layout: Layout, stage: str, estimator: str,
                    model: Any = None) -> None:
     """What ``score``, ``detect`` or ``retrain`` of one estimator wrote, into the estimator's child run."""
@@ -48,7 +55,8 @@ def _log_estimator(client: Any, entry: dict[str, Any], params: Params, layout: L
         result = read_json(layout.retrain_result(estimator))
         cleaned = result["cleaned"]
         _log(client, child, metrics=_numeric("", {k: v for k, v in cleaned.items() if not isinstance(v, (list, dict))})
-             | {"random_test_accuracy": result["random_same_count"]["test_accuracy"], "n_flagged": result["n_flagged"],
+             | {f"random_{_headline(params)}": result["random_same_count"][_headline(params)],
+                "n_flagged": result["n_flagged"],
                 "retrain_seconds": result["seconds"]})
         for round_ in result.get("rounds", []):
             _log(client, child, step=int(round_["round"]),
@@ -82,7 +90,7 @@ def _log_one(client: Any, entry: dict[str, Any], params: Params, layout: Layout,
         _log_datasets(client, parent, layout, staged)
     elif stage == "train":
         meta = read_json(layout.base_model / STAGE_META_NAME)
-        _log(client, parent, metrics={"base.test_accuracy": meta["test_accuracy"], "train_seconds": meta["seconds"],
+        _log(client, parent, metrics={f"base.{_headline(params)}": meta[_headline(params)], "train_seconds": meta["seconds"],
                                       **({"base.attack_success_rate": meta["attack_success_rate"]}
                                          if "attack_success_rate" in meta else {})})
         _training_curves(client, parent, layout, params)

@@ -1,0 +1,33 @@
+"""Families (tasks) behind the loop: name -> :class:`cleanse.families.base.Family`.
+
+Adding a family = one package here + one line in :data:`_REGISTRY` + its params model in
+:mod:`cleanse.config`. Entries are import strings, so listing names does not import torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from typing import Any
+
+from cleanse.errors import ConfigError
+
+_REGISTRY: dict[str, str] = {
+    "classification": "cleanse.families.classification.family:ClassificationFamily",
+    "regression": "cleanse.families.regression.family:RegressionFamily",
+}
+
+DEFAULT = "classification"
+
+
+def names() -> list[str]:
+    return list(_REGISTRY)
+
+
+@functools.cache
+def get(name: str = DEFAULT) -> Any:
+    """The (stateless, shared) family object called ``name``."""
+    if name not in _REGISTRY:
+        raise ConfigError(f"family: {name!r} is not one of {', '.join(map(repr, _REGISTRY))}")
+    module_name, class_name = _REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)()
