@@ -134,3 +134,12 @@ def test_stack_commands_come_from_the_application_layer(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: no stack at {tmp_path / 'none'}; run `cleanse stack up` first"
     assert CliRunner().invoke(app, ["stack", "env"]).exit_code != 0  # unknown without the extension
+
+
+def test_stack_up_names_a_missing_extra(tmp_path, monkeypatch):
+    from ops.stack import Stack, StackError
+
+    monkeypatch.setitem(sys.modules, "prefect", None)
+    with pytest.raises(StackError, match=r"^the stack's prefect server needs pip install 'cleanse\[prefect\]'$"):
+        Stack(tmp_path / "stack").up(echo=lambda *_: None)
+    assert not (tmp_path / "stack").exists()  # refused before anything started
