@@ -73,3 +73,10 @@ def test_adapters_select_only_lora_parameters():
 
     fm = FunctionalModel.of(Adapted(), 0.0, families.get("classification"), layers="adapters")
     assert fm.names == ["lora_a", "lora_b"] and fm.n_params == 6
+
+
+def test_the_registry_mirrors_every_estimators_declared_families():
+    from cleanse.estimators import registry
+
+    for name in registry.names():
+        assert registry.families_of(name) == registry.get(name).families, name
