@@ -1,7 +1,9 @@
 """The ``cleanse`` Prefect flow: the whole loop as tasks, estimators fanned out concurrently.
 
+The tasks and their order come from the stage graph (:data:`cleanse.stages.graph.GRAPH`)::
+
     stage -> train -> score(e) -> detect(e) -> retrain(e)   for each estimator e, concurrently
-                   -> references                            (in parallel with the estimators)
+                   -> query, references                     (in parallel with the estimators)
           -> recommend (one cleaned model, chosen without ground truth)
           -> report (+ MLflow run + markdown artifact)
 
@@ -29,7 +31,7 @@ from prefect import flow
 from prefect.futures import wait
 
 from cleanse.errors import CleanseError
-from tasks import detect, query, recommend, references, report, retrain, score, stage, train
+from tasks import STAGE_TASKS, report
 from tasks._common import route_cleanse_logs, task_options
 
 
@@ -63,6 +65,37 @@ def settle(branches: list[tuple[str, Any]]) -> None:
     others = [other for other, _ in broken if other != label]
     tail = f" ({len(others)} more not completed: {', '.join(others)})" if others else ""
     raise FlowFailed(f"{label} failed: {_reason(state)}{tail}")
+
+
+def _submit_graph(common: tuple[str | None, list[str], str], names: list[str], fresh: bool,
+                  stage_tasks: dict[str, Any]) -> Any:
+    """Submit every stage of the graph, each waiting for its upstream stages (the same estimator's,
+    for a per-estimator stage); return the last stage's (the report's) result.
+
+    A stage that gathers every estimator's results (``recommend``, ``report``) starts only after
+    everything submitted before it has settled: a failed or crashed branch fails the flow run with
+    its stage and reason, and the report only ever runs on complete results."""
+    from cleanse.stages.graph import run_stages, upstream
+
+    futures: dict[tuple[str, str | None], Any] = {}
+    branches: list[tuple[str, Any]] = []
+    last: Any = None
+    for stage in run_stages():
+        before = [other for other in upstream(stage) if other.in_run]
+        if not stage.per_estimator and any(other.per_estimator for other in before):
+            settle(branches)
+            branches = []
+        for estimator in names if stage.per_estimator else [None]:
+            wait_for = [futures[(other.name, estimator if other.per_estimator else None)] for other in before
+                        if (other.name, estimator if other.per_estimator else None) in futures]
+            if stage.own_command:  # the report: its own task (MLflow run, markdown artifact)
+                last = report.submit(*common, wait_for=wait_for)
+            else:
+                last = stage_tasks[stage.name].submit(*common, estimator, fresh=fresh, wait_for=wait_for)
+            futures[(stage.name, estimator)] = last
+            branches.append((stage.label(estimator), last))
+    settle(branches)
+    return last.result()
 
 
 def _resolve(params_file: str | None, overrides: list[str] | None, out: str,
@@ -138,27 +171,7 @@ def cleanse_flow(params_file: str | None = "params.yaml", overrides: list[str] |
     common = (params_file, overrides, out)
     # Retries where a task touches S3 or a server; never for CleanseErrors (see task_options).
     work = task_options(params, out)
-    staging, training, querying, referencing, scoring, detecting, retraining, recommending = (
-        t.with_options(**work) for t in (stage, train, query, references, score, detect, retrain, recommend))
-
-    # Everything is submitted, then settled: a failed or crashed branch fails the flow run with
-    # its stage and reason, and the report only ever runs on complete results.
-    staged = staging.submit(*common, fresh=fresh)
-    trained = training.submit(*common, fresh=fresh, wait_for=[staged])
-    branches = [("stage", staged), ("train", trained),
-                ("references", referencing.submit(*common, fresh=fresh, wait_for=[trained])),
-                ("query", querying.submit(*common, fresh=fresh, wait_for=[trained]))]
-    for name in names:
-        scored = scoring.submit(*common, name, fresh=fresh, wait_for=[trained])
-        flagged = detecting.submit(*common, name, fresh=fresh, wait_for=[scored])
-        branches += [(f"score {name}", scored), (f"detect {name}", flagged),
-                     (f"retrain {name}", retraining.submit(*common, name, fresh=fresh, wait_for=[flagged]))]
-    settle(branches)
-    recommended = recommending.submit(*common, fresh=fresh)
-    settle([("recommend", recommended)])
-    reported = report.submit(*common)
-    settle([("report", reported)])
-    metrics = reported.result()
+    metrics = _submit_graph(common, names, fresh, {name: t.with_options(**work) for name, t in STAGE_TASKS.items()})
     print(f"cleanse: metrics at {redact(_join(out, 'reports', 'metrics.json'))}")
     return metrics
 

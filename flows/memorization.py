@@ -24,7 +24,7 @@ if str(_ROOT) not in sys.path:
 
 from prefect import flow
 
-from tasks import score, stage, train
+from tasks import STAGE_TASKS
 from tasks.memorization import memorization_report, memorization_shard
 
 RUNNERS = ("thread", "process", "dask", "ray")
@@ -85,6 +85,7 @@ def memorization_flow(params_file: str | None = "params.yaml", overrides: list[s
     ranges = shard_ranges(options.n_models, options.shard_size)
     print(f"memorization: K={options.n_models} models in {len(ranges)} shards, out={out}")
     common = (params_file, overrides, out)
+    stage, train, score = (STAGE_TASKS[name] for name in ("stage", "train", "score"))
     staged = stage(*common, fresh=fresh)
     trained = train(*common, fresh=fresh, wait_for=[staged])
     shards = [memorization_shard.submit(*common, k0, k1, wait_for=[trained]) for k0, k1 in ranges]

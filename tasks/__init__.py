@@ -1,16 +1,17 @@
-"""Prefect ``@task`` wrappers around :mod:`cleanse.pipeline`: one per stage, thin.
+"""Prefect ``@task`` wrappers around the library's stages: one per stage of
+:data:`cleanse.stages.graph.GRAPH` (:data:`STAGE_TASKS`, built by :func:`tasks._common.stage_task`),
+plus the report (:mod:`tasks.report`) and the memorization shards (:mod:`tasks.memorization`).
 
 Tasks take plain parameters (an absolute params file, ``dotted.key=value`` overrides, the output
 root, an estimator name) and return artifact paths as strings; the data stays on disk. A stage
 whose outputs are fresh (same fingerprint) is skipped, so rerunning a flow resumes it.
 """
 
-from tasks.detect import detect
-from tasks.query import query
+from cleanse.stages.graph import run_stages
+from tasks._common import stage_task
 from tasks.report import report
-from tasks.retrain import recommend, references, retrain
-from tasks.score import score
-from tasks.stage import stage
-from tasks.train import train
 
-__all__ = ["detect", "query", "recommend", "references", "report", "retrain", "score", "stage", "train"]
+# The report has its own task (the MLflow run and a markdown artifact); every other stage is generic.
+STAGE_TASKS = {stage.name: stage_task(stage) for stage in run_stages() if not stage.own_command}
+
+__all__ = ["STAGE_TASKS", "report"]

@@ -1,11 +1,10 @@
-"""What every task shares: load the configuration, skip a stage whose outputs are fresh, retry
-only what may succeed on a second try, and route the library's progress lines to the run log."""
+"""What every task shares: load the configuration, one task per stage of the graph (skipped when
+its outputs are fresh), retry only what may succeed on a second try, and route the library's
+progress lines to the run log."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger
@@ -29,17 +28,30 @@ def logger() -> Any:
         return get_logger("cleanse.tasks")
 
 
-def run_unless_fresh(label: str, meta_path: Path, expected: str, output: Path, action: Callable[[], Any],
-                     fresh: bool = False) -> str:
-    """Run ``action`` unless ``meta_path`` already records ``expected``; return ``output`` as a string."""
-    from cleanse.pipeline import is_fresh
+def stage_task(stage: Any) -> Any:
+    """The Prefect task of one stage of :data:`cleanse.stages.graph.GRAPH`: ``fn(params_file,
+    overrides, out, estimator=None, fresh=False)`` runs the stage (for ``estimator`` when it runs
+    per estimator) unless its outputs are fresh, and returns its main output's path as a string."""
+    from prefect import task
+    from prefect.cache_policies import NO_CACHE
 
-    if not fresh and is_fresh(meta_path, expected):
-        logger().info("[skip] %s: up to date (%s)", label, output)
-        return str(output)
-    result = action()
-    logger().info("[done] %s -> %s", label, result)
-    return str(result)
+    def run(params_file: str | None, overrides: list[str] | None, out: str, estimator: str | None = None,
+            fresh: bool = False) -> str:
+        from cleanse.stages.runner import is_step_fresh, product, run_stage_now
+
+        params, layout = setup(params_file, overrides, out)
+        label, output = stage.label(estimator), product(stage, layout, estimator)
+        if not fresh and is_step_fresh(stage, params, layout, estimator):
+            logger().info("[skip] %s: up to date (%s)", label, output)
+            return str(output)
+        result = run_stage_now(stage, params, layout, estimator)
+        logger().info("[done] %s -> %s", label, result)
+        return str(result)
+
+    run.__name__ = run.__qualname__ = stage.name
+    run.__doc__ = f"Prefect task: {stage.help}"
+    run_name = f"{stage.name}-{{estimator}}" if stage.per_estimator else stage.name
+    return task(name=stage.name, task_run_name=run_name, cache_policy=NO_CACHE)(run)
 
 
 # Transient failures (an S3 or server hiccup) deserve another try; a CleanseError is the user's

@@ -53,7 +53,9 @@ def test_flow_runs_every_stage_and_reports(prefect_api, tmp_path, monkeypatch):
 
 def test_stage_task_fn_skips_fresh_output(tmp_path):
     from cleanse.pipeline import STAGE_META_NAME
-    from tasks.stage import stage
+    from tasks import STAGE_TASKS
+
+    stage = STAGE_TASKS["stage"]
 
     overrides = [*TINY, "tracking.enabled=false"]
     path = stage.fn(None, overrides, str(tmp_path))

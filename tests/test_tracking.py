@@ -254,7 +254,9 @@ def test_a_failed_pipeline_marks_the_run_failed(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("references broke")
 
-    monkeypatch.setattr(pipeline, "run_references", broken)
+    from cleanse.stages import retrain
+
+    monkeypatch.setattr(retrain, "run_references", broken)  # where the stage graph finds it
     layout = Layout.at(tmp_path)
     with pytest.raises(RuntimeError, match="references broke"):
         pipeline.run_all(params, layout, log=lambda line: None)

@@ -139,76 +139,36 @@ def _run_flow(params_file: Path | None, overrides: list[str] | None, out: Path, 
     _print_table(metrics)
 
 
-@app.command()
-def source(params_file: ParamsOption = None, overrides: SetOption = None, out: OutOption = ".") -> None:
-    """Record the data and probe files' content digests -> data/source.json (DVC's data dependency)."""
-    from cleanse import pipeline
+def _stage_command(stage: Any) -> None:
+    """Register ``cleanse <stage>`` for one stage of the graph: it computes the stage whether its
+    outputs are fresh or not (what a ``dvc.yaml`` stage calls), with ``--estimator`` when the stage
+    runs per estimator."""
 
-    _guarded(lambda: pipeline.run_source(*_setup(params_file, overrides, out)))
+    def run_stage(params: Any, layout: Any, estimator: str | None = None) -> Any:
+        from cleanse.stages.runner import run_stage_now
 
+        return run_stage_now(stage, params, layout, estimator)
 
-@app.command()
-def stage(params_file: ParamsOption = None, overrides: SetOption = None, out: OutOption = ".") -> None:
-    """Load, validate, split and corrupt the data -> data/staged/."""
-    from cleanse import pipeline
-
-    _guarded(lambda: pipeline.run_stage(*_setup(params_file, overrides, out)))
-
-
-@app.command()
-def train(params_file: ParamsOption = None, overrides: SetOption = None, out: OutOption = ".") -> None:
-    """Train the base model -> models/base/."""
-    from cleanse import pipeline
-
-    _guarded(lambda: pipeline.run_train(*_setup(params_file, overrides, out)))
+    if stage.per_estimator:
+        def command(estimator: EstimatorOption, params_file: ParamsOption = None, overrides: SetOption = None,
+                    out: OutOption = ".") -> None:
+            _guarded(lambda: run_stage(*_setup(params_file, overrides, out), _known(estimator)))
+    else:
+        def command(params_file: ParamsOption = None, overrides: SetOption = None, out: OutOption = ".") -> None:  # type: ignore[misc]
+            _guarded(lambda: run_stage(*_setup(params_file, overrides, out)))
+    command.__doc__ = stage.help
+    app.command(stage.name)(command)
 
 
-@app.command()
-def query(params_file: ParamsOption = None, overrides: SetOption = None, out: OutOption = ".") -> None:
-    """Record the probes (query.kind) -> query/."""
-    from cleanse import pipeline
+def _stage_commands() -> None:
+    from cleanse.stages.graph import GRAPH
 
-    _guarded(lambda: pipeline.run_query(*_setup(params_file, overrides, out)))
-
-
-@app.command()
-def score(estimator: EstimatorOption, params_file: ParamsOption = None, overrides: SetOption = None, out: OutOption = ".") -> None:
-    """Score every training sample with one estimator -> scores/<estimator>.parquet."""
-    from cleanse import pipeline
-
-    _guarded(lambda: pipeline.run_score(*_setup(params_file, overrides, out), _known(estimator)))
+    for stage in GRAPH:
+        if not stage.own_command:
+            _stage_command(stage)
 
 
-@app.command()
-def detect(estimator: EstimatorOption, params_file: ParamsOption = None, overrides: SetOption = None, out: OutOption = ".") -> None:
-    """Turn one estimator's scores into flags -> flags/<estimator>.parquet."""
-    from cleanse import pipeline
-
-    _guarded(lambda: pipeline.run_detect(*_setup(params_file, overrides, out), _known(estimator)))
-
-
-@app.command()
-def retrain(estimator: EstimatorOption, params_file: ParamsOption = None, overrides: SetOption = None, out: OutOption = ".") -> None:
-    """Retrain without one estimator's flags (and without a random set of the same size)."""
-    from cleanse import pipeline
-
-    _guarded(lambda: pipeline.run_retrain(*_setup(params_file, overrides, out), _known(estimator)))
-
-
-@app.command()
-def references(params_file: ParamsOption = None, overrides: SetOption = None, out: OutOption = ".") -> None:
-    """Baseline, oracle and random-removal retrains -> retrain/references.json."""
-    from cleanse import pipeline
-
-    _guarded(lambda: pipeline.run_references(*_setup(params_file, overrides, out)))
-
-
-@app.command()
-def recommend(params_file: ParamsOption = None, overrides: SetOption = None, out: OutOption = ".") -> None:
-    """Choose one cleaned model without ground truth -> recommend/recommend.json, models/recommended/."""
-    from cleanse import pipeline
-
-    _guarded(lambda: pipeline.run_recommend(*_setup(params_file, overrides, out)))
+_stage_commands()
 
 
 @app.command()
@@ -230,6 +190,14 @@ def report(params_file: ParamsOption = None, overrides: SetOption = None, out: O
             log_pipeline(params, layout, metrics)
 
     _guarded(action)
+
+
+@app.command("dvc-yaml")
+def dvc_yaml() -> None:
+    """Print dvc.yaml, generated from the stage graph: cleanse dvc-yaml > dvc.yaml."""
+    from cleanse.stages.dvc import dvc_yaml as render
+
+    typer.echo(render(), nl=False)
 
 
 @app.command("estimators")

@@ -1,0 +1,95 @@
+"""``dvc.yaml`` generated from the stage graph (:data:`cleanse.stages.graph.GRAPH`): ``cleanse
+dvc-yaml > dvc.yaml``. The checked-in file is this function's output (a test compares them), so a
+stage is declared in one place.
+
+Every stage calls its ``cleanse`` sub-command with ./params.yaml and ``--out .``; a per-estimator
+stage becomes a ``foreach: ${estimators}`` stage (``{e}`` in the graph's paths becomes ``${item}``).
+A stage's deps are the artifacts it reads plus the library files whose code shapes its outputs
+(explicit files rather than directories, so ``__pycache__`` never invalidates a stage).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cleanse.stages.graph import GRAPH, SHARED_CODE, Stage
+
+HEADER = """\
+# Generated from the stage graph (src/cleanse/stages/graph.py) by `cleanse dvc-yaml > dvc.yaml`;
+# edit the graph, not this file (tests/test_dvc_yaml.py checks that they agree).
+#
+# The cleanse pipeline as DVC stages. Each stage calls one `cleanse` sub-command (the same code path
+# as `cleanse run`, the Prefect flow and the tests) with ./params.yaml and --out . (the defaults).
+#
+#   source -> stage -> train -> score@E -> detect@E -> retrain@E --\\
+#                 |-> references ------------------------+-> recommend -> report
+#                 \\-> query -----------------------------/
+#
+# E ranges over `estimators:` in params.yaml (DVC loads params.yaml as template variables), so
+# `dvc exp run -S 'estimators=[loss,tracin]'` changes the fan-out and the report together.
+#
+# params: each stage lists only the keys it reads, so changing `scorers.tracin.*` reruns
+# score@tracin, detect@tracin, retrain@tracin, recommend and report, and nothing else.
+# deps: the artifacts a stage reads plus the source files whose code shapes its outputs (explicit
+# files rather than directories, so __pycache__ never invalidates a stage).
+# outs: every artifact, .meta.json sidecars included (a sidecar's fingerprint is what the next
+# `cleanse` stage checks, so it travels with its data).
+"""
+
+
+def _code_files(stage: Stage) -> list[str]:
+    """The library files a stage's outputs depend on: the shared ones, its runner's module, its own."""
+    if stage.dvc.get("always_changed"):  # it runs on every repro: deps would change nothing
+        return []
+    module = stage.run.partition(":")[0].removeprefix("cleanse.").replace(".", "/") + ".py"
+    return [f"src/cleanse/{name}" for name in dict.fromkeys((*SHARED_CODE, module, *stage.code))]
+
+
+def stage_entry(stage: Stage) -> dict[str, Any]:
+    """The stage's dvc.yaml entry (for a per-estimator stage, the body of its ``do:``)."""
+    item = "${item}"
+
+    def expand(values: tuple[str, ...] | list[str]) -> list[str]:
+        return [value.replace("{e}", item) for value in values]
+
+    estimator = f" -e {item}" if stage.per_estimator else ""
+    entry: dict[str, Any] = {"cmd": f"cleanse {stage.name}{estimator} --params params.yaml --out ."}
+    deps = expand(stage.inputs) + _code_files(stage)
+    if deps:
+        entry["deps"] = deps
+    if stage.params:
+        entry["params"] = expand(stage.params)
+    entry.update({key: value for key, value in stage.dvc.items() if key == "always_changed"})
+    entry["outs"] = expand(stage.outputs)
+    entry.update({key: value for key, value in stage.dvc.items() if key != "always_changed"})
+    return entry
+
+
+def _block(data: dict[str, Any], indent: int) -> list[str]:
+    import yaml
+
+    text = yaml.safe_dump(data, sort_keys=False, default_flow_style=False, width=1000)
+    return [" " * indent + line for line in text.splitlines()]
+
+
+def dvc_yaml() -> str:
+    """The whole ``dvc.yaml`` text."""
+    lines = [HEADER.rstrip("\n"), "", "stages:"]
+    for stage in GRAPH:
+        lines.append(f"  {stage.name}:")
+        body_indent = 6 if stage.per_estimator else 4
+        lines += [" " * 4 + f"# {line}".rstrip() for line in stage.note.splitlines()]
+        if stage.per_estimator:
+            lines += ["    foreach: ${estimators}", "    do:"]
+        lines += _block(stage_entry(stage), body_indent)
+        lines.append("")
+    return "\n".join(lines[:-1]) + "\n"
+
+
+def dvc_stages() -> dict[str, Any]:
+    """``{"stages": ...}`` as ``yaml.safe_load`` reads the generated file."""
+    stages: dict[str, Any] = {}
+    for stage in GRAPH:
+        entry = stage_entry(stage)
+        stages[stage.name] = {"foreach": "${estimators}", "do": entry} if stage.per_estimator else entry
+    return {"stages": stages}

@@ -1,0 +1,63 @@
+"""The ``train`` and ``query`` stages, and the scoring context built from their outputs."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from cleanse.config import Params
+from cleanse.data.dataset import StagedData
+from cleanse.stages.common import load_base_model, load_staged, locked, query_dir, track
+from cleanse.stages.fingerprints import query_fingerprint, train_fingerprint
+from cleanse.stages.modelio import evaluate_model, model_spec, save_model
+from cleanse.storage import Layout, write_json, write_table
+
+
+@locked
+def run_train(params: Params, layout: Layout) -> Path:
+    """Train the base model on the (corrupted) training split; write ``models/base/``."""
+    from cleanse.models.architectures import default_device
+    from cleanse.models.trainer import train_model
+
+    staged = load_staged(layout, params)
+    started = time.perf_counter()
+    model = train_model(model_spec(params, staged.meta), staged.train.features, staged.train.label, params.model,
+                        seed=params.seed, device=default_device())
+    seconds = time.perf_counter() - started
+    save_model(model, layout.base_model, {"fingerprint": train_fingerprint(params), "seconds": seconds,
+                                          **evaluate_model(model, staged), "history": model.history})
+    track(params, layout, "train")
+    layout.publish()
+    return layout.base_model
+
+
+def scoring_context(params: Params, layout: Layout, staged: StagedData | None = None) -> Any:
+    from cleanse.estimators.base import ScoringContext
+    from cleanse.models.architectures import default_device
+
+    staged = staged if staged is not None else load_staged(layout, params)
+    return ScoringContext(train=staged.train, val=staged.val, meta=staged.meta, model=load_base_model(params, layout),
+                          model_config=params.model, seed=params.seed, device=default_device(),
+                          cache_dir=layout.root / "cache")
+
+
+@locked
+def run_query(params: Params, layout: Layout) -> Path:
+    """Record the probes under ``query/``: ``probes.parquet`` and ``heldout.parquet`` (``label`` =
+    the behaviour label) and ``query.json`` (the summary and fingerprint; ``kind: none`` and no
+    tables when the run has no probes). The score stages make the same deterministic choice."""
+    from cleanse.query import query_for
+
+    query = query_for(params, load_staged(layout, params), load_base_model(params, layout))
+    folder = query_dir(layout)
+    if query is None:  # an earlier configuration's probes must not survive
+        for name in ("probes.parquet", "heldout.parquet"):
+            (folder / name).unlink(missing_ok=True)
+    else:
+        write_table(query.probes.to_frame(), folder / "probes.parquet")
+        write_table(query.heldout.to_frame(), folder / "heldout.parquet")
+    summary = query.summary() if query is not None else {"kind": "none"}
+    write_json({**summary, "fingerprint": query_fingerprint(params)}, folder / "query.json")
+    layout.publish()
+    return folder

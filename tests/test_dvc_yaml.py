@@ -1,0 +1,60 @@
+"""The stage graph is declared once (src/cleanse/stages/graph.py): dvc.yaml, the CLI's stage
+sub-commands, ``cleanse run``'s steps and the Prefect flow's tasks all follow from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from typer.testing import CliRunner
+
+from cleanse.stages.dvc import dvc_stages, dvc_yaml
+from cleanse.stages.graph import BY_NAME, GRAPH, run_stages, steps, upstream
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_checked_in_dvc_yaml_is_the_generated_one():
+    checked_in = (REPO / "dvc.yaml").read_text()
+    assert checked_in == dvc_yaml(), "dvc.yaml is stale: regenerate it with `cleanse dvc-yaml > dvc.yaml`"
+    assert yaml.safe_load(checked_in) == dvc_stages()
+
+
+def test_cli_prints_the_generated_file():
+    from cleanse.cli import app
+
+    result = CliRunner().invoke(app, ["dvc-yaml"])
+    assert result.exit_code == 0, result.output
+    assert result.output == dvc_yaml()
+
+
+def test_every_dvc_dependency_exists_and_every_stage_has_a_command():
+    from cleanse.cli import app
+
+    commands = {command.name or command.callback.__name__ for command in app.registered_commands}
+    for name, entry in dvc_stages()["stages"].items():
+        body = entry.get("do", entry)
+        for dep in body.get("deps", []):
+            if dep.startswith("src/"):
+                assert (REPO / dep).is_file(), f"{name}: {dep} does not exist"
+        assert body["cmd"].split()[1] == name and name in commands
+    for stage in GRAPH:
+        assert callable(stage.function()), stage.name
+        if stage.marker is not None:  # the fingerprint lives inside one of the stage's outputs
+            assert any(stage.marker == out or stage.marker.startswith(out + "/") for out in stage.outputs)
+
+
+def test_inputs_come_from_upstream_stages_and_the_order_follows_them():
+    # Every artifact a stage reads is written by a stage before it in the graph.
+    for index, stage in enumerate(GRAPH):
+        before = {other.name for other in GRAPH[:index]}
+        assert {other.name for other in upstream(stage)} <= before, stage.name
+        for path in stage.inputs:
+            assert any(path == out or path.startswith(out + "/") or out.startswith(path + "/")
+                       for other in GRAPH[:index] for out in other.outputs), (stage.name, path)
+    assert {s.name for s in upstream(BY_NAME["detect"])} == {"score"}
+    assert {s.name for s in upstream(BY_NAME["recommend"])} >= {"query", "retrain", "references"}
+    assert [stage.label(estimator) for stage, estimator in steps(["loss", "tracin"])] == [
+        "stage", "train", "query", "score loss", "detect loss", "retrain loss", "score tracin", "detect tracin",
+        "retrain tracin", "references", "recommend", "report"]
+    assert "source" not in {stage.name for stage in run_stages()}  # DVC's digest stage only
