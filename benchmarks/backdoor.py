@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("CLEANSE_DEVICE", "cpu")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -88,30 +87,19 @@ def step_for(n_train: int) -> int:
     return max(2, round(0.011 * n_train))
 
 
-def _setup(cell: Cell, seed: int, extra: list[str]) -> tuple[Any, Any, Any]:
-    """Params, staged data (split and corruption fixed: stage seed 0) and the model trained with ``seed``."""
-    from cleanse.data.stage import stage_data
-    from cleanse.models.architectures import spec_for
-    from cleanse.models.trainer import train_model
+def _setup(cell: Cell, seed: int, extra: list[str]) -> Any:
+    """The cell prepared in memory (:func:`cleanse.api.prepare`): staged data (split and corruption
+    fixed: stage seed 0) and the model trained with ``seed``."""
+    from cleanse import api
 
-    staged = stage_data(cell_params(cell, 0, extra))
-    params = cell_params(cell, seed, extra)
-    spec = spec_for(params.model.arch, params.model.hidden, staged.meta.feature_shape, staged.meta.n_classes)
-    model = train_model(spec, staged.train.features, staged.train.label, params.model, seed=seed,
-                        device=torch.device("cpu"))
-    return params, staged, model
+    return api.prepare(cell_params(cell, seed, extra), stage_seed=0, device="cpu")
 
 
-def _score(name: str, params: Any, staged: Any, model: Any, query: Any) -> tuple[np.ndarray, float]:
-    from cleanse.attribution import score_with_query
-    from cleanse.estimators import registry
-    from cleanse.estimators.base import ScoringContext
+def _score(name: str, prepared: Any, query: Any) -> tuple[np.ndarray, float]:
+    from cleanse import api
 
-    context = ScoringContext(train=staged.train, val=staged.val, meta=staged.meta, model=model,
-                             model_config=params.model, seed=params.seed, device=torch.device("cpu"))
     started = time.perf_counter()
-    result, _ = score_with_query(registry.get(name), context, getattr(params.scorers, name), query,
-                                 params.query.aggregate)
+    result, _ = api.score_probes(prepared, name, query)
     return result.table["score"].to_numpy(), time.perf_counter() - started
 
 
@@ -119,13 +107,14 @@ def backdoor_job(cell: Cell, seed: int) -> dict[str, Any]:
     from cleanse.cleansing import cleanse_iteratively
     from cleanse.estimators import registry
     from cleanse.evaluate import detection_metrics
-    from cleanse.pipeline import evaluate_model, retrain_without
+    from cleanse import api
     from cleanse.query import query_for
 
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     started = time.perf_counter()
-    params, staged, model = _setup(cell, seed, QUERY)
+    prepared = _setup(cell, seed, QUERY)
+    params, staged, model = prepared.params, prepared.staged, prepared.model
     n = len(staged.train)
     # The one setting not left at its default: the step scales with the training set.
     params = params.model_copy(update={"cleansing": params.cleansing.model_copy(update={"step": step_for(n)})})
@@ -133,17 +122,17 @@ def backdoor_job(cell: Cell, seed: int) -> dict[str, Any]:
     query = query_for(params, staged, model)
     detectors: dict[str, Any] = {}
     for name in QUERY_SCORED:
-        score, seconds = _score(name, params, staged, model, query)
+        score, seconds = _score(name, prepared, query)
         detectors[f"{name} (triggered probes)"] = {**detection_metrics(score, truth), "seconds": seconds}
     for name in SELF_SCORED:
-        score, seconds = _score(name, params, staged, model, None)
+        score, seconds = _score(name, prepared, None)
         detectors[f"{name} (self)"] = {**detection_metrics(score, truth), "seconds": seconds}
     loop = cleanse_iteratively(params, staged, registry.get(CLEANSE_WITH), getattr(params.scorers, CLEANSE_WITH),
                                query, base_model=model)
     rounds = [{k: v for k, v in r.items() if k != "flagged_ids"} for r in loop["rounds"]]
-    oracle = retrain_without(params, staged, staged.train.sample_id[truth])
+    oracle = api.retrain_without(prepared, staged.train.sample_id[truth])
     return {"cell": cell.key, "seed": seed, "n_train": n, "k": int(truth.sum()), "step": params.cleansing.step,
-            "base": evaluate_model(model, staged), "query": query.summary(), "detectors": detectors,
+            "base": api.evaluate(prepared), "query": query.summary(), "detectors": detectors,
             "cleansing": {"estimator": CLEANSE_WITH, "stopped": loop["stopped"], "rounds": rounds,
                           **loop["final"]},
             "oracle": {k: oracle[k] for k in ("test_accuracy", "attack_success_rate") if k in oracle},
@@ -158,13 +147,13 @@ def noise_job(cell: Cell, seed: int) -> dict[str, Any]:
     warnings.simplefilter("ignore")
     started = time.perf_counter()
     extra = ["query.kind=val_errors"]
-    params, staged, model = _setup(cell, seed, extra)
-    truth = staged.train.is_corrupted
-    query = query_for(params, staged, model)
+    prepared = _setup(cell, seed, extra)
+    truth = prepared.staged.train.is_corrupted
+    query = query_for(prepared.params, prepared.staged, prepared.model)
     out: dict[str, Any] = {}
     for name in QUERY_SCORED:
-        out[f"{name} (self)"] = detection_metrics(_score(name, params, staged, model, None)[0], truth)
-        out[f"{name} (val_errors)"] = detection_metrics(_score(name, params, staged, model, query)[0], truth)
+        out[f"{name} (self)"] = detection_metrics(_score(name, prepared, None)[0], truth)
+        out[f"{name} (val_errors)"] = detection_metrics(_score(name, prepared, query)[0], truth)
     return {"cell": cell.key, "seed": seed, "k": int(truth.sum()), "query": query.summary(), "detectors": out,
             "seconds": time.perf_counter() - started}
 
@@ -481,17 +470,18 @@ def peer_job(cell: Cell, seed: int, stored: dict[str, Any] | None = None) -> dic
 
     from cleanse.attribution import aggregate_support, contrast
     from cleanse.evaluate import detection_metrics
-    from cleanse.pipeline import evaluate_model
+    from cleanse import api
     from cleanse.query import query_for
     from quality import Bench
 
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
-    params, staged, model = _setup(cell, seed, QUERY)
+    prepared = _setup(cell, seed, QUERY)
+    params, staged, model = prepared.params, prepared.staged, prepared.model
     query = query_for(params, staged, model)
     truth = staged.train.is_corrupted
     check = {"query_matches": stored is None or stored["query"] == jsonable(query.summary()),
-             "test_accuracy": evaluate_model(model, staged)["test_accuracy"]}
+             "test_accuracy": api.evaluate(prepared)["test_accuracy"]}
     if stored is not None:
         check["stored_test_accuracy"] = stored["base"]["test_accuracy"]
     joined = query.probes if query.reference is None else query.probes.concat(query.reference)

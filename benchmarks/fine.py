@@ -35,17 +35,15 @@ import numpy as np
 import torch
 from scipy.stats import pearsonr, spearmanr
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, environment, fmt, md_table, publish, relative_link
 
+from cleanse import api
 from cleanse.config import load_params
-from cleanse.data.stage import stage_data
 from cleanse.estimators import registry
 from cleanse.estimators.base import ScoringContext
 from cleanse.evaluate import detection_metrics, rank_stability
 from cleanse.finfluence import measure_f_influence
-from cleanse.models.architectures import spec_for
-from cleanse.models.trainer import predict_proba, train_model
+from cleanse.models.trainer import predict_proba
 
 MODELS = {
     "logreg": ["model.arch=logreg", "model.lr=0.01", "model.epochs=30", "model.weight_decay=0.001"],
@@ -129,12 +127,12 @@ def fine_mu(context: ScoringContext, units: list[np.ndarray], kinds: list[str], 
 
 def run_model(name: str, models_per_arm: int, n_seeds: int, log, truth_from: dict[str, Any] | None = None) -> dict[str, Any]:
     params = load_params(REPO / "params.yaml", overrides=MODELS[name])
-    staged = stage_data(params)
+    staged = api.stage(params)
     train = staged.train
-    spec = spec_for(params.model.arch, params.model.hidden, staged.meta.feature_shape, staged.meta.n_classes)
     started = time.perf_counter()
-    model = train_model(spec, train.features, train.label, params.model, seed=0, device=torch.device("cpu"))
+    model = api.fit(params, staged, seed=0, device="cpu")
     train_seconds = time.perf_counter() - started
+    spec = model.spec
     prob = predict_proba(model, train.features)
     train_loss = -np.log(np.clip(prob[np.arange(len(train)), train.label], 1e-12, None))
     units, kinds = pick_units(train_loss, train.is_corrupted, seed=0)
@@ -158,13 +156,13 @@ def run_model(name: str, models_per_arm: int, n_seeds: int, log, truth_from: dic
         truth_seconds = time.perf_counter() - started
     mu = truth["mu"].to_numpy()
     log(f"[{name}] ground truth in {truth_seconds:.0f} s")
-    context = ScoringContext(train=train, val=staged.val, meta=staged.meta, model=model, model_config=params.model, seed=0)
+    context = api.context(params.model_copy(update={"seed": 0}), staged, model, device="cpu")
     variants = {}
     for label, variant in VARIANTS.items():
         # The cost ratio's denominator is an ordinary training run timed just before this variant,
         # in this process, so both sides see the same machine load.
         started = time.perf_counter()
-        train_model(spec, train.features, train.label, params.model, seed=0, device=torch.device("cpu"))
+        api.fit(params, staged, seed=0, device="cpu")
         adjacent_train_seconds = time.perf_counter() - started
         mu_hat, info = fine_mu(context, units, kinds, variant)
         variants[label] = {
@@ -178,9 +176,8 @@ def run_model(name: str, models_per_arm: int, n_seeds: int, log, truth_from: dic
     if n_seeds > 1:
         scores: dict[str, list[np.ndarray]] = {est: [] for est in ("fine", *STABILITY_PEERS)}
         for seed in range(n_seeds):
-            seeded = train_model(spec, train.features, train.label, params.model, seed=seed, device=torch.device("cpu"))
-            ctx = ScoringContext(train=train, val=staged.val, meta=staged.meta, model=seeded, model_config=params.model,
-                                 seed=seed)
+            seeded = api.fit(params, staged, seed=seed, device="cpu")
+            ctx = api.context(params.model_copy(update={"seed": seed}), staged, seeded, device="cpu")
             for est_name in scores:
                 est = registry.get(est_name)
                 options = getattr(params.scorers, est_name)

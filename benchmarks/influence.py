@@ -32,17 +32,15 @@ from typing import Any
 
 os.environ.setdefault("CLEANSE_DEVICE", "cpu")
 os.environ.setdefault("TQDM_DISABLE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
 import torch
 from _common import REPO, environment, fmt, md_table, update_docs_section
 from torch import nn
 
+from cleanse import api
 from cleanse.config import FvmOptions, InfluenceOptions, TracInOptions, TrakOptions, load_params
-from cleanse.data.stage import stage_data
 from cleanse.estimators import registry
-from cleanse.estimators.base import ScoringContext
 from cleanse.evaluate import (
     detection_metrics,
     lds,
@@ -52,8 +50,6 @@ from cleanse.evaluate import (
     retrained_subset_outputs,
     subset_masks,
 )
-from cleanse.models.architectures import spec_for
-from cleanse.models.trainer import train_model
 
 MODELS = {
     "logreg": ["model.arch=logreg", "model.lr=0.01", "model.epochs=30", "model.weight_decay=0.001"],
@@ -76,13 +72,8 @@ GRIDS: dict[str, dict[str, Any]] = {
 def context_for(dataset: str, model: str, corruption: str, seed: int = 0, extra: list[str] | None = None):
     params = load_params(None, [f"data.source=sklearn:{dataset}", *MODELS[model], *CORRUPTIONS[corruption],
                                 "tracking.enabled=false", f"seed={seed}", *(extra or [])])
-    staged = stage_data(params.model_copy(update={"seed": 0}))  # split and corruption fixed across seeds
-    spec = spec_for(params.model.arch, params.model.hidden, staged.meta.feature_shape, staged.meta.n_classes)
-    trained = train_model(spec, staged.train.features, staged.train.label, params.model, seed=seed,
-                          device=torch.device("cpu"))
-    context = ScoringContext(train=staged.train, val=staged.val, meta=staged.meta, model=trained,
-                             model_config=params.model, seed=seed)
-    return params, staged, context
+    prepared = api.prepare(params, stage_seed=0, device="cpu")  # split and corruption fixed across seeds
+    return params, prepared.staged, prepared.context
 
 
 def timed(fn, *args, **kwargs) -> tuple[Any, float]:

@@ -18,13 +18,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
 
@@ -52,13 +49,13 @@ GRIDS = {
 
 
 def _digits(flip: float, seed: int = 0):
+    from cleanse import api
     from cleanse.config import load_params
-    from cleanse.data.stage import stage_data
 
     overrides = ["data.source=sklearn:digits", f"seed={seed}"]
     overrides += [f"corruption.fraction={flip}"] if flip else ["corruption.kind=none"]
     params = load_params(REPO / "params.yaml", overrides)
-    return params, stage_data(params)
+    return params, api.stage(params)
 
 
 def speed(grid: Grid) -> dict[str, Any]:

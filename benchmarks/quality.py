@@ -73,14 +73,12 @@ import numpy as np
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import TimeLimitExceeded, time_limit
 
+from cleanse import api
 from cleanse.config import Params, load_params
 from cleanse.data.dataset import StagedData
-from cleanse.data.stage import stage_data
 from cleanse.estimators import registry
-from cleanse.estimators.base import ScoringContext
 from cleanse.evaluate import detection_metrics
 from cleanse.models.architectures import n_parameters, spec_for
 from cleanse.models.trainer import TrainedModel, predict_proba, train_model
@@ -195,7 +193,7 @@ class Cell:
 
     def stage(self, params: Params) -> StagedData:
         """The staged splits of this cell (the pipeline's own corruption, then any benchmark-only one)."""
-        staged = stage_data(params)
+        staged = api.stage(params)
         if self.corruption == "multipair40":
             staged = multi_source_pair(staged, params.seed)
         return staged
@@ -311,9 +309,7 @@ def _cleanse_detector(name: str) -> Detector:
     def run(bench: Bench) -> tuple[np.ndarray, dict[str, Any]]:
         estimator = registry.get(name)
         options = _scorer_options(bench.params.scorers, name, estimator)
-        context = ScoringContext(train=bench.staged.train, val=bench.staged.val, meta=bench.staged.meta,
-                                 model=bench.model, model_config=bench.params.model, seed=bench.params.seed,
-                                 device=torch.device("cpu"))
+        context = api.context(bench.params, bench.staged, bench.model, device="cpu")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             result = estimator.score(context, options)

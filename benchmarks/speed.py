@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # peers draw progress bars on every batch
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
 import torch

@@ -20,6 +20,8 @@ SCRIPT = ROOT / "benchmarks" / "quality.py"
 
 
 def _load_script():
+    if str(SCRIPT.parent) not in sys.path:  # the script imports its sibling helper, as when run directly
+        sys.path.insert(0, str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("benchmarks_quality", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
