@@ -127,8 +127,8 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row = {
             "cell": cell, "regime": label, "seeds": [r["seed"] for r in mine],
             "recommended": [r["recommended"]["estimator"] + ("" if r["recommended"].get("budget_factor", 1.0) == 1.0
-                                                              else f" ×{r['recommended']['budget_factor']:g}")
-                            for r in mine],
+                                                              else f" ×{r['recommended']['budget_factor']:.2f}")
+                            + f" ({r['recommended']['n_flagged']})" for r in mine],
             "recommended_ap": _mean([r["recommended"]["detection"]["average_precision"] for r in mine]),
             "recommended_accuracy": rec_acc, "oracle_accuracy": oracle_acc,
             "baseline_accuracy": _mean([r["baseline"]["test_accuracy"] for r in mine]),
@@ -191,7 +191,9 @@ def render(result: dict[str, Any], docs: Path, out: Path, image: Path) -> str:
         "cells), plus `query.kind: triggered` for the backdoor; estimators, budgets, probe settings and the "
         "recommendation rule are the defaults. The seed is the pipeline's: split, corruption and training all change "
         "with it. The recommendation is chosen from held-out probe behaviour (with probes), validation accuracy and "
-        "the number removed, never from the ground truth or the test split; *best single* is the default estimator "
+        "the number removed, with the three best rankings also cut at the noise count the validation split "
+        "estimates, never from the ground truth or the test split (per seed: the estimator, its budget multiple "
+        "when not its own, and the number removed); *best single* is the default estimator "
         "with the highest mean test accuracy, read off after the fact (the bar, not a choice a user could make).", "",
         f"Default estimators: {', '.join(f'`{n}`' for n in next(r for r in result['runs'] if 'error' not in r)['default_estimators'])}.", "",
     ]

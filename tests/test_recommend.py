@@ -11,7 +11,8 @@ import polars as pl
 import pytest
 
 from cleanse.pipeline import recommend_dir, recommended_model_dir, run_all, run_recommend
-from cleanse.recommend import NO_REMOVAL, Candidate, admissible, budget_counts, choose, consistency, top_ids
+from cleanse.recommend import (NO_REMOVAL, Candidate, admissible, budget_counts, choose, consistency,
+                               estimated_noise_count, finalists, ranked, top_ids)
 from cleanse.storage import Layout
 from tests.conftest import small_params
 
@@ -59,6 +60,71 @@ def test_budget_ladder_and_top_ids():
     assert top_ids(ids, np.array([0.1, 0.9, 0.9, 0.5]), 3).tolist() == [11, 12, 13]
 
 
+def test_noise_count_inverts_the_disagreement_of_a_model_with_known_error():
+    # 200 wrong labels of 1000, a model wrong on 10% of labels: it disagrees with 0.9 * 200 + 0.1 * 800.
+    assert estimated_noise_count(260, 1000, 0.1) == 200
+    assert estimated_noise_count(260, 1000, 0.0) == 260  # a perfect model: every disagreement is a wrong label
+    assert estimated_noise_count(50, 1000, 0.1) == 0  # fewer disagreements than its own errors: clipped at 0
+    assert estimated_noise_count(1000, 1000, 0.4) == 1000  # clipped at n
+    assert estimated_noise_count(260, 1000, 0.5) is None  # a coin says nothing about the labels
+    assert estimated_noise_count(260, 1000, math.nan) is None
+
+
+def test_noise_count_recovers_a_simulated_noise_rate():
+    # Ten classes, 25% pair flips (c -> c + 1), a model that predicts the true class 90% of the time
+    # and otherwise the next class, where the flips go: a flipped label is disagreed with exactly
+    # when the model is right, and the estimate lands on the flip count.
+    rng = np.random.default_rng(0)
+    n, k, e = 20_000, 10, 0.1
+    truth = rng.integers(0, k, n)
+    flipped = rng.random(n) < 0.25
+    given = np.where(flipped, (truth + 1) % k, truth)
+    wrong = rng.random(n) < e
+    aligned = np.where(wrong, (truth + 1) % k, truth)
+    error = float(wrong[~flipped].mean())  # its error rate on the correct labels (cleanse: cross-validated)
+    assert estimated_noise_count(int((aligned != given).sum()), n, error) == pytest.approx(flipped.sum(), rel=0.03)
+    # Ignoring the model's own errors would overcount by a fifth.
+    assert (aligned != given).sum() > 1.2 * flipped.sum()
+    # Errors spread over the other nine classes instead: a flipped label is disagreed with more
+    # often, so the estimate is an upper bound, about e / (1 - 2e) = 12% above.
+    spread = np.where(wrong, (truth + rng.integers(1, k, n)) % k, truth)
+    estimate = estimated_noise_count(int((spread != given).sum()), n, error)
+    assert flipped.sum() * 1.05 < estimate < flipped.sum() * 1.2
+
+
+def test_label_disagreement_of_the_trusted_model_counts_flipped_labels():
+    from cleanse.config import TrustedOptions
+    from cleanse.estimators.trusted import label_disagreement
+
+    rng = np.random.default_rng(1)
+    centres = np.array([[0.0, 0.0], [8.0, 0.0], [0.0, 8.0]])
+    val_label = np.repeat(np.arange(3), 30)
+    train_truth = np.repeat(np.arange(3), 100)
+    val = centres[val_label] + rng.normal(size=(90, 2))
+    train = centres[train_truth] + rng.normal(size=(300, 2))
+    given = train_truth.copy()
+    given[:40] = (given[:40] + 1) % 3  # 40 flips, all in class 0
+    d, e = label_disagreement(val, val_label, train, given, TrustedOptions())
+    assert (d, e) == (40, 0.0)  # separated blobs: the trusted model errs on nothing but the flips
+    assert estimated_noise_count(d, 300, e) == 40
+    # A class with a single validation sample cannot be cross-validated: no estimate.
+    assert label_disagreement(val[:61], val_label[:61], train, given, TrustedOptions()) is None
+
+
+def test_finalists_are_the_best_distinct_rankings_in_rule_order():
+    candidates = [_c(NO_REMOVAL, 0, 0.99), _c("a", 50, 0.95), _c("b", 30, 0.97), _c("c", 10, 0.96, math.nan),
+                  _c("b", 60, 0.98), _c("d", 5, 0.90)]
+    order = ranked(candidates, stop_rate=0.02)
+    assert order == [0, 4, 2, 3, 1, 5]
+    assert finalists(candidates, order, 3) == [4, 3, 1]  # "b" once (its best), never "none"
+    assert finalists(candidates, order, 3, exclude=["c"]) == [4, 1, 5]
+    assert finalists(candidates, order, 10) == [4, 3, 1, 5]
+    # Probes: inadmissible candidates are not ranked, so they never become finalists.
+    probed = [_c(NO_REMOVAL, 0, 0.99, 0.9), _c("a", 50, 0.95, 0.0), _c("b", 30, 0.97, 0.5)]
+    assert ranked(probed, stop_rate=0.02) == [1]
+    assert finalists(probed, ranked(probed, stop_rate=0.02), 3) == [1]
+
+
 @pytest.fixture(scope="module")
 def recommended_run(tmp_path_factory):
     params = small_params("estimators=[loss,tracin]", "recommend.budget_factors=[0.5,1.5]")
@@ -80,6 +146,12 @@ def test_recommendation_in_metrics_has_an_estimators_shape(recommended_run):
     vals = [c["val_accuracy"] for c in chosen["candidates"]]
     assert chosen["candidates"][chosen["chosen"]]["val_accuracy"] == max(vals)
     assert len(chosen["candidates"]) >= 1 + len(params.estimators)
+    # The second round: the best first-round rankings cut at the validation split's noise-count estimate.
+    estimate = chosen["noise_estimate"]
+    assert 0 <= estimate["val_cv_error"] < 0.5 and estimate["noise_count"] >= 1
+    second = chosen["candidates"][1 + len(params.estimators):]
+    assert 1 <= len(second) <= len(params.estimators)
+    assert all(c["n_removed"] == estimate["noise_count"] for c in second)
     # The table (console, report, MLflow description) starts with the recommendation.
     assert (layout.reports / "comparison.md").read_text().splitlines()[2].startswith("| RECOMMENDED: ")
     assert "Recommended:" in (layout.reports / "report.html").read_text()

@@ -142,9 +142,11 @@ class RecommendConfig(_Section):
     ground truth or the test split."""
 
     budget_factors: list[float] = Field(
-        [0.5, 0.75, 1.25, 1.5], description="The winning estimator's ranking is also retrained at these multiples "
-        "of its automatic budget; the best by the same rule (held-out probe behaviour, then validation accuracy, "
-        "then fewer removed) is recommended. [] keeps each estimator's own budget.")
+        [0.5, 0.75, 1.25, 1.5], description="Only when the validation split gives no noise-count estimate (too "
+        "small to cross-validate; otherwise the best rankings are cut at that estimate): the winning estimator's "
+        "ranking is also retrained at these multiples of its automatic budget, and the best by the same rule "
+        "(held-out probe behaviour, then validation accuracy, then fewer removed) is recommended. [] keeps each "
+        "estimator's own budget.")
 
     @field_validator("budget_factors")
     @classmethod

@@ -94,10 +94,13 @@ def _removed_ids(layout: Layout, estimator: str, result: dict[str, Any]) -> np.n
 def run_recommend(params: Params, layout: Layout) -> Path:
     """Choose one cleaned model without ground truth (:mod:`cleanse.recommend`): "no removal" and
     every estimator's cleaned model compete on held-out probe behaviour (with probes) and validation
-    accuracy; the winner's ranking is retrained at ``recommend.budget_factors`` times its budget
-    and the best of those is kept. Writes ``recommend/recommend.json`` and ``models/recommended/``."""
+    accuracy; the best few are retrained at the noise count the validation split estimates (or,
+    without an estimate, the winner at ``recommend.budget_factors`` times its budget) and the best
+    of those and the winner is kept. Writes ``recommend/recommend.json`` and ``models/recommended/``."""
     from cleanse import families
-    from cleanse.recommend import NO_REMOVAL, Candidate, budget_counts, choose, consistency, top_ids
+    from cleanse.estimators.trusted import label_disagreement
+    from cleanse.recommend import (FINALISTS, NO_REMOVAL, Candidate, budget_counts, choose, consistency,
+                                   estimated_noise_count, finalists, ranked, top_ids)
 
     staged = load_staged(layout, params)
     references = read_json(layout.retrain_result("references"))
@@ -105,6 +108,7 @@ def run_recommend(params: Params, layout: Layout) -> Path:
     started = time.perf_counter()
     query = _probes(params, layout, staged)
     nan = float("nan")
+    stop_rate = params.cleansing.stop_rate
 
     def candidate(name: str, removed: np.ndarray, result: dict[str, Any], factor: float = 1.0) -> Candidate:
         return Candidate(name, removed, families.get(params.family).selection_score(result),
@@ -122,20 +126,40 @@ def run_recommend(params: Params, layout: Layout) -> Path:
             proposed = replace(proposed, consistency=consistency(scores["sample_id"].to_numpy(),
                                                                  scores["score"].to_numpy(), removed))
         candidates.append(proposed)
-    first = choose(candidates, stop_rate=params.cleansing.stop_rate)
+    order = ranked(candidates, stop_rate=stop_rate)
+    first = order[0]
     winner = candidates[first]
-    trained: dict[int, Any] = {}  # ladder candidate index -> (model, evaluation)
-    # The budget: the winner's own ranking at other counts (an iterative loop chose its own removals).
-    if winner.estimator != NO_REMOVAL and not results[winner.estimator].get("iterative"):
-        scores = read_table(layout.scores(winner.estimator))
+    trained: dict[int, Any] = {}  # second-round candidate index -> (model, evaluation)
+
+    def retrain_ranking(index: int, count: int, factor: float | None = None) -> None:
+        name = candidates[index].estimator
+        scores = read_table(layout.scores(name))
+        removed = top_ids(scores["sample_id"].to_numpy(), scores["score"].to_numpy(), count)
+        model, result = retrained_without(params, staged, removed, query)
+        own = max(candidates[index].n_removed, 1)
+        candidates.append(candidate(name, removed, result, round(count / own, 3) if factor is None else factor))
+        trained[len(candidates) - 1] = (model, result)
+
+    # The budget (an iterative loop chose its own removals, so its ranking is not re-cut).
+    iterative = [name for name in results if results[name].get("iterative")]
+    disagreement = None  # labels to disagree with: classification only
+    if params.family == "classification":
+        disagreement = label_disagreement(staged.val.features, staged.val.label, staged.train.features,
+                                          staged.train.label, params.scorers.trusted, seed=params.seed)
+    noise_count = None if disagreement is None else estimated_noise_count(disagreement[0], len(staged.train),
+                                                                          disagreement[1])
+    cap = max(1, int(params.detect.max_fraction * len(staged.train)))
+    if noise_count is not None and noise_count >= 1:
+        noise_count = min(noise_count, cap)
+        for index in finalists(candidates, order, FINALISTS, exclude=iterative):
+            if noise_count != candidates[index].n_removed:
+                retrain_ranking(index, noise_count)
+    elif winner.estimator != NO_REMOVAL and winner.estimator not in iterative:
         for factor, count in budget_counts(winner.n_removed, params.recommend.budget_factors, len(staged.train),
                                            params.detect.max_fraction):
-            removed = top_ids(scores["sample_id"].to_numpy(), scores["score"].to_numpy(), count)
-            model, result = retrained_without(params, staged, removed, query)
-            candidates.append(candidate(winner.estimator, removed, result, factor))
-            trained[len(candidates) - 1] = (model, result)
+            retrain_ranking(first, count, factor)
     contenders = [first, *trained]
-    chosen_index = contenders[choose([candidates[i] for i in contenders], stop_rate=params.cleansing.stop_rate)]
+    chosen_index = contenders[choose([candidates[i] for i in contenders], stop_rate=stop_rate)]
     chosen = candidates[chosen_index]
     if chosen_index in trained:
         model, evaluation = trained[chosen_index]
@@ -148,11 +172,14 @@ def run_recommend(params: Params, layout: Layout) -> Path:
                                                                                chosen.removed_ids)].sum())}
     save_model(model, recommended_model_dir(layout), {"fingerprint": recommend_fingerprint(params),
                                                       "estimator": chosen.estimator, **evaluation})
+    estimate = None if disagreement is None else {"n_disagree": disagreement[0], "val_cv_error": disagreement[1],
+                                                   "noise_count": noise_count}
     write_json({"fingerprint": recommend_fingerprint(params), "estimator": chosen.estimator,
                 "budget_factor": chosen.budget_factor, "n_removed": chosen.n_removed,
-                "removed_ids": chosen.removed_ids.tolist(), "cleaned": evaluation,
+                "removed_ids": chosen.removed_ids.tolist(), "cleaned": evaluation, "noise_estimate": estimate,
                 "rule": "held-out probe behaviour (with probes), then validation accuracy, then fewer removed, "
-                        "then the ranking that agrees with the removal",
+                        "then the ranking that agrees with the removal; budget: the trusted split's noise-count "
+                        "estimate for the best first-round rankings",
                 "candidates": [c.summary() for c in candidates], "chosen": chosen_index,
                 "seconds": time.perf_counter() - started}, recommend_dir(layout) / "recommend.json")
     _track(params, layout, "recommend")

@@ -17,10 +17,27 @@ that a user could pick with what they have:
    the removed samples among the top ``k`` of its scores; 1 for a one-shot removal), so the
    detection metrics reported with the recommendation describe the removal it made.
 
-The budget is chosen the same way: the winning estimator's ranking is also retrained at
-``budget_factors`` times its automatic budget, and the best of those by the same rule is the
-recommendation. The test split and the ground truth (``is_corrupted``) are never read here; the
-report shows them next to the choice.
+The budget. The validation split also says how many training labels are wrong: a model fitted on
+it alone (the ``trusted`` logistic regression) disagrees with ``D`` of the ``n`` training labels,
+and its own error rate ``e`` on correct labels is measured by cross-validation on the validation
+split. A correct label is disagreed with when the model errs (rate ``e``); a wrong one whenever the
+model does not err onto that very label, which happens at most at rate ``e`` (the pair-flip case:
+the model confuses the same classes the noise swaps). So ``D ≈ N (1 - e) + (n - N) e`` and
+``N̂ = (D - n e) / (1 - 2 e)``, an upper bound when the model's errors are spread over other classes
+(by up to ``e / (1 - 2 e)``, 10% at ``e = 0.08``): leaving wrong labels in costs a network that
+memorises them more than removing a few correct ones
+(:func:`estimated_noise_count`; the moment correction of the noisy-label literature, e.g. Natarajan
+et al., NeurIPS 2013, and Northcutt et al., JAIR 2021, "Confident Learning", which counts label
+issues from out-of-sample predictions in the same way). The ``FINALISTS`` (3) best candidates of the
+first round (:func:`ranked`, in the rule's order) are retrained with their own ranking's top
+``N̂`` removed, and the recommendation is the best of those and the first round's winner, by the
+same rule. The estimate is honest where validation accuracy is not: a ranking fitted on the
+validation split (``trusted``) removes exactly what disagrees with it, so its cleaned models look
+better on that split the more they remove, and choosing its budget by validation accuracy drifts
+to its largest multiple. Without an estimate (a validation split too small to cross-validate, or
+``e >= 0.5``), the winner's ranking is retrained at ``budget_factors`` times its automatic budget
+instead and the best of those by the same rule is kept. The test split and the ground truth
+(``is_corrupted``) are never read here; the report shows them next to the choice.
 
 All functions are pure: ``candidates`` in, an index out.
 """
@@ -34,6 +51,7 @@ from dataclasses import dataclass
 import numpy as np
 
 NO_REMOVAL = "none"
+FINALISTS = 3  # first-round candidates retrained at the noise-count estimate (one retrain each)
 
 
 @dataclass(frozen=True)
@@ -73,16 +91,47 @@ def admissible(candidates: Sequence[Candidate], stop_rate: float) -> list[int]:
     return [i for i, rate in enumerate(rates) if np.isfinite(rate) and rate <= threshold + 1e-12]
 
 
+def ranked(candidates: Sequence[Candidate], *, stop_rate: float) -> list[int]:
+    """Indices of the admissible candidates, best first (rules in the module docstring): highest
+    validation accuracy; then fewest removed; then the most self-consistent ranking; then list order
+    (the base model first)."""
+    pool = admissible(candidates, stop_rate)
+    return sorted(pool, key=lambda i: (-candidates[i].val_accuracy, candidates[i].n_removed,
+                                       -candidates[i].consistency, i))
+
+
 def choose(candidates: Sequence[Candidate], *, stop_rate: float) -> int:
-    """Index of the recommended candidate (rules in the module docstring). Raises ValueError on an
+    """Index of the recommended candidate (the first of :func:`ranked`). Raises ValueError on an
     empty list."""
     if not candidates:
         raise ValueError("no candidates to recommend from")
-    pool = admissible(candidates, stop_rate)
-    # Highest validation accuracy; then fewest removed; then the most self-consistent ranking; then
-    # list order (the base model first).
-    return min(pool, key=lambda i: (-candidates[i].val_accuracy, candidates[i].n_removed,
-                                    -candidates[i].consistency, i))
+    return ranked(candidates, stop_rate=stop_rate)[0]
+
+
+def estimated_noise_count(n_disagree: int, n: int, error_rate: float) -> int | None:
+    """Estimated number of wrong labels among ``n`` training labels, ``round((D - n e) / (1 - 2 e))``
+    clipped to ``[0, n]``, from ``D = n_disagree`` disagreements with a model whose error rate on
+    correctly labelled data is ``e = error_rate`` (module docstring). None when ``e >= 0.5`` or is
+    not finite: such a model says nothing about the labels."""
+    if not math.isfinite(error_rate) or not 0.0 <= error_rate < 0.5 or n <= 0:
+        return None
+    estimate = (n_disagree - n * error_rate) / (1.0 - 2.0 * error_rate)
+    return int(min(n, max(0, round(estimate))))
+
+
+def finalists(candidates: Sequence[Candidate], order: Sequence[int], count: int,
+              exclude: Sequence[str] = ()) -> list[int]:
+    """The first ``count`` indices of ``order`` (:func:`ranked`) whose estimator is neither
+    "no removal" nor in ``exclude``, each estimator once."""
+    out: list[int] = []
+    seen = {NO_REMOVAL, *exclude}
+    for i in order:
+        if len(out) == count:
+            break
+        if candidates[i].estimator not in seen:
+            seen.add(candidates[i].estimator)
+            out.append(i)
+    return out
 
 
 def budget_counts(k: int, factors: Sequence[float], n_train: int, max_fraction: float) -> list[tuple[float, int]]:

@@ -58,15 +58,49 @@ def validation_probabilities(context: ScoringContext, options: TrustedOptions) -
         probabilities[:, np.setdiff1d(np.arange(n_classes), present)] = 0.0  # never seen: no estimate
         return probabilities
     from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
 
-    classifier = LogisticRegression(C=options.C, max_iter=options.max_iter)
+    classifier = _logreg(options)
     with warnings.catch_warnings():
         # A capped max_iter is an option, not an error.
         warnings.simplefilter("ignore", ConvergenceWarning)
         classifier.fit(val.features.reshape(len(val), -1), val.label)
     probabilities[:, classifier.classes_] = classifier.predict_proba(train.features.reshape(len(train), -1))
     return probabilities
+
+
+def _logreg(options: TrustedOptions):
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(C=options.C, max_iter=options.max_iter)
+
+
+def label_disagreement(val_features: np.ndarray, val_label: np.ndarray, train_features: np.ndarray,
+                       train_label: np.ndarray, options: TrustedOptions, *, folds: int = 5,
+                       seed: int = 0) -> tuple[int, float] | None:
+    """What the trusted split says about the training labels, for the noise-count estimate of
+    :func:`cleanse.recommend.estimated_noise_count`: ``(D, e)`` with ``D`` the number of training
+    labels ``train_label`` ``(n_train,)`` that the logistic regression fitted on the validation split
+    (``val_features`` ``(n_val, ...)``, ``val_label`` ``(n_val,)``) does not predict (argmax), and ``e``
+    its error rate on the validation split under stratified ``K``-fold cross-validation (``K =
+    min(folds, smallest class count)``, folds shuffled with ``seed``), an out-of-sample estimate of
+    how often it is wrong on a correct label. Always the logistic regression (``C``, ``max_iter``),
+    whatever ``options.model``: two fits of a second each at most. None when the validation split
+    has fewer than two classes or a class with fewer than two samples (nothing to cross-validate);
+    training samples of a class absent from the validation split always count as disagreements."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    classes, counts = np.unique(val_label, return_counts=True)
+    k = int(min(folds, counts.min())) if classes.size else 0
+    if classes.size < 2 or k < 2:
+        return None
+    x_val = val_features.reshape(len(val_features), -1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # a capped max_iter is an option, not an error
+        predicted = _logreg(options).fit(x_val, val_label).predict(train_features.reshape(len(train_features), -1))
+        held_out = cross_val_predict(_logreg(options), x_val, val_label,
+                                     cv=StratifiedKFold(k, shuffle=True, random_state=seed))
+    return int((predicted != train_label).sum()), float((held_out != val_label).mean())
 
 
 class TrustedEstimator:

@@ -143,6 +143,8 @@ def recommend_fingerprint(params: Params) -> str:
     parts += [retrain_fingerprint(params, name) for name in params.estimators]
     if params.query.kind != "none":
         parts += [query_fingerprint(params), params.cleansing.stop_rate]
+    if params.family == "classification":  # the noise-count estimate's logistic regression
+        parts.append(params.scorers.trusted)
     return fingerprint("recommend", *parts)
 
 

@@ -159,13 +159,14 @@ GRAPH: tuple[Stage, ...] = (
         "Choose one cleaned model without ground truth -> recommend/recommend.json, models/recommended/.",
         inputs=(*STAGED, "models/base", "query", "scores", "flags", "retrain"),
         outputs=("recommend/recommend.json", "models/recommended"),
-        params=("seed", "model", "estimators", "detect", "query", "cleansing", "recommend"),
-        code=("recommend.py", "evaluate.py", "models/trainer.py"),
+        params=("seed", "model", "estimators", "detect", "query", "cleansing", "recommend", "scorers.trusted"),
+        code=("recommend.py", "estimators/trusted.py", "evaluate.py", "models/trainer.py"),
         fingerprint=f"{_FP}:recommend_fingerprint", marker="recommend/recommend.json",
         product="recommend/recommend.json",
         note="One cleaned model chosen without ground truth: every estimator's cleaned model and \"no\n"
-             "removal\" compete on held-out probe behaviour and validation accuracy; the winner's ranking is\n"
-             "retrained at a few multiples of its budget (recommend.budget_factors)."),
+             "removal\" compete on held-out probe behaviour and validation accuracy; the best rankings are\n"
+             "retrained at the noise count the validation split estimates (scorers.trusted's logistic regression;\n"
+             "without an estimate, the winner at recommend.budget_factors times its budget)."),
     Stage(
         "report", "cleanse.report:run_report",
         "Write reports/metrics.json, plots and report.html; print the comparison table.",
