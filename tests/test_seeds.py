@@ -1,9 +1,13 @@
 """Random streams by purpose (cleanse.seeds): independent, stable, and no longer shared between the
-label corruption and f-INE's inclusion draws (both used to draw from ``default_rng(seed + 7919)``)."""
+label corruption and f-INE's inclusion draws (both used to draw from ``default_rng(seed + 7919)``),
+nor between cleanlab's fold models and TRAK's members (both used to train with ``seed + 1000``)."""
 
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -82,3 +86,68 @@ def test_corruption_and_fine_no_longer_share_a_stream(wine_context):
     np.testing.assert_array_equal(inclusions, drawn(seeds.generator(seed, "fine.inclusion")))
     shared = drawn(np.random.default_rng(seed + 7919))  # the stream corruption draws from
     assert (inclusions != shared).mean() > 0.2  # two independent Bernoulli(1/4) matrices differ in ~3/8
+
+
+# Purposes with numbered members, and how many members each has at most in practice.
+INDEXED = {"cleanlab.fold": 10, "projection.block": 50, "trak.member": 10}
+
+
+def test_torch_seeds_never_collide_across_purposes_members_and_run_seeds():
+    drawn = {}
+    for seed in range(50):
+        for purpose in sorted(seeds.PURPOSES):
+            for index in [None, *range(INDEXED.get(purpose, 0))]:
+                value = seeds.torch_seed(seed, purpose, index)
+                assert 0 <= value < 2**63
+                assert value not in drawn, (seed, purpose, index, drawn.get(value))
+                drawn[value] = (seed, purpose, index)
+    # the seeds that used to coincide: cleanlab's fold 0 and TRAK's member 1 (both seed + 1000),
+    # TRAK's member 2 and the trusted run model (both seed + 2000)
+    assert seeds.torch_seed(0, "cleanlab.fold", 0) != seeds.torch_seed(0, "trak.member", 1)
+    assert seeds.torch_seed(0, "trak.member", 2) != seeds.torch_seed(0, "trusted.model")
+
+
+def test_members_are_independent_streams_and_reproducible():
+    folds = [seeds.rng(7, "cleanlab.fold", k).standard_normal(20_000) for k in range(4)]
+    for a, b in itertools.combinations(range(4), 2):
+        assert abs(np.corrcoef(folds[a], folds[b])[0, 1]) < 0.035
+    np.testing.assert_array_equal(seeds.rng(7, "cleanlab.fold", 2).standard_normal(5), folds[2][:5])
+    assert seeds.torch_seed(7, "cleanlab.fold", 2) == seeds.torch_seed(7, "cleanlab.fold", 2)
+    # a member is not its purpose's own stream, nor a member under another run seed
+    assert seeds.torch_seed(7, "cleanlab.fold", 0) != seeds.torch_seed(7, "cleanlab.fold")
+    assert seeds.torch_seed(7, "cleanlab.fold", 1) != seeds.torch_seed(8, "cleanlab.fold", 1)
+
+
+def test_streams_are_the_same_in_another_process():
+    """The child comes from a hash of the purpose's name, not from call order or Python's
+    per-process string hashing: a fresh interpreter with another hash seed draws the same."""
+    code = ("from cleanse import seeds; print(seeds.torch_seed(3, 'trak.member', 2), "
+            "seeds.rng(3, 'fine.inclusion').integers(0, 2**62), seeds.torch_seed(3, 'trusted.model'))")
+    here = f"{seeds.torch_seed(3, 'trak.member', 2)} {seeds.rng(3, 'fine.inclusion').integers(0, 2**62)} " \
+           f"{seeds.torch_seed(3, 'trusted.model')}"
+    for hash_seed in ("1", "12345"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONHASHSEED": hash_seed}).stdout.strip()
+        assert out == here
+
+
+def test_split_keeps_its_scikit_learn_states():
+    from sklearn.model_selection import train_test_split
+
+    from cleanse.data.splits import stratified_split
+
+    label = np.repeat(np.arange(4), 30)
+    train, val, test = stratified_split(label, val_fraction=0.2, test_fraction=0.25, seed=11)
+    # the states the split has always used (staged data must not move): seed for the test rows,
+    # seed + 1 for the validation rows out of the rest
+    rest, old_test = train_test_split(np.arange(120), test_size=0.25, stratify=label, random_state=11)
+    old_train, old_val = train_test_split(rest, test_size=0.2 / 0.75, stratify=label[rest], random_state=12)
+    for new, old in ((train, old_train), (val, old_val), (test, old_test)):
+        np.testing.assert_array_equal(new, np.sort(old))
+    with pytest.raises(ValueError, match="unknown scikit-learn random-stream purpose"):
+        seeds.sklearn_seed(0, "split.tset")
+
+
+def test_legacy_streams_have_no_members():
+    with pytest.raises(ValueError, match="no numbered members"):
+        seeds.rng(0, "corruption", 1)

@@ -31,6 +31,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from cleanse import seeds
 from cleanse.errors import ArtifactError
 from cleanse.storage import write_json
 
@@ -44,7 +45,7 @@ def projection_matrix(p: int, k: int, *, kind: ProjectionKind = "rademacher", se
     blocks = []
     for block, start in enumerate(range(0, p, block_rows)):
         rows = min(block_rows, p - start)
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + block)
+        generator = torch.Generator().manual_seed(seeds.torch_seed(seed, "projection.block", block))
         if kind == "rademacher":
             values = torch.randint(0, 2, (rows, k), generator=generator, dtype=torch.int8).to(dtype) * 2 - 1
         elif kind == "gaussian":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.model_selection import train_test_split
 
+from cleanse import seeds
 from cleanse.errors import DataError
 
 
@@ -18,9 +19,11 @@ def stratified_split(
         rare = np.flatnonzero(counts < 3).tolist()
         raise DataError(f"class(es) {rare} have fewer than 3 samples; a stratified train/val/test split needs 3")
     try:
-        rest, test = train_test_split(index, test_size=test_fraction, stratify=label, random_state=seed)
+        rest, test = train_test_split(index, test_size=test_fraction, stratify=label,
+                                      random_state=seeds.sklearn_seed(seed, "split.test"))
         train, val = train_test_split(
-            rest, test_size=val_fraction / (1 - test_fraction), stratify=label[rest], random_state=seed + 1
+            rest, test_size=val_fraction / (1 - test_fraction), stratify=label[rest],
+            random_state=seeds.sklearn_seed(seed, "split.val"),
         )
     except ValueError as exc:
         raise DataError(f"cannot split the data with data.val_fraction/test_fraction: {exc}") from exc

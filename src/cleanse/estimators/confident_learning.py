@@ -1,7 +1,8 @@
 """Confident learning (Northcutt, Jiang & Chuang, JAIR 2021) through the cleanlab package.
 
 Out-of-sample predicted probabilities come from K stratified folds, each model trained with the
-same recipe as the main model (seed ``seed + 1000 + fold``). ``score = 1 - label quality`` (the
+same recipe as the main model (training seed: :func:`cleanse.seeds.torch_seed` of purpose
+``cleanlab.fold``, member ``fold``). ``score = 1 - label quality`` (the
 cleanlab ``get_label_quality_scores`` value for the chosen method), and ``is_label_issue`` is
 cleanlab's own ``find_label_issues`` verdict (prune by noise rate), kept for reference.
 """
@@ -13,6 +14,7 @@ from typing import ClassVar
 import numpy as np
 from sklearn.model_selection import StratifiedKFold
 
+from cleanse import seeds
 from cleanse.config import CleanlabOptions
 from cleanse.errors import DataError
 from cleanse.estimators.base import ScoreResult, ScoringContext, score_table
@@ -35,7 +37,7 @@ def out_of_sample_probabilities(context: ScoringContext, folds: int) -> np.ndarr
     for fold, (fit_rows, held_rows) in enumerate(progress(folds_of, f"cleanlab: {folds} out-of-sample folds", unit="fold")):
         model = train_model(
             context.model.spec, train.features[fit_rows], train.label[fit_rows], context.model_config,
-            seed=context.seed + 1000 + fold, device=context.device,
+            seed=seeds.torch_seed(context.seed, "cleanlab.fold", fold), device=context.device,
         )
         probabilities[held_rows] = predict_proba(model.module(context.device), train.features[held_rows])
     return probabilities

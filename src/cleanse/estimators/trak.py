@@ -2,7 +2,8 @@
 implementation (MadryLab/trak: ``traker.py``, ``modelout_functions.py``, ``score_computers.py``).
 
 For each of ``M`` independently trained models ``theta_m`` (model 0 is the pipeline's trained
-model; the others are retrained with seeds ``seed + 1000 m`` on the same data):
+model; the others are retrained on the same data with the seeds of purpose ``trak.member``, member
+``m``, :func:`cleanse.seeds.torch_seed`):
 
 - model output ``f(z; theta) = logit_y - logsumexp_{c != y} logit_c`` (the margin, the log-odds
   of the correct class);
@@ -39,6 +40,7 @@ import numpy as np
 import torch
 from torch.func import grad, vmap
 
+from cleanse import seeds
 from cleanse.config import TrakOptions
 from cleanse.data.dataset import Split
 from cleanse.estimators.base import ScoreResult, ScoringContext, score_table
@@ -90,7 +92,8 @@ def ensemble_members(context: ScoringContext, options: TrakOptions) -> list[Trai
     members = [context.model]
     for m in range(1, options.n_models):
         members.append(train_model(context.model.spec, context.train.features, context.train.label,
-                                   context.model_config, seed=context.seed + 1000 * m, device=context.device))
+                                   context.model_config, seed=seeds.torch_seed(context.seed, "trak.member", m),
+                                   device=context.device))
     return members
 
 

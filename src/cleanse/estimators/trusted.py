@@ -12,7 +12,7 @@ to justify its cost.
 Model. ``model: logreg`` (default): scikit-learn ``LogisticRegression`` (multinomial, L2 with
 inverse strength ``C``, L-BFGS) on the flattened features; deterministic and about 0.1 s on
 digits. ``model: run``: the run's own architecture and recipe (``model.*``), trained on the
-validation split with ``seed + 2000``.
+validation split with the seed of purpose ``trusted.model`` (:func:`cleanse.seeds.torch_seed`).
 
 Score, shape ``(n_train,)`` in training order, **higher = more likely harmful**::
 
@@ -31,11 +31,10 @@ from typing import ClassVar
 
 import numpy as np
 
+from cleanse import seeds
 from cleanse.config import TrustedOptions
 from cleanse.errors import DataError
 from cleanse.estimators.base import ScoreResult, ScoringContext, score_table
-
-_SEED_OFFSET = 2000  # the run-architecture model's seed: seed + 2000 (cleanlab's folds use seed + 1000 + fold)
 
 
 def validation_probabilities(context: ScoringContext, options: TrustedOptions) -> np.ndarray:
@@ -53,7 +52,7 @@ def validation_probabilities(context: ScoringContext, options: TrustedOptions) -
         from cleanse.models.trainer import predict_proba, train_model
 
         model = train_model(context.model.spec, val.features, val.label, context.model_config,
-                            seed=context.seed + _SEED_OFFSET, device=context.device)
+                            seed=seeds.torch_seed(context.seed, "trusted.model"), device=context.device)
         probabilities[:] = predict_proba(model.module(context.device), train.features)
         probabilities[:, np.setdiff1d(np.arange(n_classes), present)] = 0.0  # never seen: no estimate
         return probabilities

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from cleanse import seeds
 from cleanse.config import Params
 from cleanse.data.dataset import DatasetMeta, StagedData
 from cleanse.stages.fingerprints import STAGE_META_NAME
@@ -69,5 +70,5 @@ def retrained_without(params: Params, staged: StagedData, removed_ids: np.ndarra
 
 
 def random_ids(staged: StagedData, count: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed + 104729)
+    rng = seeds.rng(seed, "random_ids")
     return rng.choice(staged.train.sample_id, size=min(count, len(staged.train)), replace=False)

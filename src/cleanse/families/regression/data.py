@@ -18,15 +18,16 @@ from cleanse.data.sources import load_source
 from cleanse.data.splits import standardizer
 from cleanse.errors import DataError
 from cleanse.families.regression.config import RegressionCorruptionConfig
-from cleanse.seeds import generator
+from cleanse.seeds import generator, sklearn_seed
 
 
 def random_split(n: int, *, val_fraction: float, test_fraction: float, seed: int) -> tuple[np.ndarray, ...]:
     """Row indices ``(train, val, test)``, each sorted; seeded like the stratified split, unstratified."""
     index = np.arange(n)
     try:
-        rest, test = train_test_split(index, test_size=test_fraction, random_state=seed)
-        train, val = train_test_split(rest, test_size=val_fraction / (1 - test_fraction), random_state=seed + 1)
+        rest, test = train_test_split(index, test_size=test_fraction, random_state=sklearn_seed(seed, "split.test"))
+        train, val = train_test_split(rest, test_size=val_fraction / (1 - test_fraction),
+                                      random_state=sklearn_seed(seed, "split.val"))
     except ValueError as exc:
         raise DataError(f"cannot split the data with data.val_fraction/test_fraction: {exc}") from exc
     return np.sort(train), np.sort(val), np.sort(test)
