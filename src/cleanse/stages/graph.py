@@ -155,7 +155,7 @@ GRAPH: tuple[Stage, ...] = (
         fingerprint=f"{_FP}:references_fingerprint", marker="retrain/references.json",
         product="retrain/references.json"),
     Stage(
-        "recommend", "cleanse.pipeline:run_recommend",
+        "recommend", "cleanse.stages.recommend:run_recommend",
         "Choose one cleaned model without ground truth -> recommend/recommend.json, models/recommended/.",
         inputs=(*STAGED, "models/base", "query", "scores", "flags", "retrain"),
         outputs=("recommend/recommend.json", "models/recommended"),
