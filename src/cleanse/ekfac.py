@@ -132,7 +132,8 @@ def _capture(fm: FunctionalModel, layers: list[_Layer], x: torch.Tensor, targets
     outs = [outputs[i] for i in range(len(layers))]
     for target, weight in zip(targets, weights):
         with torch.enable_grad():
-            loss = nn.functional.cross_entropy(logits, target, reduction="sum")
+            # The family's per-sample loss, summed: each row's output gradient is its own loss's.
+            loss = fm.task.per_sample_loss(logits, target).sum()
         with torch.enable_grad():
             deltas = torch.autograd.grad(loss, outs, retain_graph=True)
         per_layer = []

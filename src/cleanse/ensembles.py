@@ -31,10 +31,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from cleanse import families
 from cleanse.config import ModelConfig
 from cleanse.errors import ConfigError, DataError
 from cleanse.models.architectures import ModelSpec, build_model, default_device
@@ -191,7 +191,8 @@ def train_ensemble(
     params, base = initial_params(spec, init_seeds, device)
     forward = _batched_forward(base, shared_inputs=False)
     x = torch.as_tensor(features, dtype=torch.float32, device=device)
-    y = torch.as_tensor(label, dtype=torch.long, device=device)
+    task = families.get(spec.family)
+    y = torch.as_tensor(label, dtype=task.target_dtype, device=device)
     members = [np.flatnonzero(row) for row in masks]
     batch = config.batch_size
     steps = max(math.ceil(rows.size / batch) for rows in members)
@@ -207,7 +208,7 @@ def train_ensemble(
         for s in range(steps):
             rows, ok = index[:, s], valid[:, s]
             logits = forward(params, x[rows])  # (K, batch, C)
-            ce = F.cross_entropy(logits.flatten(0, 1), y[rows].flatten(), reduction="none").view(ok.shape)
+            ce = task.per_sample_loss(logits.flatten(0, 1), y[rows].flatten()).view(ok.shape)
             weight = ok / ok.sum(1, keepdim=True).clamp(min=1)
             # The sum over models of each model's own objective: the models share no parameters,
             # so its gradient is every model's own gradient at once.

@@ -36,9 +36,9 @@ from typing import Literal
 import numpy as np
 import polars as pl
 import torch
-import torch.nn.functional as F
 from scipy.special import ndtri
 
+from cleanse import families
 from cleanse.config import ModelConfig
 from cleanse.errors import DataError
 from cleanse.models.architectures import ModelSpec
@@ -133,10 +133,12 @@ def f_influence(with_s: np.ndarray, without_s: np.ndarray, *, n_bootstrap: int =
     )
 
 
-def _query_losses(logits: torch.Tensor, label: np.ndarray) -> np.ndarray:
-    """Per-model, per-point cross-entropy ``(K, m)`` from ensemble logits ``(K, m, C)``."""
-    y = torch.as_tensor(label, dtype=torch.long, device=logits.device).expand(logits.shape[0], -1)
-    return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).cpu().numpy()
+def _query_losses(family: str, logits: torch.Tensor, label: np.ndarray) -> np.ndarray:
+    """Per-model, per-point loss of ``family`` (:meth:`cleanse.families.base.Family.per_sample_loss`)
+    ``(K, m)`` from ensemble outputs ``(K, m, C)``."""
+    task = families.get(family)
+    y = torch.as_tensor(label, dtype=task.target_dtype, device=logits.device).expand(logits.shape[0], -1)
+    return task.per_sample_loss(logits.flatten(0, 1), y.flatten()).view(y.shape).cpu().numpy()
 
 
 def measure_f_influence(
@@ -196,13 +198,13 @@ def measure_f_influence(
         ensemble = train_ensemble(spec, features, label, masks[start:stop], order_seeds[start:stop], config,
                                   device=device, init_seeds=None if vary_init else np.full(stop - start, seed))
         if query == "self":
-            losses = _query_losses(ensemble_logits(ensemble, features), label)  # (K, n)
+            losses = _query_losses(spec.family, ensemble_logits(ensemble, features), label)  # (K, n)
             for k, arm in enumerate(arm_of_model[start:stop]):
                 unit = units[max(arm - 1, 0)] if arm > 0 else None
                 statistic[start + k] = np.nan if unit is None else losses[k, unit].mean()
             with_losses.append(losses[arm_of_model[start:stop] == 0])
         elif query_features is not None and query_label is not None:  # refused above when missing
-            losses = _query_losses(ensemble_logits(ensemble, query_features), query_label)
+            losses = _query_losses(spec.family, ensemble_logits(ensemble, query_features), query_label)
             statistic[start:stop] = losses.mean(1)
     with_all = np.concatenate(with_losses) if query == "self" else None
     rows = []
