@@ -120,6 +120,7 @@ GRAPH: tuple[Stage, ...] = (
         params=("seed", "model", "scorers.{e}", "query"),
         code=(*MODEL_CODE, "grads.py", "estimators/__init__.py", "estimators/registry.py", "estimators/base.py",
               "estimators/loss.py", "estimators/confident_learning.py", "estimators/influence.py",
+              "estimators/influence_plan.py",
               "estimators/tracin.py", "estimators/trak.py", "estimators/influence_fvm.py", "ekfac.py", "projection.py",
               "ensembles.py", "estimators/memorization.py", "estimators/activations.py", "estimators/trusted.py",
               "estimators/holdout_ensemble.py", "estimators/fine.py", "finfluence.py", "attribution.py", "query.py",
@@ -173,7 +174,8 @@ GRAPH: tuple[Stage, ...] = (
         inputs=(*STAGED, "models/base", "scores", "flags", "retrain", "query", "recommend/recommend.json"),
         outputs=("reports/report.html", "reports/comparison.md", "reports/flagged"),
         params=("estimators", "scorers", "evaluate", "tracking"),
-        code=("data/dataset.py", "evaluate.py", "report.py", "attribution_report.py", "tracking/__init__.py",
+        code=("data/dataset.py", "evaluate.py", "report.py", "report_plots.py", "attribution_report.py",
+              "tracking/__init__.py",
               "tracking/models.py", "tracking/runs.py", "tracking/stages.py", "tracking/store.py"),
         own_command=True,
         note="Logs to MLflow when tracking.enabled (mlflow.db and mlartifacts/ in the repo root, or\n"
