@@ -127,7 +127,7 @@ def backdoor_job(cell: Cell, seed: int) -> dict[str, Any]:
     for name in SELF_SCORED:
         score, seconds = _score(name, prepared, None)
         detectors[f"{name} (self)"] = {**detection_metrics(score, truth), "seconds": seconds}
-    loop = cleanse_iteratively(params, staged, registry.get(CLEANSE_WITH), getattr(params.scorers, CLEANSE_WITH),
+    loop = cleanse_iteratively(params, staged, registry.get(CLEANSE_WITH), params.scorers.of(CLEANSE_WITH),
                                query, base_model=model)
     rounds = [{k: v for k, v in r.items() if k != "flagged_ids"} for r in loop["rounds"]]
     oracle = api.retrain_without(prepared, staged.train.sample_id[truth])

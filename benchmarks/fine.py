@@ -180,7 +180,7 @@ def run_model(name: str, models_per_arm: int, n_seeds: int, log, truth_from: dic
             ctx = api.context(params.model_copy(update={"seed": seed}), staged, seeded, device="cpu")
             for est_name in scores:
                 est = registry.get(est_name)
-                options = getattr(params.scorers, est_name)
+                options = params.scorers.of(est_name)
                 scores[est_name].append(est.score(ctx, options).table["score"].to_numpy())
         k = int(train.is_corrupted.sum())
         stability = {est_name: rank_stability(np.stack(rows), k=k) for est_name, rows in scores.items()}

@@ -305,7 +305,7 @@ def bench_stability(grid: dict[str, Any], log) -> dict[str, Any]:
         for name in registry.names():
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                result = registry.get(name).score(context, getattr(params.scorers, name))
+                result = registry.get(name).score(context, params.scorers.of(name))
             scores[name].append(result.table["score"].to_numpy())
         log(f"  stability seed {seed} done")
     return {"seeds": seeds, "k": k, "rows": {name: rank_stability(np.stack(v), k=k) for name, v in scores.items()}}

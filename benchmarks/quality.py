@@ -286,11 +286,6 @@ class Detector:
     unavailable: str | None = None  # why it cannot run here (checked before the first cell)
 
 
-def _scorer_options(scorers: Any, name: str, estimator: Any) -> Any:
-    options = getattr(scorers, name, None)
-    return estimator.options_type() if options is None else options
-
-
 @functools.lru_cache(maxsize=None)
 def cleanse_league(name: str) -> str | None:
     """The league of cleanse estimator ``name`` with the grid's scorer options (``params.scorers``
@@ -301,14 +296,14 @@ def cleanse_league(name: str) -> str | None:
         estimator = registry.get(name)
     except Exception:  # noqa: BLE001 - not importable here: no declaration to read
         return None
-    options = _scorer_options(load_params(None, SCORER_OVERRIDES).scorers, name, estimator)
+    options = load_params(None, SCORER_OVERRIDES).scorers.of(name)
     return TRUSTED if reads_validation_labels(estimator, options) else UNTRUSTED
 
 
 def _cleanse_detector(name: str) -> Detector:
     def run(bench: Bench) -> tuple[np.ndarray, dict[str, Any]]:
         estimator = registry.get(name)
-        options = _scorer_options(bench.params.scorers, name, estimator)
+        options = bench.params.scorers.of(name)
         context = api.context(bench.params, bench.staged, bench.model, device="cpu")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -92,7 +92,7 @@ def measure(cell: str, seed: int, cache: str) -> dict[str, Any]:
             "attack_success_rate": entry["retrain"].get("attack_success_rate"),
             "n_removed": entry["retrain"]["n_removed"],
             "seconds": entry["seconds"],
-            "reads_validation_labels": reads_validation_labels(registry.get(name), getattr(params.scorers, name)),
+            "reads_validation_labels": reads_validation_labels(registry.get(name), params.scorers.of(name)),
         }
     timings = {path.parent.name + "/" + path.name: json.loads(path.read_text()).get("seconds")
                for path in sorted((layout.root / "retrain").glob("*.json"))}

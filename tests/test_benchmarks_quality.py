@@ -196,7 +196,7 @@ def test_league_of_follows_each_estimator_declaration(quality):
             estimator = registry.get(name)
         except ImportError:
             continue  # registered but not importable here: the benchmark records it as skipped
-        options = getattr(scorers, name, None) or estimator.options_type()
+        options = scorers.of(name)
         expected = "trusted" if reads_validation_labels(estimator, options) else "untrusted"
         assert quality.league_of(f"cleanse {name}", {}) == expected, name
         checked += 1

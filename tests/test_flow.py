@@ -219,7 +219,7 @@ def test_influence_scoring_is_thread_safe(wine_context):
     names = ["influence", "influence_val", "tracin"]
 
     def run(name: str) -> np.ndarray:
-        return registry.get(name).score(context, getattr(params.scorers, name)).table["score"].to_numpy()
+        return registry.get(name).score(context, params.scorers.of(name)).table["score"].to_numpy()
 
     sequential = {name: run(name) for name in names}
     for _ in range(12):

@@ -39,7 +39,7 @@ def test_estimator_ranks_agree_between_cpu_and_cuda(cpu_context, name):
     from cleanse.config import Params
     from cleanse.estimators import registry
 
-    options = getattr(Params().scorers, name)
+    options = Params().scorers.of(name)
     estimator = registry.get(name)
     on_cpu = estimator.score(cpu_context, options).table["score"].to_numpy()
     on_gpu = registry.get(name).score(dataclasses.replace(cpu_context, device=CUDA), options).table["score"].to_numpy()

@@ -51,7 +51,7 @@ def test_poisons_are_the_top_proponents_of_triggered_probes(backdoor):
     poisons = set(staged.train.sample_id[staged.train.is_corrupted].tolist())
     k = len(poisons)
     for name in ("tracin", "influence"):
-        result, matrix = score_with_query(registry.get(name), context, getattr(params.scorers, name), query)
+        result, matrix = score_with_query(registry.get(name), context, params.scorers.of(name), query)
         assert matrix.shape == (8, len(staged.train))
         top = result.table.sort("score", descending=True)["sample_id"].to_list()[:k]
         hits = len(poisons & set(top))
@@ -74,7 +74,7 @@ def test_without_probes_scores_are_unchanged(wine_context):
     params = small_params()
     assert params.query.kind == "none"
     for name in ("tracin", "influence", "loss"):
-        options = getattr(params.scorers, name)
+        options = params.scorers.of(name)
         direct = registry.get(name).score(context, options)
         via, matrix = score_with_query(registry.get(name), context, options, None)
         assert matrix is None and via.table.equals(direct.table)

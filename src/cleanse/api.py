@@ -85,7 +85,7 @@ def prepare(params: Params, *, stage_seed: int | None = None, device: Any = None
 
 def options(params: Params, estimator: str, **updates: Any) -> Any:
     """``estimator``'s options from ``params`` (``scorers.<estimator>``), with ``updates`` applied."""
-    base = getattr(params.scorers, estimator)
+    base = params.scorers.of(estimator)
     return base.model_copy(update=updates) if updates else base
 
 

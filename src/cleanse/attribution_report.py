@@ -47,7 +47,7 @@ def lds_metrics(params: Params, staged: StagedData, model: TrainedModel) -> dict
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            attributions = estimator.pairwise(context, getattr(params.scorers, name), query)
+            attributions = estimator.pairwise(context, params.scorers.of(name), query)
         result = lds(attributions, masks, outputs)
         out["estimators"][name] = {"lds": result["lds"], "lds_se": result["lds_se"]}
     return out
@@ -66,7 +66,7 @@ def stability_metrics(params: Params, staged: StagedData) -> dict[str, Any]:
         for name in params.estimators:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                result = registry.get(name).score(context, getattr(params.scorers, name))
+                result = registry.get(name).score(context, params.scorers.of(name))
             scores[name].append(result.table["score"].to_numpy())
     return {"seeds": [params.seed + s for s in range(settings.stability_seeds)], "k": k,
             "estimators": {name: rank_stability(np.stack(values), k=k) for name, values in scores.items()}}

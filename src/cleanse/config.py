@@ -111,7 +111,7 @@ class CleansingConfig(_Section):
     has probes (``query.kind``; see :data:`AUTO_SETTINGS`)."""
 
     iterative: bool = Field(
-        "auto", validate_default=True,  # type: ignore[assignment]  # resolved to a bool before it is stored
+        "auto", validate_default=True,  # resolved to a bool (resolve_auto) before it is stored
         description="auto (on iff query.kind names probes) | true | false. On: estimators with train -> probe "
         "scores (influence, tracin, ...) remove, retrain and re-score each round; the others are retrained once "
         "from their flags. Off: remove the detect stage's flags once.")
@@ -262,10 +262,12 @@ class RegressionParams(Params):
     regression family's (:mod:`cleanse.families.regression.config`); probes are classification's
     only, so ``query.kind`` stays ``none``."""
 
+    # The family's own sections narrow or replace classification's (pydantic validates the
+    # narrower values; mypy sees a subclass changing a field's type).
     family: Literal["regression"] = "regression"  # type: ignore[assignment]
-    data: RegressionDataConfig = RegressionDataConfig()  # type: ignore[assignment]
+    data: RegressionDataConfig = RegressionDataConfig()
     corruption: RegressionCorruptionConfig = RegressionCorruptionConfig()  # type: ignore[assignment]
-    model: RegressionModelConfig = RegressionModelConfig()  # type: ignore[assignment]
+    model: RegressionModelConfig = RegressionModelConfig()
     estimators: list[str] = Field(
         ["loss", "influence", "influence_val", "tracin", "trak"],
         description="Estimators to run (those that support the regression family).")

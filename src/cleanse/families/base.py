@@ -110,6 +110,19 @@ class Family(ABC):
         return model, {**self.outcome(model, staged, query), "n_removed": int(len(staged.train) - len(kept)),
                        "n_corrupted_removed": int(staged.train.is_corrupted[removed].sum())}
 
+    def noise_count_estimate(self, params: Params, staged: StagedData) -> dict[str, Any] | None:
+        """What the validation split says about the number of corrupted training units, for the
+        recommendation's budget (:mod:`cleanse.recommend`): a dict whose ``noise_count`` is the
+        estimate (an int, or None when the estimate says nothing) beside the family's evidence for
+        it, or None when the family has no such estimate (the default). The recommendation then
+        falls back to ``recommend.budget_factors``."""
+        return None
+
+    def noise_estimate_inputs(self, params: Params) -> tuple[Any, ...]:
+        """The params sections :meth:`noise_count_estimate` reads, beyond the staged data (parts of
+        the recommend stage's fingerprint); empty when the family has no estimate."""
+        return ()
+
     def selection_score(self, outcome: dict[str, float]) -> float:
         """The recommendation's validation score of an outcome, higher = better (:attr:`selection`)."""
         key, sign = self.selection

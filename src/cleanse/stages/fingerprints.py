@@ -107,7 +107,7 @@ def train_fingerprint(params: Params) -> str:
 
 def score_fingerprint(params: Params, estimator: str) -> str:
     canon = canonical(params)
-    parts: list[Any] = [train_fingerprint(params), estimator, getattr(canon.scorers, estimator)]
+    parts: list[Any] = [train_fingerprint(params), estimator, canon.scorers.of(estimator)]
     if params.query.kind != "none":  # probes change what is scored; without them fingerprints stay as they were
         parts += _query_parts(params)
     return fingerprint("score", *parts)
@@ -139,12 +139,13 @@ def references_fingerprint(params: Params) -> str:
 
 
 def recommend_fingerprint(params: Params) -> str:
+    from cleanse import families
+
     parts: list[Any] = [references_fingerprint(params), params.recommend, params.detect.max_fraction]
     parts += [retrain_fingerprint(params, name) for name in params.estimators]
     if params.query.kind != "none":
         parts += [query_fingerprint(params), params.cleansing.stop_rate]
-    if params.family == "classification":  # the noise-count estimate's logistic regression
-        parts.append(params.scorers.trusted)
+    parts += families.get(params.family).noise_estimate_inputs(params)  # the noise-count estimate's settings
     return fingerprint("recommend", *parts)
 
 

@@ -36,9 +36,8 @@ def run_recommend(params: Params, layout: Layout) -> Path:
     without an estimate, the winner at ``recommend.budget_factors`` times its budget) and the best
     of those and the winner is kept. Writes ``recommend/recommend.json`` and ``models/recommended/``."""
     from cleanse import families
-    from cleanse.estimators.trusted import label_disagreement
-    from cleanse.recommend import (FINALISTS, NO_REMOVAL, Candidate, budget_counts, choose, consistency,
-                                   estimated_noise_count, finalists, ranked, top_ids)
+    from cleanse.recommend import (FINALISTS, NO_REMOVAL, Candidate, budget_counts, choose, consistency, finalists,
+                                   ranked, top_ids)
 
     staged = load_staged(layout, params)
     references = read_json(layout.retrain_result("references"))
@@ -80,12 +79,8 @@ def run_recommend(params: Params, layout: Layout) -> Path:
 
     # The budget (an iterative loop chose its own removals, so its ranking is not re-cut).
     iterative = [name for name in results if results[name].get("iterative")]
-    disagreement = None  # labels to disagree with: classification only
-    if params.family == "classification":
-        disagreement = label_disagreement(staged.val.features, staged.val.label, staged.train.features,
-                                          staged.train.label, params.scorers.trusted, seed=params.seed)
-    noise_count = None if disagreement is None else estimated_noise_count(disagreement[0], len(staged.train),
-                                                                          disagreement[1])
+    estimate = families.get(params.family).noise_count_estimate(params, staged)
+    noise_count = None if estimate is None else estimate["noise_count"]
     cap = max(1, int(params.detect.max_fraction * len(staged.train)))
     if noise_count is not None and noise_count >= 1:
         noise_count = min(noise_count, cap)
@@ -110,8 +105,8 @@ def run_recommend(params: Params, layout: Layout) -> Path:
                                                                                chosen.removed_ids)].sum())}
     save_model(model, recommended_model_dir(layout), {"fingerprint": recommend_fingerprint(params),
                                                       "estimator": chosen.estimator, **evaluation})
-    estimate = None if disagreement is None else {"n_disagree": disagreement[0], "val_cv_error": disagreement[1],
-                                                   "noise_count": noise_count}
+    if estimate is not None:  # the count as used: capped at detect.max_fraction
+        estimate = {**estimate, "noise_count": noise_count}
     write_json({"fingerprint": recommend_fingerprint(params), "estimator": chosen.estimator,
                 "budget_factor": chosen.budget_factor, "n_removed": chosen.n_removed,
                 "removed_ids": chosen.removed_ids.tolist(), "cleaned": evaluation, "noise_estimate": estimate,

@@ -59,7 +59,7 @@ def _retrain_iteratively(params: Params, layout: Layout, estimator: str, staged:
     scores = read_table(layout.scores(estimator))
     order = {sid: i for i, sid in enumerate(scores["sample_id"].to_list())}
     first = scores["score"].to_numpy()[[order[sid] for sid in staged.train.sample_id.tolist()]]
-    loop = cleanse_iteratively(params, staged, registry.get(estimator), getattr(params.scorers, estimator), query,
+    loop = cleanse_iteratively(params, staged, registry.get(estimator), params.scorers.of(estimator), query,
                                base_model=model, first_score=first)
     removed = np.asarray(loop["removed_ids"], dtype=np.int64)
     cleaned = {**loop["final"], "n_removed": int(removed.size),

@@ -32,7 +32,7 @@ def run_score(params: Params, layout: Layout, estimator: str) -> Path:
     # The scorer's own time: waits for another thread's forward-mode section (concurrent tasks
     # in one process, see cleanse.grads.jvp) are not its work.
     started, waited = time.perf_counter(), forward_ad_wait_seconds()
-    result, matrix = score_with_query(scorer, context, getattr(params.scorers, estimator), query, params.query.aggregate)
+    result, matrix = score_with_query(scorer, context, params.scorers.of(estimator), query, params.query.aggregate)
     seconds = time.perf_counter() - started - (forward_ad_wait_seconds() - waited)
     # Always written (no probes, or no train -> probe scores: zero rows), so that it is a DVC output
     # of score@<estimator> and a stale matrix from an earlier configuration never survives.
@@ -43,12 +43,12 @@ def run_score(params: Params, layout: Layout, estimator: str) -> Path:
         raise RuntimeError(f"estimator {estimator} returned rows out of training order")
     write_table(table, layout.scores(estimator))
     if hasattr(scorer, "write_artifacts"):  # e.g. memorization's (n_test, n_train) influence memmap
-        artifacts = scorer.write_artifacts(context, getattr(params.scorers, estimator), staged.test,
+        artifacts = scorer.write_artifacts(context, params.scorers.of(estimator), staged.test,
                                            layout.root / "scores" / estimator)
         result.meta["artifacts"] = artifacts
     write_json({"estimator": estimator, "fingerprint": score_fingerprint(params, estimator), "seconds": seconds,
                 "orientation": "one row per training sample; higher score = more likely harmful",
-                "options": getattr(params.scorers, estimator).model_dump(mode="json"), **result.meta},
+                "options": params.scorers.of(estimator).model_dump(mode="json"), **result.meta},
                layout.scores_meta(estimator))
     track(params, layout, "score", estimator)
     layout.publish()

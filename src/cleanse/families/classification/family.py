@@ -80,3 +80,22 @@ class ClassificationFamily(Family):
             out["attack_success_rate"] = attack_success_rate(predict_proba(module, triggered),
                                                              staged.meta.trigger["target_class"])
         return out
+
+    def noise_count_estimate(self, params: Params, staged: StagedData) -> dict[str, Any] | None:
+        """Label noise, from a logistic regression fitted on the validation split
+        (``scorers.trusted``): ``n_disagree`` training labels it disagrees with and its
+        cross-validated error ``val_cv_error`` on the validation split give ``noise_count``
+        (:func:`cleanse.recommend.estimated_noise_count`); None when the split is too small to fit it."""
+        from cleanse.estimators.trusted import label_disagreement
+        from cleanse.recommend import estimated_noise_count
+
+        disagreement = label_disagreement(staged.val.features, staged.val.label, staged.train.features,
+                                          staged.train.label, params.scorers.trusted, seed=params.seed)
+        if disagreement is None:
+            return None
+        n_disagree, val_cv_error = disagreement
+        return {"n_disagree": n_disagree, "val_cv_error": val_cv_error,
+                "noise_count": estimated_noise_count(n_disagree, len(staged.train), val_cv_error)}
+
+    def noise_estimate_inputs(self, params: Params) -> tuple[Any, ...]:
+        return (params.scorers.trusted,)

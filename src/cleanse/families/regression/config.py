@@ -39,4 +39,7 @@ class RegressionModelConfig(ModelConfig):
     """Architecture and training recipe; the loss is the mean squared error (plus the L2 term:
     ``ridge`` is ridge regression)."""
 
-    arch: Literal["ridge", "mlp"] = Field("mlp", description="ridge: one linear layer; mlp: hidden ReLU layers.")
+    # Narrows ModelConfig.arch on purpose: pydantic validates the regression architectures, and
+    # the stages read ``arch`` through the shared ModelConfig type.
+    arch: Literal["ridge", "mlp"] = Field(  # type: ignore[assignment]
+        "mlp", description="ridge: one linear layer; mlp: hidden ReLU layers.")
