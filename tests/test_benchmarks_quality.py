@@ -211,9 +211,11 @@ def test_league_of_follows_each_estimator_declaration(quality):
 def test_multi_source_pair_flips_reach_each_class_from_several_classes(quality):
     import numpy as np
 
+    from cleanse import api
+
     cell = quality.Cell("digits", "multipair40", "logreg")
     params = cell.params(0)
-    staged, single = cell.stage(params), quality.stage_data(params)
+    staged, single = cell.stage(params), api.stage(params)
     train = staged.train
     # The same samples as 40% pair flips, relabelled; every one of them wrong.
     assert np.array_equal(train.is_corrupted, single.train.is_corrupted)
