@@ -1,4 +1,6 @@
-"""The estimator registry: name -> "module:Class". Adding an estimator = one module + one line here.
+"""The estimator registry: name -> "module:Class". Adding an estimator = one module, its options
+model (``<module>_options.py``, assembled into ``scorers`` by :mod:`cleanse.estimators.options`) and
+one line here.
 
 Entries are import strings so that listing names (for configuration errors and ``--help``) does
 not import torch.

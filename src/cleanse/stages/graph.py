@@ -20,7 +20,11 @@ from pathlib import Path
 from typing import Any
 
 # What every stage's code depends on besides its runner module (DVC deps; relative to src/cleanse).
-SHARED_CODE = ("config.py", "storage.py", "stages/common.py", "stages/fingerprints.py", "stages/modelio.py")
+# The families are among them: modelio fits, evaluates and verifies through them, and the
+# fingerprints read their noise-estimate inputs.
+SHARED_CODE = ("config.py", "storage.py", "stages/common.py", "stages/fingerprints.py", "stages/modelio.py",
+               "families/__init__.py", "families/base.py", "families/classification/family.py",
+               "families/regression/family.py", "families/regression/data.py")
 STAGED = ("data/staged/train.parquet", "data/staged/val.parquet", "data/staged/test.parquet", "data/staged/meta.json")
 MODEL_CODE = ("data/dataset.py", "models/__init__.py", "models/architectures.py", "models/trainer.py")
 
