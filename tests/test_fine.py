@@ -158,13 +158,3 @@ def test_vectorised_tradeoff_spread_equals_the_per_unit_curve():
                                          [0.75, 0.25])) for k in range(30)]
     np.testing.assert_allclose(tradeoff_spread_columns(samples, included), expected, atol=1e-12)
 
-
-def test_fine_refuses_lbfgs_up_front_instead_of_swapping_it(digits_logreg):
-    """f-INE's rounds are minibatch passes; an L-BFGS model config is refused (naming the key and the
-    allowed values) before any training, never silently replaced by another optimizer."""
-    from cleanse.errors import ConfigError
-
-    context, _ = digits_logreg
-    assert context.model_config.optimizer == "lbfgs"
-    with pytest.raises(ConfigError, match=r"model\.optimizer must be adam or sgd, got 'lbfgs'"):
-        registry.get("fine").score(context, FineOptions())

@@ -9,8 +9,9 @@ data (with/without a unit, marginal-utility retrains).
 Semantics are those of :func:`cleanse.models.trainer.train_model`, model by model: model ``k``
 is initialised from ``seeds[k]``, sees only the rows where ``masks[k]`` is true (in their original
 order), draws its minibatch order from ``torch.Generator().manual_seed(seeds[k])`` once per epoch,
-and minimises ``mean cross-entropy + weight_decay / 2 * ||theta||^2`` with the same Adam or
-SGD(momentum 0.9) update. So ``train_ensemble(spec, X, y, masks, seeds, config)`` equals
+and minimises ``the family's mean loss + weight_decay / 2 * ||theta||^2`` with the same Adam or
+SGD(momentum 0.9) update (:class:`cleanse.models.engine.StackedOptimizer`). So
+``train_ensemble(spec, X, y, masks, seeds, config)`` equals
 ``[train_model(spec, X[masks[k]], y[masks[k]], config, seed=seeds[k]) for k in range(K)]`` up to
 floating-point rounding (tested). Models whose subsets have fewer minibatches than the largest sit
 out the extra steps (no parameter, moment or step-count update), which keeps the per-model
@@ -36,16 +37,12 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from cleanse import families
 from cleanse.config import ModelConfig
-from cleanse.errors import ConfigError, DataError
+from cleanse.errors import DataError
+from cleanse.models import engine
 from cleanse.models.architectures import ModelSpec, build_model, default_device
 from cleanse.models.trainer import seeded_model
 
 Params = dict[str, torch.Tensor]
-
-ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, as train_model uses them
-ADAM_EPS = 1e-8
-SGD_MOMENTUM = 0.9
-
 
 @dataclass
 class Ensemble:
@@ -69,10 +66,7 @@ class Ensemble:
 
 
 def _check(masks: np.ndarray, seeds: np.ndarray, n: int, config: ModelConfig) -> None:
-    if config.optimizer not in ("adam", "sgd"):
-        raise ConfigError(
-            f"model.optimizer: batched ensembles need a minibatch optimizer ('adam' or 'sgd'), got {config.optimizer!r}"
-        )
+    engine.require_minibatch(config.optimizer, "batched ensembles")
     if masks.ndim != 2 or masks.shape[1] != n or masks.dtype != bool:
         raise DataError(f"ensemble masks must be a bool array of shape (K, {n}), got {masks.dtype} {masks.shape}")
     if seeds.shape != (masks.shape[0],):
@@ -118,48 +112,6 @@ def _epoch_order(members: list[np.ndarray], generators: list[torch.Generator], s
     return index, valid
 
 
-class _Optimizer:
-    """Adam / SGD(momentum) on stacked parameters with a per-model step count, matching
-    ``torch.optim.Adam`` and ``torch.optim.SGD(momentum=0.9)`` update for update."""
-
-    def __init__(self, params: Params, config: ModelConfig):
-        self.kind, self.lr = config.optimizer, config.lr
-        self.first = {name: torch.zeros_like(p) for name, p in params.items()}
-        self.second = {name: torch.zeros_like(p) for name, p in params.items()} if self.kind == "adam" else {}
-        k = next(iter(params.values())).shape[0]
-        self.steps = torch.zeros(k, dtype=torch.float64, device=next(iter(params.values())).device)
-
-    @torch.no_grad()
-    def step(self, params: Params, grads: dict[str, torch.Tensor], active: torch.Tensor | None) -> None:
-        """``active`` ``(K,)`` bool: models that take this step (``None`` = all)."""
-        self.steps += 1 if active is None else active.to(self.steps.dtype)
-        for name, p in params.items():
-            g = grads[name]
-            shape = (-1,) + (1,) * (p.ndim - 1)
-            if self.kind == "adam":
-                beta1, beta2 = ADAM_BETAS
-                m = self.first[name].lerp(g, 1 - beta1)
-                v = self.second[name] * beta2 + (1 - beta2) * g * g
-                t = self.steps.clamp(min=1)
-                step_size = (self.lr / (1 - beta1**t)).to(p.dtype).view(shape)
-                bias2_sqrt = (1 - beta2**t).sqrt().to(p.dtype).view(shape)
-                new = p - step_size * m / (v.sqrt() / bias2_sqrt + ADAM_EPS)
-                self._commit(self.second, name, v, active, shape)
-            else:
-                m = self.first[name] * SGD_MOMENTUM + g
-                new = p - self.lr * m
-            self._commit(self.first, name, m, active, shape)
-            if active is None:
-                p.copy_(new)
-            else:
-                p.copy_(torch.where(active.view(shape), new, p))
-
-    @staticmethod
-    def _commit(store: dict[str, torch.Tensor], name: str, value: torch.Tensor, active: torch.Tensor | None,
-                shape: tuple[int, ...]) -> None:
-        store[name] = value if active is None else torch.where(active.view(shape), value, store[name])
-
-
 def train_ensemble(
     spec: ModelSpec,
     features: np.ndarray,
@@ -198,7 +150,7 @@ def train_ensemble(
     steps = max(math.ceil(rows.size / batch) for rows in members)
     uneven = len({rows.size for rows in members}) > 1
     generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
-    optimizer = _Optimizer(params, config)
+    optimizer = engine.StackedOptimizer(params, config.optimizer, config.lr)
     for p in params.values():
         p.requires_grad_(True)
     for epoch in range(1, config.epochs + 1):

@@ -40,6 +40,7 @@ from cleanse.config import FvmOptions, InfluenceOptions
 from cleanse.estimators.base import ScoreResult, ScoringContext, score_table
 from cleanse.estimators.influence import InverseHessian
 from cleanse.grads import FunctionalModel
+from cleanse.models import engine
 
 
 def _perturbation(fm: FunctionalModel, theta: torch.Tensor, gradient: torch.Tensor, options: FvmOptions,
@@ -63,7 +64,7 @@ def fine_tune_on_validation(fm: FunctionalModel, xv: torch.Tensor, yv: torch.Ten
                             seed: int) -> torch.Tensor:
     """``theta~``: ``options.steps`` full-batch Adam steps on the validation objective from ``fm.theta``."""
     theta = torch.nn.Parameter(fm.theta.detach().clone())
-    optimizer = torch.optim.Adam([theta], lr=options.lr)
+    optimizer = engine.build_optimizer([theta], "adam", options.lr)
     objective_grad = grad(lambda t: fm.objective(t, xv, yv))
     generator = torch.Generator().manual_seed(seed)
     for _ in range(options.steps):

@@ -21,6 +21,7 @@ from torch import nn
 from cleanse import families
 from cleanse.config import ModelConfig
 from cleanse.errors import TrainingDivergedError
+from cleanse.models import engine
 from cleanse.models.architectures import INIT_LOCK, ModelSpec, build_model, default_device
 from cleanse.progress import Progress
 
@@ -124,49 +125,28 @@ def train_model(
     def objective(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         return task.mean_loss(model(xb), yb) + l2_penalty(params, config.weight_decay)
 
-    if config.optimizer == "lbfgs":
-        optimizer = torch.optim.LBFGS(
-            params, lr=config.lr, max_iter=50, tolerance_grad=1e-9, tolerance_change=1e-12,
-            history_size=20, line_search_fn="strong_wolfe",
-        )
-
-        def closure() -> torch.Tensor:
-            optimizer.zero_grad()
-            loss = objective(x, y)
-            loss.backward()
-            return loss
-
-        for epoch in range(1, config.epochs + 1):
-            history.append({"epoch": epoch, "train_loss": float(optimizer.step(closure).detach())})
-            reporter.update(loss=history[-1]["train_loss"])
-            _stop_if_diverged(history[-1]["train_loss"], epoch, config)
-            if epoch in save_at:
-                checkpoints.append(Checkpoint(epoch, config.lr, _snapshot(model)))
-    else:
-        optimizer = (
-            torch.optim.Adam(params, lr=config.lr)
-            if config.optimizer == "adam"
-            else torch.optim.SGD(params, lr=config.lr, momentum=0.9)
-        )
-        order_rng = torch.Generator().manual_seed(seed)
+    optimizer = engine.build_optimizer(params, config.optimizer, config.lr)
+    # L-BFGS: one full-batch step (up to 50 line-searched iterations) per epoch, in the data's
+    # order; the others: one shuffled pass of minibatches per epoch.
+    order_rng = torch.Generator().manual_seed(seed)
+    if config.optimizer != "lbfgs":
         model.train()
-        for epoch in range(1, config.epochs + 1):
+    for epoch in range(1, config.epochs + 1):
+        if config.optimizer == "lbfgs":
+            loss = float(engine.step(optimizer, lambda: objective(x, y)))
+        else:
             order = torch.randperm(n, generator=order_rng).to(device)
-            total = torch.zeros((), device=device)  # summed on the device: one sync per epoch
-            for start in range(0, n, config.batch_size):
-                batch = order[start : start + config.batch_size]
-                optimizer.zero_grad()
-                loss = objective(x[batch], y[batch])
-                loss.backward()
-                optimizer.step()
-                total += loss.detach() * batch.numel()
-            history.append({"epoch": epoch, "train_loss": float(total) / max(n, 1)})
-            reporter.update(loss=history[-1]["train_loss"])
-            # One check per epoch (the sum is already synchronised for the history): a non-finite
-            # minibatch loss makes the sum non-finite, and every later step would only spread NaN.
-            _stop_if_diverged(history[-1]["train_loss"], epoch, config)
-            if epoch in save_at:
-                checkpoints.append(Checkpoint(epoch, config.lr, _snapshot(model)))
+            # summed on the device: one sync per epoch
+            total = engine.run_epoch(optimizer, lambda batch: objective(x[batch], y[batch]),
+                                     engine.minibatches(order, config.batch_size), torch.zeros((), device=device))
+            loss = float(total) / max(n, 1)
+        history.append({"epoch": epoch, "train_loss": loss})
+        reporter.update(loss=loss)
+        # One check per epoch (the sum is already synchronised for the history): a non-finite
+        # minibatch loss makes the sum non-finite, and every later step would only spread NaN.
+        _stop_if_diverged(loss, epoch, config)
+        if epoch in save_at:
+            checkpoints.append(Checkpoint(epoch, config.lr, _snapshot(model)))
     reporter.close()
     model.eval()
     with torch.no_grad():
