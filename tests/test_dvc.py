@@ -81,11 +81,12 @@ class Project:
         assert result.returncode == 0, f"{' '.join(args)} exited {result.returncode}:\n{output[-4000:]}"
         return output
 
-    def dvc(self, *args: str) -> str:
-        return self.run(str(VENV_BIN / "dvc"), *args)
+    def dvc(self, *args: str, timeout: float = 300) -> str:
+        return self.run(str(VENV_BIN / "dvc"), *args, timeout=timeout)
 
     def repro(self) -> tuple[list[str], str]:
-        output = self.dvc("repro")
+        # about 30 stage processes, each importing torch: minutes on two busy cores
+        output = self.dvc("repro", timeout=1200)
         return RUNNING.findall(output), output
 
     def params(self) -> dict[str, Any]:
