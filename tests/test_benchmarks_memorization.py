@@ -9,6 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+# a minute or more each: outside the default suite, run by .ci/run (pytest -m integration)
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
 REPO = Path(__file__).resolve().parents[1]
 FOREIGN = "<!-- speed:start -->\n## Speed\n\nowned by another script\n<!-- speed:end -->"
 

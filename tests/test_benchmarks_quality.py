@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 
+# a minute or more each: outside the default suite, run by .ci/run (pytest -m integration)
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "quality.py"
 

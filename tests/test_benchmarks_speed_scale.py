@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+# a minute or more each: outside the default suite, run by .ci/run (pytest -m integration)
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
 REPO = Path(__file__).resolve().parents[1]
 QUALITY = "<!-- quality:start -->\n## Quality\n\nowned by another script | keep me\n<!-- quality:end -->"
 PEERS = {"captum TracInCPFast", "captum TracInCP", "dattri TracIn", "dattri TRAK", "dattri IF-explicit",

@@ -24,6 +24,9 @@ import numpy as np
 import pytest
 import yaml
 
+# a minute or more each: outside the default suite, run by .ci/run (pytest -m integration)
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 RUNNING = re.compile(r"Running stage '([^']+)'")
