@@ -58,11 +58,9 @@ def stage(params: Params, *, stage_seed: int | None = None) -> StagedData:
 def fit(params: Params, staged: StagedData, *, seed: int | None = None, device: Any = None) -> Any:
     """Train ``params.model`` on the training split as the ``train`` stage does (``seed``: default
     ``params.seed``; ``device``: default :func:`cleanse.models.architectures.default_device`)."""
-    from cleanse.models.trainer import train_model
-    from cleanse.stages.modelio import model_spec
+    from cleanse.models.fit import fit_model
 
-    return train_model(model_spec(params, staged.meta), staged.train.features, staged.train.label, params.model,
-                       seed=params.seed if seed is None else seed, device=_device(device))
+    return fit_model(params, staged.train, staged.meta, seed=seed, device=_device(device))
 
 
 def context(params: Params, staged: StagedData, model: Any, *, device: Any = None,

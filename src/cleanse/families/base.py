@@ -99,13 +99,10 @@ class Family(ABC):
         split minus ``removed_ids`` ``(k,)``; the retrained model and its :meth:`outcome`."""
         import numpy as np
 
-        from cleanse.models.architectures import default_device, spec_for
-        from cleanse.models.trainer import train_model
+        from cleanse.models.fit import fit_model
 
         kept = staged.train.without(removed_ids)
-        spec = spec_for(params.model.arch, params.model.hidden, staged.meta.feature_shape, staged.meta.n_classes,
-                        family=self.name)
-        model = train_model(spec, kept.features, kept.label, params.model, seed=params.seed, device=default_device())
+        model = fit_model(params, kept, staged.meta)
         removed = np.isin(staged.train.sample_id, removed_ids)
         return model, {**self.outcome(model, staged, query), "n_removed": int(len(staged.train) - len(kept)),
                        "n_corrupted_removed": int(staged.train.is_corrupted[removed].sum())}

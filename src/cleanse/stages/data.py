@@ -6,9 +6,9 @@ from pathlib import Path
 
 from cleanse.config import Params
 from cleanse.errors import ArtifactError
+from cleanse.models.fit import model_spec
 from cleanse.stages.common import locked, source_records, track
 from cleanse.stages.fingerprints import content_digest, is_local_file_source, stage_fingerprint
-from cleanse.stages.modelio import model_spec
 from cleanse.storage import Layout, read_json, write_json, write_table
 
 

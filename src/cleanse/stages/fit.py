@@ -10,20 +10,17 @@ from cleanse.config import Params
 from cleanse.data.dataset import StagedData
 from cleanse.stages.common import load_base_model, load_staged, locked, query_dir, track
 from cleanse.stages.fingerprints import query_fingerprint, train_fingerprint
-from cleanse.stages.modelio import evaluate_model, model_spec, save_model
+from cleanse.models.fit import fit_model
+from cleanse.stages.modelio import evaluate_model, save_model
 from cleanse.storage import Layout, write_json, write_table
 
 
 @locked
 def run_train(params: Params, layout: Layout) -> Path:
     """Train the base model on the (corrupted) training split; write ``models/base/``."""
-    from cleanse.models.architectures import default_device
-    from cleanse.models.trainer import train_model
-
     staged = load_staged(layout, params)
     started = time.perf_counter()
-    model = train_model(model_spec(params, staged.meta), staged.train.features, staged.train.label, params.model,
-                        seed=params.seed, device=default_device())
+    model = fit_model(params, staged.train, staged.meta)
     seconds = time.perf_counter() - started
     save_model(model, layout.base_model, {"fingerprint": train_fingerprint(params), "seconds": seconds,
                                           **evaluate_model(model, staged), "history": model.history})

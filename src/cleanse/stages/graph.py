@@ -26,7 +26,8 @@ SHARED_CODE = ("config.py", "storage.py", "stages/common.py", "stages/fingerprin
                "families/__init__.py", "families/base.py", "families/classification/family.py",
                "families/regression/family.py", "families/regression/data.py")
 STAGED = ("data/staged/train.parquet", "data/staged/val.parquet", "data/staged/test.parquet", "data/staged/meta.json")
-MODEL_CODE = ("data/dataset.py", "models/__init__.py", "models/architectures.py", "models/trainer.py")
+MODEL_CODE = ("data/dataset.py", "models/__init__.py", "models/architectures.py", "models/engine.py", "models/fit.py",
+              "models/trainer.py")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import numpy as np
 
 from cleanse import seeds
 from cleanse.config import Params
-from cleanse.data.dataset import DatasetMeta, StagedData
+from cleanse.data.dataset import StagedData
 from cleanse.stages.fingerprints import STAGE_META_NAME
 from cleanse.storage import read_json, read_tensors, write_json, write_tensors
 
@@ -36,12 +36,6 @@ def load_model(directory: Path) -> Any:
     checkpoints = [Checkpoint(c["epoch"], c["lr"], read_tensors(directory / c["file"])) for c in meta["checkpoints"]]
     return TrainedModel(ModelSpec.from_json(meta["spec"]), read_tensors(directory / "model.safetensors"), checkpoints,
                         meta.get("final_train_objective", float("nan")))
-
-
-def model_spec(params: Params, meta: DatasetMeta) -> Any:
-    from cleanse.models.architectures import spec_for
-
-    return spec_for(params.model.arch, params.model.hidden, meta.feature_shape, meta.n_classes, family=params.family)
 
 
 def evaluate_model(model: Any, staged: StagedData, query: Any = None) -> dict[str, float]:
