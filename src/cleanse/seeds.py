@@ -43,6 +43,11 @@ import numpy as np
 PURPOSES = frozenset({
     "cleanlab.fold",  # cleanlab: the training seed of each out-of-sample fold's model (index = fold)
     "fine.inclusion",  # f-INE: which units are in each round
+    "gan.data",  # GAN family: the synthetic 2-D draws and the row order of image sets (families/gan/data.py)
+    "gan.outliers",  # GAN family: which training rows become planted outliers, and their values
+    "gan.feature_net",  # GAN family: the FID/IS feature classifier's initialisation and batch order
+    "gan.metric_latents",  # GAN family: the fixed latents every GAN metric is computed on
+    "gan.isolation_forest",  # GAN family: the Isolation Forest baseline's random_state
     "holdout_ensemble.halves",  # holdout_ensemble: the random halves of the training set
     "holdout_ensemble.models",  # holdout_ensemble: its models' training seeds
     "projection.block",  # random projections: each block of rows (index = block)
