@@ -48,6 +48,10 @@ PURPOSES = frozenset({
     "gan.feature_net",  # GAN family: the FID/IS feature classifier's initialisation and batch order
     "gan.metric_latents",  # GAN family: the fixed latents every GAN metric is computed on
     "gan.isolation_forest",  # GAN family: the Isolation Forest baseline's random_state
+    "gan.init",  # GAN family: the Glorot initialisation of the generator (index 0) and discriminator (index 1)
+    "gan.batches",  # GAN family: the training order of each epoch (index = epoch), replayed by the trace
+    "gan.latents",  # GAN family: the latent batches of each epoch (index = epoch), replayed by the trace
+    "gan.aid",  # GAN family: AID's fresh minibatches and latents at the final parameters
     "holdout_ensemble.halves",  # holdout_ensemble: the random halves of the training set
     "holdout_ensemble.models",  # holdout_ensemble: its models' training seeds
     "projection.block",  # random projections: each block of rows (index = block)
