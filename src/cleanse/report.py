@@ -35,9 +35,9 @@ def outcome_keys(metrics: dict[str, Any]) -> tuple[str, ...]:
     from cleanse import families
 
     for name in families.names():
-        keys = families.get(name).outcome_keys
-        if keys[0] in metrics["baseline"]:
-            return keys
+        keys = families.get(name).outcome_keys_in(metrics["baseline"])
+        if keys is not None:
+            return tuple(keys)
     raise KeyError(f"no family's outcome in the baseline's keys {sorted(metrics['baseline'])}")
 
 
@@ -49,7 +49,8 @@ def collect_metrics(params: Params, layout: Layout) -> dict[str, Any]:
     staged = load_staged(layout, params)
     references = read_json(layout.retrain_result("references"))
     truth = dict(zip(staged.train.sample_id.tolist(), staged.train.is_corrupted.tolist()))
-    outcomes = families.get(params.family).outcome_keys
+    task = families.get(params.family)
+    outcomes = task.outcome_keys_in(references["baseline"]) or task.outcome_keys
     headline = outcomes[0]
     n_corrupted = int(staged.train.is_corrupted.sum())
     metrics: dict[str, Any] = {
@@ -89,6 +90,8 @@ def collect_metrics(params: Params, layout: Layout) -> dict[str, Any]:
     recorded = query_dir(layout) / "query.json"
     if params.query.kind != "none" and recorded.is_file():
         metrics["query"] = read_json(recorded)
+    for name, extra in task.evaluations(params, staged, layout, metrics).items():  # e.g. the GAN's replay agreement
+        metrics["estimators"][name].update(extra)
     if params.evaluate.lds or params.evaluate.stability:
         from cleanse.attribution_report import attribution_metrics
         from cleanse.pipeline import load_model
@@ -116,8 +119,9 @@ def recommended_metrics(layout: Layout, metrics: dict[str, Any], truth: dict[int
         detection = metrics["estimators"][name]["detection"]
     cleaned = chosen["cleaned"]
     task = families.get(family)
-    headline = task.outcome_keys[0]
-    retrain = {key: cleaned[key] for key in (*task.outcome_keys, task.selection[0], "heldout_behaviour_rate",
+    keys = task.outcome_keys_in(cleaned) or task.outcome_keys
+    headline = keys[0]
+    retrain = {key: cleaned[key] for key in (*keys, task.selection_of(cleaned)[0], "heldout_behaviour_rate",
                                              "n_removed", "n_corrupted_removed")
                if key in cleaned}
     if name != NO_REMOVAL:
@@ -166,7 +170,9 @@ def comparison_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
 
 # Table columns of the outcome keys (the accuracy column predates families).
 _COLUMNS = {"test_accuracy": "test_acc"}
-_WORDS = {"test_accuracy": "test accuracy", "val_accuracy": "validation accuracy", "test_rmse": "test RMSE",
+_WORDS = {"test_all": "test ALL", "val_all": "validation ALL", "test_fid": "test FID", "val_fid": "validation FID",
+          "test_is": "test IS", "val_is": "validation IS",
+          "test_accuracy": "test accuracy", "val_accuracy": "validation accuracy", "test_rmse": "test RMSE",
           "val_rmse": "validation RMSE"}
 
 
@@ -197,8 +203,8 @@ def _recommendation_sentence(metrics: dict[str, Any]) -> str:
         f"{html.escape(name)}'s ranking, {recommended['n_flagged']} samples removed")
     headline = outcome_keys(metrics)[0]
     validation = next((key for key in retrain if key.startswith("val_")), "val_accuracy")
-    return (f"<b>Recommended: {what}</b>, {_WORDS[validation]} {retrain.get(validation, float('nan')):.3f}, "
-            f"{_WORDS[headline]} {retrain[headline]:.3f}. Chosen by {html.escape(recommended['rule'])}, among "
+    return (f"<b>Recommended: {what}</b>, {_WORDS.get(validation, validation)} {retrain.get(validation, float('nan')):.3f}, "
+            f"{_WORDS.get(headline, headline)} {retrain[headline]:.3f}. Chosen by {html.escape(recommended['rule'])}, among "
             f"{len(recommended['candidates'])} candidates (recommend/recommend.json); never from the ground truth "
             "or the test split. The model is in models/recommended/.")
 

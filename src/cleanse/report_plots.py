@@ -32,8 +32,7 @@ def write_plots(params: Params, layout: Layout, metrics: dict[str, Any]) -> list
     import matplotlib.pyplot as plt
 
     from cleanse.evaluate import pr_curve
-    from cleanse.models.trainer import predict_proba
-    from cleanse.pipeline import load_model, load_staged
+    from cleanse.pipeline import load_staged
 
     staged = load_staged(layout, params)
     truth = dict(zip(staged.train.sample_id.tolist(), staged.train.is_corrupted.tolist()))
@@ -80,6 +79,25 @@ def write_plots(params: Params, layout: Layout, metrics: dict[str, Any]) -> list
     write_bytes(_png(hist_figure), layout.reports / "score_histograms.png")
     written.append("score_histograms.png")
     plt.close("all")
+    from cleanse import families
+    from cleanse.stages.graph import _resolve
+
+    written += _resolve(families.get(params.family).flagged_plots)(params, layout, metrics)
+    written += write_probe_plots(params, layout, metrics)
+    return written
+
+
+def write_flagged(params: Params, layout: Layout, metrics: dict[str, Any]) -> list[str]:
+    """The top flagged samples per estimator: ``flagged/<estimator>.csv`` (given and predicted
+    labels) and, for images, a grid ``flagged/<estimator>.png``."""
+    import matplotlib.pyplot as plt
+
+    from cleanse.models.trainer import predict_proba
+    from cleanse.pipeline import load_model, load_staged
+
+    staged = load_staged(layout, params)
+    names = list(metrics["estimators"])
+    written: list[str] = []
     module = load_model(layout.base_model).module()
     predicted = predict_proba(module, staged.train.features).argmax(1)
     index = {sid: i for i, sid in enumerate(staged.train.sample_id.tolist())}
@@ -109,7 +127,6 @@ def write_plots(params: Params, layout: Layout, metrics: dict[str, Any]) -> list
             write_bytes(_png(figure), layout.reports / "flagged" / f"{name}.png")
             written.append(f"flagged/{name}.png")
             plt.close(figure)
-    written += write_probe_plots(params, layout, metrics)
     return written
 
 

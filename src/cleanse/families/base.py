@@ -23,8 +23,10 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from cleanse.config import Params
-    from cleanse.data.dataset import StagedData
+    from cleanse.data.dataset import DatasetMeta, Split, StagedData
 
 
 class Family(ABC):
@@ -42,6 +44,12 @@ class Family(ABC):
     softmax_output: ClassVar[bool] = False
     # EK-FAC (:mod:`cleanse.ekfac`) enumerates or samples labels from a softmax.
     supports_ekfac: ClassVar[bool] = False
+    # The report's per-sample figures and tables of the flagged units ("module:function", called
+    # as ``fn(params, layout, metrics) -> [written paths under reports/]``).
+    flagged_plots: ClassVar[str] = "cleanse.report_plots:write_flagged"
+    # Whether MLflow can serve the family's models as pyfunc classifiers/regressors
+    # (:mod:`cleanse.tracking.models`); otherwise their files are logged as plain artifacts.
+    mlflow_pyfunc: ClassVar[bool] = True
 
     @abstractmethod
     def per_sample_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -79,6 +87,86 @@ class Family(ABC):
         """The measured outcome of a fitted model (a :class:`cleanse.models.trainer.TrainedModel`):
         test and validation metrics, and whatever else the family tracks."""
 
+    def outcome_keys_in(self, outcome: dict[str, Any]) -> tuple[str, ...] | None:
+        """The outcome keys (headline first) an outcome of this family carries, or None when
+        ``outcome`` is not this family's (the report finds a run's family from its baseline)."""
+        return self.outcome_keys if self.outcome_keys[0] in outcome else None
+
+    def selection_of(self, outcome: dict[str, Any]) -> tuple[str, float]:
+        """The validation key of ``outcome`` the recommendation reads, and its direction."""
+        return self.selection
+
+    def check_model(self, params: Params, meta: DatasetMeta) -> None:
+        """Refuse, before anything is written, a model that cannot fit the staged data."""
+        from cleanse.models.architectures import build_model
+        from cleanse.models.fit import model_spec
+
+        build_model(model_spec(params, meta))
+
+    def fit(self, params: Params, split: Split, meta: DatasetMeta, *, seed: int | None = None) -> Any:
+        """The fitted model of ``params.model`` on ``split`` (the train stage and every retrain):
+        a :class:`cleanse.models.trainer.TrainedModel` here."""
+        from cleanse.models.fit import fit_model
+
+        return fit_model(params, split, meta, seed=seed)
+
+    def training_record(self, model: Any) -> dict[str, Any]:
+        """What the train stage records beside a fitted model's outcome (``history``)."""
+        return {"history": model.history}
+
+    def save_model(self, model: Any, directory: Path, extra: dict[str, Any]) -> None:
+        """Weights and checkpoints as safetensors; ``meta.json`` (with ``extra``: the fingerprint)
+        last, so a killed write leaves a model that is not fresh."""
+        from cleanse.storage import write_json, write_tensors
+
+        write_tensors(model.state, directory / "model.safetensors")
+        checkpoints = []
+        for checkpoint in model.checkpoints:
+            name = f"epoch_{checkpoint.epoch:04d}.safetensors"
+            write_tensors(checkpoint.state, directory / "checkpoints" / name)
+            checkpoints.append({"epoch": checkpoint.epoch, "lr": checkpoint.lr, "file": f"checkpoints/{name}"})
+        write_json({"spec": model.spec.to_json(), "checkpoints": checkpoints,
+                    "final_train_objective": model.final_train_loss, **extra}, directory / "meta.json")
+
+    def load_model(self, directory: Path) -> Any:
+        """The model :meth:`save_model` wrote to ``directory``."""
+        from cleanse.models.architectures import ModelSpec
+        from cleanse.models.trainer import Checkpoint, TrainedModel
+        from cleanse.storage import read_json, read_tensors
+
+        meta = read_json(directory / "meta.json")
+        checkpoints = [Checkpoint(c["epoch"], c["lr"], read_tensors(directory / c["file"])) for c in meta["checkpoints"]]
+        return TrainedModel(ModelSpec.from_json(meta["spec"]), read_tensors(directory / "model.safetensors"),
+                            checkpoints, meta.get("final_train_objective", float("nan")))
+
+    def scoring_context(self, params: Params, staged: StagedData, model: Any, cache_dir: Path | None) -> Any:
+        """What the estimators read (:class:`cleanse.estimators.base.ScoringContext` here)."""
+        from cleanse.estimators.base import ScoringContext
+        from cleanse.models.architectures import default_device
+
+        return ScoringContext(train=staged.train, val=staged.val, meta=staged.meta, model=model,
+                              model_config=params.model, seed=params.seed, device=default_device(),
+                              cache_dir=cache_dir)
+
+    def canonical(self, params: Params) -> Params:
+        """``params`` with every default that stands for a value resolved (fingerprints only; see
+        :func:`cleanse.stages.fingerprints.canonical`)."""
+        from cleanse.models.architectures import DEFAULT_HIDDEN
+
+        model = params.model
+        hidden = model.hidden if model.hidden is not None else DEFAULT_HIDDEN.get(model.arch)
+        model = model.model_copy(update={"hidden": [] if model.arch == "logreg" else list(hidden or [])})
+        scorers = params.scorers
+        if scorers.memorization.epochs is None:
+            scorers = scorers.model_copy(update={
+                "memorization": scorers.memorization.model_copy(update={"epochs": model.epochs})})
+        return params.model_copy(update={"model": model, "scorers": scorers})
+
+    def evaluations(self, params: Params, staged: StagedData, layout: Any, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Extra per-estimator evaluations the report adds (``{estimator: {key: value}}``), asked
+        for in ``params.evaluate``; none by default."""
+        return {}
+
     def differentiated(self, module: nn.Module, layers: str) -> list[str]:
         """The names of the parameters gradient estimators differentiate: ``all``, ``last`` (the
         last module that owns parameters) or ``adapters`` (names containing ``lora_``)."""
@@ -94,15 +182,14 @@ class Family(ABC):
         raise ValueError(f"layers {layers!r} is not one of 'all', 'last', 'adapters'")
 
     def verify_without(self, params: Params, staged: StagedData, removed_ids: Any,
-                       query: Any = None) -> tuple[Any, dict[str, float]]:
+                       query: Any = None, base: Any = None) -> tuple[Any, dict[str, float]]:
         """"Without these units", verified: retrain with the same seed and recipe on the training
-        split minus ``removed_ids`` ``(k,)``; the retrained model and its :meth:`outcome`."""
+        split minus ``removed_ids`` ``(k,)``; the retrained model and its :meth:`outcome`. ``base``:
+        the fitted base model (a family that replays its recorded fit reads it; unused here)."""
         import numpy as np
 
-        from cleanse.models.fit import fit_model
-
         kept = staged.train.without(removed_ids)
-        model = fit_model(params, kept, staged.meta)
+        model = self.fit(params, kept, staged.meta)
         removed = np.isin(staged.train.sample_id, removed_ids)
         return model, {**self.outcome(model, staged, query), "n_removed": int(len(staged.train) - len(kept)),
                        "n_corrupted_removed": int(staged.train.is_corrupted[removed].sum())}
@@ -122,5 +209,5 @@ class Family(ABC):
 
     def selection_score(self, outcome: dict[str, float]) -> float:
         """The recommendation's validation score of an outcome, higher = better (:attr:`selection`)."""
-        key, sign = self.selection
+        key, sign = self.selection_of(outcome)
         return sign * float(outcome[key])

@@ -6,7 +6,6 @@ from pathlib import Path
 
 from cleanse.config import Params
 from cleanse.errors import ArtifactError
-from cleanse.models.fit import model_spec
 from cleanse.stages.common import locked, source_records, track
 from cleanse.stages.fingerprints import content_digest, is_local_file_source, stage_fingerprint
 from cleanse.storage import Layout, read_json, write_json, write_table
@@ -45,11 +44,11 @@ def run_source(params: Params, layout: Layout) -> tuple[Path, Path]:
 @locked
 def run_stage(params: Params, layout: Layout) -> Path:
     """Write ``data/staged/{train,val,test}.parquet`` and ``meta.json``."""
+    from cleanse import families
     from cleanse.data.stage import stage_data
-    from cleanse.models.architectures import build_model
 
     staged = stage_data(params)
-    build_model(model_spec(params, staged.meta))  # the model must fit the data before anything is written
+    families.get(params.family).check_model(params, staged.meta)  # the model must fit the data before anything is written
     layout.ensure_root()
     for name in ("train", "val", "test"):
         write_table(getattr(staged, name).to_frame(), layout.split(name))

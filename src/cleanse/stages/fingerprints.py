@@ -23,16 +23,9 @@ def canonical(params: Params) -> Params:
     ``model.epochs``). Only used for fingerprints: the stages read ``params`` as given. The
     settings that follow ``query.kind`` (``auto``) need nothing here: :func:`cleanse.config.resolve_auto`
     replaces them with their values before ``params`` exists."""
-    from cleanse.models.architectures import DEFAULT_HIDDEN
+    from cleanse import families
 
-    model = params.model
-    hidden = model.hidden if model.hidden is not None else DEFAULT_HIDDEN.get(model.arch)
-    model = model.model_copy(update={"hidden": [] if model.arch == "logreg" else list(hidden or [])})
-    scorers = params.scorers
-    if scorers.memorization.epochs is None:
-        scorers = scorers.model_copy(update={
-            "memorization": scorers.memorization.model_copy(update={"epochs": model.epochs})})
-    return params.model_copy(update={"model": model, "scorers": scorers})
+    return families.get(params.family).canonical(params)
 
 
 # (absolute path, size, mtime_ns) -> sha256: a file is hashed once per process while unchanged.

@@ -10,7 +10,6 @@ from cleanse.config import Params
 from cleanse.data.dataset import StagedData
 from cleanse.stages.common import load_base_model, load_staged, locked, query_dir, track
 from cleanse.stages.fingerprints import query_fingerprint, train_fingerprint
-from cleanse.models.fit import fit_model
 from cleanse.stages.modelio import evaluate_model, save_model
 from cleanse.storage import Layout, write_json, write_table
 
@@ -18,25 +17,28 @@ from cleanse.storage import Layout, write_json, write_table
 @locked
 def run_train(params: Params, layout: Layout) -> Path:
     """Train the base model on the (corrupted) training split; write ``models/base/``."""
+    from cleanse import families
+
+    task = families.get(params.family)
     staged = load_staged(layout, params)
     started = time.perf_counter()
-    model = fit_model(params, staged.train, staged.meta)
+    model = task.fit(params, staged.train, staged.meta)
     seconds = time.perf_counter() - started
     save_model(model, layout.base_model, {"fingerprint": train_fingerprint(params), "seconds": seconds,
-                                          **evaluate_model(model, staged), "history": model.history})
+                                          **evaluate_model(model, staged, family=params.family),
+                                          **task.training_record(model)}, family=params.family)
     track(params, layout, "train")
     layout.publish()
     return layout.base_model
 
 
 def scoring_context(params: Params, layout: Layout, staged: StagedData | None = None) -> Any:
-    from cleanse.estimators.base import ScoringContext
-    from cleanse.models.architectures import default_device
+    """What the estimators read, built by the family (:meth:`cleanse.families.base.Family.scoring_context`)."""
+    from cleanse import families
 
     staged = staged if staged is not None else load_staged(layout, params)
-    return ScoringContext(train=staged.train, val=staged.val, meta=staged.meta, model=load_base_model(params, layout),
-                          model_config=params.model, seed=params.seed, device=default_device(),
-                          cache_dir=layout.root / "cache")
+    return families.get(params.family).scoring_context(params, staged, load_base_model(params, layout),
+                                                       layout.root / "cache")
 
 
 @locked

@@ -13,54 +13,55 @@ from cleanse import seeds
 from cleanse.config import Params
 from cleanse.data.dataset import StagedData
 from cleanse.stages.fingerprints import STAGE_META_NAME
-from cleanse.storage import read_json, read_tensors, write_json, write_tensors
+from cleanse.storage import read_json
 
 
-def save_model(model: Any, directory: Path, extra: dict[str, Any]) -> None:
-    """Weights and checkpoints as safetensors; ``meta.json`` (with the fingerprint) last."""
-    write_tensors(model.state, directory / "model.safetensors")
-    checkpoints = []
-    for checkpoint in model.checkpoints:
-        name = f"epoch_{checkpoint.epoch:04d}.safetensors"
-        write_tensors(checkpoint.state, directory / "checkpoints" / name)
-        checkpoints.append({"epoch": checkpoint.epoch, "lr": checkpoint.lr, "file": f"checkpoints/{name}"})
-    write_json({"spec": model.spec.to_json(), "checkpoints": checkpoints,
-                "final_train_objective": model.final_train_loss, **extra}, directory / STAGE_META_NAME)
+def _family(model: Any, family: str | None) -> Any:
+    from cleanse import families
+
+    return families.get(family if family is not None else model.spec.family)
+
+
+def save_model(model: Any, directory: Path, extra: dict[str, Any], family: str | None = None) -> None:
+    """The family's files of ``model`` (:meth:`cleanse.families.base.Family.save_model`: safetensors
+    and a ``meta.json`` with ``extra``, written last); ``family`` defaults to ``model.spec.family``.
+    A family whose models carry no ``spec.family`` records ``family`` in ``meta.json`` itself."""
+    _family(model, family).save_model(model, directory, extra)
 
 
 def load_model(directory: Path) -> Any:
-    from cleanse.models.architectures import ModelSpec
-    from cleanse.models.trainer import Checkpoint, TrainedModel
+    """The model :func:`save_model` wrote (its family from ``meta.json``)."""
+    from cleanse import families
 
     meta = read_json(directory / STAGE_META_NAME)
-    checkpoints = [Checkpoint(c["epoch"], c["lr"], read_tensors(directory / c["file"])) for c in meta["checkpoints"]]
-    return TrainedModel(ModelSpec.from_json(meta["spec"]), read_tensors(directory / "model.safetensors"), checkpoints,
-                        meta.get("final_train_objective", float("nan")))
+    family = meta.get("family") or meta.get("spec", {}).get("family", "classification")
+    return families.get(family).load_model(directory)
 
 
-def evaluate_model(model: Any, staged: StagedData, query: Any = None) -> dict[str, float]:
+def evaluate_model(model: Any, staged: StagedData, query: Any = None, family: str | None = None) -> dict[str, float]:
     """The outcome of ``model``'s family (:meth:`cleanse.families.base.Family.outcome`): for
     classification test and validation accuracy, the attack success rate for backdoors and, with
     probes (a :class:`cleanse.query.QuerySet`), the held-out probes' behaviour rate; for regression
-    test and validation RMSE."""
-    from cleanse import families
-
-    return families.get(model.spec.family).outcome(model, staged, query)
+    test and validation RMSE; ``family`` defaults to ``model.spec.family``."""
+    return _family(model, family).outcome(model, staged, query)
 
 
-def retrain_without(params: Params, staged: StagedData, removed_ids: np.ndarray, query: Any = None) -> dict[str, float]:
+def retrain_without(params: Params, staged: StagedData, removed_ids: np.ndarray, query: Any = None,
+                    base: Any = None) -> dict[str, float]:
     """Retrain with the same seed and recipe on the training split minus ``removed_ids``."""
-    return retrained_without(params, staged, removed_ids, query)[1]
+    return retrained_without(params, staged, removed_ids, query, base)[1]
 
 
 def retrained_without(params: Params, staged: StagedData, removed_ids: np.ndarray,
-                      query: Any = None) -> tuple[Any, dict[str, float]]:
+                      query: Any = None, base: Any = None) -> tuple[Any, dict[str, float]]:
     """:func:`retrain_without`, also returning the retrained model (logged to MLflow); ``query``:
-    the run's probes, whose held-out part is checked (:func:`evaluate_model`). Verified by the
-    family (:meth:`cleanse.families.base.Family.verify_without`): retrained with the same seed and recipe."""
+    the run's probes, whose held-out part is checked (:func:`evaluate_model`); ``base``: the base
+    model, for families that verify by replaying its recorded fit. Verified by the family
+    (:meth:`cleanse.families.base.Family.verify_without`): for classification and regression
+    retrained with the same seed and recipe."""
     from cleanse import families
 
-    return families.get(params.family).verify_without(params, staged, removed_ids, query)
+    return families.get(params.family).verify_without(params, staged, removed_ids, query, base)
 
 
 def random_ids(staged: StagedData, count: int, seed: int) -> np.ndarray:

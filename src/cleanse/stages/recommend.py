@@ -44,6 +44,7 @@ def run_recommend(params: Params, layout: Layout) -> Path:
     _require_fresh(layout.retrain_result("references"), references_fingerprint(params), "reference retrains")
     started = time.perf_counter()
     query = _probes(params, layout, staged)
+    base = load_model(layout.base_model)
     nan = float("nan")
     stop_rate = params.cleansing.stop_rate
 
@@ -72,7 +73,7 @@ def run_recommend(params: Params, layout: Layout) -> Path:
         name = candidates[index].estimator
         scores = read_table(layout.scores(name))
         removed = top_ids(scores["sample_id"].to_numpy(), scores["score"].to_numpy(), count)
-        model, result = retrained_without(params, staged, removed, query)
+        model, result = retrained_without(params, staged, removed, query, base)
         own = max(candidates[index].n_removed, 1)
         candidates.append(candidate(name, removed, result, round(count / own, 3) if factor is None else factor))
         trained[len(candidates) - 1] = (model, result)
@@ -97,14 +98,15 @@ def run_recommend(params: Params, layout: Layout) -> Path:
     if chosen_index in trained:
         model, evaluation = trained[chosen_index]
     elif chosen.estimator == NO_REMOVAL:
-        model, evaluation = load_model(layout.base_model), dict(references["baseline"])
+        model, evaluation = base, dict(references["baseline"])
     else:  # the same seed and recipe as the retrain stage: the same model
-        model, evaluation = retrained_without(params, staged, chosen.removed_ids, query)
+        model, evaluation = retrained_without(params, staged, chosen.removed_ids, query, base)
     evaluation = {**evaluation, "n_removed": chosen.n_removed,
                   "n_corrupted_removed": int(staged.train.is_corrupted[np.isin(staged.train.sample_id,
                                                                                chosen.removed_ids)].sum())}
     save_model(model, recommended_model_dir(layout), {"fingerprint": recommend_fingerprint(params),
-                                                      "estimator": chosen.estimator, **evaluation})
+                                                      "estimator": chosen.estimator, **evaluation},
+               family=params.family)
     if estimate is not None:  # the count as used: capped at detect.max_fraction
         estimate = {**estimate, "noise_count": noise_count}
     write_json({"fingerprint": recommend_fingerprint(params), "estimator": chosen.estimator,

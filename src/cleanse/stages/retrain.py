@@ -38,8 +38,9 @@ def run_retrain(params: Params, layout: Layout, estimator: str) -> Path:
 
     if iterates(params, estimator):
         return _retrain_iteratively(params, layout, estimator, staged, started)
-    cleaned_model, cleaned = retrained_without(params, staged, flagged, probes(params, layout, staged))
-    random = retrain_without(params, staged, random_ids(staged, flagged.size, params.seed))
+    base = load_model(layout.base_model)
+    cleaned_model, cleaned = retrained_without(params, staged, flagged, probes(params, layout, staged), base)
+    random = retrain_without(params, staged, random_ids(staged, flagged.size, params.seed), base=base)
     write_json({"estimator": estimator, "fingerprint": retrain_fingerprint(params, estimator),
                 "seconds": time.perf_counter() - started, "n_flagged": int(flagged.size),
                 "cleaned": cleaned, "random_same_count": random}, layout.retrain_result(estimator))
@@ -80,12 +81,13 @@ def run_references(params: Params, layout: Layout) -> Path:
     removal of as many samples as were corrupted."""
     staged = load_staged(layout, params)
     require_fresh(layout.base_model / STAGE_META_NAME, train_fingerprint(params), "base model")
-    baseline = evaluate_model(load_model(layout.base_model), staged, probes(params, layout, staged))
+    base = load_model(layout.base_model)
+    baseline = evaluate_model(base, staged, probes(params, layout, staged), family=params.family)
     out: dict[str, Any] = {"fingerprint": references_fingerprint(params), "baseline": baseline}
     corrupted = staged.train.sample_id[staged.train.is_corrupted]
     if corrupted.size:
-        out["oracle"] = retrain_without(params, staged, corrupted)
-        out["random"] = retrain_without(params, staged, random_ids(staged, corrupted.size, params.seed))
+        out["oracle"] = retrain_without(params, staged, corrupted, base=base)
+        out["random"] = retrain_without(params, staged, random_ids(staged, corrupted.size, params.seed), base=base)
     write_json(out, layout.retrain_result("references"))
     track(params, layout, "references")
     layout.publish()

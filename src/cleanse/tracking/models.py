@@ -131,11 +131,12 @@ def _training_curves(client: Any, run_id: str, layout: Layout, params: Params) -
     from cleanse.storage import read_tensors
 
     meta = read_json(layout.base_model / STAGE_META_NAME)
-    for record in meta.get("history", []):
-        _log(client, run_id, metrics={"train_loss": record["train_loss"]}, step=int(record["epoch"]))
+    for record in meta.get("history", []):  # train_loss; a GAN's d_loss and g_loss
+        _log(client, run_id, metrics={key: value for key, value in record.items() if key != "epoch"},
+             step=int(record["epoch"]))
     staged = load_staged(layout, params)
     val = staged.val
-    if len(val) == 0:
+    if len(val) == 0 or not meta.get("checkpoints"):
         return
     spec = ModelSpec.from_json(meta["spec"])
     task = families.get(spec.family)

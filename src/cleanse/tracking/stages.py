@@ -19,11 +19,20 @@ from cleanse.uris import redact
 
 
 
-def _headline(params: Params) -> str:
-    """The family's headline outcome (``test_accuracy``, ``test_rmse``; :mod:`cleanse.families`)."""
+def _headline(params: Params, outcome: dict[str, Any]) -> str:
+    """The family's headline outcome in ``outcome`` (``test_accuracy``, ``test_rmse``, ``test_fid``;
+    :mod:`cleanse.families`)."""
     from cleanse import families
 
-    return families.get(params.family).outcome_keys[0]
+    task = families.get(params.family)
+    return str((task.outcome_keys_in(outcome) or task.outcome_keys)[0])
+
+
+def _pyfunc(params: Params) -> bool:
+    """Whether the family's models are logged as MLflow pyfunc models (else as plain files)."""
+    from cleanse import families
+
+    return bool(families.get(params.family).mlflow_pyfunc)
 
 def _log_estimator(client: Any, entry: dict[str, Any], params: Params, layout: Layout, stage: str, estimator: str,
                    model: Any = None) -> None:
@@ -55,14 +64,23 @@ def _log_estimator(client: Any, entry: dict[str, Any], params: Params, layout: L
         result = read_json(layout.retrain_result(estimator))
         cleaned = result["cleaned"]
         _log(client, child, metrics=_numeric("", {k: v for k, v in cleaned.items() if not isinstance(v, (list, dict))})
-             | {f"random_{_headline(params)}": result["random_same_count"][_headline(params)],
+             | {f"random_{_headline(params, cleaned)}": result["random_same_count"][_headline(params, cleaned)],
                 "n_flagged": result["n_flagged"],
                 "retrain_seconds": result["seconds"]})
         for round_ in result.get("rounds", []):
             _log(client, child, step=int(round_["round"]),
                  metrics=_numeric("cleansing.", {k: v for k, v in round_.items()
                                                  if k != "round" and not isinstance(v, list)}))
-        if model is not None:
+        if model is not None and not _pyfunc(params):  # the family's own files
+            from cleanse import families
+
+            folder = Path(tempfile.mkdtemp(prefix="cleanse-cleaned-"))
+            try:
+                families.get(params.family).save_model(model, folder, {"estimator": estimator})
+                client.log_artifacts(child, str(folder), "model")
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+        elif model is not None:
             weights = Path(tempfile.mkdtemp(prefix="cleanse-cleaned-")) / "model.safetensors"
             try:
                 write_tensors(model.state, weights)
@@ -90,12 +108,16 @@ def _log_one(client: Any, entry: dict[str, Any], params: Params, layout: Layout,
         _log_datasets(client, parent, layout, staged)
     elif stage == "train":
         meta = read_json(layout.base_model / STAGE_META_NAME)
-        _log(client, parent, metrics={f"base.{_headline(params)}": meta[_headline(params)], "train_seconds": meta["seconds"],
+        _log(client, parent, metrics={f"base.{_headline(params, meta)}": meta[_headline(params, meta)],
+                                      "train_seconds": meta["seconds"],
                                       **({"base.attack_success_rate": meta["attack_success_rate"]}
                                          if "attack_success_rate" in meta else {})})
         _training_curves(client, parent, layout, params)
-        _log_model(client, params, parent, meta["spec"], layout.base_model / "model.safetensors",
-                   artifact_path="model", alias="base", description=f"base model, run {parent}")
+        if not _pyfunc(params):
+            client.log_artifacts(parent, str(layout.base_model), "model")
+        else:
+            _log_model(client, params, parent, meta["spec"], layout.base_model / "model.safetensors",
+                       artifact_path="model", alias="base", description=f"base model, run {parent}")
     elif stage == "references":
         references = read_json(layout.retrain_result("references"))
         for name in REFERENCES:
@@ -117,6 +139,9 @@ def _log_one(client: Any, entry: dict[str, Any], params: Params, layout: Layout,
                    "recommended.budget_factor": str(chosen["budget_factor"])})
         client.log_artifact(parent, str(recommend_dir(layout) / "recommend.json"), "recommend")
         model_meta = read_json(recommended_model_dir(layout) / "meta.json")
+        if not _pyfunc(params):
+            client.log_artifacts(parent, str(recommended_model_dir(layout)), "recommended_model")
+            return
         _log_model(client, params, parent, model_meta["spec"], recommended_model_dir(layout) / "model.safetensors",
                    artifact_path="recommended_model", alias="recommended",
                    description=f"recommended: {chosen['estimator']} ({chosen['n_removed']} samples removed), "
