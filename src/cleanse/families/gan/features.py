@@ -138,7 +138,7 @@ def train_feature_net(
     labels: np.ndarray,
     seed: int,
     *,
-    epochs: int = 30,
+    epochs: int = 20,
     test_images: torch.Tensor | np.ndarray | None = None,
     test_labels: np.ndarray | None = None,
 ) -> FeatureNet:
