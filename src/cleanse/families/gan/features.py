@@ -78,7 +78,8 @@ class FeatureNet:
 
     def __post_init__(self) -> None:
         self.data_shape = tuple(int(v) for v in self.data_shape)
-        module = _Classifier(self.data_shape, self.n_classes)
+        self._dtype = next(iter(self.state.values())).dtype if self.state else torch.float32
+        module = _Classifier(self.data_shape, self.n_classes).to(self._dtype)
         module.load_state_dict(self.state)
         module.eval()
         # Frozen: metrics differentiate through the net with respect to its input only.
@@ -89,15 +90,21 @@ class FeatureNet:
         if tuple(x.shape[1:]) != self.data_shape:
             raise ConfigError(f"feature net: images of shape {list(x.shape[1:])} given, the net takes "
                               f"{list(self.data_shape)}")
-        return x.to(torch.float32)
+        return x.to(self._dtype)
+
+    def astype(self, dtype: torch.dtype) -> FeatureNet:
+        """A copy computing in ``dtype`` (float64 for exact gradient checks; trained in float32)."""
+        state = {name: value.to(dtype) for name, value in self.state.items()}
+        return FeatureNet(state=state, data_shape=self.data_shape, n_classes=self.n_classes, accuracy=self.accuracy)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Penultimate activations ``(B, FEATURE_DIM)`` float32 of images ``x`` ``(B, C, H, W)``;
+        """Penultimate activations ``(B, FEATURE_DIM)`` (the net's dtype, float32 unless
+        :meth:`astype`) of images ``x`` ``(B, C, H, W)``;
         differentiable with respect to ``x``."""
         return self._module.trunk(self._input(x))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Class logits ``(B, n_classes)`` float32 of images ``x``; differentiable w.r.t. ``x``."""
+        """Class logits ``(B, n_classes)`` (the net's dtype) of images ``x``; differentiable w.r.t. ``x``."""
         return self._module(self._input(x))
 
     def embed(self, x: np.ndarray | torch.Tensor, batch_size: int = 512) -> np.ndarray:
