@@ -9,10 +9,14 @@ discriminator maps instances (B, *data_shape) to logits (B,) (higher = "real").
   The paper's sizes are z_dim 10, hidden_g (32, 32), hidden_d (64, 64), float64.
 - ``arch: conv`` -- a small all-conv GAN for (C, H, W) images with H and W divisible by 4
   (sklearn digits 8x8, MNIST-like 28x28); our layout, chosen to train in seconds on a CPU:
-  G: Dense z_dim -> c0 * H/4 * W/4, layer norm, ReLU, ConvT(c0 -> c1, 4, stride 2, pad 1),
-  layer norm, ReLU, ConvT(c1 -> C, 4, 2, 1), tanh (pixels in [-1, 1]) with hidden_g = (c0, c1);
-  D: Conv(C -> c0, 4, 2, 1), LeakyReLU(0.2), Conv(c0 -> c1, 4, 2, 1), layer norm, LeakyReLU(0.2),
+  G: Dense z_dim -> c0 * H/4 * W/4, layer norm, ELU, ConvT(c0 -> c1, 4, stride 2, pad 1),
+  layer norm, ELU, ConvT(c1 -> C, 4, 2, 1), tanh (pixels in [-1, 1]) with hidden_g = (c0, c1);
+  D: Conv(C -> c0, 4, 2, 1), ELU, Conv(c0 -> c1, 4, 2, 1), layer norm, ELU,
   Dense c1 * H/4 * W/4 -> 1 with hidden_d = (c0, c1).
+  ELU, not the DCGAN's ReLU/LeakyReLU: the influence estimators linearise the removal of an
+  instance, and with kinked activations the conv GAN's response to a whole removal was far from
+  its derivative (Kendall tau 0.38-0.55 between ITD and the removal replay on a small 8x8 check,
+  0.99 with ELU; the ICLR 2021 DCGAN used smooth sigmoids for the same reason of smoothness).
   Layer norm (``GroupNorm`` with one group: statistics over (C, H, W) of one instance) rather than
   batch norm, so that no instance's output depends on the other members of its batch -- the
   per-instance mask of the influence estimators needs that.
@@ -128,8 +132,8 @@ def build_generator(spec: GanSpec, seed: int = 0) -> nn.Module:
         channels, height, width = spec.data_shape
         c0, c1 = spec.hidden_g
         h, w = height // 4, width // 4
-        layers = [nn.Linear(spec.z_dim, c0 * h * w), _Reshape((c0, h, w)), nn.GroupNorm(1, c0), nn.ReLU(),
-                  nn.ConvTranspose2d(c0, c1, 4, 2, 1), nn.GroupNorm(1, c1), nn.ReLU(),
+        layers = [nn.Linear(spec.z_dim, c0 * h * w), _Reshape((c0, h, w)), nn.GroupNorm(1, c0), nn.ELU(),
+                  nn.ConvTranspose2d(c0, c1, 4, 2, 1), nn.GroupNorm(1, c1), nn.ELU(),
                   nn.ConvTranspose2d(c1, channels, 4, 2, 1), nn.Tanh()]
     net = nn.Sequential(*layers).to(spec.torch_dtype)
     return _glorot(net, torch_seed(seed, "gan.init", 0))
@@ -142,8 +146,8 @@ def build_discriminator(spec: GanSpec, seed: int = 0) -> nn.Module:
     else:
         channels, height, width = spec.data_shape
         c0, c1 = spec.hidden_d
-        layers = [nn.Conv2d(channels, c0, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(c0, c1, 4, 2, 1),
-                  nn.GroupNorm(1, c1), nn.LeakyReLU(0.2), nn.Flatten(),
+        layers = [nn.Conv2d(channels, c0, 4, 2, 1), nn.ELU(), nn.Conv2d(c0, c1, 4, 2, 1),
+                  nn.GroupNorm(1, c1), nn.ELU(), nn.Flatten(),
                   nn.Linear(c1 * (height // 4) * (width // 4), 1), _Squeeze()]
     net = nn.Sequential(*layers).to(spec.torch_dtype)
     return _glorot(net, torch_seed(seed, "gan.init", 1))
