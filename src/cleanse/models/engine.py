@@ -16,7 +16,7 @@ the family's mean loss plus the L2 penalty, the objective influence functions di
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 
 import torch
@@ -30,7 +30,7 @@ ADAM_EPS = 1e-8
 SGD_MOMENTUM = 0.9
 
 
-def build_optimizer(params: list[torch.Tensor], kind: str, lr: float) -> torch.optim.Optimizer:
+def build_optimizer(params: Sequence[torch.Tensor], kind: str, lr: float) -> torch.optim.Optimizer:
     """The optimizer ``kind`` (one of :data:`OPTIMIZERS`) over ``params`` at learning rate ``lr``."""
     if kind == "lbfgs":
         return torch.optim.LBFGS(params, lr=lr, max_iter=50, tolerance_grad=1e-9, tolerance_change=1e-12,

@@ -12,6 +12,9 @@ one is the final model), each with the learning rate in effect, for TracInCP (Pr
 
 from __future__ import annotations
 
+import functools
+import operator
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -73,9 +76,14 @@ def checkpoint_epochs(epochs: int, count: int, spacing: str = "even") -> list[in
     return sorted(chosen)
 
 
-def l2_penalty(parameters: dict[str, torch.Tensor] | list[torch.Tensor], weight_decay: float) -> torch.Tensor:
-    values = parameters.values() if isinstance(parameters, dict) else parameters
-    return 0.5 * weight_decay * sum((p * p).sum() for p in values)
+def l2_penalty(parameters: Mapping[str, torch.Tensor] | Iterable[torch.Tensor], weight_decay: float) -> torch.Tensor:
+    """``weight_decay / 2 * sum_p ||p||^2``, a 0-dim tensor (zero for no parameters)."""
+    values = parameters.values() if isinstance(parameters, Mapping) else parameters
+    squares = [(p * p).sum() for p in values]
+    if not squares:
+        return torch.zeros(())
+    # left to right, as the objective has always been summed (the golden outputs depend on it)
+    return 0.5 * weight_decay * functools.reduce(operator.add, squares)
 
 
 def seeded_model(spec: ModelSpec, seed: int) -> nn.Module:
