@@ -76,7 +76,7 @@ def ggn_fn(fm: FunctionalModel, x: torch.Tensor, y: torch.Tensor) -> HVP:
     n = x.shape[0]
     if fm.task.softmax_output and isinstance(fm.module, nn.Linear) and x.dim() == 2:
         return _linear_head_ggn(fm, x)
-    logits, pullback = torch.func.vjp(lambda t: fm.logits(t, x), theta)
+    logits, pullback = torch.func.vjp(lambda t: fm.logits(t, x), theta)[:2]  # (output, pullback): no aux
     output_hessian = fm.task.output_curvature(logits)
 
     def single(v: torch.Tensor) -> torch.Tensor:

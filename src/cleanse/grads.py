@@ -232,12 +232,14 @@ def _linear_activations_and_deltas(fm: FunctionalModel, linears: list[nn.Linear]
                                    theta: torch.Tensor) -> list[tuple[nn.Linear, torch.Tensor, torch.Tensor]] | None:
     """One forward and one backward pass: each Linear layer's inputs ``a`` ``(n, in)`` and output
     gradients ``delta`` ``(n, out)``; the gradient of the summed loss w.r.t. a layer's output is each
-    row's own delta. ``None`` when a layer sees inputs that are not 2-D."""
+    row's own delta. ``None`` when a layer sees inputs that are not 2-D, or its output does not
+    reach the loss (no gradient)."""
     captured: list[tuple[nn.Linear, torch.Tensor, torch.Tensor]] = []
+    by_id = {id(layer): layer for layer in linears}  # the hooks see nn.Module; these are the Linear layers
 
     def keep(layer: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         output.retain_grad()
-        captured.append((layer, inputs[0].detach(), output))
+        captured.append((by_id[id(layer)], inputs[0].detach(), output))
 
     handles = [layer.register_forward_hook(keep) for layer in linears]
     try:
@@ -247,9 +249,12 @@ def _linear_activations_and_deltas(fm: FunctionalModel, linears: list[nn.Linear]
     finally:
         for handle in handles:
             handle.remove()
-    if any(inputs.dim() != 2 for _, inputs, _ in captured):
-        return None
-    return [(layer, inputs, output.grad) for layer, inputs, output in captured]
+    deltas = []
+    for layer, inputs, output in captured:
+        if inputs.dim() != 2 or output.grad is None:
+            return None
+        deltas.append((layer, inputs, output.grad))
+    return deltas
 
 
 def _linear_grad_dots(fm: FunctionalModel, linears: list[nn.Linear], x: torch.Tensor, y: torch.Tensor,

@@ -107,5 +107,6 @@ def reads_validation_labels(estimator: Estimator, options: BaseModel) -> bool:
     """Whether ``estimator`` with ``options`` reads the validation labels (the trusted league).
     Probes drawn from the validation split (``query.kind: val_errors``) are a property of the run,
     not of the estimator, and are accounted for by the caller."""
-    declared = estimator.reads_validation_labels
+    # read from the class: a callable declaration is a static rule of the options, not a method
+    declared = type(estimator).reads_validation_labels
     return bool(declared(options) if callable(declared) else declared)

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -123,6 +123,7 @@ class InverseHessian:
         if self.exact is not None:
             return self.exact.solve(block)[None]
         if self.solver == "ekfac":
+            assert self.ekfac is not None  # built in __init__ for this solver
             return self.ekfac.solve(block)[None]
         if self.solver == "cg":
             solution, report = cg_solve(
@@ -144,8 +145,10 @@ class InverseHessian:
         """``g_i^T (H + damping I)^-1 g_i`` for the loss gradients of ``(x, y)``: the mean over
         repeats, ``(n,)``, and its standard error (``None`` unless LiSSA)."""
         if self.solver == "ekfac":
+            assert self.ekfac is not None  # built in __init__ for this solver
             return self.ekfac.quadratic_forms(x, y).cpu().numpy(), None
-        values, errors = [], []
+        values: list[np.ndarray] = []
+        errors: list[np.ndarray] = []  # one per chunk when there are repeats (LiSSA), else none
         for start in progress(range(0, x.shape[0], chunk), f"influence: {x.shape[0]} quadratic forms", unit="chunk"):
             grads = per_sample_grads(self.fm, x[start : start + chunk], y[start : start + chunk])  # (k, p)
             if self.exact is not None:
@@ -155,13 +158,14 @@ class InverseHessian:
                 per_repeat = torch.einsum("kp,rpk->rk", grads.double(), solved.double())
             mean, se = _mean_and_se(per_repeat)
             values.append(mean)
-            errors.append(se)
+            if se is not None:
+                errors.append(se)
         if not values:
             return np.zeros(0), None
-        return np.concatenate(values), None if errors[0] is None else np.concatenate(errors)
+        return np.concatenate(values), np.concatenate(errors) if errors else None
 
-    def summary(self) -> dict:
-        out = {
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
             "solver": self.solver,
             "layers": self.options.layers,
             "n_params": self.fm.n_params,

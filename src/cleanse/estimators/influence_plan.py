@@ -140,13 +140,13 @@ class CostModel:
     def __init__(self, fm: FunctionalModel, x_one: torch.Tensor, n: int, options: InfluenceOptions):
         self.fm, self.n, self.options = fm, n, options
         self.p = fm.n_params
-        self.shapes = layer_shapes(fm, x_one)
+        self.shapes = shapes = layer_shapes(fm, x_one)
         with torch.no_grad():
             self.classes = int(fm.logits(fm.theta, x_one).shape[-1])
         # without Linear/Conv2d shapes, a forward pass costs at least one multiply-add per parameter
-        self.forward = (sum(s.n_in * s.out * s.positions for s in self.shapes) if self.shapes else self.p)
+        self.forward = (sum(s.n_in * s.out * s.positions for s in shapes) if shapes else self.p)
         self.linear_head = (options.curvature == "ggn" and isinstance(fm.module, torch.nn.Linear) and x_one.dim() == 2)
-        self.all_linear = bool(self.shapes) and all(s.positions == 1 for s in self.shapes)
+        self.all_linear = bool(shapes and all(s.positions == 1 for s in shapes))
 
     def pass_seconds(self, rows: int, directions: int = 1) -> float:
         """A pass of ``g_i . v`` over ``rows`` rows for ``directions`` vectors (:func:`grad_dots`):
@@ -162,12 +162,18 @@ class CostModel:
         c = COST_CONSTANTS
         return rows * (3 * self.forward * c["vmap_mac"] + self.p * c["vmap_entry"])
 
+    def ekfac_shapes(self) -> list[LayerShape]:
+        """The layers EK-FAC factors; :func:`plan_solver` prices no EK-FAC work without them."""
+        if self.shapes is None:
+            raise ConfigError("EK-FAC needs Linear/Conv2d layers only")
+        return self.shapes
+
     def ekfac_seconds(self, sampled: bool) -> dict[str, float]:
         """EK-FAC's fit (:class:`cleanse.ekfac.EKFAC`): two passes over the rows with ``C`` label
         backward passes each (one for the sampled Fisher), the ``A`` and ``S`` covariances
         (``n_in^2`` and ``out^2`` per position), their eigendecompositions and the eigenvalue
         correction (rotating every per-sample gradient: ``n_in^2 + out^2 + n_in out`` per position)."""
-        c, n, shapes = COST_CONSTANTS, self.n, self.shapes
+        c, n, shapes = COST_CONSTANTS, self.n, self.ekfac_shapes()
         labels = 1 if sampled else self.classes
         backward = 2 * self.forward * c["mac"]
         covariances = sum(s.positions * (s.n_in**2 + labels * s.out**2) for s in shapes) * 2 * c["mm"]
@@ -180,10 +186,10 @@ class CostModel:
     def ekfac_forms_seconds(self) -> float:
         """Quadratic forms over the training set from the factors: a forward+backward pass and one
         rotation per row (no per-sample gradient is formed for Linear layers)."""
-        c = COST_CONSTANTS
+        c, shapes = COST_CONSTANTS, self.ekfac_shapes()
         rotation = sum(s.positions * (s.n_in**2 + s.out**2 + (s.n_in * s.out if s.positions > 1 else 0))
-                       for s in self.shapes) * 2 * c["mm"]
-        calls = math.ceil(self.n / _EKFAC_CHUNK) * 2 * len(self.shapes)
+                       for s in shapes) * 2 * c["mm"]
+        calls = math.ceil(self.n / _EKFAC_CHUNK) * 2 * len(shapes)
         return self.n * (3 * self.forward * c["mac"] + rotation) + calls * c["ekfac_call"]
 
     def predict(self, solver: str, workload: Workload) -> dict[str, float]:
