@@ -188,11 +188,11 @@ class _Curriculum:
             start_params = [p.detach().clone() for p in params] if options.signal == "alignment" else None
             order = in_rows[torch.randperm(in_rows.numel(), generator=generator).to(device)]
             engine.run_epoch(optimizer, objective, engine.minibatches(order, config.batch_size))
-            if options.signal == "loss_change":
+            if start_params is not None:  # alignment
+                signal = first_order(model, start_params)
+            else:
                 after = statistic(model)
                 signal, before = after - before, after
-            else:
-                signal = first_order(model, start_params)
             signals.append(signal if centre is None else centre(signal, included))
             inclusions[t] = included
         model.eval()
