@@ -35,6 +35,14 @@ from cleanse.config_base import (  # noqa: F401  (re-exported: the configuration
 )
 from cleanse.errors import ConfigError
 from cleanse.families.classification.config import CorruptionConfig, DataConfig, ModelConfig
+from cleanse.families.gan.config import (
+    GanCorruptionConfig,
+    GanDataConfig,
+    GanEvaluateFields,
+    GanMetricsConfig,
+    GanModelConfig,
+    check_fits_data,
+)
 from cleanse.families.regression.config import (
     RegressionCorruptionConfig,
     RegressionDataConfig,
@@ -181,7 +189,8 @@ class Params(_Section):
     chooses by ``family`` (a discriminated union, :data:`AnyParams`)."""
 
     family: Literal["classification"] = Field(
-        "classification", description="The family of data and model (cleanse.families): classification | regression.")
+        "classification", description="The family of data and model (cleanse.families): classification | regression "
+        "| gan.")
     seed: int = 0
     data: DataConfig = DataConfig()
     corruption: CorruptionConfig = CorruptionConfig()
@@ -280,6 +289,40 @@ class RegressionParams(Params):
         return self
 
 
+class GanEvaluateConfig(EvaluateConfig, GanEvaluateFields):
+    """The shared evaluations and the GAN family's (:class:`cleanse.families.gan.config.GanEvaluateFields`)."""
+
+
+class GanParams(Params):
+    """``params.yaml`` with ``family: gan`` (:mod:`cleanse.families.gan`); no probes."""
+
+    family: Literal["gan"] = "gan"  # type: ignore[assignment]
+    data: GanDataConfig = GanDataConfig()  # type: ignore[assignment]
+    corruption: GanCorruptionConfig = GanCorruptionConfig()  # type: ignore[assignment]
+    model: GanModelConfig = GanModelConfig()  # type: ignore[assignment]
+    metrics: GanMetricsConfig = GanMetricsConfig()
+    evaluate: GanEvaluateConfig = GanEvaluateConfig()
+    estimators: list[str] = Field(["gan_influence", "isolation_forest"],
+                                  description="Estimators to run (those that support the gan family).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_auto(cls, data: Any) -> Any:
+        if not isinstance(data, dict):  # model.checkpoint_spacing is no GAN setting
+            return data
+        resolved = resolve_auto({key: value for key, value in data.items() if key != "model"})
+        resolved.pop("model", None)
+        return {**resolved, **({"model": data["model"]} if "model" in data else {})}
+
+    @model_validator(mode="after")
+    def _fits_the_data(self) -> GanParams:
+        if self.query.kind != "none":
+            raise ValueError(f"query.kind: {self.query.kind!r} is a classification probe set; family 'gan' allows "
+                             "'none'")
+        check_fits_data(self.data, self.corruption, self.model, self.metrics)
+        return self
+
+
 def _family_of(raw: Any) -> str:
     if isinstance(raw, dict):
         return str(raw.get("family", "classification"))
@@ -288,7 +331,8 @@ def _family_of(raw: Any) -> str:
 
 # The configuration of any family, chosen by the ``family`` key (absent = classification).
 AnyParams = Annotated[
-    Union[Annotated[Params, Tag("classification")], Annotated[RegressionParams, Tag("regression")]],
+    Union[Annotated[Params, Tag("classification")], Annotated[RegressionParams, Tag("regression")],
+          Annotated[GanParams, Tag("gan")]],
     Discriminator(_family_of),
 ]
 _ANY_PARAMS: TypeAdapter[Params] = TypeAdapter(AnyParams)
@@ -321,9 +365,9 @@ def validate_params(raw: dict[str, Any]) -> Params:
     """Validate a raw ``params.yaml`` mapping into its family's params model; errors as one line
     naming the dotted keys (``family: 'x' is not one of ...`` for an unknown family)."""
     family = _family_of(raw)
-    if family not in ("classification", "regression"):
+    if family not in ("classification", "regression", "gan"):
         raise ConfigError(f"invalid configuration: family: {_shown(family)} is not one of 'classification', "
-                          "'regression'")
+                          "'regression', 'gan'")
     try:
         return _ANY_PARAMS.validate_python(raw)
     except ValidationError as exc:

@@ -18,9 +18,11 @@ from cleanse.errors import ConfigError
 from cleanse.estimators.activations_options import ActivationClusteringOptions, SpectralOptions
 from cleanse.estimators.confident_learning_options import CleanlabOptions
 from cleanse.estimators.fine_options import FineOptions
+from cleanse.estimators.gan_influence_options import GanInfluenceOptions
 from cleanse.estimators.holdout_ensemble_options import HoldoutEnsembleOptions
 from cleanse.estimators.influence_fvm_options import FvmOptions
 from cleanse.estimators.influence_options import InfluenceOptions
+from cleanse.estimators.isolation_forest_options import IsolationForestOptions
 from cleanse.estimators.loss_options import LossOptions
 from cleanse.estimators.memorization_options import MemorizationOptions
 from cleanse.estimators.tracin_options import TracInOptions
@@ -28,8 +30,9 @@ from cleanse.estimators.trak_options import TrakOptions
 from cleanse.estimators.trusted_options import TrustedOptions
 
 __all__ = [
-    "ActivationClusteringOptions", "CleanlabOptions", "FineOptions", "FvmOptions", "HoldoutEnsembleOptions",
-    "InfluenceOptions", "LossOptions", "MemorizationOptions", "ScorerOptions", "SpectralOptions", "TracInOptions",
+    "ActivationClusteringOptions", "CleanlabOptions", "FineOptions", "FvmOptions", "GanInfluenceOptions",
+    "HoldoutEnsembleOptions", "InfluenceOptions", "IsolationForestOptions", "LossOptions", "MemorizationOptions",
+    "ScorerOptions", "SpectralOptions", "TracInOptions",
     "TrakOptions", "TrustedOptions", "options_model",
 ]
 
@@ -53,6 +56,8 @@ class ScorerOptions(_Section):
     fine: FineOptions = FineOptions()
     trusted: TrustedOptions = TrustedOptions()
     holdout_ensemble: HoldoutEnsembleOptions = HoldoutEnsembleOptions()
+    gan_influence: GanInfluenceOptions = GanInfluenceOptions()
+    isolation_forest: IsolationForestOptions = IsolationForestOptions()
 
     def of(self, estimator: str) -> BaseModel:
         """The options of ``estimator`` (``scorers.<estimator>``); a ConfigError naming the

@@ -26,6 +26,8 @@ _REGISTRY: dict[str, str] = {
     "fine": "cleanse.estimators.fine:FineEstimator",
     "trusted": "cleanse.estimators.trusted:TrustedEstimator",
     "holdout_ensemble": "cleanse.estimators.holdout_ensemble:HoldoutEnsembleEstimator",
+    "gan_influence": "cleanse.estimators.gan_influence:GanInfluenceEstimator",
+    "isolation_forest": "cleanse.estimators.isolation_forest:IsolationForestEstimator",
 }
 
 
@@ -39,6 +41,7 @@ _GRADIENT_FAMILIES = ("classification", "regression")
 _FAMILIES: dict[str, tuple[str, ...]] = {
     **{name: ("classification",) for name in _REGISTRY},
     **{name: _GRADIENT_FAMILIES for name in ("loss", "influence", "influence_val", "tracin", "trak")},
+    **{name: ("gan",) for name in ("gan_influence", "isolation_forest")},
 }
 
 

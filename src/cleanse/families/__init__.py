@@ -15,6 +15,7 @@ from cleanse.errors import ConfigError
 _REGISTRY: dict[str, str] = {
     "classification": "cleanse.families.classification.family:ClassificationFamily",
     "regression": "cleanse.families.regression.family:RegressionFamily",
+    "gan": "cleanse.families.gan.family:GanFamily",
 }
 
 DEFAULT = "classification"

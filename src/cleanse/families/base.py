@@ -194,6 +194,11 @@ class Family(ABC):
         return model, {**self.outcome(model, staged, query), "n_removed": int(len(staged.train) - len(kept)),
                        "n_corrupted_removed": int(staged.train.is_corrupted[removed].sum())}
 
+    def verify_inputs(self, params: Params) -> tuple[Any, ...]:
+        """The params sections :meth:`verify_without` reads beyond ``params.model`` and the seed
+        (parts of the retrain and references fingerprints); none by default."""
+        return ()
+
     def noise_count_estimate(self, params: Params, staged: StagedData) -> dict[str, Any] | None:
         """What the validation split says about the number of corrupted training units, for the
         recommendation's budget (:mod:`cleanse.recommend`): a dict whose ``noise_count`` is the

@@ -115,12 +115,21 @@ def detect_fingerprint(params: Params, estimator: str) -> str:
 RETRAIN_RESULT_VERSION = 2
 
 
+def _verify_inputs(params: Params) -> tuple[Any, ...]:
+    """The params the family's "without these units" verification reads beyond the model (none
+    for classification and regression, so their fingerprints are as they were)."""
+    from cleanse import families
+
+    return tuple(families.get(params.family).verify_inputs(params))
+
+
 def retrain_fingerprint(params: Params, estimator: str) -> str:
     from cleanse.cleansing import iterates
 
     if iterates(params, estimator):
-        return fingerprint("retrain", detect_fingerprint(params, estimator), params.cleansing, RETRAIN_RESULT_VERSION)
-    return fingerprint("retrain", detect_fingerprint(params, estimator), RETRAIN_RESULT_VERSION)
+        return fingerprint("retrain", detect_fingerprint(params, estimator), params.cleansing, RETRAIN_RESULT_VERSION,
+                           *_verify_inputs(params))
+    return fingerprint("retrain", detect_fingerprint(params, estimator), RETRAIN_RESULT_VERSION, *_verify_inputs(params))
 
 
 def query_fingerprint(params: Params) -> str:
@@ -128,7 +137,7 @@ def query_fingerprint(params: Params) -> str:
 
 
 def references_fingerprint(params: Params) -> str:
-    return fingerprint("references", train_fingerprint(params), RETRAIN_RESULT_VERSION)
+    return fingerprint("references", train_fingerprint(params), RETRAIN_RESULT_VERSION, *_verify_inputs(params))
 
 
 def recommend_fingerprint(params: Params) -> str:

@@ -1,0 +1,76 @@
+"""How well ``gan_influence`` predicts the true effect of removing one instance (``evaluate.replay``):
+for a sample of training instances in the traced window, the traced window is replayed without each
+one (the same batches and latents: the ground truth of Terashita et al.) and the metric's true
+change ``M(θ^{-j}_T) − M(θ_T)`` is compared with the estimator's predicted ``I_j`` by Kendall's τ
+and the Jaccard index of the top 10% most harmful (``direction * change``), as in the ICLR 2021
+estimation-accuracy experiment. Cached in ``cache/replay_agreement.json`` against the score's
+fingerprint, so a resumed report does not replay again.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from cleanse.seeds import rng
+from cleanse.storage import read_json, read_table, write_json
+
+ESTIMATOR = "gan_influence"
+
+
+def jaccard_top(a: np.ndarray, b: np.ndarray, share: float = 0.1) -> float:
+    """Jaccard index of the ``share`` largest entries of ``a`` and of ``b`` (same length)."""
+    k = max(1, int(round(share * a.size)))
+    top_a, top_b = set(np.argsort(-a, kind="stable")[:k]), set(np.argsort(-b, kind="stable")[:k])
+    return len(top_a & top_b) / len(top_a | top_b)
+
+
+def true_changes(base: Any, staged: Any, metric_name: str, rows: np.ndarray) -> tuple[np.ndarray, float]:
+    """``(len(rows),)`` true metric change when each training row is removed (replayed without it),
+    and the seconds per replay."""
+    from cleanse.families.gan.training import replay
+
+    trained = base.trained
+    data = torch.as_tensor(staged.train.features, dtype=trained.spec.torch_dtype)
+    metric = base.metric(metric_name, staged.val.features, staged.train.features)
+    reference = metric.evaluate(trained.g_state, trained.d_state, trained.spec)
+    out = np.empty(rows.size, dtype=np.float64)
+    started = time.perf_counter()
+    for i, row in enumerate(rows):
+        keep = torch.ones(data.shape[0], dtype=data.dtype)
+        keep[int(row)] = 0
+        g_state, d_state = replay(trained.spec, trained.recipe, trained.trace, data, keep)
+        out[i] = metric.evaluate(g_state, d_state, trained.spec) - reference
+    return out, (time.perf_counter() - started) / max(rows.size, 1)
+
+
+def replay_agreement(params: Any, staged: Any, layout: Any) -> dict[str, Any]:
+    """``{kendall_tau, jaccard_top10, n_instances, metric, seconds_per_replay}`` (module docstring)."""
+    from scipy.stats import kendalltau
+
+    from cleanse.families import get
+
+    score_meta = read_json(layout.scores_meta(ESTIMATOR))
+    cached = layout.root / "cache" / "replay_agreement.json"
+    key = {"score": score_meta["fingerprint"], "instances": params.evaluate.replay_instances}
+    if cached.is_file() and read_json(cached).get("key") == key:
+        return dict(read_json(cached)["agreement"])
+    scores = read_table(layout.scores(ESTIMATOR))
+    if scores["sample_id"].to_list() != staged.train.sample_id.tolist():
+        raise RuntimeError(f"{ESTIMATOR} scores are not in training order")
+    predicted = scores["predicted_change"].to_numpy()
+    base = get("gan").load_model(layout.base_model)
+    candidates = np.flatnonzero(base.trained.trace.in_window(len(staged.train)).numpy())
+    count = min(params.evaluate.replay_instances, candidates.size)
+    rows = np.sort(rng(params.seed, "gan.replay_agreement").choice(candidates, size=count, replace=False))
+    name = score_meta["metric"]
+    truth, per_replay = true_changes(base, staged, name, rows)
+    direction = float(score_meta["direction"])
+    agreement = {"kendall_tau": float(kendalltau(predicted[rows], truth).statistic),
+                 "jaccard_top10": jaccard_top(direction * predicted[rows], direction * truth),
+                 "n_instances": int(count), "metric": name, "seconds_per_replay": per_replay}
+    write_json({"key": key, "agreement": agreement}, cached)
+    return agreement
