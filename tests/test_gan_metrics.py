@@ -254,6 +254,10 @@ def test_feature_net_accuracy_and_round_trip(digits, net, tmp_path):
     back = FeatureNet.load(tmp_path / "fnet.safetensors")
     assert back.accuracy == net.accuracy and back.data_shape == (1, 8, 8)
     assert np.array_equal(back.embed(xt[:20]), net.embed(xt[:20]))
+    unmeasured = train_feature_net(xt[:64], yt[:64], seed=0, epochs=1)
+    unmeasured.save(tmp_path / "plain.safetensors")
+    assert "NaN" not in (tmp_path / "plain.json").read_text()
+    assert np.isnan(FeatureNet.load(tmp_path / "plain.safetensors").accuracy)
     # An untrained net (same architecture) is near chance: the accuracy check can fail.
     x, y, _, _ = digits
     untrained = train_feature_net(x[:64], y[:64], seed=0, epochs=0, test_images=xt, test_labels=yt)

@@ -27,6 +27,7 @@ Saved as safetensors (the weights) plus a json file (the shape, classes and accu
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,8 @@ class FeatureNet:
         path = Path(path)
         write_tensors(self.state, path)
         write_json({"data_shape": list(self.data_shape), "n_classes": self.n_classes,
-                    "accuracy": self.accuracy, "feature_dim": FEATURE_DIM}, path.with_suffix(".json"))
+                    # null, not NaN (strict JSON), when no held-out images were given
+                    "accuracy": None if math.isnan(self.accuracy) else self.accuracy, "feature_dim": FEATURE_DIM}, path.with_suffix(".json"))
 
     @classmethod
     def load(cls, path: str | Path) -> FeatureNet:
@@ -137,7 +139,8 @@ class FeatureNet:
             raise ArtifactError(f"missing artifact {meta_path} (the feature net's metadata)")
         meta: dict[str, Any] = read_json(meta_path)
         return cls(state=read_tensors(path), data_shape=tuple(meta["data_shape"]),
-                   n_classes=int(meta["n_classes"]), accuracy=float(meta["accuracy"]))
+                   n_classes=int(meta["n_classes"]),
+                   accuracy=float("nan") if meta.get("accuracy") is None else float(meta["accuracy"]))
 
 
 def train_feature_net(
