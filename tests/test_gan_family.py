@@ -192,3 +192,57 @@ def test_digits_with_noise_images_reports_fid_and_is(tmp_path):
         assert np.isfinite([retrain["test_fid"], retrain["test_is"], retrain["test_fid_scratch"]]).all()
     assert metrics["baseline"]["test_fid"] > 0 and metrics["baseline"]["test_is"] >= 1
     assert metrics["estimators"]["gan_influence"]["retrain"]["n_removed"] == 25
+
+
+def _tiny_yaml() -> dict:
+    return {**TINY, "evaluate": {"scratch": False}, "model": {**TINY["model"], "epochs": 20}}
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_gan_runs_through_dvc_repro(tmp_path):
+    """The checked-in dvc.yaml runs a GAN params.yaml unchanged (no family branch): every stage
+    runs once, the metrics carry test_all, and a second repro runs nothing."""
+    import shutil
+
+    import yaml
+
+    from tests.test_dvc import REPO, VENV_BIN, Project, _env
+
+    if not (VENV_BIN / "dvc").exists() or shutil.which("git") is None:
+        pytest.skip("dvc and git are needed")
+    root = tmp_path / "project"
+    shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
+    shutil.copy2(REPO / "dvc.yaml", root / "dvc.yaml")
+    project = Project(root, _env(tmp_path / "pycache"))
+    # every key written out, as DVC reads the estimator fan-out and each stage's params from the file
+    full = validate_params(_tiny_yaml()).model_dump(mode="json")
+    (root / "params.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
+    for command in (("git", "init", "-q"), ("git", "add", "-A"), ("git", "commit", "-q", "-m", "project")):
+        project.run(*command)
+    project.dvc("init", "-q")
+    ran, output = project.repro()
+    assert {"stage", "train", "score@gan_influence", "retrain@isolation_forest", "report"} <= set(ran), output[-3000:]
+    metrics = json.loads((root / "reports" / "metrics.json").read_text())
+    assert math.isfinite(metrics["estimators"]["gan_influence"]["retrain"]["test_all"])
+    again, _ = project.repro()
+    assert set(again) <= {"source"}, again
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_gan_runs_through_the_prefect_flow(prefect_api, tmp_path, monkeypatch):
+    import yaml
+
+    from flows.cleanse_flow import cleanse_flow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = tmp_path / "gan.yaml"
+    params.write_text(yaml.safe_dump({**_tiny_yaml(), "tracking": {"enabled": True}}))
+    monkeypatch.chdir(tmp_path)
+    state = cleanse_flow(params_file=str(params), out=str(tmp_path / "out"), return_state=True)
+    assert state.is_completed(), state.message
+    written = json.loads((tmp_path / "out" / "reports" / "metrics.json").read_text())
+    assert sorted(written["estimators"]) == ["gan_influence", "isolation_forest"]
+    assert (tmp_path / "out" / "mlflow.db").is_file()

@@ -51,7 +51,7 @@ class FittedGan:
     feature_net: FeatureNet | None = None
     # Metric objects by (name, which real set): their real-set statistics are computed once per
     # stage and shared by every model derived from this one (replays, retrains).
-    cache: dict[tuple[str, int], Any] = field(default_factory=dict, repr=False)
+    cache: dict[tuple[str, int], tuple[np.ndarray, np.ndarray, Any]] = field(default_factory=dict, repr=False)
 
     @property
     def spec(self) -> Any:
@@ -66,12 +66,14 @@ class FittedGan:
         from cleanse.families.gan.metrics import make_metric
 
         key = (name, id(real))
-        if key not in self.cache:
+        held = self.cache.get(key)
+        if held is None or held[0] is not real or held[1] is not train:  # an id is reused once its array is freed
             dtype = self.spec.torch_dtype
-            self.cache[key] = make_metric(name, real=torch.as_tensor(real, dtype=dtype), spec=self.spec,
-                                          n_latents=self.n_latents, seed=self.seed, feature_net=self.feature_net,
-                                          train_data=torch.as_tensor(train, dtype=dtype))
-        return self.cache[key]
+            metric = make_metric(name, real=torch.as_tensor(real, dtype=dtype), spec=self.spec,
+                                 n_latents=self.n_latents, seed=self.seed, feature_net=self.feature_net,
+                                 train_data=torch.as_tensor(train, dtype=dtype))
+            held = self.cache[key] = (real, train, metric)  # the arrays held, so their ids stay theirs
+        return held[2]
 
 
 @dataclass(frozen=True)
