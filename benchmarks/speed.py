@@ -61,6 +61,8 @@ from _common import (
     time_limit,
 )
 
+from cleanse import api
+
 SECTION = "speed"
 FLIP_FRACTION = 0.10
 AUC_TOLERANCE = 0.01
@@ -123,7 +125,7 @@ class Problem:
     """One grid point: the data, the trained model and the timing denominator."""
 
     n: int
-    context: Any  # cleanse ScoringContext
+    prepared: Any  # cleanse.api.Prepared: the params, the staged splits, the trained model, its ScoringContext
     x: torch.Tensor
     y: torch.Tensor
     is_flipped: np.ndarray
@@ -133,6 +135,10 @@ class Problem:
     train_samples_s: list[float]
     val_accuracy: float
     checkpoint_epochs: list[int]
+
+    @property
+    def context(self) -> Any:
+        return self.prepared.context
 
 
 def make_splits(n: int, grid: Grid, seed: int) -> tuple[Any, Any]:
@@ -169,35 +175,44 @@ def model_config(grid: Grid, epochs: int | None = None, checkpoints: int | None 
                        checkpoints=checkpoints or grid.checkpoints)
 
 
-def build_problem(n: int, grid: Grid, seed: int) -> Problem:
-    """Stage the data, train the model (checkpoints) and time one epoch separately."""
-    from cleanse.data.dataset import DatasetMeta
-    from cleanse.estimators.base import ScoringContext
-    from cleanse.models.architectures import spec_for
-    from cleanse.models.trainer import predict_proba, train_model
+def bench_params(grid: Grid, seed: int, epochs: int | None = None, checkpoints: int | None = None) -> Any:
+    """The run's params (embedded defaults) with the grid's model recipe and ``seed``."""
+    from cleanse.config import load_params
+
+    return load_params(None).model_copy(update={"model": model_config(grid, epochs, checkpoints), "seed": seed})
+
+
+def make_staged(n: int, grid: Grid, seed: int) -> Any:
+    """:func:`make_splits` as cleanse's staged data (no test split: nothing here is measured on one)."""
+    from cleanse.data.dataset import DatasetMeta, StagedData
 
     train, val = make_splits(n, grid, seed)
-    spec = spec_for("mlp", list(grid.hidden), (grid.features,), grid.classes)
-    config = model_config(grid)
-    cpu = torch.device("cpu")
+    meta = DatasetMeta(name=f"make_classification-{n}", n_classes=grid.classes, feature_shape=(grid.features,),
+                       corruption={"kind": "label_flip", "fraction": FLIP_FRACTION, "mode": "symmetric"})
+    return StagedData(train=train, val=val, test=val.subset(np.zeros(0, dtype=np.int64)), meta=meta)
+
+
+def build_problem(n: int, grid: Grid, seed: int) -> Problem:
+    """Stage the data, train the model (checkpoints) and time one epoch separately."""
+    from cleanse.models.trainer import predict_proba
+
+    staged = make_staged(n, grid, seed)
+    params, one_epoch = bench_params(grid, seed), bench_params(grid, seed, epochs=1, checkpoints=1)
+    train, val = staged.train, staged.val
     # The first training in a process pays one-off costs (seconds: kernels, allocator), which would
     # inflate the training run that f-INE is divided by; a one-epoch run on a few rows takes them.
-    train_model(spec, train.features[:256], train.label[:256], model_config(grid, epochs=1, checkpoints=1),
-                seed=seed, device=cpu)
+    api.fit(one_epoch, replace(staged, train=train.subset(np.arange(min(n, 256)))), device="cpu")
     with Stopwatch() as clock:
-        trained = train_model(spec, train.features, train.label, config, seed=seed, device=cpu)
-    one_epoch = model_config(grid, epochs=1, checkpoints=1)
+        trained = api.fit(params, staged, device="cpu")
     samples = []
     for _ in range(grid.epoch_repeats):  # the full training above warmed everything up
         with Stopwatch() as epoch_clock:
-            train_model(spec, train.features, train.label, one_epoch, seed=seed, device=cpu)
+            api.fit(one_epoch, staged, device="cpu")
         samples.append(epoch_clock.seconds)
     val_accuracy = float((predict_proba(trained, val.features).argmax(1) == val.label).mean())
-    meta = DatasetMeta(name=f"make_classification-{n}", n_classes=grid.classes, feature_shape=(grid.features,),
-                       corruption={"kind": "label_flip", "fraction": FLIP_FRACTION, "mode": "symmetric"})
-    context = ScoringContext(train=train, val=val, meta=meta, model=trained, model_config=config, seed=seed)
-    x, y = context.tensors(train)
-    return Problem(n=n, context=context, x=x, y=y, is_flipped=train.is_corrupted.copy(), train_s=clock.seconds,
+    prepared = api.Prepared(params, staged, trained, api.context(params, staged, trained, device="cpu"))
+    x, y = prepared.context.tensors(train)
+    return Problem(n=n, prepared=prepared, x=x, y=y, is_flipped=train.is_corrupted.copy(), train_s=clock.seconds,
                    train_samples_s=[clock.seconds],
                    epoch_s=float(np.min(samples)), epoch_samples_s=samples, val_accuracy=val_accuracy,
                    checkpoint_epochs=[c.epoch for c in trained.checkpoints])
@@ -205,13 +220,10 @@ def build_problem(n: int, grid: Grid, seed: int) -> Problem:
 
 def time_training(problem: Problem, grid: Grid, seed: int) -> tuple[float, float]:
     """Seconds of one epoch and of one whole training run on the problem's data, timed again."""
-    from cleanse.models.trainer import train_model
-
-    train, spec, cpu = problem.context.train, problem.context.model.spec, torch.device("cpu")
     out = []
-    for config in (model_config(grid, epochs=1, checkpoints=1), model_config(grid)):
+    for params in (bench_params(grid, seed, epochs=1, checkpoints=1), bench_params(grid, seed)):
         with Stopwatch() as clock:
-            train_model(spec, train.features, train.label, config, seed=seed, device=cpu)
+            api.fit(params, problem.prepared.staged, device="cpu")
         out.append(clock.seconds)
     return out[0], out[1]
 
@@ -318,12 +330,18 @@ def _cleanse_options(name: str, grid: Grid) -> Any:
     return registry.get(name).options_type()
 
 
-def cleanse_detectors(grid: Grid) -> list[Detector]:
-    """Every registered estimator with its default options (a new estimator is picked up as is),
-    plus ``influence_val [cg]``: validation influence with the CG solver forced (the old benchmark
-    configuration), for comparison with the ``auto`` choice."""
+def classification_estimators() -> list[str]:
+    """The registered estimators that support the classification family (others, e.g. a GAN's, refuse it)."""
     from cleanse.estimators import registry
 
+    return [name for name in registry.names() if "classification" in registry.families_of(name)]
+
+
+def cleanse_detectors(grid: Grid) -> list[Detector]:
+    """Every registered estimator of the classification family (the benchmark's problem) with its
+    default options (a new estimator is picked up as is), plus ``influence_val [cg]``: validation
+    influence with the CG solver forced (the old benchmark configuration), for comparison with the
+    ``auto`` choice."""
     notes = {
         "tracin": "all layers, all checkpoints, layer-wise norms",
         "loss": "final training loss (one forward pass)",
@@ -334,12 +352,12 @@ def cleanse_detectors(grid: Grid) -> list[Detector]:
         "fine": "default options; the ratio that matters is to the training run (x epoch / 6 epochs)",
     }
     detectors = []
-    for name in [*registry.names(), "influence_val [cg]"]:
+    for name in [*classification_estimators(), "influence_val [cg]"]:
         options = _cleanse_options(name, grid)
-        estimator = registry.get(name.split(" ")[0])
 
-        def run(problem: Problem, estimator: Any = estimator, options: Any = options) -> tuple[np.ndarray, dict[str, Any]]:
-            result = estimator.score(problem.context, options)
+        def run(problem: Problem, estimator: str = name.split(" ")[0],
+                options: Any = options) -> tuple[np.ndarray, dict[str, Any]]:
+            result = api.score_result(problem.prepared, estimator, options)
             return result.table["score"].to_numpy(), {"estimator_meta": result.meta}
 
         def checkpoints(problem: Problem, name: str = name) -> int:
