@@ -296,13 +296,13 @@ def bench_fvm(grid: dict[str, Any], log) -> list[dict[str, Any]]:
 
 def bench_stability(grid: dict[str, Any], log) -> dict[str, Any]:
     seeds = list(range(grid["stability_seeds"]))
-    scores: dict[str, list[np.ndarray]] = {name: [] for name in registry.names()}
+    scores: dict[str, list[np.ndarray]] = {name: [] for name in registry.names_for("classification")}
     k = None
     for seed in seeds:
         # Logistic regression: every estimator at its default options (exact influence) in minutes.
         params, staged, context = context_for(grid["dataset"], "logreg", "sym20", seed=seed)
         k = int(staged.train.is_corrupted.sum())
-        for name in registry.names():
+        for name in registry.names_for("classification"):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 result = registry.get(name).score(context, params.scorers.of(name))

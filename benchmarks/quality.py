@@ -645,7 +645,7 @@ def trusted_peers() -> list[Detector]:
 
 
 def detectors() -> list[Detector]:
-    names = registry.names()
+    names = registry.names_for("classification")
     out = [_cleanse_detector(name) for name in names]
     # The trusted baseline is always a row: skipped with the reason where the estimator is missing.
     out += [Detector(f"cleanse {name}", "baseline", _cleanse_detector(name).fn, league=TRUSTED,

@@ -334,7 +334,7 @@ def classification_estimators() -> list[str]:
     """The registered estimators that support the classification family (others, e.g. a GAN's, refuse it)."""
     from cleanse.estimators import registry
 
-    return [name for name in registry.names() if "classification" in registry.families_of(name)]
+    return registry.names_for("classification")
 
 
 def cleanse_detectors(grid: Grid) -> list[Detector]:

@@ -35,7 +35,7 @@ def test_smoke_grid_writes_every_section(tmp_path):
     assert {"VM", "FVM (SAM)", "influence (self, train curvature)"} <= set(data["fvm"][0]["rows"])
     from cleanse.estimators import registry
 
-    assert set(data["stability"]["rows"]) == set(registry.names())
+    assert set(data["stability"]["rows"]) == set(registry.names_for("classification"))
     text = docs.read_text()
     assert "keep me" in text and text.count("<!-- influence:start -->") == 1
     assert "### Linear datamodeling score" in text and "### Rank stability" in text

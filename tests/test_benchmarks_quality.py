@@ -57,7 +57,7 @@ def test_every_cell_has_detection_metrics_and_reference_rows(smoke):
         # Every registered cleanse estimator and the free AUM baseline ran.
         from cleanse.estimators import registry
 
-        assert {f"cleanse {name}" for name in registry.names()} | {"AUM"} <= set(ran)
+        assert {f"cleanse {name}" for name in registry.names_for("classification")} | {"AUM"} <= set(ran)
         for entry in ran.values():
             metrics = entry["metrics"]
             assert set(metrics) == {"roc_auc", "average_precision", "precision_at_k"}
@@ -194,7 +194,7 @@ def test_league_of_follows_each_estimator_declaration(quality):
 
     scorers = load_params(None, quality.SCORER_OVERRIDES).scorers
     checked = 0
-    for name in registry.names():
+    for name in registry.names_for("classification"):
         try:
             estimator = registry.get(name)
         except ImportError:

@@ -31,7 +31,7 @@ def cpu_context():
 def _registered() -> list[str]:
     from cleanse.estimators import registry
 
-    return registry.names()
+    return registry.names_for("classification")
 
 
 @pytest.mark.parametrize("name", _registered())

@@ -50,6 +50,11 @@ def families_of(name: str) -> tuple[str, ...]:
     return _FAMILIES.get(name, ("classification",))
 
 
+def names_for(family: str) -> list[str]:
+    """The registered estimators that support ``family``, in registry order."""
+    return [name for name in _REGISTRY if family in families_of(name)]
+
+
 def check_supports(name: str, family: str) -> None:
     """Refuse ``name`` for ``family`` unless the estimator supports it (:func:`families_of`)."""
     if family not in families_of(name):
