@@ -136,6 +136,7 @@ def test_retraining_from_scratch_without_nothing_is_the_base_model():
     ({"model": {"arch": "conv"}}, "model.arch: 'conv' needs image data"),
     ({"query": {"kind": "val_errors"}}, "family 'gan' allows 'none'"),
     ({"model": {"optimizer": "lbfgs"}}, "model.optimizer: 'lbfgs' is not one of"),
+    ({"evaluate": {"lds": True}}, "evaluate.lds: needs a supervised model"),
 ])
 def test_bad_input_is_refused_in_one_line(overrides, message):
     raw = {"family": "gan", **overrides}

@@ -319,7 +319,7 @@ class GanParams(Params):
         if self.query.kind != "none":
             raise ValueError(f"query.kind: {self.query.kind!r} is a classification probe set; family 'gan' allows "
                              "'none'")
-        check_fits_data(self.data, self.corruption, self.model, self.metrics)
+        check_fits_data(self.data, self.corruption, self.model, self.metrics, self.evaluate)
         return self
 
 

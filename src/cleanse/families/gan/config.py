@@ -8,7 +8,7 @@ outlier mode, the float precision) are ``auto`` and resolved by :func:`is_image_
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -134,8 +134,13 @@ class GanEvaluateFields(_Section):
 
 
 def check_fits_data(data: GanDataConfig, corruption: GanCorruptionConfig, model: GanModelConfig,
-                    metrics: GanMetricsConfig) -> None:
-    """Refuse (ValueError naming the key) sections that do not fit the data's kind, 2-D or images."""
+                    metrics: GanMetricsConfig, evaluate: Any = None) -> None:
+    """Refuse (ValueError naming the key) sections that do not fit the data's kind, 2-D or images,
+    and the shared evaluations that retrain supervised models (``evaluate.lds``, ``stability``)."""
+    for key in ("lds", "stability"):
+        if evaluate is not None and getattr(evaluate, key):
+            raise ValueError(f"evaluate.{key}: needs a supervised model; family 'gan' evaluates its estimator "
+                             "against true replays (evaluate.replay)")
     image = is_image_source(data.source)
     kind = "image" if image else "2-D"
     mode = corruption.resolved_mode(data.source)
