@@ -42,6 +42,9 @@ import numpy as np
 # reproducibility, so never rename one.
 PURPOSES = frozenset({
     "cleanlab.fold",  # cleanlab: the training seed of each out-of-sample fold's model (index = fold)
+    "diffusion.noise",  # diffusion family: the one fixed noise every DMin signature is taken at
+    "diffusion.sketch",  # diffusion family: the sketch's permutation (index 0) and random signs (index 1)
+    "diffusion.lora",  # diffusion family: the initialisation of LoRA adapters
     "fine.inclusion",  # f-INE: which units are in each round
     "gan.data",  # GAN family: the synthetic 2-D draws and the row order of image sets (families/gan/data.py)
     "gan.outliers",  # GAN family: which training rows become planted outliers, and their values

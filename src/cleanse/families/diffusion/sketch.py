@@ -1,0 +1,111 @@
+"""DMin's gradient compression (Lin, Lao & Zhao, arXiv 2412.08637, section 3.3; spec part B 3.3):
+pad, permute, random signs, group sums -- one permutation and one random projection (OPORP, Li &
+Li, 2023), several sizes from one pass.
+
+For a vector ``a`` of ``D`` entries and a size ``v``:
+
+1. pad ``a`` with zeros to ``D'``, the smallest multiple of the largest requested size;
+2. permute the ``D'`` entries with one fixed permutation ``pi`` (shared by every sample and
+   timestep);
+3. multiply entry-wise by one fixed Rademacher vector ``r`` in {-1, +1}^D' (a vector, not a
+   ``D x v`` matrix: O(D) memory);
+4. sum ``v`` contiguous groups of ``D'/v`` entries: ``C(a)_j = sum_{i in group j} r_i a_pi(i)``.
+
+Inner products are preserved in expectation over ``r``: ``E <C(a), C(b)> = <a, b>`` (the cross
+terms ``r_i r_k a_i b_k``, i != k, have mean zero), for any permutation. Over the random
+permutation as well, with ``D`` divisible by ``v`` (no padding), the variance is (Li & Li, 2023,
+Theorem 1 with Rademacher signs)
+
+    Var <C(a), C(b)> = (1/v) (||a||^2 ||b||^2 + <a, b>^2 - 2 sum_i a_i^2 b_i^2) (D - v) / (D - 1),
+
+which falls like 1/v and vanishes at ``v = D``. Padding only adds zero entries, so it changes the
+``D`` of the formula but not the unbiasedness. A smaller size's groups are unions of adjacent
+groups of the largest size, so every size is a further group sum of the largest one's sketch: the
+sizes share ``pi`` and ``r`` and cost one pass over ``D``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cleanse.errors import ConfigError
+from cleanse.seeds import rng
+
+DEFAULT_SIZES = tuple(2 ** k for k in range(8, 17))  # 2^8 ... 2^16
+
+
+@dataclass(frozen=True)
+class Sketch:
+    """The fixed compression of ``dim``-entry vectors to each of ``sizes``: ``permutation``
+    ``(D',)`` int64 and ``signs`` ``(D',)`` float32 (+-1), ``D'`` the padded length."""
+
+    dim: int
+    sizes: tuple[int, ...]
+    permutation: torch.Tensor
+    signs: torch.Tensor
+
+    @classmethod
+    def make(cls, dim: int, sizes: Sequence[int] = DEFAULT_SIZES, seed: int = 42) -> Sketch:
+        """The sketch of ``seed``'s ``diffusion.sketch`` stream (member 0: the permutation, member 1:
+        the signs). ``sizes`` must each divide the largest (powers of two do)."""
+        sizes = tuple(sorted({int(v) for v in sizes}))
+        if dim < 1 or not sizes or sizes[0] < 1:
+            raise ConfigError(f"sketch: dim {dim} and sizes {list(sizes)} must be positive")
+        largest = sizes[-1]
+        if any(largest % v for v in sizes):
+            raise ConfigError(f"sketch: sizes {list(sizes)} must each divide the largest, {largest}")
+        padded = -(-dim // largest) * largest
+        permutation = torch.from_numpy(rng(seed, "diffusion.sketch", 0).permutation(padded).astype(np.int64))
+        signs = torch.from_numpy(rng(seed, "diffusion.sketch", 1).choice(np.array([-1.0, 1.0], dtype=np.float32),
+                                                                         size=padded))
+        return cls(dim, sizes, permutation, signs)
+
+    @property
+    def padded(self) -> int:
+        return int(self.permutation.shape[0])
+
+    def __call__(self, vectors: torch.Tensor) -> dict[int, torch.Tensor]:
+        """``{v: C_v(vectors)}`` for every size, each ``(..., v)`` in ``vectors``' dtype, for
+        ``vectors`` ``(..., dim)`` (a signature batch ``(b, S, D)`` gives ``(b, S, v)``)."""
+        if vectors.shape[-1] != self.dim:
+            raise ConfigError(f"sketch: vectors of {vectors.shape[-1]} entries for a sketch of dim {self.dim}")
+        lead = vectors.shape[:-1]
+        largest = self.sizes[-1]
+        # Scatter each original entry, signed, into its group of the largest size (the padding
+        # adds zeros): the same sums as permuting and reshaping, without the (..., D') copies.
+        position = torch.empty_like(self.permutation)
+        position[self.permutation] = torch.arange(self.padded)
+        position = position[:self.dim].to(vectors.device)
+        signs = self.signs.to(vectors.device, vectors.dtype)[position]
+        flat = (vectors * signs).reshape(-1, self.dim)
+        top = flat.new_zeros(flat.shape[0], largest).index_add_(1, position // (self.padded // largest), flat)
+        return {v: top.reshape(*lead, v, largest // v).sum(-1) for v in self.sizes}
+
+
+def oporp_variance(a: np.ndarray, b: np.ndarray, v: int) -> float:
+    """The variance of ``<C(a), C(b)>`` over the random permutation and signs (module docstring),
+    for ``a``, ``b`` ``(D,)`` with ``D`` divisible by ``v``."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    d = a.shape[0]
+    if d % v:
+        raise ConfigError(f"sketch: the closed-form variance needs D ({d}) divisible by v ({v})")
+    core = float(a @ a) * float(b @ b) + float(a @ b) ** 2 - 2.0 * float((a * a) @ (b * b))
+    return core / v * (d - v) / (d - 1)
+
+
+def dense_projection(vectors: torch.Tensor, size: int, seed: int, block: int = 4096) -> torch.Tensor:
+    """The dense Gaussian (Johnson-Lindenstrauss) baseline at the same size: ``vectors @ G``,
+    ``G`` ``(D, size)`` with entries ``N(0, 1/size)`` (so inner products are unbiased), drawn in
+    row blocks of ``block`` from the ``projection.block`` stream so that ``G`` is never held whole.
+    Shape ``(..., size)``. Memory and time O(D * size): the cost DMin's sketch avoids."""
+    dim = vectors.shape[-1]
+    out = torch.zeros(*vectors.shape[:-1], size, dtype=vectors.dtype, device=vectors.device)
+    for index, start in enumerate(range(0, dim, block)):
+        rows = min(block, dim - start)
+        g = rng(seed, "projection.block", index).standard_normal((rows, size)) / np.sqrt(size)
+        out += vectors[..., start:start + rows] @ torch.from_numpy(g.astype(np.float32)).to(vectors.device, vectors.dtype)
+    return out
