@@ -82,8 +82,9 @@ def test_the_mask_weights_real_terms_and_keeps_the_divisor():
     torch.testing.assert_close(full - dropped, real_term / 4, rtol=1e-12, atol=0)
 
 
-CASES = [("mlp", "sgd", "simultaneous", 0.0), ("mlp", "sgd", "alternating", 0.9), ("mlp", "adam", "simultaneous", 0.0),
-         ("mlp", "adam", "alternating", 0.0), ("conv", "sgd", "simultaneous", 0.5), ("conv", "adam", "alternating", 0.0)]
+CASES = [("mlp", "sgd", "simultaneous", 0.0), ("mlp", "sgd", "alternating", 0.9),
+         ("mlp", "adam", "simultaneous", 0.0), ("mlp", "adam", "alternating", 0.0),
+         ("conv", "sgd", "simultaneous", 0.5), ("conv", "adam", "alternating", 0.0)]
 
 
 @pytest.mark.parametrize(("arch", "optimizer", "updates", "momentum"), CASES)

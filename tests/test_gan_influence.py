@@ -137,8 +137,14 @@ def _agreement(n: int, epochs: int, targets: int, seed: int = 0):
     return spec, recipe, trained, data, metric, rows, estimate[rows], truth
 
 
-def test_itd_ranks_removals_like_the_replay_on_gaussian2d_small():
-    *_, estimate, truth = _agreement(n=600, epochs=5, targets=60)
+@pytest.fixture(scope="module")
+def small_agreement():
+    """600 rows, 5 epochs, 1-epoch window (6 steps), 60 targets replayed."""
+    return _agreement(n=600, epochs=5, targets=60)
+
+
+def test_itd_ranks_removals_like_the_replay_on_gaussian2d_small(small_agreement):
+    *_, estimate, truth = small_agreement
     assert kendalltau(estimate, truth)[0] >= 0.8
     assert jaccard_top(estimate, truth) >= 0.7
 
@@ -154,11 +160,11 @@ def test_itd_ranks_removals_like_the_replay_on_gaussian2d_200_instances():
     assert kendalltau(aid[rows], truth)[0] >= 0.3
 
 
-def test_aid_correlates_positively_with_the_replay():
+def test_aid_correlates_positively_with_the_replay(small_agreement):
     """AID sees only the final parameters and averages over where a row sits in the window, while
     the replay's effect depends on it (a row in the window's last step reaches G through one D step
     only), so its agreement is weaker than ITD's; measured tau ~0.5 on 2,000 rows, bound 0.3 here."""
-    spec, recipe, trained, data, metric, rows, estimate, truth = _agreement(n=600, epochs=5, targets=60)
+    spec, recipe, trained, data, metric, rows, estimate, truth = small_agreement
     aid = aid_influence(spec, recipe, trained.g_state, trained.d_state, data, metric, depth=6, damping=0.0,
                         scale=1.0, seed=0, batch_size=100)
     assert aid.shape == (600,) and np.isfinite(aid).all()
@@ -166,3 +172,17 @@ def test_aid_correlates_positively_with_the_replay():
     assert np.corrcoef(aid[rows], truth)[0, 1] > 0.3
     # same order of magnitude as the 1-epoch window it stands for (depth = n / batch steps)
     assert 0.1 < np.std(aid[rows]) / np.std(truth) < 10
+
+
+def test_checkpointed_itd_equals_the_stored_states_itd(monkeypatch):
+    """A window too large to hold every state is replayed in ~sqrt(S) segments: same numbers."""
+    from cleanse.families.gan import influence
+
+    spec, data, held_out = paper_mlp_spec(), gaussian2d(300, 0), gaussian2d(50, 1)
+    recipe = GanRecipe(epochs=3, batch_size=30, optimizer="adam", updates="alternating", trace_epochs=2)
+    trained = train_gan(spec, recipe, data, seed=4)
+    metric = kde_all(spec, held_out, 50, 0)
+    stored = itd_influence(spec, recipe, trained.trace, data, metric)
+    monkeypatch.setattr(influence, "SNAPSHOT_BYTES", 1)
+    assert influence._checkpoint_stride(trained.trace) == 5  # 20 steps
+    np.testing.assert_array_equal(itd_influence(spec, recipe, trained.trace, data, metric), stored)

@@ -80,12 +80,46 @@ def _mix(u: Params, kt_u: Params, damping: float, scale: float) -> Params:
     return {k: (1.0 - damping) * u[k] + scale * kt_u[k] for k in u}
 
 
+SNAPSHOT_BYTES = 256 * 2**20  # the window's per-step states kept in memory at once (beyond: checkpointing)
+
+
+def _checkpoint_stride(trace: GanTrace) -> int:
+    """Steps between stored states: 1 (every state) when the window's states fit in SNAPSHOT_BYTES,
+    else about sqrt(steps), so that at most ~2 sqrt(steps) states are held (one extra replay)."""
+    tensors = [*trace.start_g.values(), *trace.start_d.values(), *trace.optimizer_start.values()]
+    per_state = sum(t.numel() * t.element_size() for t in tensors)
+    if per_state * trace.steps <= SNAPSHOT_BYTES:
+        return 1
+    return max(1, int(np.ceil(np.sqrt(trace.steps))))
+
+
+State = tuple[Params, Params, Params]  # (g, d, optimizer state)
+
+
+def _window_states(nets: GanNets, recipe: GanRecipe, trace: GanTrace, data: Tensor, begin: int, end: int,
+                   stride: int, start: State | None = None) -> list[State]:
+    """The states before steps begin, begin + stride, ... (< end), then the state after step end - 1,
+    replayed from ``start`` (default: the trace's start, begin = 0) with the training arithmetic."""
+    g, d, state = start or (trace.start_g, trace.start_d, trace.optimizer_start)
+    states: list[State] = []
+    for first in range(begin, end, stride):
+        states.append((g, d, state))
+        last = min(first + stride, end)
+        window = slice(first, last)
+        g, d, state = run_steps(nets, recipe, g, d, state, data, None, trace.batches[window], trace.z_d[window],
+                                trace.z_g[window], trace.lr_d[window], trace.lr_g[window])
+    states.append((g, d, state))
+    return states
+
+
 def itd_influence(spec: GanSpec, recipe: GanRecipe, trace: GanTrace, data: Tensor, metric: MetricFn, *,
                   damping: float = 0.0, scale: float = 1.0, progress: bool = False,
                   optimizer_adjoint: bool = False) -> np.ndarray:
     """ITD: ``I_j ~ M(theta^{-j}_T) - M(theta_T)`` for every training row, (n,) float64.
 
-    Replays the window once (the same arithmetic as training), storing each step's input, sets
+    Replays the window (the same arithmetic as training), storing each step's input (or, for a
+    window whose states exceed ``SNAPSHOT_BYTES``, every ~sqrt(S)-th one and recomputing each
+    segment's states once more on the way back), sets
     ``u = dM/dtheta_T`` (G part and D part), then for t = S-1 .. 0 (for alternating updates the
     step's G-update is differentiated before its D-update, by the chain rule inside the step):
     ``I_j -= d<u, Phi_t(theta_t, m)>/dm_j`` for the batch members (with the current u = u_{t+1}),
@@ -98,16 +132,20 @@ def itd_influence(spec: GanSpec, recipe: GanRecipe, trace: GanTrace, data: Tenso
     """
     check_data(spec, recipe, data)
     nets = GanNets(spec)
-    snapshots: list[tuple[Params, Params, Params]] = []
-    g_T, d_T, _ = run_steps(nets, recipe, trace.start_g, trace.start_d, trace.optimizer_start, data, None,
-                            trace.batches, trace.z_d, trace.z_g, trace.lr_d, trace.lr_g, snapshots=snapshots)
+    stride = _checkpoint_stride(trace)
+    segments = _window_states(nets, recipe, trace, data, 0, trace.steps, stride)
+    g_T, d_T, _ = segments.pop()
     u_g, u_d = metric_gradient(metric, g_T, d_T)
     u_state = ({k: torch.zeros_like(v) for k, v in trace.optimizer_start.items() if not k.endswith(".step")}
                if optimizer_adjoint else None)
     influence = torch.zeros(data.shape[0], dtype=torch.float64)
     reporter = Progress("gan influence: itd", total=trace.steps, unit="step") if progress else None
+    snapshots = segments if stride == 1 else []
     for t in reversed(range(trace.steps)):
-        g, d, state = snapshots[t]
+        if not snapshots:  # recompute the states of the segment that ends at step t
+            begin = (t // stride) * stride
+            snapshots = _window_states(nets, recipe, trace, data, begin, t + 1, 1, segments[t // stride])[:-1]
+        g, d, state = snapshots.pop()
         rows = trace.batches[t]
         kt_g, kt_d, u_state, mask_grad = _adjoint_step(
             nets, recipe, g, d, state, data[rows], trace.z_d[t], trace.z_g[t], float(trace.lr_d[t]),
