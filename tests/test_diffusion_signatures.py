@@ -133,3 +133,22 @@ def test_a_planted_duplicate_is_retrieved_first():
         assert rows[:, 0].tolist() == planted * 2
         _, ids = HnswIndex.build(database).search(probe, k=5)
         assert ids[:, 0].tolist() == planted * 2
+
+
+def test_fitting_lowers_the_denoising_loss_and_is_reproducible():
+    from cleanse.errors import ConfigError
+    from cleanse.families.diffusion.train import fit_ddpm, sample_ddpm
+
+    images, labels = _digits(128)
+    scheduler = ddpm_scheduler()
+    model = small_unet(n_classes=10, seed=0)
+    history = fit_ddpm(model, scheduler, images, labels, epochs=4, batch_size=32, seed=0)
+    assert len(history) == 4 and history[-1] < 0.6 * history[0], history
+    again = small_unet(n_classes=10, seed=0)
+    assert fit_ddpm(again, scheduler, images, labels, epochs=4, batch_size=32, seed=0) == history
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    drawn = sample_ddpm(model, scheduler, 4, (1, 8, 8), torch.tensor([0, 1, 2, 3]), steps=20, seed=5)
+    assert drawn.shape == (4, 1, 8, 8) and float(drawn.abs().max()) <= 1.0
+    assert torch.equal(drawn, sample_ddpm(model, scheduler, 4, (1, 8, 8), torch.tensor([0, 1, 2, 3]), steps=20, seed=5))
+    with pytest.raises(ConfigError, match="3 labels for 128 images"):
+        fit_ddpm(model, scheduler, images, labels[:3], epochs=1)

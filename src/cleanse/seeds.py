@@ -45,6 +45,7 @@ PURPOSES = frozenset({
     "diffusion.noise",  # diffusion family: the one fixed noise every DMin signature is taken at
     "diffusion.sketch",  # diffusion family: the sketch's permutation (index 0) and random signs (index 1)
     "diffusion.lora",  # diffusion family: the initialisation of LoRA adapters
+    "diffusion.train",  # diffusion family: the batch order, timesteps and noise of each training epoch (index = epoch)
     "fine.inclusion",  # f-INE: which units are in each round
     "gan.data",  # GAN family: the synthetic 2-D draws and the row order of image sets (families/gan/data.py)
     "gan.outliers",  # GAN family: which training rows become planted outliers, and their values

@@ -7,6 +7,7 @@ The library core, framework-free, with diffusers, peft and faiss imported lazily
 
 - :mod:`.timesteps`: the cube-law timesteps and the one fixed, shared noise;
 - :mod:`.models`: a small ``UNet2DModel`` with its ``DDPMScheduler``, and peft LoRA adapters;
+- :mod:`.train`: fitting it (the DDPM objective, Adam, seeded) and ancestral sampling;
 - :mod:`.signatures`: per-sample, per-timestep L2-normalised gradients of the diffusion loss
   (``torch.func``: ``functional_call`` + ``vmap(grad)``);
 - :mod:`.sketch`: DMin's compression (pad, permute, random signs, group sums) for several sizes;
