@@ -188,6 +188,18 @@ def test_digits_with_noise_images_reports_fid_and_is(tmp_path):
     layout = Layout.at(tmp_path)
     metrics = run_all(params, layout, log=lambda line: None)
     assert (layout.base_model / "features" / "feature_net.safetensors").is_file()
+    record = json.loads((layout.base_model / "meta.json").read_text())["feature_net"]
+    assert record["digest"].startswith("sha256:") and record["file"] == "features/feature_net.safetensors"
+    net = families.get("gan").load_model(layout.base_model).feature_net
+    assert net is not None
+    from dataclasses import replace as replaced
+
+    from cleanse.errors import ArtifactError
+
+    replaced(net, state={k: torch.zeros_like(v) for k, v in net.state.items()}).save(
+        layout.base_model / "features" / "feature_net.safetensors")
+    with pytest.raises(ArtifactError, match="not the one this GAN was evaluated with"):
+        families.get("gan").load_model(layout.base_model)
     for name in ("gan_influence", "isolation_forest"):
         retrain = metrics["estimators"][name]["retrain"]
         assert np.isfinite([retrain["test_fid"], retrain["test_is"], retrain["test_fid_scratch"]]).all()

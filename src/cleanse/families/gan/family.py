@@ -100,6 +100,18 @@ def _gan(params: Params) -> GanParams:
     return cast("GanParams", params)
 
 
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 of a state dict's names, dtypes, shapes and bytes (the feature classifier's fingerprint)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{list(tensor.shape)};".encode())
+        digest.update(tensor.numpy().tobytes())
+    return f"sha256:{digest.hexdigest()}"
+
+
 def spec_for(params: Params, meta: DatasetMeta) -> Any:
     from cleanse.families.gan.nets import GanSpec
 
@@ -216,7 +228,9 @@ class GanFamily(Family):
             model.feature_net.save(directory / FEATURES)
         write_json({"family": self.name, "spec": trained.spec.to_json(), "recipe": trained.recipe.to_json(),
                     "metrics": list(model.metrics), "n_latents": model.n_latents, "seed": model.seed,
-                    "feature_net": FEATURES if model.feature_net is not None else None,
+                    "feature_net": None if model.feature_net is None else {
+                        "file": FEATURES, "digest": state_digest(model.feature_net.state),
+                        "trained_on": "the training split's images and labels"},
                     "history": [{"epoch": i, **r} for i, r in enumerate(trained.history)], **extra,
                     "seconds": extra.get("seconds", trained.seconds)}, directory / "meta.json")
 
@@ -237,9 +251,14 @@ class GanFamily(Family):
                              float(meta.get("seconds", 0.0)), float(meta.get("seconds_traced", 0.0)))
         feature_net = None
         if meta.get("feature_net"):
+            from cleanse.errors import ArtifactError
             from cleanse.families.gan.features import FeatureNet
 
-            feature_net = FeatureNet.load(directory / meta["feature_net"])
+            record = meta["feature_net"]
+            feature_net = FeatureNet.load(directory / record["file"])
+            if state_digest(feature_net.state) != record["digest"]:  # FID/IS would silently change scale
+                raise ArtifactError(f"{directory / record['file']}: the feature classifier is not the one this "
+                                    "GAN was evaluated with (digest differs); rerun the train stage")
         return FittedGan(trained, tuple(meta["metrics"]), int(meta["n_latents"]), int(meta["seed"]), feature_net)
 
     def outcome(self, model: FittedGan, staged: StagedData, query: Any = None) -> dict[str, float]:
