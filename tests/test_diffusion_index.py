@@ -135,7 +135,7 @@ def test_the_shard_cache_resumes_after_a_kill(tmp_path):
     assert cache.fill(5, compute) == [0, 1, 2, 3, 4]
     first = cache.load(5, "v256")
     assert first.shape == (20, 2, 256) and cache.load(5, "sample_id").tolist() == list(range(20))
-    manifest = (tmp_path / "cache" / "manifest.json").read_text()
+    manifest = (tmp_path / "cache" / "manifest.meta.json").read_text()
     assert '"shards": 5' in manifest
 
     computed.clear()
@@ -187,3 +187,34 @@ for call in (lambda: models.small_unet(), lambda: models.add_lora(None),
         "family: diffusion needs peft: pip install 'cleanse[diffusion]'",
         "family: diffusion needs faiss: pip install 'cleanse[diffusion]'",
     ]
+
+
+def test_shards_and_the_index_travel_through_an_s3_output_root(s3_env, tmp_path):
+    """Written in a work folder and published (records last), pulled into an empty one: every
+    shard is complete there and the index answers the same; a publish that lost a record leaves
+    that shard to be recomputed on the other machine."""
+    import uuid
+
+    from cleanse.remote import Mirror, is_record
+
+    key = {"model": "abc", "sketch": {"seed": 42, "sizes": [256]}}
+
+    def compute(shard: int) -> dict[str, torch.Tensor]:
+        return {"v256": torch.randn(6, 2, 256, generator=torch.Generator().manual_seed(shard))}
+
+    here = ShardCache(tmp_path / "one" / "signatures", key)
+    here.fill(3, compute)
+    assert is_record("signatures/shard_00001.meta.json") and is_record("signatures/manifest.meta.json")
+    assert not is_record("signatures/shard_00001.safetensors")
+    vectors = flatten(here.load(3, "v256"))
+    HnswIndex.build(vectors).save(tmp_path / "one" / "index" / "v256.faiss")
+    here.record_path(2).unlink()  # as if the caching was killed before shard 2's record
+    uri = f"s3://cleanse/diffusion-{uuid.uuid4().hex[:8]}"
+    Mirror(uri, tmp_path / "one").publish()
+    Mirror(uri, tmp_path / "two").pull()
+    there = ShardCache(tmp_path / "two" / "signatures", key)
+    assert there.pending(3) == [2]
+    assert there.fill(3, compute) == [2]
+    torch.testing.assert_close(flatten(there.load(3, "v256")), vectors)
+    index = HnswIndex.load(tmp_path / "two" / "index" / "v256.faiss")
+    np.testing.assert_array_equal(index.search(vectors[:4], 3)[1][:, 0], np.arange(4))

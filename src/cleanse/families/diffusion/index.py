@@ -15,8 +15,10 @@ same). Higher = more influential.
   pass or minimum row count (an IVF-PQ table such as LanceDB's does, and quantises the scores).
 - :class:`ShardCache`: signatures cached one shard at a time so that a killed caching run resumes;
   each shard is a safetensors file plus its own record (size and SHA-256), written after it, so
-  shards computed in parallel by different workers never write the same file; ``manifest.json``
-  lists the complete shards.
+  shards computed in parallel by different workers never write the same file;
+  ``manifest.meta.json`` lists the complete shards. The records end in ``.meta.json``, so an
+  ``s3://`` output root publishes them after their shards (:meth:`cleanse.remote.Mirror.publish`):
+  a publish cut short leaves a shard without a record, which the next run recomputes.
 """
 
 from __future__ import annotations
@@ -126,7 +128,7 @@ def _digest(path: Path) -> str:
 
 class ShardCache:
     """Signature shards under ``root``: ``shard_{i:05d}.safetensors`` (any tensors, e.g.
-    ``sample_id`` ``(n,)`` and ``v{size}`` ``(n, S, size)``) and ``shard_{i:05d}.json`` (its size
+    ``sample_id`` ``(n,)`` and ``v{size}`` ``(n, S, size)``) and ``shard_{i:05d}.meta.json`` (its size
     and SHA-256 and the cache's ``key``), the record written only after the shard file. A shard is
     complete when its record exists, names the current ``key`` and matches the file; anything else
     (no record, a truncated or replaced file, another key) is computed again. ``key`` is a
@@ -140,7 +142,7 @@ class ShardCache:
         return self.root / f"shard_{shard:05d}.safetensors"
 
     def record_path(self, shard: int) -> Path:
-        return self.root / f"shard_{shard:05d}.json"
+        return self.root / f"shard_{shard:05d}.meta.json"
 
     def complete(self, shard: int) -> bool:
         path, record = self.shard_path(shard), self.record_path(shard)
@@ -172,7 +174,7 @@ class ShardCache:
     def fill(self, n_shards: int, compute: Callable[[int], dict[str, torch.Tensor]],
              run: Callable[[Callable[[int], None], list[int]], Iterable[Any]] | None = None) -> list[int]:
         """Compute and store every shard that is not complete (``compute(shard)`` gives its tensors),
-        then write ``manifest.json``; the shards computed. ``run(task, shards)`` maps the per-shard
+        then write ``manifest.meta.json``; the shards computed. ``run(task, shards)`` maps the per-shard
         task over the pending shards (default: in order, here; a Dask or Ray runner may pass its
         own, since shards write disjoint files)."""
         todo = self.pending(n_shards)
@@ -190,7 +192,7 @@ class ShardCache:
             raise ArtifactError(f"signature shards {missing[:5]} under {self.root} were not written")
         write_json({"key": self.key, "shards": n_shards,
                     "rows": [read_json(self.record_path(s))["rows"] for s in range(n_shards)]},
-                   self.root / "manifest.json")
+                   self.root / "manifest.meta.json")
         return todo
 
     def load(self, n_shards: int, name: str) -> torch.Tensor:
