@@ -71,3 +71,29 @@ def test_projection_is_device_independent():
     on_gpu = projection_matrix(300, 16, seed=4, device=CUDA)
     assert on_gpu.device.type == "cuda"
     assert torch.equal(on_cpu, on_gpu.cpu())
+
+
+def test_dmin_signatures_and_sketch_agree_on_cpu_and_cuda():
+    """DMin (issue 18): the same UNet's per-sample signatures and their sketch on CUDA agree with
+    the CPU's (inputs on the CPU follow the model to its device). Compared by cosine per (sample,
+    timestep), since cuDNN may run the convolutions in TF32."""
+    pytest.importorskip("diffusers")
+    from sklearn.datasets import load_digits
+
+    from cleanse.families.diffusion.models import ddpm_scheduler, small_unet
+    from cleanse.families.diffusion.signatures import signatures
+    from cleanse.families.diffusion.sketch import Sketch
+    from cleanse.families.diffusion.timesteps import cube_timesteps, shared_noise
+
+    digits = load_digits()
+    images = torch.from_numpy((digits.images[:6] / 8.0 - 1.0).astype(np.float32)).unsqueeze(1)
+    labels = torch.from_numpy(digits.target[:6].astype(np.int64))
+    timesteps, noise = torch.from_numpy(cube_timesteps(1000, 4)), shared_noise(0, (1, 8, 8), 4)
+    model = small_unet(n_classes=10, seed=1)
+    on_cpu = signatures(model, ddpm_scheduler(), images, noise, timesteps, labels)
+    on_cuda = signatures(model.to(CUDA), ddpm_scheduler(), images, noise, timesteps, labels)
+    assert on_cuda.device.type == "cuda"
+    assert float(torch.nn.functional.cosine_similarity(on_cuda.cpu(), on_cpu, dim=-1).min()) > 0.999
+    sketch = Sketch.make(on_cpu.shape[-1], (256, 4096), seed=42)
+    sketched_cuda, sketched_cpu = sketch(on_cuda)[4096].cpu(), sketch(on_cpu)[4096]
+    assert float(torch.nn.functional.cosine_similarity(sketched_cuda, sketched_cpu, dim=-1).min()) > 0.999

@@ -90,7 +90,7 @@ def pair_gradients(model: nn.Module, noisy: torch.Tensor, target: torch.Tensor, 
     frozen = {name: p.detach() for name, p in params.items() if name not in chosen}
     frozen.update({name: b for name, b in model.named_buffers()})
     conditional = labels is not None
-    label = labels if labels is not None else torch.zeros(noisy.shape[0], dtype=torch.long)
+    label = labels if labels is not None else torch.zeros(noisy.shape[0], dtype=torch.long, device=noisy.device)
     per_pair = torch.func.vmap(torch.func.grad(_loss_fn(model, frozen, conditional)),
                                in_dims=(None, 0, 0, 0, 0), randomness="error")
     # The fused CPU attention kernels have no vmap batching rule (torch falls back to a Python loop
@@ -122,15 +122,17 @@ def signature_batches(model: nn.Module, scheduler: Any, images: torch.Tensor, no
         raise ConfigError(f"signatures: {labels.shape[0]} labels for {images.shape[0]} images")
     names = list(names) if names is not None else parameter_names(model)
     model.eval()
-    timesteps = timesteps.to(torch.long)
+    device = next(model.parameters()).device  # the inputs follow the model (CPU or CUDA)
+    timesteps = timesteps.to(device, torch.long)
+    noise = noise.to(device, torch.float32)
     s = timesteps.shape[0]
     for start in range(0, images.shape[0], batch_size):
-        x0 = images[start:start + batch_size].to(torch.float32)
+        x0 = images[start:start + batch_size].to(device, torch.float32)
         b = x0.shape[0]
         with torch.no_grad():
-            noisy, target = noisy_inputs(scheduler, x0, noise.to(torch.float32), timesteps)
+            noisy, target = noisy_inputs(scheduler, x0, noise, timesteps)
         flat = (b * s, *x0.shape[1:])
-        pair_labels = None if labels is None else labels[start:start + b].to(torch.long).repeat_interleave(s)
+        pair_labels = None if labels is None else labels[start:start + b].to(device, torch.long).repeat_interleave(s)
         grads = pair_gradients(model, noisy.reshape(flat), target.reshape(flat), timesteps.repeat(b),
                                pair_labels, names).reshape(b, s, -1)
         yield normalise(grads) if normalised else grads
