@@ -52,7 +52,8 @@ def predicted_change(context: GanContext, options: GanInfluenceOptions) -> tuple
     metric = context.model.metric(name, context.val.features, context.train.features).differentiable(trained.spec)
     if options.method == "itd":
         change = itd_influence(trained.spec, trained.recipe, trained.trace, data, metric,
-                               damping=options.damping, scale=options.scale)
+                               damping=options.damping, scale=options.scale,
+                               optimizer_adjoint=options.optimizer_adjoint)
     else:
         change = aid_influence(trained.spec, trained.recipe, trained.g_state, trained.d_state, data, metric,
                                depth=options.aid_depth, damping=options.damping, scale=options.scale,
