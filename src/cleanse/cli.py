@@ -6,7 +6,6 @@ Exit status: 0 on success, 2 for bad input (the message names the key, file or v
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -31,7 +30,7 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _setup(params_file: Path | None, overrides: list[str] | None, out: Path) -> tuple[Any, Any]:
+def _setup(params_file: Path | None, overrides: list[str] | None, out: str) -> tuple[Any, Any]:
     from cleanse.config import load_params
     from cleanse.storage import Layout
 
@@ -103,7 +102,7 @@ def run(params_file: ParamsOption = None, overrides: SetOption = None, out: OutO
     _guarded(action)
 
 
-def _run_flow(params_file: Path | None, overrides: list[str] | None, out: Path, fresh: bool) -> None:
+def _run_flow(params_file: Path | None, overrides: list[str] | None, out: str, fresh: bool) -> None:
     """``cleanse run`` as the Prefect flow, so the run shows in the Prefect UI (and, with
     MLFLOW_TRACKING_URI, in MLflow's). The flow is the application layer's: it plugs in through
     the ``cleanse.flow`` entry point (see :func:`extensions`)."""
@@ -274,4 +273,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -12,6 +12,7 @@ import polars as pl
 
 from cleanse.config import Params
 from cleanse.data.dataset import StagedData
+from cleanse.errors import ConfigError
 from cleanse.stages.common import load_staged, locked, probes, track
 from cleanse.stages.fingerprints import (
     STAGE_META_NAME,
@@ -57,6 +58,8 @@ def _retrain_iteratively(params: Params, layout: Layout, estimator: str, staged:
 
     model = load_model(layout.base_model)
     query = query_for(params, staged, model)
+    if query is None:  # Params refuses cleansing.iterative with query.kind none; the loop stops on probes
+        raise ConfigError("cleansing.iterative needs probes to stop on; set query.kind (val_errors, triggered or file)")
     scores = read_table(layout.scores(estimator))
     order = {sid: i for i, sid in enumerate(scores["sample_id"].to_list())}
     first = scores["score"].to_numpy()[[order[sid] for sid in staged.train.sample_id.tolist()]]
