@@ -565,8 +565,8 @@ def render(result: dict[str, Any], docs: Path, out: Path, image: Path) -> str:
     lines += ["", "### Estimation accuracy against counterfactual replay", "",
               "True change: the traced window replayed without the target instance (same batches and latents), the "
               "validation metric's change. ITD = the backward adjoint pass with the exact optimizer adjoint "
-              "(`optimizer_adjoint=True`); ITD (paper) = the papers' choice, Adam's previous moment buffers held "
-              "constant (what `gan_influence` runs today); AID = the Neumann series at the final parameters with depth = "
+              "(`optimizer_adjoint=True`, `gan_influence`'s default); ITD (paper) = the papers' choice, Adam's previous "
+              "moment buffers held constant (`optimizer_adjoint: false`); AID = the Neumann series at the final parameters with depth = "
               "the window's steps. Kendall τ and Jaccard of the top 10% most harmful (direction × change).", ""]
     table = []
     for row in summary["accuracy"]:
