@@ -186,3 +186,27 @@ def test_checkpointed_itd_equals_the_stored_states_itd(monkeypatch):
     monkeypatch.setattr(influence, "SNAPSHOT_BYTES", 1)
     assert influence._checkpoint_stride(trained.trace) == 5  # 20 steps
     np.testing.assert_array_equal(itd_influence(spec, recipe, trained.trace, data, metric), stored)
+
+
+def test_itd_with_part_of_the_window_taped_equals_the_fully_taped_itd(monkeypatch):
+    """The forward replay keeps each step's graph while TAPE_BYTES allows, then plain states that the
+    backward sweep rebuilds: any split gives the same numbers (the same arithmetic either way)."""
+    from cleanse.families.gan import influence
+
+    spec, data, held_out = paper_mlp_spec(), gaussian2d(300, 0), gaussian2d(50, 1)
+    recipe = GanRecipe(epochs=2, batch_size=30, optimizer="adam", updates="simultaneous")
+    trained = train_gan(spec, recipe, data, seed=5)
+    metric = kde_all(spec, held_out, 50, 0)
+    taped = itd_influence(spec, recipe, trained.trace, data, metric)
+    nets = GanNets(spec)
+    items, _ = influence._taped_window(nets, recipe, trained.trace, data, True)
+    assert all(isinstance(item, influence._Tape) for item in items)
+    _, per_step = influence._saved_bytes(lambda: influence._tape_step(
+        nets, recipe, trained.trace.start_g, trained.trace.start_d, trained.trace.optimizer_start,
+        data[trained.trace.batches[0]], trained.trace.z_d[0], trained.trace.z_g[0], 2e-3, 2e-3, True))
+    monkeypatch.setattr(influence, "TAPE_BYTES", 4 * per_step)
+    items, _ = influence._taped_window(nets, recipe, trained.trace, data, True)
+    assert [isinstance(item, influence._Tape) for item in items] == [True] * 4 + [False] * 6
+    np.testing.assert_array_equal(itd_influence(spec, recipe, trained.trace, data, metric), taped)
+    monkeypatch.setattr(influence, "TAPE_BYTES", 0)
+    np.testing.assert_array_equal(itd_influence(spec, recipe, trained.trace, data, metric), taped)

@@ -19,14 +19,14 @@ d increment / d theta: the diagonal Hessian blocks and the D-G cross Jacobians, 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from cleanse.families.gan.nets import GanSpec
-from cleanse.families.gan.step import GanNets, GanRecipe, Params, gan_step
+from cleanse.families.gan.step import GanNets, GanRecipe, Params, StepOut, gan_step
 from cleanse.families.gan.trace import GanTrace
 from cleanse.families.gan.training import check_data, run_steps
 from cleanse.progress import Progress
@@ -45,34 +45,63 @@ def metric_gradient(metric: MetricFn, g: Params, d: Params) -> tuple[Params, Par
     return dict(zip(g_leaf, flat[: len(g_leaf)], strict=True)), dict(zip(d_leaf, flat[len(g_leaf):], strict=True))
 
 
-def _adjoint_step(nets: GanNets, recipe: GanRecipe, g: Params, d: Params, state: Params, real: Tensor,
-                  z_d: Tensor, z_g: Tensor, lr_d: float, lr_g: float, u_g: Params, u_d: Params,
-                  u_state: Params | None) -> tuple[Params, Params, Params | None, Tensor]:
-    """One transposed-Jacobian product of the step at (g, d, state).
+@dataclass
+class _Tape:
+    """One training step rebuilt with ``create_graph=True`` from leaves (params, a mask of ones
+    (B,), and the carried optimizer buffers): ``out`` keeps the graph for one VJP."""
 
-    Returns (K^T u)_G, (K^T u)_D, the new optimizer-state adjoint (when ``u_state`` is given, else
-    None) and d<u, Phi(theta, m)>/dm (B,). The previous optimizer state is a constant unless
-    ``u_state`` is given (then its float buffers are leaves too and their adjoint is carried).
-    """
+    g: Params
+    d: Params
+    state: Params
+    carried: list[str]
+    mask: Tensor
+    out: StepOut
+
+
+def _tape_step(nets: GanNets, recipe: GanRecipe, g: Params, d: Params, state: Params, real: Tensor, z_d: Tensor,
+               z_g: Tensor, lr_d: float, lr_g: float, carry_state: bool) -> _Tape:
+    """The step at (g, d, state) with its graph; the previous optimizer state is a constant unless
+    ``carry_state`` (then its float buffers are leaves too)."""
     g_leaf = {k: v.detach().requires_grad_(True) for k, v in g.items()}
     d_leaf = {k: v.detach().requires_grad_(True) for k, v in d.items()}
-    carried = [] if u_state is None else [k for k in u_state]
+    carried = [k for k in state if not k.endswith(".step")] if carry_state else []
     s_leaf = {k: (v.detach().requires_grad_(True) if k in carried else v.detach()) for k, v in state.items()}
     mask = torch.ones(real.shape[0], dtype=real.dtype, requires_grad=True)
     out = gan_step(nets, recipe, g_leaf, d_leaf, s_leaf, real, mask, z_d, z_g, lr_d, lr_g, create_graph=True)
-    terms = [((out.g[k] - g_leaf[k]) * u_g[k]).sum() for k in g_leaf]
-    terms += [((out.d[k] - d_leaf[k]) * u_d[k]).sum() for k in d_leaf]
+    return _Tape(g_leaf, d_leaf, s_leaf, carried, mask, out)
+
+
+def _tape_vjp(tape: _Tape, u_g: Params, u_d: Params,
+              u_state: Params | None) -> tuple[Params, Params, Params | None, Tensor]:
+    """One transposed-Jacobian product of the taped step.
+
+    Returns (K^T u)_G, (K^T u)_D, the new optimizer-state adjoint (when ``u_state`` is given, else
+    None) and d<u, Phi(theta, m)>/dm (B,), all from one plain VJP of the scalar
+    ``<u, Phi(theta, m) - theta>`` (+ ``<u_state, state'>``): the graph is used once, no
+    retain_graph, no graph of the VJP itself. (A scalar rather than ``grad_outputs``: passing
+    cotangents makes torch import its symbolic-shapes machinery, ~1 s, on a process's first call.)
+    """
+    out, carried = tape.out, tape.carried if u_state is not None else []
+    terms = [((out.g[k] - leaf) * u_g[k]).sum() for k, leaf in tape.g.items()]
+    terms += [((out.d[k] - leaf) * u_d[k]).sum() for k, leaf in tape.d.items()]
     if u_state is not None:
         terms += [(out.state[k] * u_state[k]).sum() for k in carried]
-    dot = torch.stack(terms).sum()
-    inputs = [*g_leaf.values(), *d_leaf.values(), mask, *(s_leaf[k] for k in carried)]
-    grads = torch.autograd.grad(dot, inputs, allow_unused=True)
-    flat = [torch.zeros_like(x) if grad is None else grad.detach() for x, grad in zip(inputs, grads, strict=True)]
-    n_g, n_d = len(g_leaf), len(d_leaf)
-    kt_g = dict(zip(g_leaf, flat[:n_g], strict=True))
-    kt_d = dict(zip(d_leaf, flat[n_g: n_g + n_d], strict=True))
+    inputs = [*tape.g.values(), *tape.d.values(), tape.mask, *(tape.state[k] for k in carried)]
+    grads = torch.autograd.grad(torch.stack(terms).sum(), inputs, allow_unused=True)
+    flat = [torch.zeros_like(x) if grad is None else grad for x, grad in zip(inputs, grads, strict=True)]
+    n_g, n_d = len(tape.g), len(tape.d)
+    kt_g = dict(zip(tape.g, flat[:n_g], strict=True))
+    kt_d = dict(zip(tape.d, flat[n_g: n_g + n_d], strict=True))
     new_u_state = None if u_state is None else dict(zip(carried, flat[n_g + n_d + 1:], strict=True))
     return kt_g, kt_d, new_u_state, flat[n_g + n_d]
+
+
+def _adjoint_step(nets: GanNets, recipe: GanRecipe, g: Params, d: Params, state: Params, real: Tensor,
+                  z_d: Tensor, z_g: Tensor, lr_d: float, lr_g: float, u_g: Params, u_d: Params,
+                  u_state: Params | None) -> tuple[Params, Params, Params | None, Tensor]:
+    """:func:`_tape_vjp` of the step at (g, d, state), rebuilt here."""
+    tape = _tape_step(nets, recipe, g, d, state, real, z_d, z_g, lr_d, lr_g, u_state is not None)
+    return _tape_vjp(tape, u_g, u_d, u_state)
 
 
 def _mix(u: Params, kt_u: Params, damping: float, scale: float) -> Params:
@@ -112,14 +141,59 @@ def _window_states(nets: GanNets, recipe: GanRecipe, trace: GanTrace, data: Tens
     return states
 
 
+TAPE_BYTES = 256 * 2**20  # the saved tensors of the steps whose graphs are kept from the forward replay
+
+
+def _saved_bytes(build: Callable[[], _Tape]) -> tuple[_Tape, int]:
+    """``build()`` and the bytes of the tensors its graph saves (an upper bound: views count fully)."""
+    sizes: list[int] = []
+
+    def pack(x: Tensor) -> Tensor:
+        sizes.append(x.numel() * x.element_size())
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        tape = build()
+    return tape, sum(sizes)
+
+
+def _taped_window(nets: GanNets, recipe: GanRecipe, trace: GanTrace, data: Tensor,
+                  carry_state: bool) -> tuple[list[_Tape | State], State]:
+    """The forward replay of the window for a window whose states fit: each step's input as a
+    :class:`_Tape` (the step already built with its graph, so the backward sweep does not build it a
+    second time; the replay continues from the taped step's detached outputs, the same arithmetic)
+    while the graphs fit in ``TAPE_BYTES`` (sized on the first step), then as plain states."""
+    g, d, state = trace.start_g, trace.start_d, trace.optimizer_start
+    items: list[_Tape | State] = []
+    budget: int | None = None
+    for t in range(trace.steps):
+        args = (nets, recipe, g, d, state, data[trace.batches[t]], trace.z_d[t], trace.z_g[t],
+                float(trace.lr_d[t]), float(trace.lr_g[t]), carry_state)
+        if budget is None:
+            tape, per_step = _saved_bytes(lambda: _tape_step(*args))
+            budget = TAPE_BYTES // max(per_step, 1)
+        if t < budget:
+            tape = tape if t == 0 else _tape_step(*args)
+            items.append(tape)
+            g, d = ({k: v.detach() for k, v in p.items()} for p in (tape.out.g, tape.out.d))
+            state = {k: v.detach() for k, v in tape.out.state.items()}
+        else:
+            items.append((g, d, state))
+            window = slice(t, t + 1)
+            g, d, state = run_steps(nets, recipe, g, d, state, data, None, trace.batches[window], trace.z_d[window],
+                                    trace.z_g[window], trace.lr_d[window], trace.lr_g[window])
+    return items, (g, d, state)
+
+
 def itd_influence(spec: GanSpec, recipe: GanRecipe, trace: GanTrace, data: Tensor, metric: MetricFn, *,
                   damping: float = 0.0, scale: float = 1.0, progress: bool = False,
                   optimizer_adjoint: bool = False) -> np.ndarray:
     """ITD: ``I_j ~ M(theta^{-j}_T) - M(theta_T)`` for every training row, (n,) float64.
 
-    Replays the window (the same arithmetic as training), storing each step's input (or, for a
-    window whose states exceed ``SNAPSHOT_BYTES``, every ~sqrt(S)-th one and recomputing each
-    segment's states once more on the way back), sets
+    Replays the window (the same arithmetic as training), storing each step's input, already built
+    with its graph while the graphs fit in ``TAPE_BYTES`` (so the replay and the backward sweep
+    build each step once; or, for a window whose states exceed ``SNAPSHOT_BYTES``, every
+    ~sqrt(S)-th state, recomputing each segment's states once more on the way back), sets
     ``u = dM/dtheta_T`` (G part and D part), then for t = S-1 .. 0 (for alternating updates the
     step's G-update is differentiated before its D-update, by the chain rule inside the step):
     ``I_j -= d<u, Phi_t(theta_t, m)>/dm_j`` for the batch members (with the current u = u_{t+1}),
@@ -133,23 +207,28 @@ def itd_influence(spec: GanSpec, recipe: GanRecipe, trace: GanTrace, data: Tenso
     check_data(spec, recipe, data)
     nets = GanNets(spec)
     stride = _checkpoint_stride(trace)
-    segments = _window_states(nets, recipe, trace, data, 0, trace.steps, stride)
-    g_T, d_T, _ = segments.pop()
+    snapshots: list[_Tape | State] = []
+    if stride == 1:
+        snapshots, (g_T, d_T, _) = _taped_window(nets, recipe, trace, data, optimizer_adjoint)
+    else:
+        segments = _window_states(nets, recipe, trace, data, 0, trace.steps, stride)
+        g_T, d_T, _ = segments.pop()
     u_g, u_d = metric_gradient(metric, g_T, d_T)
     u_state = ({k: torch.zeros_like(v) for k, v in trace.optimizer_start.items() if not k.endswith(".step")}
                if optimizer_adjoint else None)
     influence = torch.zeros(data.shape[0], dtype=torch.float64)
     reporter = Progress("gan influence: itd", total=trace.steps, unit="step") if progress else None
-    snapshots = segments if stride == 1 else []
     for t in reversed(range(trace.steps)):
         if not snapshots:  # recompute the states of the segment that ends at step t
             begin = (t // stride) * stride
-            snapshots = _window_states(nets, recipe, trace, data, begin, t + 1, 1, segments[t // stride])[:-1]
-        g, d, state = snapshots.pop()
+            snapshots = [*_window_states(nets, recipe, trace, data, begin, t + 1, 1, segments[t // stride])[:-1]]
+        item = snapshots.pop()
         rows = trace.batches[t]
-        kt_g, kt_d, u_state, mask_grad = _adjoint_step(
-            nets, recipe, g, d, state, data[rows], trace.z_d[t], trace.z_g[t], float(trace.lr_d[t]),
-            float(trace.lr_g[t]), u_g, u_d, u_state)
+        tape = item if isinstance(item, _Tape) else _tape_step(
+            nets, recipe, *item, data[rows], trace.z_d[t], trace.z_g[t], float(trace.lr_d[t]),
+            float(trace.lr_g[t]), optimizer_adjoint)
+        kt_g, kt_d, u_state, mask_grad = _tape_vjp(tape, u_g, u_d, u_state)
+        del tape, item  # frees the step's graph
         influence.index_add_(0, rows, -mask_grad.to(torch.float64))
         u_g, u_d = _mix(u_g, kt_g, damping, scale), _mix(u_d, kt_d, damping, scale)
         if reporter is not None:
