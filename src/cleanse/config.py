@@ -48,21 +48,20 @@ from cleanse.families.regression.config import (
     RegressionDataConfig,
     RegressionModelConfig,
 )
-from cleanse.estimators.options import (  # noqa: F401  (re-exported)
-    ActivationClusteringOptions,
-    CleanlabOptions,
-    FineOptions,
-    FvmOptions,
-    HoldoutEnsembleOptions,
-    InfluenceOptions,
-    LossOptions,
-    MemorizationOptions,
-    ScorerOptions,
-    SpectralOptions,
-    TracInOptions,
-    TrakOptions,
-    TrustedOptions,
-)
+# Re-exported for the estimators, tests and benchmarks that import them from here; a new estimator
+# imports its own ``<module>_options`` and adds nothing here (scorers is assembled from the registry).
+from cleanse.estimators.activations_options import ActivationClusteringOptions, SpectralOptions  # noqa: F401
+from cleanse.estimators.confident_learning_options import CleanlabOptions  # noqa: F401
+from cleanse.estimators.fine_options import FineOptions  # noqa: F401
+from cleanse.estimators.holdout_ensemble_options import HoldoutEnsembleOptions  # noqa: F401
+from cleanse.estimators.influence_fvm_options import FvmOptions  # noqa: F401
+from cleanse.estimators.influence_options import InfluenceOptions  # noqa: F401
+from cleanse.estimators.loss_options import LossOptions  # noqa: F401
+from cleanse.estimators.memorization_options import MemorizationOptions  # noqa: F401
+from cleanse.estimators.options import ScorerOptions
+from cleanse.estimators.tracin_options import TracInOptions  # noqa: F401
+from cleanse.estimators.trak_options import TrakOptions  # noqa: F401
+from cleanse.estimators.trusted_options import TrustedOptions  # noqa: F401
 
 
 class DetectConfig(_Section):

@@ -115,8 +115,9 @@ def run_longtail(params: Params, layout: Layout) -> dict[str, Any]:
     """Build ``reports/memorization/`` from the memorization scores; returns the report dict."""
     from cleanse import pipeline
     from cleanse.estimators.memorization import all_shards, heldout_predictions
+    from cleanse.estimators.memorization_options import MemorizationOptions
 
-    options = params.scorers.memorization
+    options = params.scorers.of("memorization", MemorizationOptions)
     meta_path = layout.scores_meta("memorization")
     if not pipeline.is_fresh(meta_path, pipeline.score_fingerprint(params, "memorization")):
         raise ArtifactError(f"memorization scores at {meta_path} are missing or stale; run the memorization flow "

@@ -1,9 +1,10 @@
-"""The estimator registry: name -> "module:Class". Adding an estimator = one module, its options
-model (``<module>_options.py``, assembled into ``scorers`` by :mod:`cleanse.estimators.options`) and
-one line here.
+"""The estimator registry: name -> "module:Class", and name -> its options model. Adding an
+estimator = one module, its options model in a light ``<module>_options.py`` beside it, and its
+lines here: ``scorers.<name>`` (:mod:`cleanse.estimators.options`) is assembled from
+:data:`_OPTIONS`, so no other file lists the estimators.
 
 Entries are import strings so that listing names (for configuration errors and ``--help``) does
-not import torch.
+not import torch, and validating params imports only the ``*_options`` modules.
 """
 
 from __future__ import annotations
@@ -31,8 +32,37 @@ _REGISTRY: dict[str, str] = {
 }
 
 
+# The model of ``scorers.<name>``, in the estimator's ``<module>_options.py`` (no torch, no
+# scikit-learn); the estimator class names the same model as its ``options_type`` (a test keeps the
+# two equal). Estimators may share a model (influence, influence_val), each under its own section.
+_OPTIONS: dict[str, str] = {
+    "loss": "cleanse.estimators.loss_options:LossOptions",
+    "cleanlab": "cleanse.estimators.confident_learning_options:CleanlabOptions",
+    "influence": "cleanse.estimators.influence_options:InfluenceOptions",
+    "influence_val": "cleanse.estimators.influence_options:InfluenceOptions",
+    "tracin": "cleanse.estimators.tracin_options:TracInOptions",
+    "memorization": "cleanse.estimators.memorization_options:MemorizationOptions",
+    "spectral_signatures": "cleanse.estimators.activations_options:SpectralOptions",
+    "activation_clustering": "cleanse.estimators.activations_options:ActivationClusteringOptions",
+    "trak": "cleanse.estimators.trak_options:TrakOptions",
+    "influence_fvm": "cleanse.estimators.influence_fvm_options:FvmOptions",
+    "fine": "cleanse.estimators.fine_options:FineOptions",
+    "trusted": "cleanse.estimators.trusted_options:TrustedOptions",
+    "holdout_ensemble": "cleanse.estimators.holdout_ensemble_options:HoldoutEnsembleOptions",
+    "gan_influence": "cleanse.estimators.gan_influence_options:GanInfluenceOptions",
+    "isolation_forest": "cleanse.estimators.isolation_forest_options:IsolationForestOptions",
+}
+
+
 def names() -> list[str]:
     return list(_REGISTRY)
+
+
+def options_path(name: str) -> str:
+    """The ``"module:Class"`` of estimator ``name``'s options model (``scorers.<name>``)."""
+    if name not in _OPTIONS:
+        raise ConfigError(f"scorers.{name}: no such estimator; allowed: {', '.join(_REGISTRY)}")
+    return _OPTIONS[name]
 
 
 # The families (cleanse.families) each estimator supports: its class's ``families``, mirrored

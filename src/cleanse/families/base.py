@@ -151,15 +151,17 @@ class Family(ABC):
     def canonical(self, params: Params) -> Params:
         """``params`` with every default that stands for a value resolved (fingerprints only; see
         :func:`cleanse.stages.fingerprints.canonical`)."""
+        from cleanse.estimators.memorization_options import MemorizationOptions
         from cleanse.models.architectures import DEFAULT_HIDDEN
 
         model = params.model
         hidden = model.hidden if model.hidden is not None else DEFAULT_HIDDEN.get(model.arch)
         model = model.model_copy(update={"hidden": [] if model.arch == "logreg" else list(hidden or [])})
         scorers = params.scorers
-        if scorers.memorization.epochs is None:
+        memorization = scorers.of("memorization", MemorizationOptions)
+        if memorization.epochs is None:
             scorers = scorers.model_copy(update={
-                "memorization": scorers.memorization.model_copy(update={"epochs": model.epochs})})
+                "memorization": memorization.model_copy(update={"epochs": model.epochs})})
         return params.model_copy(update={"model": model, "scorers": scorers})
 
     def evaluations(self, params: Params, staged: StagedData, layout: Any, metrics: dict[str, Any]) -> dict[str, Any]:

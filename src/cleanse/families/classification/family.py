@@ -87,10 +87,12 @@ class ClassificationFamily(Family):
         cross-validated error ``val_cv_error`` on the validation split give ``noise_count``
         (:func:`cleanse.recommend.estimated_noise_count`); None when the split is too small to fit it."""
         from cleanse.estimators.trusted import label_disagreement
+        from cleanse.estimators.trusted_options import TrustedOptions
         from cleanse.recommend import estimated_noise_count
 
         disagreement = label_disagreement(staged.val.features, staged.val.label, staged.train.features,
-                                          staged.train.label, params.scorers.trusted, seed=params.seed)
+                                          staged.train.label, params.scorers.of("trusted", TrustedOptions),
+                                          seed=params.seed)
         if disagreement is None:
             return None
         n_disagree, val_cv_error = disagreement
@@ -98,4 +100,4 @@ class ClassificationFamily(Family):
                 "noise_count": estimated_noise_count(n_disagree, len(staged.train), val_cv_error)}
 
     def noise_estimate_inputs(self, params: Params) -> tuple[Any, ...]:
-        return (params.scorers.trusted,)
+        return (params.scorers.of("trusted"),)
