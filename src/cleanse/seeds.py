@@ -56,10 +56,10 @@ PURPOSES = frozenset({
     "gan.batches",  # GAN family: the training order of each epoch (index = epoch), replayed by the trace
     "gan.latents",  # GAN family: the latent batches of each epoch (index = epoch), replayed by the trace
     "gan.aid",  # GAN family: AID's fresh minibatches and latents at the final parameters
+    "gan.replay_agreement",  # GAN family: the instances evaluate.replay replays to check gan_influence
     "holdout_ensemble.halves",  # holdout_ensemble: the random halves of the training set
     "holdout_ensemble.models",  # holdout_ensemble: its models' training seeds
     "projection.block",  # random projections: each block of rows (index = block)
-    "gan.replay_agreement",  # GAN family: the instances evaluate.replay replays to check gan_influence
     "trak.member",  # TRAK: the training seed of ensemble member m >= 1 (index = m)
     "trusted.model",  # trusted (model: run): the training seed of the model fitted on the validation split
 })
