@@ -258,6 +258,29 @@ def publish(result: dict[str, Any], out: Path, docs: Path | None, section: str,
     return result
 
 
+def output_arguments(parser: Any, out: Path, docs: Path) -> None:
+    """The options every measuring benchmark shares: where its JSON and docs section go, and
+    re-rendering the docs from a saved JSON (``--render-only``) with extra ``--note`` lines."""
+    parser.add_argument("--out", type=Path, default=out)
+    parser.add_argument("--docs", type=Path, default=docs)
+    parser.add_argument("--no-docs", action="store_true")
+    parser.add_argument("--render-only", action="store_true", help="re-render the docs section from --out (no measuring)")
+    parser.add_argument("--note", action="append", default=[], help="a note line for the docs (repeatable)")
+
+
+def render_saved(args: Any, section: str, summarise: Any, plot: Any, render: Any, *,
+                 append_notes: bool) -> dict[str, Any]:
+    """``--render-only``: re-summarise the runs saved at ``args.out`` and rewrite the docs section;
+    ``--note`` lines are appended to the saved notes (``append_notes``) or replace them when given."""
+    import json
+
+    result = json.loads(Path(args.out).read_text())
+    result["summary"] = summarise(result["runs"])
+    saved = result.get("notes", [])
+    result["notes"] = saved + args.note if append_notes else (args.note or saved)
+    return publish(result, args.out, None if args.no_docs else args.docs, section, plot, render)
+
+
 def rerender(out: Path, docs: Path | None, section: str, notes_for: Any, plot: Any, render: Any) -> dict[str, Any]:
     """Re-derive the notes of the result at ``out`` and re-render its docs section (no measuring)."""
     import json

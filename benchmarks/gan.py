@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from _common import REPO, environment, fmt, md_table, publish  # noqa: E402
+from _common import REPO, environment, fmt, md_table, output_arguments, publish, render_saved  # noqa: E402
 
 SECTION = "gan"
 DEFAULT_OUT = REPO / "benchmarks/results/gan.json"
@@ -663,18 +663,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (the smoke test)")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/cleanse-bench-gan"))
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--docs", type=Path, default=DEFAULT_DOCS)
-    parser.add_argument("--no-docs", action="store_true")
-    parser.add_argument("--render-only", action="store_true")
-    parser.add_argument("--note", action="append", default=[], help="a note line for the docs (repeatable)")
+    output_arguments(parser, DEFAULT_OUT, DEFAULT_DOCS)
     args = parser.parse_args(argv)
     docs = None if args.no_docs else args.docs
     if args.render_only:
-        result = json.loads(args.out.read_text())
-        result["summary"] = summarise(result["runs"])
-        result["notes"] = args.note or result.get("notes", [])
-        publish(result, args.out, docs, SECTION, plot, render)
+        render_saved(args, SECTION, summarise, plot, render, append_notes=False)
         return 0
     _threads()
     started = time.perf_counter()

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np  # noqa: E402
 
-from _common import REPO, environment, fmt, md_table, publish  # noqa: E402
+from _common import REPO, environment, fmt, md_table, output_arguments, publish, render_saved  # noqa: E402
 from quality import CORRUPTIONS, MODELS  # noqa: E402
 
 SECTION = "recommend"
@@ -236,18 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cells", default=",".join(REGIMES), help="comma-separated cells of REGIMES")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/cleanse-recommend"))
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--docs", type=Path, default=DEFAULT_DOCS)
-    parser.add_argument("--no-docs", action="store_true")
-    parser.add_argument("--render-only", action="store_true")
-    parser.add_argument("--note", action="append", default=[], help="a note line for the docs (repeatable)")
+    output_arguments(parser, DEFAULT_OUT, DEFAULT_DOCS)
     args = parser.parse_args(argv)
     docs = None if args.no_docs else args.docs
     if args.render_only:
-        result = json.loads(args.out.read_text())
-        result["summary"] = summarise(result["runs"])
-        result["notes"] = result.get("notes", []) + args.note
-        publish(result, args.out, docs, SECTION, plot, render)
+        render_saved(args, SECTION, summarise, plot, render, append_notes=True)
         return 0
     cells = [c for c in args.cells.split(",") if c]
     unknown = [c for c in cells if c not in REGIMES]
