@@ -177,16 +177,12 @@ def _threads() -> None:
 
 def accuracy(name: str, window: int, targets: int, smoke: bool) -> dict[str, Any]:
     """True change of the validation metric by replay for ``targets`` rows against ITD and AID."""
-    from scipy.stats import kendalltau
-
-    from cleanse.families.gan.agreement import jaccard_top
+    from cleanse.families.gan.agreement import rank_agreement, replay_targets
     from cleanse.families.gan.influence import aid_influence
-    from cleanse.seeds import rng
 
     setup = Setup(name, 0, window=window, smoke=smoke)
     in_window = np.flatnonzero(setup.trained.trace.in_window(setup.data.shape[0]).numpy())
-    rows = np.sort(rng(0, "gan.replay_agreement").choice(in_window, size=min(targets, in_window.size),
-                                                          replace=False))
+    rows = replay_targets(setup.trained.trace, setup.data.shape[0], targets, 0)
     estimates, seconds = {}, {}
     estimates["itd"], seconds["itd"] = setup.itd(setup.val, exact=True)
     if setup.recipe.optimizer == "adam" or setup.recipe.momentum:
@@ -203,8 +199,7 @@ def accuracy(name: str, window: int, targets: int, smoke: bool) -> dict[str, Any
     agreement = {}
     for method, estimate in estimates.items():
         agreement[method] = {
-            "kendall_tau": float(kendalltau(estimate[rows], truth).statistic),
-            "jaccard_top10": jaccard_top(setup.direction * estimate[rows], setup.direction * truth),
+            **rank_agreement(estimate[rows], truth, setup.direction),
             "pearson": float(np.corrcoef(estimate[rows], truth)[0, 1]),
             "scale_ratio": float(np.std(estimate[rows]) / max(np.std(truth), 1e-300)),
         }
@@ -225,16 +220,11 @@ def linearity(name: str, window: int, targets: int, smoke: bool, epsilon: float 
     derivative ``(M(m_j = 1 - eps) - M) / eps`` (what ITD with the exact adjoint computes) beside the
     whole removal ``M(m_j = 0) - M``. ITD against the derivative isolates the estimator; the
     derivative against the removal measures how non-linear one removal is (float64 cells only)."""
-    from scipy.stats import kendalltau
-
-    from cleanse.families.gan.agreement import jaccard_top
+    from cleanse.families.gan.agreement import rank_agreement, replay_targets
     from cleanse.families.gan.training import replay
-    from cleanse.seeds import rng
 
     setup = Setup(name, 0, window=window, smoke=smoke)
-    in_window = np.flatnonzero(setup.trained.trace.in_window(setup.data.shape[0]).numpy())
-    rows = np.sort(rng(0, "gan.replay_agreement").choice(in_window, size=min(targets, in_window.size),
-                                                          replace=False))
+    rows = replay_targets(setup.trained.trace, setup.data.shape[0], targets, 0)
     estimate, _ = setup.itd(setup.val, exact=True)
     removal = np.array([setup.replay_change(np.array([row]), setup.val, setup.base_val) for row in rows])
     derivative = np.empty(rows.size)
@@ -245,9 +235,7 @@ def linearity(name: str, window: int, targets: int, smoke: bool, epsilon: float 
         derivative[i] = (setup.val.evaluate(g, d, setup.spec) - setup.base_val) / epsilon
 
     def agree(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
-        return {"kendall_tau": float(kendalltau(a, b).statistic),
-                "jaccard_top10": jaccard_top(setup.direction * a, setup.direction * b),
-                "pearson": float(np.corrcoef(a, b)[0, 1])}
+        return {**rank_agreement(a, b, setup.direction), "pearson": float(np.corrcoef(a, b)[0, 1])}
 
     return {"part": "linearity", "cell": name, "window": window, "n_targets": int(rows.size), "epsilon": epsilon,
             "itd_vs_derivative": agree(estimate[rows], derivative),

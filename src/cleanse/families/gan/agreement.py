@@ -28,13 +28,30 @@ def jaccard_top(a: np.ndarray, b: np.ndarray, share: float = 0.1) -> float:
     return len(top_a & top_b) / len(top_a | top_b)
 
 
+def replay_targets(trace: Any, n: int, count: int, seed: int) -> np.ndarray:
+    """``(min(count, in window),)`` sorted training rows drawn from those in ``trace``'s window."""
+    candidates = np.flatnonzero(trace.in_window(n).numpy())
+    chosen = rng(seed, "gan.replay_agreement").choice(candidates, size=min(count, candidates.size), replace=False)
+    return np.sort(chosen)
+
+
+def rank_agreement(predicted: np.ndarray, truth: np.ndarray, direction: float) -> dict[str, float]:
+    """Kendall's τ of ``predicted`` against ``truth`` (same rows) and the Jaccard index of their
+    top 10% most harmful (``direction * change``)."""
+    from scipy.stats import kendalltau
+
+    return {"kendall_tau": float(kendalltau(predicted, truth).statistic),
+            "jaccard_top10": jaccard_top(direction * predicted, direction * truth)}
+
+
 def true_changes(base: Any, staged: Any, metric_name: str, rows: np.ndarray) -> tuple[np.ndarray, float]:
     """``(len(rows),)`` true metric change when each training row is removed (replayed without it),
     and the seconds per replay."""
+    from cleanse.families.gan.family import instances
     from cleanse.families.gan.training import replay
 
     trained = base.trained
-    data = torch.as_tensor(staged.train.features, dtype=trained.spec.torch_dtype)
+    data = instances(staged.train, trained.spec)
     metric = base.metric(metric_name, staged.val.features, staged.train.features)
     reference = metric.evaluate(trained.g_state, trained.d_state, trained.spec)
     out = np.empty(rows.size, dtype=np.float64)
@@ -49,8 +66,6 @@ def true_changes(base: Any, staged: Any, metric_name: str, rows: np.ndarray) -> 
 
 def replay_agreement(params: Any, staged: Any, layout: Any) -> dict[str, Any]:
     """``{kendall_tau, jaccard_top10, n_instances, metric, seconds_per_replay}`` (module docstring)."""
-    from scipy.stats import kendalltau
-
     from cleanse.families import get
 
     score_meta = read_json(layout.scores_meta(ESTIMATOR))
@@ -63,14 +78,10 @@ def replay_agreement(params: Any, staged: Any, layout: Any) -> dict[str, Any]:
         raise RuntimeError(f"{ESTIMATOR} scores are not in training order")
     predicted = scores["predicted_change"].to_numpy()
     base = get("gan").load_model(layout.base_model)
-    candidates = np.flatnonzero(base.trained.trace.in_window(len(staged.train)).numpy())
-    count = min(params.evaluate.replay_instances, candidates.size)
-    rows = np.sort(rng(params.seed, "gan.replay_agreement").choice(candidates, size=count, replace=False))
+    rows = replay_targets(base.trained.trace, len(staged.train), params.evaluate.replay_instances, params.seed)
     name = score_meta["metric"]
     truth, per_replay = true_changes(base, staged, name, rows)
-    direction = float(score_meta["direction"])
-    agreement = {"kendall_tau": float(kendalltau(predicted[rows], truth).statistic),
-                 "jaccard_top10": jaccard_top(direction * predicted[rows], direction * truth),
-                 "n_instances": int(count), "metric": name, "seconds_per_replay": per_replay}
+    agreement = {**rank_agreement(predicted[rows], truth, float(score_meta["direction"])),
+                 "n_instances": int(rows.size), "metric": name, "seconds_per_replay": per_replay}
     write_json({"key": key, "agreement": agreement}, cached)
     return agreement

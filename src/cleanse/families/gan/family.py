@@ -91,8 +91,12 @@ class GanContext:
 
     def data(self, split: Split | None = None) -> torch.Tensor:
         """``split``'s (default: training) instances as a tensor of the GAN's dtype."""
-        split = self.train if split is None else split
-        return torch.as_tensor(split.features, dtype=self.model.spec.torch_dtype)
+        return instances(self.train if split is None else split, self.model.spec)
+
+
+def instances(split: Split, spec: Any) -> torch.Tensor:
+    """``split``'s instances ``(n, *data_shape)`` as a tensor of the GAN's dtype (row i = data row i)."""
+    return torch.as_tensor(split.features, dtype=spec.torch_dtype)
 
 
 def _gan(params: Params) -> GanParams:
@@ -206,7 +210,7 @@ class GanFamily(Family):
             from cleanse.families.gan.features import train_feature_net
 
             feature_net = train_feature_net(split.features, split.label, seed)
-        trained = train_gan(spec, recipe_for(params), torch.as_tensor(split.features, dtype=spec.torch_dtype), seed)
+        trained = train_gan(spec, recipe_for(params), instances(split, spec), seed)
         settings = _gan(params).metrics
         return FittedGan(trained, tuple(settings.resolved(params.data.source)), settings.n_latents, seed, feature_net)
 
@@ -276,24 +280,33 @@ class GanFamily(Family):
         """``(n,)`` 1 for the training rows kept, 0 for ``removed_ids``."""
         return torch.as_tensor(~np.isin(staged.train.sample_id, removed_ids), dtype=dtype)
 
+    def replay_without(self, base: FittedGan, staged: StagedData, removed_ids: Any) -> FittedGan:
+        """``base`` with its traced window replayed without ``removed_ids`` (same batches and latents)."""
+        from cleanse.families.gan.training import replay
+
+        trained = base.trained
+        keep = self.keep_mask(staged, removed_ids, trained.spec.torch_dtype)
+        data = instances(staged.train, trained.spec)
+        g_state, d_state = replay(trained.spec, trained.recipe, trained.trace, data, keep)
+        return base.derived(replace(trained, g_state=g_state, d_state=d_state))
+
     def verify_without(self, params: Params, staged: StagedData, removed_ids: Any,
                        query: Any = None, base: Any = None) -> tuple[Any, dict[str, float]]:
         """Replay ``base``'s traced window with the removed instances masked out (the primary
         outcome) and, with ``evaluate.scratch``, retrain from scratch with the mask in every epoch
         (``<key>_scratch``).
         ``base``: the run's :class:`FittedGan` (refitted, bit for bit the same, when not given)."""
-        from cleanse.families.gan.training import replay, retrain_gan
+        from cleanse.families.gan.training import retrain_gan
 
         if base is None:
             base = self.fit(params, staged.train, staged.meta)
         trained = base.trained
-        data = torch.as_tensor(staged.train.features, dtype=trained.spec.torch_dtype)
-        keep = self.keep_mask(staged, removed_ids, data.dtype)
-        g_state, d_state = replay(trained.spec, trained.recipe, trained.trace, data, keep)
-        replayed = base.derived(replace(trained, g_state=g_state, d_state=d_state))
+        replayed = self.replay_without(base, staged, removed_ids)
+        keep = self.keep_mask(staged, removed_ids, trained.spec.torch_dtype)
         outcome = self.outcome(replayed, staged)
         if _gan(params).evaluate.scratch:
-            scratch = base.derived(retrain_gan(trained.spec, trained.recipe, data, base.seed, keep))
+            scratch = base.derived(retrain_gan(trained.spec, trained.recipe, instances(staged.train, trained.spec),
+                                               base.seed, keep))
             outcome.update({f"{key}_scratch": value for key, value in self.outcome(scratch, staged).items()})
         removed = keep.numpy() == 0
         return replayed, {**outcome, "n_removed": int(removed.sum()),

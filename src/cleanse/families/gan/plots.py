@@ -51,12 +51,9 @@ def _generated(base: Any, g_state: dict[str, torch.Tensor], count: int) -> np.nd
 
 
 def _cleaned_generator(base: Any, staged: Any, flagged: np.ndarray) -> dict[str, torch.Tensor]:
-    from cleanse.families.gan.training import replay
+    from cleanse import families
 
-    trained = base.trained
-    data = torch.as_tensor(staged.train.features, dtype=trained.spec.torch_dtype)
-    keep = torch.as_tensor(~np.isin(staged.train.sample_id, flagged), dtype=data.dtype)
-    return replay(trained.spec, trained.recipe, trained.trace, data, keep)[0]
+    return dict(families.get("gan").replay_without(base, staged, flagged).trained.g_state)
 
 
 def write_gan_plots(params: Any, layout: Any, metrics: dict[str, Any]) -> list[str]:
