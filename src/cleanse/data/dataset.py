@@ -25,6 +25,9 @@ class Split:
     label_clean: np.ndarray
     is_corrupted: np.ndarray
     group: np.ndarray | None = None  # (n,) int64 unit ids from the data's 'group' column; -1 = no group
+    # (n,) int64 index into DatasetMeta.sources: the data set each row came from (mixed-source
+    # image sets; the ground truth of DMin's source detection). None = one source.
+    source: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.sample_id.shape[0])
@@ -37,12 +40,14 @@ class Split:
             label_clean=self.label_clean[mask_or_index],
             is_corrupted=self.is_corrupted[mask_or_index],
             group=None if self.group is None else self.group[mask_or_index],
+            source=None if self.source is None else self.source[mask_or_index],
         )
 
     def concat(self, other: Split) -> Split:
-        """This split's rows followed by ``other``'s (ids kept as they are; ``group`` dropped
-        unless both have one)."""
+        """This split's rows followed by ``other``'s (ids kept as they are; ``group`` and
+        ``source`` dropped unless both have one)."""
         both = self.group is not None and other.group is not None
+        sources = self.source is not None and other.source is not None
         return Split(
             sample_id=np.concatenate([self.sample_id, other.sample_id]),
             features=np.concatenate([self.features, other.features.astype(self.features.dtype, copy=False)]),
@@ -50,6 +55,7 @@ class Split:
             label_clean=np.concatenate([self.label_clean, other.label_clean]),
             is_corrupted=np.concatenate([self.is_corrupted, other.is_corrupted]),
             group=np.concatenate([self.group, other.group]) if both else None,
+            source=np.concatenate([self.source, other.source]) if sources else None,
         )
 
     def without(self, sample_ids: np.ndarray) -> Split:
@@ -66,6 +72,7 @@ class Split:
                 "label_clean": pl.Series(self.label_clean, dtype=_label_dtype(self.label_clean)),
                 "is_corrupted": pl.Series(self.is_corrupted, dtype=pl.Boolean),
                 **({} if self.group is None else {"group": pl.Series(self.group, dtype=pl.Int64)}),
+                **({} if self.source is None else {"source": pl.Series(self.source, dtype=pl.Int64)}),
             }
         )
 
@@ -80,6 +87,7 @@ class Split:
             label_clean=_label_array(frame["label_clean"]),
             is_corrupted=frame["is_corrupted"].to_numpy().astype(bool),
             group=frame["group"].to_numpy().astype(np.int64) if "group" in frame.columns else None,
+            source=frame["source"].to_numpy().astype(np.int64) if "source" in frame.columns else None,
         )
 
 
@@ -101,6 +109,8 @@ class DatasetMeta:
     feature_shape: tuple[int, ...]
     corruption: dict[str, Any] = field(default_factory=dict)
     trigger: dict[str, Any] | None = None
+    # The names of the data sets behind ``Split.source`` (index = source id); None = one source.
+    sources: tuple[str, ...] | None = None
 
     @property
     def is_image(self) -> bool:
@@ -113,6 +123,7 @@ class DatasetMeta:
             "feature_shape": list(self.feature_shape),
             "corruption": self.corruption,
             "trigger": self.trigger,
+            **({} if self.sources is None else {"sources": list(self.sources)}),
         }
 
     @classmethod
@@ -123,6 +134,7 @@ class DatasetMeta:
             feature_shape=tuple(data["feature_shape"]),
             corruption=data.get("corruption", {}),
             trigger=data.get("trigger"),
+            sources=tuple(data["sources"]) if data.get("sources") is not None else None,
         )
 
 
