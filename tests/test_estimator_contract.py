@@ -23,7 +23,8 @@ from cleanse.estimators.base import Estimator, PairwiseEstimator
 # Small configurations where the default would be slow on the contract's tiny problem. The
 # memorization diagonal check needs the graded statistic: with 0/1 accuracy a sample that every
 # model gets right has mem exactly 0.
-FAST = {"memorization": {"n_models": 128, "statistic": "probability"}}
+FAST = {"memorization": {"n_models": 128, "statistic": "probability"},
+        "dmin": {"timesteps": 4, "sizes": [1024], "size": 1024}, "dtrak": {"timesteps": 4, "size": 256}}
 
 
 # Estimates from a single stochastic training run (f-INE's curriculum): on 106 wine samples a
@@ -53,6 +54,7 @@ def _options(name: str):
 
 
 GAN = [name for name in registry.names() if "gan" in registry.families_of(name)]
+DIFFUSION = [name for name in registry.names() if "diffusion" in registry.families_of(name)]
 NAMES = registry.names()
 
 
@@ -68,6 +70,15 @@ def gan_context():
     task = families.get("gan")
     staged = task.stage(params)
     return task.scoring_context(params, staged, task.fit(params, staged.train, staged.meta), None)
+
+
+@pytest.fixture(scope="module")
+def diffusion_context(tmp_path_factory):
+    """A class-conditional UNet on 120 8x8 digits, 4 of class 3's images watermarked
+    (:func:`tests.test_diffusion_estimators.tiny_context`)."""
+    from tests.test_diffusion_estimators import tiny_context
+
+    return tiny_context(tmp_path_factory.mktemp("diffusion-cache"))
 
 
 class _OnDemand(dict):
@@ -86,6 +97,7 @@ class _OnDemand(dict):
 def contexts(request):
     """The context each estimator is checked on (a family it supports)."""
     return _OnDemand(lambda name: request.getfixturevalue("gan_context") if name in GAN
+                     else request.getfixturevalue("diffusion_context") if name in DIFFUSION
                      else request.getfixturevalue("wine_context")[0])
 
 

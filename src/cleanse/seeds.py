@@ -42,10 +42,15 @@ import numpy as np
 # reproducibility, so never rename one.
 PURPOSES = frozenset({
     "cleanlab.fold",  # cleanlab: the training seed of each out-of-sample fold's model (index = fold)
+    "diffusion.data",  # diffusion family: the row order of each image set (index = set, mixed sources)
     "diffusion.noise",  # diffusion family: the one fixed noise every DMin signature is taken at
     "diffusion.sketch",  # diffusion family: the sketch's permutation (index 0) and random signs (index 1)
     "diffusion.lora",  # diffusion family: the initialisation of LoRA adapters
+    "diffusion.outcome",  # diffusion family: loss draws (index 0 test, 1 val), watermark generations (2, 3)
+    "diffusion.plant",  # diffusion family: which training images get the watermark, or the duplicated image
     "diffusion.train",  # diffusion family: the batch order, timesteps and noise of each training epoch (index = epoch)
+    "diffusion.queries",  # diffusion family: the seed of each class's query generations (index = class)
+    "diffusion.harm_queries",  # diffusion family: the seed of the harm queries' generations (watermark target class)
     "fine.inclusion",  # f-INE: which units are in each round
     "gan.data",  # GAN family: the synthetic 2-D draws and the row order of image sets (families/gan/data.py)
     "gan.outliers",  # GAN family: which training rows become planted outliers, and their values

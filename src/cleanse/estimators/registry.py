@@ -29,6 +29,9 @@ _REGISTRY: dict[str, str] = {
     "holdout_ensemble": "cleanse.estimators.holdout_ensemble:HoldoutEnsembleEstimator",
     "gan_influence": "cleanse.estimators.gan_influence:GanInfluenceEstimator",
     "isolation_forest": "cleanse.estimators.isolation_forest:IsolationForestEstimator",
+    "dmin": "cleanse.estimators.dmin:DminEstimator",
+    "pixel_nn": "cleanse.estimators.pixel_nn:PixelNNEstimator",
+    "dtrak": "cleanse.estimators.dtrak:DtrakEstimator",
 }
 
 
@@ -51,6 +54,9 @@ _OPTIONS: dict[str, str] = {
     "holdout_ensemble": "cleanse.estimators.holdout_ensemble_options:HoldoutEnsembleOptions",
     "gan_influence": "cleanse.estimators.gan_influence_options:GanInfluenceOptions",
     "isolation_forest": "cleanse.estimators.isolation_forest_options:IsolationForestOptions",
+    "dmin": "cleanse.estimators.dmin_options:DminOptions",
+    "pixel_nn": "cleanse.estimators.pixel_nn_options:PixelNNOptions",
+    "dtrak": "cleanse.estimators.dtrak_options:DtrakOptions",
 }
 
 
@@ -72,6 +78,7 @@ _FAMILIES: dict[str, tuple[str, ...]] = {
     **{name: ("classification",) for name in _REGISTRY},
     **{name: _GRADIENT_FAMILIES for name in ("loss", "influence", "influence_val", "tracin", "trak")},
     **{name: ("gan",) for name in ("gan_influence", "isolation_forest")},
+    **{name: ("diffusion",) for name in ("dmin", "pixel_nn", "dtrak")},
 }
 
 

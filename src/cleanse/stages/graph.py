@@ -121,7 +121,7 @@ GRAPH: tuple[Stage, ...] = (
         per_estimator=True,
         inputs=("data/probes_source.json", "data/staged/train.parquet", "data/staged/val.parquet",
                 "data/staged/meta.json", "models/base"),
-        outputs=("scores/{e}.parquet", "scores/{e}.meta.json", "scores/{e}.pairwise.npy"),
+        outputs=("scores/{e}.parquet", "scores/{e}.meta.json", "scores/{e}.pairwise.npy", "scores/{e}"),
         params=("seed", "model", "scorers.{e}", "query"),
         code=(*MODEL_CODE, "grads.py", "estimators/__init__.py", "estimators/registry.py", "estimators/base.py",
               "estimators/loss.py", "estimators/confident_learning.py", "estimators/influence.py",
@@ -136,7 +136,8 @@ GRAPH: tuple[Stage, ...] = (
              "objective), query (train -> probe scores when query.kind is not none). The estimator modules\n"
              "cannot be picked per estimator from a templated list (module names differ from estimator\n"
              "names), so every score@E depends on all of them. scores/<e>.pairwise.npy is the (n_query,\n"
-             "n_train) train -> probe matrix; zero rows without probes."),
+             "n_train) train -> probe matrix; zero rows without probes. scores/<e>/: what the estimator writes\n"
+             "beside its scores (artifacts.json lists it; e.g. dmin's per-query top-k, memorization's infl_test)."),
     Stage(
         "detect", "cleanse.stages.score:run_detect", "Turn one estimator's scores into flags -> flags/<estimator>.parquet.",
         per_estimator=True, inputs=("scores/{e}.parquet", "scores/{e}.meta.json"),

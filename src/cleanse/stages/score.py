@@ -46,6 +46,8 @@ def run_score(params: Params, layout: Layout, estimator: str) -> Path:
         artifacts = scorer.write_artifacts(context, params.scorers.of(estimator), staged.test,
                                            layout.root / "scores" / estimator)
         result.meta["artifacts"] = artifacts
+    # Always written, so that scores/<estimator>/ exists as a DVC output of score@<estimator>.
+    write_json(result.meta.get("artifacts", {}), layout.root / "scores" / estimator / "artifacts.json")
     write_json({"estimator": estimator, "fingerprint": score_fingerprint(params, estimator), "seconds": seconds,
                 "orientation": "one row per training sample; higher score = more likely harmful",
                 "options": params.scorers.of(estimator).model_dump(mode="json"), **result.meta},

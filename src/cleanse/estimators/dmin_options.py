@@ -1,0 +1,42 @@
+"""Options of ``scorers.dmin`` (:mod:`cleanse.estimators.dmin`).
+
+Kept apart from the estimator so that validating params imports neither torch nor scikit-learn
+(:mod:`cleanse.estimators.options` assembles the ``scorers`` section from these models).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from cleanse.config_base import _Section
+
+
+class DminOptions(_Section):
+    """DMin (Lin, Lao & Zhao, arXiv 2412.08637): sketched, per-timestep normalised gradients."""
+
+    timesteps: int = Field(10, ge=1, description="S: cube-law timesteps of every signature (the paper: 10).")
+    sizes: list[int] = Field(
+        [256, 1024, 4096], min_length=1, description="Sketch sizes v cached at once (each must divide the largest; "
+        "a sample stores S * sum(sizes) float32: 2^16 alone is 2.6 MB per sample at S = 10).")
+    size: int = Field(4096, ge=1, description="The v whose sketch scores and indexes (one of sizes).")
+    index: Literal["hnsw", "exact"] = Field(
+        "hnsw", description="Per-query top-k: faiss HNSW inner-product index (M 16, ef 200/100) or the exact scan.")
+    k: int = Field(10, ge=1, description="Training images stored per retrieval query (at least evaluate.retrieval_k's "
+                   "largest are stored).")
+    batch_size: int = Field(16, ge=1, description="Images per vmap(grad) call (times S pairs each).")
+    parameters: Literal["all", "adapters"] = Field(
+        "all", description="Differentiated parameters: all, or the LoRA adapters of a LoRA model.")
+    shard_size: int = Field(256, ge=1, description="Training images per cached shard (one file, one flow task).")
+    normalised: bool = Field(True, description="L2-normalise each timestep's gradient before the sketch (DMin); "
+                             "false: the unnormalised, TracIn-style baseline.")
+
+    @model_validator(mode="after")
+    def _size_is_cached(self) -> DminOptions:
+        if self.size not in self.sizes:
+            raise ValueError(f"size {self.size} must be one of sizes {self.sizes}")
+        largest = max(self.sizes)
+        if any(v < 1 or largest % v for v in self.sizes):
+            raise ValueError(f"sizes {self.sizes} must be positive and each divide the largest, {largest}")
+        return self

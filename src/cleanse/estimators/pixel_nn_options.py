@@ -1,0 +1,19 @@
+"""Options of ``scorers.pixel_nn`` (:mod:`cleanse.estimators.pixel_nn`).
+
+Kept apart from the estimator so that validating params imports neither torch nor scikit-learn
+(:mod:`cleanse.estimators.options` assembles the ``scorers`` section from these models).
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from cleanse.config_base import _Section
+
+
+class PixelNNOptions(_Section):
+    """Pixel-space cosine nearest neighbours, the baseline of DMin's comparison (spec part B 3.7)."""
+
+    k: int = Field(10, ge=1, description="Training images stored per retrieval query (at least evaluate.retrieval_k's "
+                   "largest are stored).")
+    centred: bool = Field(False, description="Subtract the training images' mean pixel vector before the cosine.")
