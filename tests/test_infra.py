@@ -113,7 +113,7 @@ def test_prefect_yaml_deployments_load_and_validate():
     config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     pools = {"cleanse-process": "process", "cleanse-docker": "docker", "cleanse-k8s": "kubernetes"}
     names = [deployment["name"] for deployment in config["deployments"]]
-    assert names == ["local", "memorization", "sweep", "gpu-docker", "gpu-k8s"]
+    assert names == ["local", "memorization", "diffusion-cache", "sweep", "gpu-docker", "gpu-k8s"]
     for deployment in config["deployments"]:
         flow = load_flow_from_entrypoint(str(ROOT / deployment["entrypoint"]))
         flow.validate_parameters(deployment["parameters"])
