@@ -32,6 +32,7 @@ from cleanse.config_base import (  # noqa: F401  (re-exported: the configuration
     apply_overrides,
     parse_override,
     resolve_auto,
+    resolve_auto_outside_model,
 )
 from cleanse.errors import ConfigError
 from cleanse.families.classification.config import CorruptionConfig, DataConfig, ModelConfig
@@ -189,7 +190,7 @@ class Params(_Section):
 
     family: Literal["classification"] = Field(
         "classification", description="The family of data and model (cleanse.families): classification | regression "
-        "| gan.")
+        "| gan | diffusion.")
     seed: int = 0
     data: DataConfig = DataConfig()
     corruption: CorruptionConfig = CorruptionConfig()
@@ -307,11 +308,7 @@ class GanParams(Params):
     @model_validator(mode="before")
     @classmethod
     def _resolve_auto(cls, data: Any) -> Any:
-        if not isinstance(data, dict):  # model.checkpoint_spacing is no GAN setting
-            return data
-        resolved = resolve_auto({key: value for key, value in data.items() if key != "model"})
-        resolved.pop("model", None)
-        return {**resolved, **({"model": data["model"]} if "model" in data else {})}
+        return resolve_auto_outside_model(data)  # model.checkpoint_spacing is no GAN setting
 
     @model_validator(mode="after")
     def _fits_the_data(self) -> GanParams:
@@ -320,6 +317,11 @@ class GanParams(Params):
                              "'none'")
         check_fits_data(self.data, self.corruption, self.model, self.metrics, self.evaluate)
         return self
+
+
+# The diffusion family's params live in their own module (this one is at its line limit); it
+# subclasses Params, so it is imported once Params exists.
+from cleanse.families.diffusion.params import DiffusionParams  # noqa: E402
 
 
 def _family_of(raw: Any) -> str:
@@ -331,7 +333,7 @@ def _family_of(raw: Any) -> str:
 # The configuration of any family, chosen by the ``family`` key (absent = classification).
 AnyParams = Annotated[
     Union[Annotated[Params, Tag("classification")], Annotated[RegressionParams, Tag("regression")],
-          Annotated[GanParams, Tag("gan")]],
+          Annotated[GanParams, Tag("gan")], Annotated[DiffusionParams, Tag("diffusion")]],
     Discriminator(_family_of),
 ]
 _ANY_PARAMS: TypeAdapter[Params] = TypeAdapter(AnyParams)
@@ -364,9 +366,9 @@ def validate_params(raw: dict[str, Any]) -> Params:
     """Validate a raw ``params.yaml`` mapping into its family's params model; errors as one line
     naming the dotted keys (``family: 'x' is not one of ...`` for an unknown family)."""
     family = _family_of(raw)
-    if family not in ("classification", "regression", "gan"):
+    if family not in ("classification", "regression", "gan", "diffusion"):
         raise ConfigError(f"invalid configuration: family: {_shown(family)} is not one of 'classification', "
-                          "'regression', 'gan'")
+                          "'regression', 'gan', 'diffusion'")
     try:
         return _ANY_PARAMS.validate_python(raw)
     except ValidationError as exc:

@@ -90,6 +90,16 @@ def resolve_auto(raw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+
+def resolve_auto_outside_model(data: Any) -> Any:
+    """:func:`resolve_auto` for a family whose ``model`` section has none of the ``auto`` settings
+    (GAN, diffusion): ``model`` passes through untouched."""
+    if not isinstance(data, dict):
+        return data
+    resolved = resolve_auto({key: value for key, value in data.items() if key != "model"})
+    resolved.pop("model", None)
+    return {**resolved, **({"model": data["model"]} if "model" in data else {})}
+
 # Far above any useful value (Adam/SGD use 1e-4..1, L-BFGS 1; L2 above 1 already swamps the loss):
 # larger values only diverge, so they are refused up front instead of failing after the stage.
 MAX_LR = 10.0

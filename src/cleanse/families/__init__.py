@@ -16,6 +16,7 @@ _REGISTRY: dict[str, str] = {
     "classification": "cleanse.families.classification.family:ClassificationFamily",
     "regression": "cleanse.families.regression.family:RegressionFamily",
     "gan": "cleanse.families.gan.family:GanFamily",
+    "diffusion": "cleanse.families.diffusion.family:DiffusionFamily",
 }
 
 DEFAULT = "classification"
