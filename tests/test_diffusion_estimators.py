@@ -247,8 +247,9 @@ def test_precision_at_k_and_duplicate_recall_known_answers():
     assert (recall, count) == (0.5, 2)
     assert duplicate_recall(ids, np.array([7]), np.zeros(3, dtype=bool)) == (None, 0)
     train = np.stack([np.zeros((1, 2, 2)), np.ones((1, 2, 2))])
-    assert reproducing(np.stack([np.full((1, 2, 2), 0.9), np.full((1, 2, 2), 0.1)]), train,
-                       np.array([False, True])).tolist() == [True, False]
+    far = np.ones((1, 2, 2)) + np.array([[3.0, -3.0], [3.0, -3.0]])  # nearest to the copy, yet no reproduction
+    assert reproducing(np.stack([np.full((1, 2, 2), 0.9), np.full((1, 2, 2), 0.1), far]), train,
+                       np.array([False, True])).tolist() == [True, False, False]
 
 
 def test_retrieval_evaluations_read_the_stored_query_tables(context, tmp_path):
@@ -293,3 +294,29 @@ def test_harm_queries_are_the_flagged_target_generations(context):
         assert context.model.detector.flags(queries.images).all()
     again = harm_queries(context)
     assert torch.equal(again.images, queries.images)
+
+
+def test_an_unconditional_models_queries_get_predicted_sources(context):
+    from cleanse.families.diffusion.fitted import FittedDiffusion
+    from cleanse.families.diffusion.models import small_unet
+    from cleanse.families.diffusion.queries import generation_queries, predicted_source
+
+    own = predicted_source(context.train, context.images())
+    assert (own == context.train.label).mean() > 0.95  # the classifier knows the training digits
+    unet = small_unet(8, 1, (8, 16), n_classes=None, attention=False, seed=0)
+    fitted = FittedDiffusion(unet, context.model.scheduler, {**context.model.spec, "n_classes": None}, [], None, 0,
+                             {"per_class": 2, "steps": 20, "n_watermark": 8, "target_class": None})
+    queries = generation_queries(replace(context, model=fitted))
+    assert len(queries) == 20 and queries.conditions is None and "predicted" in queries.note
+    assert ((queries.source >= 0) & (queries.source < 10)).all()
+    assert harm_queries(replace(context, model=fitted)).kind == "generated"  # no watermark target: all generations
+
+
+def test_file_queries_without_sources_get_predicted_ones(context, tmp_path):
+    from cleanse.families.diffusion.queries import retrieval_queries
+
+    rows = np.arange(0, 120, 7)
+    np.savez(tmp_path / "q.npz", images=context.train.features[rows])
+    queries = retrieval_queries(_with_file_queries(context, tmp_path / "q.npz"))
+    assert queries.kind == "file" and "predicted" in queries.note
+    assert (queries.source == context.train.label[rows]).mean() > 0.9

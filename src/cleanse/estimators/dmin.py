@@ -37,15 +37,10 @@ from pydantic import BaseModel
 from cleanse.data.dataset import Split
 from cleanse.estimators.base import ScoreResult, score_table
 from cleanse.estimators.dmin_options import DminOptions
+from cleanse.families.diffusion.queries import train_source  # also read here by the plots
 from cleanse.storage import write_table, write_tensors
 
 QUERY_COLUMNS = ("query_id", "rank", "sample_id", "score", "query_source", "sample_source")
-
-
-def train_source(split: Split) -> np.ndarray:
-    """The source of every row ``(n,)`` int64: ``split.source``, else the label (single-source
-    sets: the class is the source, spec 3.7)."""
-    return np.asarray(split.source if split.source is not None else split.label, dtype=np.int64)
 
 
 def stored_k(context: Any, k: int) -> int:

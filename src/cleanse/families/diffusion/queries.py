@@ -3,7 +3,8 @@ images, treated as ``x0`` exactly like training images; spec part B 3.1 and 3.8)
 
 - :func:`generation_queries`: ``generation.per_class`` seeded generations per condition (the class
   a class-conditional model is conditioned on; each query's ``source`` is that condition), or, for
-  an unconditional model, ``per_class * n_classes`` generations with source ``-1`` (unknown);
+  an unconditional model, ``per_class * n_classes`` generations whose source a classifier of the
+  training images predicts (:func:`predicted_source`);
 - :func:`file_queries`: user-supplied images from an ``.npz`` (``images``, optional ``labels`` and
   ``source``), brought to the training images' scale ([-1, 1]) and size;
 - :func:`harm_queries`: what the estimators' scores attribute: with the watermark corruption the
@@ -15,14 +16,14 @@ Every draw is seeded from the run seed (``diffusion.queries`` member = class,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from cleanse.data.dataset import DatasetMeta
+from cleanse.data.dataset import DatasetMeta, Split
 from cleanse.errors import DataError
 from cleanse.seeds import torch_seed
 
@@ -69,6 +70,26 @@ def _image_shape(context: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in context.meta.feature_shape)
 
 
+def train_source(split: Split) -> np.ndarray:
+    """The source of every row ``(n,)`` int64: ``split.source``, else the label (single-source
+    sets: the class is the source, spec 3.7)."""
+    return np.asarray(split.source if split.source is not None else split.label, dtype=np.int64)
+
+
+def predicted_source(train: Split, images: torch.Tensor) -> np.ndarray:
+    """``(Q,)`` int64: the source a logistic regression on the training images' pixels (lbfgs,
+    deterministic) assigns each generation of an unconditional model, whose condition is unknown;
+    only the retrieval evaluation reads it, never a score."""
+    from sklearn.linear_model import LogisticRegression
+
+    source = train_source(train)
+    if np.unique(source).size < 2:
+        return np.full(images.shape[0], int(source[0]), dtype=np.int64)
+    x = np.asarray(train.features, dtype=np.float64).reshape(len(train), -1)
+    model = LogisticRegression(max_iter=1000).fit(x, source)
+    return model.predict(images.reshape(images.shape[0], -1).double().numpy()).astype(np.int64)
+
+
 def generation_queries(context: Any) -> QuerySet:
     """``generation.per_class`` generations for each class (module docstring), classes in order."""
     generation = context.params.generation
@@ -78,8 +99,9 @@ def generation_queries(context: Any) -> QuerySet:
         seed = torch_seed(context.seed, "diffusion.queries", 0)
         count = generation.per_class * n_classes
         generated = _generate(context.model, count, shape, None, generation.steps, seed)
-        return QuerySet(generated, None, np.full(count, -1, dtype=np.int64), np.full(count, seed, dtype=np.int64),
-                        "generated", "unconditional model: query sources unknown")
+        return QuerySet(generated, None, predicted_source(context.train, generated),
+                        np.full(count, seed, dtype=np.int64), "generated",
+                        "unconditional model: query sources predicted by a logistic regression on the training images")
     images: list[torch.Tensor] = []
     conditions: list[torch.Tensor] = []
     seeds: list[np.ndarray] = []
@@ -141,10 +163,31 @@ def file_queries(path: str | Path, meta: DatasetMeta) -> QuerySet:
 
 
 def retrieval_queries(context: Any) -> QuerySet:
-    """The queries whose top-k are stored per query: ``queries.file`` when set, else the
-    generation queries."""
+    """The queries whose top-k are stored per query: ``queries.file`` when set (sources it does
+    not give predicted, :func:`predicted_source`), else the generation queries."""
     file = getattr(context.params.queries, "file", None)
-    return file_queries(file, context.meta) if file else generation_queries(context)
+    if not file:
+        queries = generation_queries(context)
+        corruption = context.params.corruption
+        if corruption.kind != "duplicates":
+            return queries
+        # generations near the duplicated image are what its recall is measured on: add a
+        # watermark-sized batch of the target class (which image is duplicated is not read)
+        extra = _target_generations(context, int(corruption.target_class))
+        return replace(queries, images=torch.cat([queries.images, extra.images]),
+                       conditions=None if queries.conditions is None or extra.conditions is None
+                       else torch.cat([queries.conditions, extra.conditions]),
+                       source=np.concatenate([queries.source, extra.source]),
+                       seeds=np.concatenate([queries.seeds, extra.seeds]),
+                       note=f"{len(extra)} generations of the duplicates' target class added")
+    queries = file_queries(file, context.meta)
+    unknown = queries.source < 0
+    if not unknown.any():
+        return queries
+    source = queries.source.copy()
+    source[unknown] = predicted_source(context.train, queries.images[torch.from_numpy(unknown)])
+    return replace(queries, source=source, note="sources not in the file predicted by a logistic regression on the "
+                   "training images")
 
 
 def harm_queries(context: Any) -> QuerySet:
@@ -155,17 +198,22 @@ def harm_queries(context: Any) -> QuerySet:
     detector = context.model.detector
     if target is None or detector is None:
         return generation_queries(context)
-    target = int(target)
+    generated = _target_generations(context, int(target))
+    flags = np.asarray(detector.flags(generated.images), dtype=bool)
+    if not flags.any():
+        return replace(generated, kind="harm", note=f"the detector flagged none of {len(generated)} target-class "
+                       "generations; all of them attributed")
+    keep = torch.from_numpy(flags)
+    return QuerySet(generated.images[keep], None if generated.conditions is None else generated.conditions[keep],
+                    generated.source[flags], generated.seeds[flags], "harm")
+
+
+def _target_generations(context: Any, target: int) -> QuerySet:
+    """``generation.n_watermark`` generations of class ``target`` (``diffusion.harm_queries`` stream)."""
     count = int(context.params.generation.n_watermark)
     seed = torch_seed(context.seed, "diffusion.harm_queries")
     label = target if is_conditional(context.model.model) else None
     images = _generate(context.model, count, _image_shape(context), label, context.params.generation.steps, seed)
-    flags = np.asarray(detector.flags(images), dtype=bool)
-    note = ""
-    if not flags.any():
-        flags[:] = True
-        note = f"the detector flagged none of {count} target-class generations; all of them attributed"
-    conditions = None if label is None else torch.full((int(flags.sum()),), target, dtype=torch.long)
-    n = int(flags.sum())
-    return QuerySet(images[torch.from_numpy(flags)], conditions, np.full(n, target, dtype=np.int64),
-                    np.full(n, seed, dtype=np.int64), "harm", note)
+    conditions = None if label is None else torch.full((count,), target, dtype=torch.long)
+    source = (np.full(count, target, dtype=np.int64) if label is not None else predicted_source(context.train, images))
+    return QuerySet(images, conditions, source, np.full(count, seed, dtype=np.int64), "generated")

@@ -5,8 +5,8 @@ section 4: "detection rate"; spec part B 3.5).
   top-k training images whose source equals the query's (the class for single-source sets, the
   data set for mixed ones), averaged over those queries; higher = better.
 - Planted duplicates (``corruption.kind: duplicates``), :func:`duplicate_recall`: among the
-  generations that reproduce the duplicated image (their pixel-space nearest training image is a
-  planted copy), the fraction whose top-10 holds a planted copy.
+  generations that reproduce the duplicated image (:func:`reproducing`: closer to it than half its
+  distance to any other training image), the fraction whose top-10 holds a planted copy.
 
 Both read each estimator's stored per-query table ``scores/<name>/queries.parquet`` (written by
 the estimators' ``write_artifacts``, :mod:`cleanse.estimators.dmin`); the evaluation, not the
@@ -62,12 +62,25 @@ def _ranked(table: pl.DataFrame, column: str) -> tuple[np.ndarray, np.ndarray]:
     return matrix, source
 
 
-def reproducing(query_images: np.ndarray, train_images: np.ndarray, planted: np.ndarray) -> np.ndarray:
-    """``(Q,)`` bool: whether each query's nearest training image (pixel L2) is a planted row."""
-    q = query_images.reshape(query_images.shape[0], -1).astype(np.float64)
-    x = train_images.reshape(train_images.shape[0], -1).astype(np.float64)
-    distance = (q ** 2).sum(1)[:, None] - 2 * q @ x.T + (x ** 2).sum(1)[None, :]
-    return np.asarray(planted, dtype=bool)[distance.argmin(axis=1)]
+def _distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pixel L2 distances ``(len(a), len(b))``."""
+    a, b = a.reshape(a.shape[0], -1).astype(np.float64), b.reshape(b.shape[0], -1).astype(np.float64)
+    return np.sqrt(np.maximum((a ** 2).sum(1)[:, None] - 2 * a @ b.T + (b ** 2).sum(1)[None, :], 0.0))
+
+
+def reproducing(query_images: np.ndarray, train_images: np.ndarray, planted: np.ndarray,
+                margin: float = 0.5) -> np.ndarray:
+    """``(Q,)`` bool: whether each query reproduces a planted image: its pixel L2 distance to the
+    nearest planted row is below ``margin`` times the distance from that row to the nearest
+    unplanted training image (closer to the copy than any other training image is), so a query
+    that merely happens to have a copy as its nearest neighbour does not count."""
+    planted = np.asarray(planted, dtype=bool)
+    if not planted.any() or planted.all():
+        return np.zeros(query_images.shape[0], dtype=bool)
+    to_copies = _distances(query_images, train_images[planted])
+    nearest = to_copies.argmin(axis=1)
+    isolation = _distances(train_images[planted], train_images[~planted]).min(axis=1)
+    return to_copies[np.arange(len(nearest)), nearest] < margin * isolation[nearest]
 
 
 def duplicate_recall(retrieved_ids: np.ndarray, planted_ids: np.ndarray, reproduces: np.ndarray,
