@@ -320,3 +320,29 @@ def test_file_queries_without_sources_get_predicted_ones(context, tmp_path):
     queries = retrieval_queries(_with_file_queries(context, tmp_path / "q.npz"))
     assert queries.kind == "file" and "predicted" in queries.note
     assert (queries.source == context.train.label[rows]).mean() > 0.9
+
+
+def test_the_unflagged_reference_is_subtracted(context, monkeypatch):
+    """reference: unflagged scores the harm queries' mean similarity minus the reference queries'
+    (monkeypatched split: harm = copies of watermarked images, reference = clean ones of the class)."""
+    from cleanse.families.diffusion import queries as module
+    from cleanse.families.diffusion.queries import QuerySet
+
+    def query_set(rows: np.ndarray, kind: str) -> QuerySet:
+        return QuerySet(context.images()[torch.from_numpy(rows)], context.conditions()[torch.from_numpy(rows)],
+                        context.train.label[rows], np.zeros(rows.size, dtype=np.int64), kind)
+
+    target = np.flatnonzero(context.train.label == TARGET)
+    harm_rows, reference_rows = target[context.train.is_corrupted[target]], target[~context.train.is_corrupted[target]]
+    monkeypatch.setattr(module, "watermark_queries",
+                        lambda ctx: (query_set(harm_rows, "harm"), query_set(reference_rows, "reference")))
+    plain = PixelNNEstimator().score(context, PixelNNOptions()).table
+    contrast = PixelNNEstimator().score(context, PixelNNOptions(reference="unflagged"))
+    x = PixelNNEstimator().train_vectors(context, PixelNNOptions()).astype(np.float64)
+    expected = (x[harm_rows] @ x.T).mean(0) - (x[reference_rows] @ x.T).mean(0)
+    np.testing.assert_allclose(contrast.table["score"].to_numpy(), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(plain["score"].to_numpy(), (x[harm_rows] @ x.T).mean(0), rtol=1e-5, atol=1e-6)
+    assert contrast.meta["n_reference_queries"] == reference_rows.size
+    # the clean images of the class are no longer ranked with the watermarked ones
+    top = np.argsort(-contrast.table["score"].to_numpy())[:harm_rows.size]
+    assert set(top) == set(harm_rows)

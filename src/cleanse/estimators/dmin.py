@@ -96,20 +96,30 @@ class AttributionEstimator:
         return {}
 
     def score(self, context: Any, options: Any) -> ScoreResult:
-        from cleanse.families.diffusion.queries import harm_queries
+        from cleanse.families.diffusion.queries import watermark_queries
 
         started = time.perf_counter()
         train = self.train_vectors(context, options)
         cached = time.perf_counter() - started
-        harm = harm_queries(context)
+        harm, reference = watermark_queries(context)
         similarity = self.similarities(context, options, train, self.query_vectors(context, options, harm))
-        score = similarity.mean(axis=0)
-        table = score_table(context.train.sample_id, score, max_influence=similarity.max(axis=0))
+        columns = {"harm_influence": similarity.mean(axis=0), "max_influence": similarity.max(axis=0)}
+        score = columns["harm_influence"]
+        contrast = getattr(options, "reference", "none") == "unflagged" and reference is not None
+        if contrast:
+            # what the watermarked generations owe an image beyond what any generation of the
+            # class owes it: the class's shared influence cancels
+            columns["reference_influence"] = self.similarities(
+                context, options, train, self.query_vectors(context, options, reference)).mean(axis=0)
+            score = score - columns["reference_influence"]
+        table = score_table(context.train.sample_id, score, **columns)
         return ScoreResult(table, {"n_harm_queries": len(harm), "harm_queries": harm.kind,
+                                   "n_reference_queries": len(reference) if contrast and reference is not None else 0,
                                    **({"harm_note": harm.note} if harm.note else {}),
                                    "train_vectors_seconds": cached, "vector_dim": int(train.shape[1]),
                                    "orientation": "score = mean over the harm queries of the training image's "
-                                                  "influence on them; higher = more responsible",
+                                                  "influence on them (minus the mean over the reference queries "
+                                                  "with reference: unflagged); higher = more responsible",
                                    **self.extra_meta(context, options, train)})
 
     def write_artifacts(self, context: Any, options: Any, test: Split, directory: Path) -> dict[str, str]:

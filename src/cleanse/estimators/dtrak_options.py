@@ -22,6 +22,9 @@ class DtrakOptions(_Section):
     damping: float = Field(1e-3, ge=0, description="lambda = damping * ||Phi||_F^2 / n (the mean squared norm of a "
                            "training feature); the kernel is (Phi^T Phi + lambda I)^-1.")
     kernel: bool = Field(True, description="Apply TRAK's inverse Gram kernel; false: plain projected inner products.")
+    reference: Literal["none", "unflagged"] = Field(
+        "none", description="none: score = mean influence on the harm queries (the watermarked generations); "
+        "unflagged: minus the mean influence on the target class's generations the detector does not flag.")
     k: int = Field(10, ge=1, description="Training images stored per retrieval query.")
     batch_size: int = Field(16, ge=1, description="Images per vmap(grad) call.")
     parameters: Literal["all", "adapters"] = Field("all", description="Differentiated parameters.")

@@ -6,6 +6,8 @@ Kept apart from the estimator so that validating params imports neither torch no
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from cleanse.config_base import _Section
@@ -14,6 +16,9 @@ from cleanse.config_base import _Section
 class PixelNNOptions(_Section):
     """Pixel-space cosine nearest neighbours, the baseline of DMin's comparison (spec part B 3.7)."""
 
+    reference: Literal["none", "unflagged"] = Field(
+        "none", description="none: score = mean influence on the harm queries (the watermarked generations); "
+        "unflagged: minus the mean influence on the target class's generations the detector does not flag.")
     k: int = Field(10, ge=1, description="Training images stored per retrieval query (at least evaluate.retrieval_k's "
                    "largest are stored).")
     centred: bool = Field(False, description="Subtract the training images' mean pixel vector before the cosine.")

@@ -58,16 +58,10 @@ def is_conditional(unet: torch.nn.Module) -> bool:
     return getattr(unet, "class_embedding", None) is not None
 
 
-def _generate(fitted: Any, count: int, shape: tuple[int, ...], label: int | None, steps: int | None,
-              seed: int) -> torch.Tensor:
-    from cleanse.families.diffusion.train import sample_ddpm
-
-    labels = None if label is None else torch.full((count,), label, dtype=torch.long)
-    return sample_ddpm(fitted.model, fitted.scheduler, count, shape, labels, steps=steps, seed=seed)
-
-
-def _image_shape(context: Any) -> tuple[int, ...]:
-    return tuple(int(d) for d in context.meta.feature_shape)
+def _generate(context: Any, count: int, label: int | None, seed: int) -> torch.Tensor:
+    """The fitted model's own sampler (its guidance included), so that the queries are generated
+    as the outcome's watermark-rate generations are."""
+    return context.model.generate(count, label, seed, context.params.generation.steps)
 
 
 def train_source(split: Split) -> np.ndarray:
@@ -94,11 +88,11 @@ def generation_queries(context: Any) -> QuerySet:
     """``generation.per_class`` generations for each class (module docstring), classes in order."""
     generation = context.params.generation
     unet = context.model.model
-    shape, n_classes = _image_shape(context), int(context.meta.n_classes)
+    n_classes = int(context.meta.n_classes)
     if not is_conditional(unet):
         seed = torch_seed(context.seed, "diffusion.queries", 0)
         count = generation.per_class * n_classes
-        generated = _generate(context.model, count, shape, None, generation.steps, seed)
+        generated = _generate(context, count, None, seed)
         return QuerySet(generated, None, predicted_source(context.train, generated),
                         np.full(count, seed, dtype=np.int64), "generated",
                         "unconditional model: query sources predicted by a logistic regression on the training images")
@@ -107,7 +101,7 @@ def generation_queries(context: Any) -> QuerySet:
     seeds: list[np.ndarray] = []
     for label in range(n_classes):
         seed = torch_seed(context.seed, "diffusion.queries", label)
-        images.append(_generate(context.model, generation.per_class, shape, label, generation.steps, seed))
+        images.append(_generate(context, generation.per_class, label, seed))
         conditions.append(torch.full((generation.per_class,), label, dtype=torch.long))
         seeds.append(np.full(generation.per_class, seed, dtype=np.int64))
     condition = torch.cat(conditions)
@@ -190,22 +184,33 @@ def retrieval_queries(context: Any) -> QuerySet:
                    "training images")
 
 
-def harm_queries(context: Any) -> QuerySet:
-    """With the watermark corruption (the fitted model's ``generation.target_class`` and
-    ``detector``): ``generation.n_watermark`` generations of the target class, kept where the
-    detector flags them (all of them, noted, when it flags none); else the generation queries."""
+def watermark_queries(context: Any) -> tuple[QuerySet, QuerySet | None]:
+    """The harm queries and their reference. With the watermark corruption (the fitted model's
+    ``generation.target_class`` and ``detector``): ``generation.n_watermark`` generations of the
+    target class, split into those the detector flags (harm) and the rest (reference; None when
+    empty); all of them are harm, noted, when it flags none. Else: the generation queries, no
+    reference."""
     target = context.model.generation.get("target_class")  # None without the watermark corruption
     detector = context.model.detector
     if target is None or detector is None:
-        return generation_queries(context)
+        return generation_queries(context), None
     generated = _target_generations(context, int(target))
     flags = np.asarray(detector.flags(generated.images), dtype=bool)
     if not flags.any():
         return replace(generated, kind="harm", note=f"the detector flagged none of {len(generated)} target-class "
-                       "generations; all of them attributed")
-    keep = torch.from_numpy(flags)
-    return QuerySet(generated.images[keep], None if generated.conditions is None else generated.conditions[keep],
-                    generated.source[flags], generated.seeds[flags], "harm")
+                       "generations; all of them attributed"), None
+
+    def part(rows: np.ndarray, kind: str) -> QuerySet:
+        keep = torch.from_numpy(rows)
+        return QuerySet(generated.images[keep], None if generated.conditions is None else generated.conditions[keep],
+                        generated.source[rows], generated.seeds[rows], kind)
+
+    return part(flags, "harm"), part(~flags, "reference") if not flags.all() else None
+
+
+def harm_queries(context: Any) -> QuerySet:
+    """The generations attributed (:func:`watermark_queries`)."""
+    return watermark_queries(context)[0]
 
 
 def _target_generations(context: Any, target: int) -> QuerySet:
@@ -213,7 +218,7 @@ def _target_generations(context: Any, target: int) -> QuerySet:
     count = int(context.params.generation.n_watermark)
     seed = torch_seed(context.seed, "diffusion.harm_queries")
     label = target if is_conditional(context.model.model) else None
-    images = _generate(context.model, count, _image_shape(context), label, context.params.generation.steps, seed)
+    images = _generate(context, count, label, seed)
     conditions = None if label is None else torch.full((count,), target, dtype=torch.long)
     source = (np.full(count, target, dtype=np.int64) if label is not None else predicted_source(context.train, images))
     return QuerySet(images, conditions, source, np.full(count, seed, dtype=np.int64), "generated")
