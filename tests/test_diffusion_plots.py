@@ -112,21 +112,34 @@ def test_precision_figure_and_cost_table(layout):
     metrics = {"estimators": {"dmin": {"retrieval": {"precision_at_5": 0.5, "precision_at_10": 0.4, "k": 10}},
                               "pixel_nn": {}}}
     assert plots.write_precision(metrics, layout, train) == ["retrieval/precision_at_k.png"]
-    write_json({"seconds": 12.5, "train_vectors_seconds": 10.25, "vector_dim": 40960, "bytes_per_sample": 163840,
-                "raw_bytes_per_sample": 2.0e9}, layout.scores_meta("dmin"))
+    write_json({"seconds": 12.5, "train_vectors_seconds": 10.25, "vector_dim": 2 * 64, "bytes_per_sample": 2 * 80 * 4,
+                "options": {"timesteps": 2, "sizes": [16, 64], "parameters": "all"}}, layout.scores_meta("dmin"))
     write_tensors({"images": torch.zeros(3, 1, 8, 8)}, layout.root / "scores" / "dmin" / "queries.safetensors",
                   {"kind": "generated", "seconds_per_query": "0.00125"})
-    write_json({"seconds": 1.0, "vector_dim": 64}, layout.scores_meta("pixel_nn"))
-    rows = {row["estimator"]: row for row in plots.cost_rows(metrics, layout)}
-    assert rows["dmin"]["compression"] == "12,207x"  # 2e9 / 163,840
-    assert rows["dmin"]["stored KB/sample"] == "163.8" and rows["dmin"]["signatures s"] == "10.2"
-    assert rows["dmin"]["vector dim"] == "40,960" and rows["dmin"]["query ms"] == "1.25"
+    write_json({"seconds": 1.0, "vector_dim": 64, "options": {"k": 10}}, layout.scores_meta("pixel_nn"))
+    rows = {row["estimator"]: row for row in plots.cost_rows(metrics, layout, {"dmin": 177_489})}
+    assert rows["dmin"]["raw gradients MB/image"] == "1.42"  # 2 * 177,489 * 4 bytes
+    assert rows["dmin"]["compression"] == "2,773.3x"  # (S * D) / (S * v) = 177,489 / 64
+    assert rows["dmin"]["cache KB/image"] == "0.6" and rows["dmin"]["signatures s"] == "10.2"
+    assert rows["dmin"]["vector dim"] == "128" and rows["dmin"]["query ms"] == "1.25"
     assert rows["pixel_nn"]["vector dim"] == "64" and rows["pixel_nn"]["compression"] == "n/a"
-    assert rows["pixel_nn"]["query ms"] == "n/a" and rows["pixel_nn"]["stored KB/sample"] == "n/a"
+    assert rows["pixel_nn"]["query ms"] == "n/a" and rows["pixel_nn"]["cache KB/image"] == "n/a"
     assert plots.write_cost(metrics, layout) == ["retrieval/cost.png"]
     markdown = (layout.reports / "retrieval" / "cost.md").read_text()
-    assert markdown.count("\n") == 4 and "12,207x" in markdown
+    assert markdown.count("\n") == 4 and "n/a" in markdown
 
 
 def test_no_query_tables_no_precision_figure(layout):
     assert plots.write_precision({"estimators": {"dmin": {}}}, layout, _train()) == []
+
+
+def test_gradient_dims_count_the_differentiated_parameters():
+    from types import SimpleNamespace
+
+    network = torch.nn.ModuleDict({"conv": torch.nn.Conv2d(1, 4, 3), "lora_A": torch.nn.Linear(4, 2, bias=False),
+                                   "lora_B": torch.nn.Linear(2, 4, bias=False), "frozen": torch.nn.Linear(3, 3)})
+    network["frozen"].requires_grad_(False)  # not differentiated: not in D
+    fitted = SimpleNamespace(model=network)
+    records = {"dmin": {"options": {"parameters": "all"}}, "dtrak": {"options": {"parameters": "adapters"}},
+               "pixel_nn": {"options": {"k": 10}}}
+    assert plots.gradient_dims(fitted, records) == {"dmin": 4 * 9 + 4 + 8 + 8, "dtrak": 8 + 8}

@@ -15,9 +15,10 @@ storage and time table). Written under ``reports/``:
   the query's, averaged over the queries of known source) against k = 1..stored k, per estimator,
   from the same tables, with the report's ``estimators.<name>.retrieval.precision_at_<k>`` marked,
   and chance (the training share of each query's source);
-- ``retrieval/cost.md``, ``cost.html`` and ``cost.png``: storage and latency per estimator (what
-  it recorded: the scoring and signature times, the stored bytes per training image against the
-  raw per-timestep gradients, and the mean search time per query).
+- ``retrieval/cost.md``, ``cost.html`` and ``cost.png``: storage and latency per estimator (the
+  scoring and signature times it recorded, its cache's bytes per training image, the raw
+  per-timestep gradients of one image (``S * D`` float32, D counted on the base model) against the
+  scored vector, and the mean search time per query).
 
 The PNGs are returned (the HTML report embeds them, MLflow logs ``reports/`` with the parent run and
 ``flagged/`` and ``probes/`` with each estimator's run). matplotlib is imported inside the
@@ -202,14 +203,28 @@ def write_precision(metrics: dict[str, Any], layout: Any, train: Split) -> list[
 
 # (column, key of scores/<name>.meta.json, unit scale, format): what each estimator recorded
 # (:class:`cleanse.estimators.dmin.AttributionEstimator`: the scoring time, the time to fill or
-# load the training signatures, their dimension and bytes per sample).
+# load the training signatures, the scored vector's dimension and the cache's bytes per image).
 COST_COLUMNS = (
     ("scoring s", "seconds", 1.0, "{:.1f}"),
     ("signatures s", "train_vectors_seconds", 1.0, "{:.1f}"),
     ("vector dim", "vector_dim", 1.0, "{:,.0f}"),
-    ("stored KB/sample", "bytes_per_sample", 1e-3, "{:,.1f}"),
-    ("raw gradients MB/sample", "raw_bytes_per_sample", 1e-6, "{:,.2f}"),
+    ("cache KB/image", "bytes_per_sample", 1e-3, "{:,.1f}"),
 )
+
+
+def gradient_dims(model: Any, records: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """D, the differentiated parameters, of every estimator whose recorded options name
+    ``parameters`` (``all`` or ``adapters``: :func:`~cleanse.families.diffusion.signatures.parameter_names`)
+    of the fitted ``model`` (a :class:`~cleanse.families.diffusion.fitted.FittedDiffusion`)."""
+    from cleanse.families.diffusion.signatures import parameter_names
+
+    sizes = {name: int(p.numel()) for name, p in model.model.named_parameters()}
+    dims = {}
+    for estimator, record in records.items():
+        which = (record.get("options") or {}).get("parameters")
+        if which in ("all", "adapters"):
+            dims[estimator] = sum(sizes[name] for name in parameter_names(model.model, which))
+    return dims
 
 
 def _number(value: Any) -> float | None:
@@ -231,9 +246,11 @@ def query_seconds(directory: Path) -> float | None:
         return _number((handle.metadata() or {}).get("seconds_per_query"))
 
 
-def cost_rows(metrics: dict[str, Any], layout: Any) -> list[dict[str, str]]:
-    """One row per estimator of :data:`COST_COLUMNS`, the compression ratio raw / stored and the
-    query time (``n/a`` where the estimator recorded nothing)."""
+def cost_rows(metrics: dict[str, Any], layout: Any, dims: dict[str, int] | None = None) -> list[dict[str, str]]:
+    """One row per estimator: :data:`COST_COLUMNS`; the raw per-timestep gradients of one training
+    image, ``S * D`` float32 (``S`` = the recorded ``options.timesteps``, ``D`` = ``dims[name]``,
+    :func:`gradient_dims`), and their ratio to the scored vector (``vector_dim`` float32): DMin's
+    compression; and the mean search time per query. ``n/a`` where nothing was recorded."""
     rows = []
     for name in metrics["estimators"]:
         meta_path = layout.scores_meta(name)
@@ -242,19 +259,22 @@ def cost_rows(metrics: dict[str, Any], layout: Any) -> list[dict[str, str]]:
         for column, key, scale, fmt in COST_COLUMNS:
             value = _number(record.get(key))
             row[column] = "n/a" if value is None else fmt.format(value * scale)
-        stored, raw = _number(record.get("bytes_per_sample")), _number(record.get("raw_bytes_per_sample"))
-        row["compression"] = f"{raw / stored:,.0f}x" if stored and raw else "n/a"
+        steps, dim = _number((record.get("options") or {}).get("timesteps")), (dims or {}).get(name)
+        raw = 4 * steps * dim if steps and dim else None
+        vector = _number(record.get("vector_dim"))
+        row["raw gradients MB/image"] = "n/a" if raw is None else f"{raw / 1e6:,.2f}"
+        row["compression"] = f"{raw / (4 * vector):,.1f}x" if raw and vector else "n/a"
         seconds = query_seconds(layout.root / "scores" / name)
         row["query ms"] = "n/a" if seconds is None else f"{1e3 * seconds:.3g}"
         rows.append(row)
     return rows
 
 
-def write_cost(metrics: dict[str, Any], layout: Any) -> list[str]:
+def write_cost(metrics: dict[str, Any], layout: Any, dims: dict[str, int] | None = None) -> list[str]:
     """``retrieval/cost.md``, ``cost.html`` and ``cost.png``: :func:`cost_rows` as a table."""
     import matplotlib.pyplot as plt
 
-    rows = cost_rows(metrics, layout)
+    rows = cost_rows(metrics, layout, dims)
     if not rows:
         return []
     headers = list(rows[0])
@@ -277,6 +297,7 @@ def write_cost(metrics: dict[str, Any], layout: Any) -> list[str]:
 
 def write_diffusion_plots(params: Any, layout: Any, metrics: dict[str, Any]) -> list[str]:
     """Every figure and table of the module docstring; returns the PNGs' paths under ``reports/``."""
+    from cleanse import families
     from cleanse.pipeline import load_staged
 
     staged = load_staged(layout, params)
@@ -286,5 +307,8 @@ def write_diffusion_plots(params: Any, layout: Any, metrics: dict[str, Any]) -> 
         written += write_flagged(name, layout, train, names)
         written += write_queries(name, layout, train, names)
     written += write_precision(metrics, layout, train)
-    written += write_cost(metrics, layout)
+    records = {name: read_json(layout.scores_meta(name)) for name in metrics["estimators"]
+               if layout.scores_meta(name).is_file()}
+    dims = gradient_dims(families.get(params.family).load_model(layout.base_model), records)
+    written += write_cost(metrics, layout, dims)
     return written
