@@ -14,8 +14,9 @@ shards to ``map_fn``, which submits one Prefect task per shard to the flow's tas
 memorization flow's :func:`flows.memorization.task_runner`: ``thread``, ``process``, ``dask``,
 ``ray``). Shards write disjoint files, each record after its file, so a killed flow resumes with
 the shards it had not finished, and the signatures do not depend on the runner (the same bytes as
-a sequential fill). ``--out s3://...`` works too: the cache uploads every shard as it is written,
-and the flow pulls the bucket's shards before checking the cache is complete.
+a sequential fill at the same torch thread count). ``--out s3://...`` works too: the cache uploads
+every shard as it is written, and the flow pulls the bucket's shards before checking the cache is
+complete.
 
 Run it with ``python flows/diffusion_cache.py --params examples/diffusion.yaml --out runs/dmin
 --runner dask`` (see docs/diffusion.md), or deploy it from ``prefect.yaml``.
