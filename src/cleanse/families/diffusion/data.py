@@ -47,26 +47,24 @@ def resolve_source(name: str) -> str:
     return MNIST if name == "mnist" else name
 
 
-def _load(part: str, shape: tuple[int, int, int] | None) -> tuple[np.ndarray, np.ndarray, str]:
-    """Images of ``part`` resized to ``shape`` ``(C, H, W)`` (None: as they are), labels and a name."""
-    from cleanse.families.gan.data import _fit_images, load_images
+def _load(part: str) -> tuple[np.ndarray, np.ndarray, str]:
+    from cleanse.families.gan.data import load_images
 
     images, labels, name = load_images(resolve_source(part), "data.source")
-    if shape is not None and tuple(images.shape[1:]) != shape:
-        images = _fit_images(images, shape)
-    return images.astype(np.float32), labels, "mnist" if part == "mnist" else name
+    return images, labels, "mnist" if part == "mnist" else name
 
 
 def load_parts(parts: list[str], image_size: int | None) -> list[tuple[np.ndarray, np.ndarray, str]]:
     """Every source of ``parts`` as (images, labels, name), all of one shape: the first's channels
-    and ``image_size`` (default: the first's height) on each side."""
-    first = _load(parts[0], None)
-    channels, height = int(first[0].shape[1]), int(first[0].shape[2])
+    and ``image_size`` (default: the first's height) on each side (bilinear, antialiased)."""
+    from cleanse.families.gan.data import _fit_images
+
+    loaded = [_load(part) for part in parts]
+    channels, height = int(loaded[0][0].shape[1]), int(loaded[0][0].shape[2])
     size = image_size if image_size is not None else height
     shape = (channels, size, size)
-    loaded = [_load(parts[0], shape)]
-    loaded += [_load(part, shape) for part in parts[1:]]
-    return loaded
+    return [(images if tuple(images.shape[1:]) == shape else _fit_images(images, shape), labels, name)
+            for images, labels, name in loaded]
 
 
 def _shares(n: int, k: int) -> list[int]:
