@@ -181,3 +181,60 @@ def test_staging_refuses_a_class_the_data_lacks(task):
 def test_per_sample_supervised_methods_are_refused(task):
     with pytest.raises(ConfigError, match="diffusion"):
         task.per_sample_loss(torch.zeros(2, 1), torch.zeros(2))
+
+
+# ----------------------------------------------------------------------------- end to end (slow)
+
+E2E = {**TINY, "data": {"source": "sklearn:digits", "n_train": 200, "n_val": 60, "n_test": 60},
+       "corruption": {"kind": "watermark", "target_class": 0, "fraction": 0.1},
+       "model": {"epochs": 3, "batch_size": 32, "label_dropout": 0.1},
+       "generation": {"steps": 8, "n_watermark": 24, "per_class": 2, "guidance": 3.0},
+       "estimators": ["dmin", "pixel_nn"],
+       "scorers": {"dmin": {"timesteps": 4, "sizes": [256, 1024], "size": 1024}},
+       "detect": {"budget": "count", "count": 4}, "recommend": {"budget_factors": []}}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    from cleanse.stages.runner import run_all
+    from cleanse.storage import Layout
+
+    torch.set_num_threads(1)
+    params = validate_params(E2E)
+    layout = Layout.at(tmp_path_factory.mktemp("diffusion_run"))
+    lines: list[str] = []
+    metrics = run_all(params, layout, log=lines.append)
+    return params, layout, metrics, lines
+
+
+@pytest.mark.slow
+def test_cleanse_run_writes_the_hold_out_shape(finished):
+    params, layout, metrics, _ = finished
+    on_disk = json.loads((layout.reports / "metrics.json").read_text())
+    assert on_disk["dataset"]["n_corrupted"] == 2 and on_disk["dataset"]["corruption"] == "watermark"
+    for reference in ("baseline", "random", "oracle"):
+        assert 0.0 <= on_disk[reference]["watermark_rate"] <= 1.0 and math.isfinite(on_disk[reference]["test_loss"])
+    assert on_disk["oracle"]["n_removed"] == 2
+    for name in ("dmin", "pixel_nn"):
+        entry = on_disk["estimators"][name]
+        assert 0.0 <= entry["retrain"]["watermark_rate"] <= 1.0 and entry["retrain"]["n_removed"] == 4
+        retrieval = entry["retrieval"]
+        assert all(0.0 <= retrieval[f"precision_at_{k}"] <= 1.0 for k in (5, 10, 50)), retrieval
+        assert retrieval["n_queries"] == 20  # per_class 2 x 10 classes
+    assert on_disk == json.loads(json.dumps(metrics))
+
+
+@pytest.mark.slow
+def test_the_stored_base_model_reproduces_the_baseline_and_resumes(finished):
+    from cleanse.pipeline import load_staged
+    from cleanse.stages.runner import run_all
+
+    params, layout, metrics, first = finished
+    task = families.get("diffusion")
+    staged = load_staged(layout, params)
+    base = task.load_model(layout.base_model)
+    assert task.outcome(base, staged)["watermark_rate"] == metrics["baseline"]["watermark_rate"]
+    assert not [line for line in first if line.startswith("[skip]")]
+    lines: list[str] = []
+    run_all(params, layout, log=lines.append)
+    assert lines and all(line.startswith("[skip]") for line in lines), lines
