@@ -135,3 +135,41 @@ def test_a_dask_cluster_fill_equals_the_sequential_fill(prefect_api, sequential,
     for name, tensors in expected.items():
         for key, tensor in tensors.items():
             assert torch.equal(got[name][key], tensor), (name, key)
+
+
+@pytest.mark.timeout(900)
+def test_an_s3_output_root_gets_every_shard_and_resumes_on_another_machine(prefect_api, sequential, s3_env,
+                                                                           tmp_path, monkeypatch):
+    """--out s3://: the flow stages, trains and fills through the bucket (the same bytes); on an empty
+    work folder (another machine), with one shard's record lost in the bucket, a rerun pulls the
+    rest and computes only that shard."""
+    import uuid
+
+    from cleanse import remote
+    from flows.diffusion_cache import diffusion_cache_flow
+    from flows.memorization import task_runner
+
+    root, cache = sequential
+    uri = f"s3://cleanse/diffusion-cache-{uuid.uuid4().hex[:8]}"
+    flow = diffusion_cache_flow.with_options(task_runner=task_runner("thread", workers=2))
+    summary = flow(None, TINY, uri)
+    assert sorted(summary["computed"]) == list(range(N_SHARDS))
+    assert summary["cache"] == f"{uri}/{cache.as_posix()}"
+    objects = remote.list_objects(uri)
+    for shard in range(N_SHARDS):
+        for suffix in ("safetensors", "meta.json"):
+            assert f"{cache.as_posix()}/shard_{shard:05d}.{suffix}" in objects
+    assert f"{cache.as_posix()}/manifest.meta.json" in objects
+
+    bucket, prefix = remote.split_uri(uri)
+    remote.client().delete_object(Bucket=bucket, Key=f"{prefix}/{cache.as_posix()}/shard_00001.meta.json")
+    monkeypatch.setenv("CLEANSE_WORK_DIR", str(tmp_path / "another-machine"))
+    again = flow(None, TINY, uri)
+    assert again["computed"] == [1]
+    work = remote.work_folder(uri)
+    assert work.is_relative_to(tmp_path / "another-machine")
+    expected, got = _shards(root / cache), _shards(work / cache)
+    assert list(got) == list(expected)
+    for name, tensors in expected.items():
+        for key, tensor in tensors.items():
+            assert torch.equal(got[name][key], tensor), (name, key)
