@@ -73,17 +73,51 @@ class Sketch:
         ``vectors`` ``(..., dim)`` (a signature batch ``(b, S, D)`` gives ``(b, S, v)``)."""
         if vectors.shape[-1] != self.dim:
             raise ConfigError(f"sketch: vectors of {vectors.shape[-1]} entries for a sketch of dim {self.dim}")
-        lead = vectors.shape[:-1]
+        out = self.from_parts([vectors.reshape(-1, self.dim)])
+        return {v: sketched.reshape(*vectors.shape[:-1], v) for v, sketched in out.items()}
+
+    def from_parts(self, parts: Sequence[torch.Tensor], row_scale: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+        """``{v: C_v(rows)}``, each ``(P, v)``, of the ``P`` rows whose consecutive column blocks are
+        ``parts`` (each ``(P, d_k)``, ``sum d_k = dim``: e.g. one block per parameter of a gradient),
+        every row multiplied by ``row_scale`` ``(P, 1)`` when given. The same as calling the sketch
+        on the concatenated (and scaled) rows, by linearity, without ever writing them."""
+        if sum(part.shape[-1] for part in parts) != self.dim:
+            raise ConfigError(f"sketch: parts of {sum(p.shape[-1] for p in parts)} entries for a sketch of dim {self.dim}")
         largest = self.sizes[-1]
+        signs, group = self._placement(parts[0].dtype, parts[0].device)
         # Scatter each original entry, signed, into its group of the largest size (the padding
         # adds zeros): the same sums as permuting and reshaping, without the (..., D') copies.
-        position = torch.empty_like(self.permutation)
-        position[self.permutation] = torch.arange(self.padded)
-        position = position[:self.dim].to(vectors.device)
-        signs = self.signs.to(vectors.device, vectors.dtype)[position]
-        flat = (vectors * signs).reshape(-1, self.dim)
-        top = flat.new_zeros(flat.shape[0], largest).index_add_(1, position // (self.padded // largest), flat)
-        return {v: top.reshape(*lead, v, largest // v).sum(-1) for v in self.sizes}
+        top = parts[0].new_zeros(parts[0].shape[0], largest)
+        offset = 0
+        for part in parts:
+            width = part.shape[-1]
+            top.index_add_(1, group[offset:offset + width], part * signs[offset:offset + width])
+            offset += width
+        if row_scale is not None:
+            top.mul_(row_scale)
+        out = {largest: top}
+        for v in reversed(self.sizes[:-1]):  # each size from the smallest larger one it divides: O(largest) in all
+            above = min(u for u in out if u % v == 0)
+            out[v] = out[above].reshape(-1, v, above // v).sum(-1)
+        return {v: out[v] for v in self.sizes}
+
+    def __getstate__(self) -> dict[str, object]:
+        """Pickled (a Dask or Ray worker) without the cached placements: they are rebuilt there."""
+        return {name: value for name, value in self.__dict__.items() if name != "_placements"}
+
+    def _placement(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each original entry's sign ``(dim,)`` and group of the largest size ``(dim,)`` int64, built
+        once per dtype and device (not once per batch)."""
+        cache: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = \
+            self.__dict__.setdefault("_placements", {})
+        key = (dtype, torch.device(device))
+        if key not in cache:
+            position = torch.empty_like(self.permutation)
+            position[self.permutation] = torch.arange(self.padded)
+            position = position[:self.dim]
+            group = position // (self.padded // self.sizes[-1])
+            cache[key] = (self.signs[position].to(device, dtype), group.to(device))
+        return cache[key]
 
 
 def oporp_variance(a: np.ndarray, b: np.ndarray, v: int) -> float:
