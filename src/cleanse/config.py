@@ -319,21 +319,31 @@ class GanParams(Params):
         return self
 
 
-# The diffusion family's params live in their own module (this one is at its line limit); it
-# subclasses Params, so it is imported once Params exists.
-from cleanse.families.diffusion.params import DiffusionParams  # noqa: E402
-
-
 def _family_of(raw: Any) -> str:
     if isinstance(raw, dict):
         return str(raw.get("family", "classification"))
     return str(getattr(raw, "family", "classification"))
 
 
+def _family_params() -> dict[str, type[Params]]:
+    """Every family's params model by name: the four defined here, then those that live in their
+    family's package (:data:`cleanse.families.PARAMS`; each subclasses Params, so they are imported
+    once Params exists)."""
+    import importlib
+
+    from cleanse.families import PARAMS
+
+    models: dict[str, type[Params]] = {"classification": Params, "regression": RegressionParams, "gan": GanParams}
+    for name, target in PARAMS.items():
+        module_name, class_name = target.split(":")
+        models[name] = getattr(importlib.import_module(module_name), class_name)
+    return models
+
+
+FAMILY_PARAMS = _family_params()
 # The configuration of any family, chosen by the ``family`` key (absent = classification).
-AnyParams = Annotated[
-    Union[Annotated[Params, Tag("classification")], Annotated[RegressionParams, Tag("regression")],
-          Annotated[GanParams, Tag("gan")], Annotated[DiffusionParams, Tag("diffusion")]],
+AnyParams: Any = Annotated[
+    Union[tuple(Annotated[model, Tag(name)] for name, model in FAMILY_PARAMS.items())],
     Discriminator(_family_of),
 ]
 _ANY_PARAMS: TypeAdapter[Params] = TypeAdapter(AnyParams)
@@ -366,9 +376,9 @@ def validate_params(raw: dict[str, Any]) -> Params:
     """Validate a raw ``params.yaml`` mapping into its family's params model; errors as one line
     naming the dotted keys (``family: 'x' is not one of ...`` for an unknown family)."""
     family = _family_of(raw)
-    if family not in ("classification", "regression", "gan", "diffusion"):
-        raise ConfigError(f"invalid configuration: family: {_shown(family)} is not one of 'classification', "
-                          "'regression', 'gan', 'diffusion'")
+    if family not in FAMILY_PARAMS:
+        raise ConfigError(f"invalid configuration: family: {_shown(family)} is not one of "
+                          + ", ".join(map(repr, FAMILY_PARAMS)))
     try:
         return _ANY_PARAMS.validate_python(raw)
     except ValidationError as exc:

@@ -1,7 +1,8 @@
 """Families (tasks) behind the loop: name -> :class:`cleanse.families.base.Family`.
 
-Adding a family = one package here + one line in :data:`_REGISTRY` + its params model in
-:mod:`cleanse.config`. Entries are import strings, so listing names does not import torch.
+Adding a family = one package here + one line in :data:`_REGISTRY` + one in :data:`PARAMS` (its
+params model, a subclass of :class:`cleanse.config.Params`). Entries are import strings, so listing
+names does not import torch.
 """
 
 from __future__ import annotations
@@ -17,6 +18,13 @@ _REGISTRY: dict[str, str] = {
     "regression": "cleanse.families.regression.family:RegressionFamily",
     "gan": "cleanse.families.gan.family:GanFamily",
     "diffusion": "cleanse.families.diffusion.family:DiffusionFamily",
+}
+
+# The params models that live in their family's package ("module:Class", a subclass of
+# cleanse.config.Params with ``family: Literal[name]``); classification, regression and gan are
+# defined in cleanse.config itself.
+PARAMS: dict[str, str] = {
+    "diffusion": "cleanse.families.diffusion.params:DiffusionParams",
 }
 
 DEFAULT = "classification"

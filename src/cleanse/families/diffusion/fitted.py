@@ -17,7 +17,8 @@ from torch import nn
 from cleanse.errors import ConfigError
 
 if TYPE_CHECKING:
-    from cleanse.config import DiffusionParams, Params
+    from cleanse.config import Params
+    from cleanse.families.diffusion.params import DiffusionParams
     from cleanse.data.dataset import DatasetMeta, Split
     from cleanse.families.diffusion.watermark import WatermarkDetector
 
