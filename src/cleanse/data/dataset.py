@@ -111,6 +111,9 @@ class DatasetMeta:
     trigger: dict[str, Any] | None = None
     # The names of the data sets behind ``Split.source`` (index = source id); None = one source.
     sources: tuple[str, ...] | None = None
+    # What a family shares across all its units beyond their rows (JSON values): a graph's
+    # ``edge_index`` for node units, the seed set of a cascade; None = nothing.
+    structure: dict[str, Any] | None = None
 
     @property
     def is_image(self) -> bool:
@@ -124,6 +127,7 @@ class DatasetMeta:
             "corruption": self.corruption,
             "trigger": self.trigger,
             **({} if self.sources is None else {"sources": list(self.sources)}),
+            **({} if self.structure is None else {"structure": self.structure}),
         }
 
     @classmethod
@@ -135,6 +139,7 @@ class DatasetMeta:
             corruption=data.get("corruption", {}),
             trigger=data.get("trigger"),
             sources=tuple(data["sources"]) if data.get("sources") is not None else None,
+            structure=data.get("structure"),
         )
 
 
