@@ -159,6 +159,21 @@ def test_the_context_gives_images_and_conditions(task, staged, fitted):
     assert images.shape == (3, 1, 8, 8) and torch.equal(images, fitted.generate(3, 3, seed=5, steps=4))
 
 
+def test_the_library_api_fits_scores_and_verifies_through_the_family(staged):
+    from cleanse import api
+
+    torch.set_num_threads(1)
+    params = _params()
+    model = api.fit(params, staged)
+    prepared = api.Prepared(params, staged, model, api.context(params, staged, model))
+    assert prepared.context.images().shape == (300, 1, 8, 8)
+    table = api.score(prepared, "pixel_nn")
+    assert table.height == 300 and np.array_equal(table["sample_id"].to_numpy(), staged.train.sample_id)
+    assert api.evaluate(prepared) == families.get("diffusion").outcome(model, staged)
+    without = api.retrain_without(prepared, np.zeros(0, dtype=np.int64))
+    assert without["n_removed"] == 0 and without["test_loss"] == api.evaluate(prepared)["test_loss"]
+
+
 @pytest.mark.parametrize("change, message", [
     ({"query": {"kind": "val_errors"}}, "query.kind"),
     ({"data": {"source": "mixed:sklearn:digits"}}, "mixed"),

@@ -56,19 +56,32 @@ def stage(params: Params, *, stage_seed: int | None = None) -> StagedData:
 
 
 def fit(params: Params, staged: StagedData, *, seed: int | None = None, device: Any = None) -> Any:
-    """Train ``params.model`` on the training split as the ``train`` stage does (``seed``: default
-    ``params.seed``; ``device``: default :func:`cleanse.models.architectures.default_device`)."""
+    """Train ``params.model`` on the training split as the ``train`` stage does, through the
+    family's :meth:`~cleanse.families.base.Family.fit` (``seed``: default ``params.seed``).
+    ``device`` (default :func:`cleanse.models.architectures.default_device`) applies to the families
+    that fit with the shared trainer; the others choose their own device, as the stage does."""
+    from cleanse import families
+    from cleanse.families.base import Family
     from cleanse.models.fit import fit_model
 
-    return fit_model(params, staged.train, staged.meta, seed=seed, device=_device(device))
+    task = families.get(params.family)
+    if type(task).fit is Family.fit:
+        return fit_model(params, staged.train, staged.meta, seed=seed, device=_device(device))
+    return task.fit(params, staged.train, staged.meta, seed=seed)
 
 
 def context(params: Params, staged: StagedData, model: Any, *, device: Any = None,
             cache_dir: Path | None = None) -> Any:
     """The scoring context of ``model`` (``cache_dir``: where expensive intermediates may be kept;
-    None keeps them in memory)."""
+    None keeps them in memory): the family's own (:meth:`~cleanse.families.base.Family.scoring_context`)
+    unless the family uses the shared one, which is built on ``device``."""
+    from cleanse import families
     from cleanse.estimators.base import ScoringContext
+    from cleanse.families.base import Family
 
+    task = families.get(params.family)
+    if type(task).scoring_context is not Family.scoring_context:
+        return task.scoring_context(params, staged, model, cache_dir)
     return ScoringContext(train=staged.train, val=staged.val, meta=staged.meta, model=model,
                           model_config=params.model, seed=params.seed, device=_device(device), cache_dir=cache_dir)
 
@@ -124,11 +137,12 @@ def evaluate(prepared: Prepared, model: Any = None, query: Any = None) -> dict[s
     """The outcome of ``model`` (default: the prepared one) as every retrain records it."""
     from cleanse.stages.modelio import evaluate_model
 
-    return evaluate_model(prepared.model if model is None else model, prepared.staged, query)
+    return evaluate_model(prepared.model if model is None else model, prepared.staged, query,
+                          family=prepared.params.family)
 
 
 def retrain_without(prepared: Prepared, removed_ids: np.ndarray, query: Any = None) -> dict[str, float]:
     """Retrain with the same seed and recipe without ``removed_ids``; its evaluation."""
     from cleanse.stages.modelio import retrain_without as retrain
 
-    return retrain(prepared.params, prepared.staged, removed_ids, query)
+    return retrain(prepared.params, prepared.staged, removed_ids, query, base=prepared.model)
