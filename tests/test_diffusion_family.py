@@ -159,6 +159,16 @@ def test_the_context_gives_images_and_conditions(task, staged, fitted):
     assert images.shape == (3, 1, 8, 8) and torch.equal(images, fitted.generate(3, 3, seed=5, steps=4))
 
 
+def test_generation_settings_are_part_of_the_train_fingerprint():
+    from cleanse.stages.fingerprints import train_fingerprint
+
+    base = _params()
+    assert train_fingerprint(base) == train_fingerprint(_params())
+    assert train_fingerprint(base) != train_fingerprint(_params(generation={**TINY["generation"], "n_watermark": 32}))
+    classification = validate_params({"data": {"source": "sklearn:wine"}})
+    assert families.get("classification").train_inputs(classification) == ()
+
+
 def test_the_library_api_fits_scores_and_verifies_through_the_family(staged):
     from cleanse import api
 

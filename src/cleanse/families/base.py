@@ -169,6 +169,12 @@ class Family(ABC):
         for in ``params.evaluate``; none by default."""
         return {}
 
+    def query_set(self, params: Params, staged: StagedData, model: Any) -> Any:
+        """The probe set (a :class:`cleanse.query.QuerySet`) that train -> query attribution explains
+        for ``params.query`` (``kind`` other than ``none``), or None (the default) for the
+        classification probes of :func:`cleanse.query.build_query`."""
+        return None
+
     def differentiated(self, module: nn.Module, layers: str) -> list[str]:
         """The names of the parameters gradient estimators differentiate: ``all``, ``last`` (the
         last module that owns parameters) or ``adapters`` (names containing ``lora_``)."""
@@ -195,6 +201,12 @@ class Family(ABC):
         removed = np.isin(staged.train.sample_id, removed_ids)
         return model, {**self.outcome(model, staged, query), "n_removed": int(len(staged.train) - len(kept)),
                        "n_corrupted_removed": int(staged.train.is_corrupted[removed].sum())}
+
+    def train_inputs(self, params: Params) -> tuple[Any, ...]:
+        """The params sections a fitted model and its recorded outcome depend on beyond
+        ``params.model`` and the staged data (parts of the train stage's fingerprint, and so of
+        every later stage's); none by default."""
+        return ()
 
     def verify_inputs(self, params: Params) -> tuple[Any, ...]:
         """The params sections :meth:`verify_without` reads beyond ``params.model`` and the seed

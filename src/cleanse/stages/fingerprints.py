@@ -95,7 +95,12 @@ def stage_fingerprint(params: Params) -> str:
 
 
 def train_fingerprint(params: Params) -> str:
-    return fingerprint("train", stage_fingerprint(params), canonical(params).model)
+    from cleanse import families
+
+    # A family whose fitted model records more than params.model (the diffusion family's generation
+    # settings) adds those parts; the others fingerprint as they always did.
+    extra = tuple(families.get(params.family).train_inputs(params))
+    return fingerprint("train", stage_fingerprint(params), canonical(params).model, *extra)
 
 
 def score_fingerprint(params: Params, estimator: str) -> str:

@@ -244,6 +244,10 @@ class DiffusionFamily(Family):
         return model, {**self.outcome(model, staged), "n_removed": int(removed.sum()),
                        "n_corrupted_removed": int(staged.train.is_corrupted[removed].sum())}
 
+    def train_inputs(self, params: Params) -> tuple[Any, ...]:
+        """The generation settings the fitted model records and its outcome samples with."""
+        return (_diffusion(params).generation.model_dump(mode="json"),)
+
     def verify_inputs(self, params: Params) -> tuple[Any, ...]:
         return (_diffusion(params).generation.model_dump(mode="json"),)
 
