@@ -16,7 +16,8 @@ Per edge and segment f, with ``a_ij = 1 / deg(i)``:
   difference per segment is clipped to ``[-clip, clip]`` so the divergence cannot blow up);
 - update ``h_i <- (1 - beta) (h_i + eta U(m_i)) + beta h_i^0`` with ``U`` a linear map, a
   2-layer MLP or the identity (the spec's "+ beta h^0" is written as a convex mix, APPNP-like,
-  so 32 stacked layers keep their scale);
+  so 32 stacked layers keep their scale); optionally (``identity_theta > 0``) layer ``l`` uses
+  GCNII's identity mapping ``(1 - lam_l) m + lam_l U(m)``, ``lam_l = log(theta / l + 1)``;
 - **polarisation**: K prototypes ``mu_k``, ``r_ik = softmax_k(-||h_i - mu_k||^2 / kappa)``,
   ``h_i <- h_i + rho sum_k r_ik (mu_k - h_i)``; :meth:`AxelGNN.regularizer` returns a penalty
   that keeps the prototypes apart (mean pairwise cosine similarity).
@@ -55,6 +56,10 @@ class AxelConfig:
     kappa: float = 1.0
     clip: float = 5.0
     norm: bool = True  # LayerNorm after each layer (off for the closed form)
+    # > 0: GCNII's identity mapping (Chen et al., ICML 2020) on the update of layer l,
+    # U_l(m) = (1 - lam_l) m + lam_l U(m) with lam_l = log(theta / l + 1): deep layers stay close to
+    # plain propagation instead of stacking L random linear maps (0: off, U_l = U)
+    identity_theta: float = 0.0
 
     def ablate(self, **changes: object) -> AxelConfig:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -67,14 +72,18 @@ def _logit(p: float) -> float:
 class AxelLayer(nn.Module):
     """One similarity-gated, segment-wise copying step; ``forward(h, h0, edge_index) -> (N, d)``."""
 
-    def __init__(self, dim: int, config: AxelConfig) -> None:
+    def __init__(self, dim: int, config: AxelConfig, depth: int = 1) -> None:
         super().__init__()
         if config.segments < 1 or dim % config.segments:
             raise ConfigError(f"segments={config.segments} must divide the hidden width {dim}")
         if config.update not in ("linear", "mlp", "identity"):
             raise ConfigError(f"update must be linear, mlp or identity, got {config.update!r}")
+        if depth < 1:
+            raise ConfigError(f"layer depth must be >= 1, got {depth}")
         self.cfg = config
         self.dim, self.width = dim, dim // config.segments
+        # weight of the learned update at this depth (1: the update as is)
+        self.lam = math.log(config.identity_theta / depth + 1.0) if config.identity_theta > 0 else 1.0
         self.sim = nn.Linear(self.width, self.width, bias=False)
         self.tau = nn.Parameter(torch.tensor(0.0))
         self.log_temp = nn.Parameter(torch.tensor(math.log(0.5)))
@@ -120,7 +129,8 @@ class AxelLayer(nn.Module):
             diff = diff.clamp(-c.clip, c.clip)
         msg = (coef[:, :, None] * diff).reshape(-1, self.dim)
         m = h.new_zeros(n, self.dim).index_add_(0, i, msg)
-        out = (1.0 - c.beta) * (h + c.eta * self.update(m)) + c.beta * h0
+        u = self.update(m) if self.lam == 1.0 else (1.0 - self.lam) * m + self.lam * self.update(m)
+        out = (1.0 - c.beta) * (h + c.eta * u) + c.beta * h0
         if c.polarisation:
             d2 = torch.cdist(out, self.prototypes).pow(2)  # (N, K)
             r = torch.softmax(-d2 / c.kappa, dim=1)
@@ -150,7 +160,7 @@ class AxelGNN(nn.Module):
             raise ConfigError(f"layers must be >= 1, got {layers}")
         self.config = config or AxelConfig()
         self.encode = nn.Linear(in_dim, hidden)
-        self.layers = nn.ModuleList(AxelLayer(hidden, self.config) for _ in range(layers))
+        self.layers = nn.ModuleList(AxelLayer(hidden, self.config, depth=k + 1) for k in range(layers))
         self.head = nn.Linear(hidden, out_dim)
         self.dropout = dropout
 

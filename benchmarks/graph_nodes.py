@@ -1,0 +1,557 @@
+"""Graphs (issue 19): AxelGNN-style node classification and influence estimation, measured.
+
+Library calls only (``cleanse.graphs.*``): the staged graphs (``load_node_dataset`` with the 10
+Geom-GCN splits, ``load_influence_dataset`` with DeepIM's Monte Carlo labels), ``build_model``
+(AxelGNN-style, PyG GCN, GAT, GCNII, LINKX, GraphSAGE, MLP), ``fit_split`` (full batch, early
+stopping on the split's validation accuracy, test accuracy at the best validation epoch) and the
+batched simulator ``cascades.simulate`` against cynetdiff. One torch thread.
+
+Parts (every number of docs/benchmarks.md "Graphs: node classification and influence estimation
+(AxelGNN-style)" comes from here):
+
+1. ``classification``: test accuracy mean +- sd over the splits of CONFIG["splits"] for every model,
+   beside the paper's reported AxelGNN accuracy. The "best PyG baseline" of a graph is the one of
+   GCNII / LINKX / GraphSAGE with the highest mean **validation** accuracy there.
+2. ``ablations``: one AxelGNN-style ingredient off at a time, on every graph where the full model is
+   more than 2 points below the paper (read from part 1).
+3. ``depth``: L in 2..32 on Texas and Cora, AxelGNN-style without and with the identity mapping
+   (``AxelConfig.identity_theta``), and GCN; the curve is drawn into docs/img/graph_nodes.png.
+4. ``influence``: AxelGNN-style and GCN (sigmoid head, inputs: seed indicator, log degree, 1/degree)
+   trained on 80 of DeepIM's 100 seed sets per seed rate (1, 5, 10, 20 %) and tested on the other 20,
+   per diffusion model (IC, LT); per-node MAE (all nodes, seeds exact; and non-seed nodes), error
+   of the total spread; transfer: the jazz-trained model on another graph's labels. Floor: the
+   "seeds only" predictor (1 on seeds, 0 elsewhere).
+5. ``throughput``: cascades per second of ``cascades.simulate`` and cynetdiff on the same graph and
+   seed sets (weights 1/in-degree, LT thresholds U(0, 1]), and the MAE between their estimates.
+
+Fixed choices (made before any test number was read): the configurations in CONFIG. AxelGNN-style's
+hyper-parameters were chosen by mean validation accuracy over all 10 splits of Texas and
+Wisconsin among a 7-point grid (see CONFIG["selection"]); every model shares lr 0.01, weight decay
+5e-4, hidden 64, dropout 0.5, <= 300 epochs, patience 50. Cora and CiteSeer use their first 3
+splits only (CPU time), the WebKB graphs all 10.
+
+    python benchmarks/graph_nodes.py                        # every part, results and docs
+    python benchmarks/graph_nodes.py --parts depth          # one part, merged into --out
+    python benchmarks/graph_nodes.py --render-only          # re-render the docs from --out
+    python benchmarks/graph_nodes.py --quick --out /tmp/g.json --docs /tmp/b.md   # the smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from _common import REPO, environment, fmt, jsonable, md_table, output_arguments, publish, relative_link, render_saved  # noqa: E402
+
+SECTION = "graph_nodes"
+TITLE = "Graphs: node classification and influence estimation (AxelGNN-style)"
+DEFAULT_OUT = REPO / "benchmarks/results/graph_nodes.json"
+DEFAULT_DOCS = REPO / "docs/benchmarks.md"
+PARTS = ("classification", "ablations", "depth", "influence", "throughput")
+PAPER = {"cora": 88.18, "citeseer": 78.25, "texas": 88.36, "wisconsin": 91.25, "cornell": 87.02}
+PYG_BEST = ("gcn2", "linkx", "sage")
+NAMES = {"axelgnn": "AxelGNN-style", "gcn": "GCN", "gat": "GAT", "gcn2": "GCNII", "linkx": "LINKX",
+         "sage": "GraphSAGE", "mlp": "MLP"}
+CONFIG: dict[str, Any] = {
+    "seed": 0,
+    "graphs": ["cora", "citeseer", "texas", "wisconsin", "cornell"],
+    "splits": {"cora": 3, "citeseer": 3, "texas": 10, "wisconsin": 10, "cornell": 10},
+    "models": ["axelgnn", "gcn", "gat", "gcn2", "linkx", "sage", "mlp"],
+    "hidden": 64, "layers": 2, "dropout": 0.5,
+    "train": {"lr": 0.01, "weight_decay": 5e-4, "epochs": 300, "patience": 50, "reg": 0.01},
+    "axel": {},  # AxelConfig overrides of the library defaults (the selection kept the defaults)
+    "selection": "AxelConfig defaults vs beta 0.3 / 0.5, weight decay 5e-3, lr 0.005, 8 segments, MLP update: "
+                 "mean validation accuracy over the 10 splits of texas and wisconsin",
+    "ablations": {"gate off": {"gate": False}, "trait copy off": {"trait_copy": False},
+                  "divergence off": {"divergence": False}, "prototypes off": {"polarisation": False},
+                  "one segment": {"segments": 1}},
+    "ablation_splits": {"cora": 2, "citeseer": 2},
+    "depth": {"graphs": {"texas": 3, "cora": 1}, "depths": [2, 4, 8, 16, 32], "identity_theta": 0.5,
+              "epochs": {"cora": 200}},
+    "influence": {"graph": "jazz", "models": ["axelgnn", "gcn"], "diffusion": ["LT", "IC"], "train_sets": 80,
+                  "hidden": 32, "layers": 4, "epochs": 40, "batch": 16, "lr": 0.005, "transfer": ["netscience"]},
+    "throughput": {"graphs": ["jazz", "power_grid"], "sets": 5, "rate": 0.05, "runs": 200},
+}
+QUICK: dict[str, Any] = {
+    "graphs": ["texas"], "splits": {"texas": 2}, "models": ["axelgnn", "gcn", "gcn2", "mlp"],
+    "train": {"lr": 0.01, "weight_decay": 5e-4, "epochs": 40, "patience": 20, "reg": 0.01},
+    "ablations": {"divergence off": {"divergence": False}}, "ablation_splits": {},
+    "depth": {"graphs": {"texas": 1}, "depths": [2, 4], "identity_theta": 0.5, "epochs": {}},
+    "influence": {"graph": "jazz", "models": ["axelgnn", "gcn"], "diffusion": ["LT"], "train_sets": 20,
+                  "hidden": 16, "layers": 2, "epochs": 2, "batch": 10, "lr": 0.005, "transfer": ["netscience"]},
+    "throughput": {"graphs": ["jazz"], "sets": 2, "rate": 0.05, "runs": 50},
+}
+
+
+def log(line: str) -> None:
+    print(f"[graph_nodes {time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
+
+
+def config(quick: bool) -> dict[str, Any]:
+    return dict(CONFIG, **QUICK) if quick else dict(CONFIG)
+
+
+def _train_config(cfg: dict[str, Any], **changes: Any) -> Any:
+    from cleanse.graphs.train import TrainConfig
+
+    return TrainConfig(seed=cfg["seed"], **dict(cfg["train"], **changes))
+
+
+def run_model(graph: Any, kind: str, cfg: dict[str, Any], splits: int, layers: int | None = None,
+              axel: dict[str, Any] | None = None, **train: Any) -> dict[str, Any]:
+    """One model on the first ``splits`` splits of ``graph``: test and validation accuracy per split."""
+    from cleanse.graphs.axelgnn import AxelConfig
+    from cleanse.graphs.baselines import build_model
+    from cleanse.graphs.train import fit_split
+
+    make = partial(build_model, kind, graph.x.shape[1], cfg["hidden"], graph.num_classes,
+                   layers=layers or cfg["layers"], dropout=cfg["dropout"], num_nodes=graph.num_nodes,
+                   axel=AxelConfig(**dict(cfg["axel"], **(axel or {}))))
+    results = [fit_split(make, graph, s, _train_config(cfg, **train))[0] for s in range(splits)]
+    test = np.array([r.test_acc for r in results]) * 100
+    return {"test": test.tolist(), "val": [100 * r.val_acc for r in results],
+            "best_epoch": [r.best_epoch for r in results], "seconds": sum(r.seconds for r in results),
+            "mean": float(test.mean()), "sd": float(test.std(ddof=1)) if test.size > 1 else 0.0,
+            "val_mean": float(np.mean([100 * r.val_acc for r in results]))}
+
+
+def classification(cfg: dict[str, Any], save: Any) -> dict[str, Any]:
+    from cleanse.graphs.data import load_node_dataset
+
+    out: dict[str, Any] = {}
+    for name in cfg["graphs"]:
+        graph = load_node_dataset(name)
+        row: dict[str, Any] = {"splits": cfg["splits"][name], "homophily": graph.homophily(), "models": {}}
+        for kind in cfg["models"]:
+            log(f"classification {name} {kind}")
+            row["models"][kind] = run_model(graph, kind, cfg, cfg["splits"][name])
+        present = [k for k in PYG_BEST if k in row["models"]]
+        row["best_pyg"] = max(present, key=lambda k: row["models"][k]["val_mean"]) if present else None
+        out[name] = row
+        save({"graphs": out})
+    return {"graphs": out}
+
+
+def ablations(cfg: dict[str, Any], previous: dict[str, Any], save: Any) -> dict[str, Any]:
+    """Every ablation on each graph where the full model is > 2 points below the paper."""
+    from cleanse.graphs.data import load_node_dataset
+
+    out: dict[str, Any] = {}
+    for name, row in previous.get("classification", {}).get("graphs", {}).items():
+        full = row["models"].get("axelgnn")
+        if full is None or PAPER[name] - full["mean"] <= 2.0:
+            continue
+        graph = load_node_dataset(name)
+        splits = cfg["ablation_splits"].get(name, row["splits"])
+        entry: dict[str, Any] = {"splits": splits, "full": full if splits == row["splits"]
+                                 else run_model(graph, "axelgnn", cfg, splits)}
+        for label, change in cfg["ablations"].items():
+            log(f"ablation {name} {label}")
+            entry[label] = run_model(graph, "axelgnn", cfg, splits, axel=change)
+        out[name] = entry
+        save({"graphs": out})
+    return {"graphs": out}
+
+
+def depth(cfg: dict[str, Any], save: Any) -> dict[str, Any]:
+    from cleanse.graphs.data import load_node_dataset
+
+    spec = cfg["depth"]
+    variants = {"axelgnn": {}, "axelgnn+identity": {"identity_theta": spec["identity_theta"]}, "gcn": None}
+    out: dict[str, Any] = {}
+    for name, splits in spec["graphs"].items():
+        graph = load_node_dataset(name)
+        out[name] = {"splits": splits, "curves": {}}
+        epochs = spec["epochs"].get(name, cfg["train"]["epochs"])
+        for label, axel in variants.items():
+            kind = "gcn" if axel is None else "axelgnn"
+            out[name]["curves"][label] = {}
+            for layers in spec["depths"]:
+                log(f"depth {name} {label} L={layers}")
+                out[name]["curves"][label][str(layers)] = run_model(graph, kind, cfg, splits, layers=layers,
+                                                                    axel=axel, epochs=epochs)
+                save({"graphs": out})
+    return {"graphs": out}
+
+
+# ----------------------------------------------------------------------------- influence
+
+
+def node_inputs(edge_index: np.ndarray, num_nodes: int) -> np.ndarray:
+    """Per-node inputs besides the seed indicator: log(1 + degree) / 5 and 1 / degree, (N, 2) float32
+    (no graph-specific scaling, so a trained model transfers to another graph)."""
+    deg = np.bincount(edge_index[1], minlength=num_nodes).astype(np.float32)
+    return np.stack([np.log1p(deg) / 5.0, 1.0 / np.maximum(deg, 1.0)], axis=1)
+
+
+def _union(edge_index: np.ndarray, num_nodes: int, copies: int) -> Any:
+    """``copies`` disjoint copies of the graph (one per seed set of a minibatch): (2, copies * E)."""
+    import torch
+
+    offsets = np.repeat(np.arange(copies) * num_nodes, edge_index.shape[1])
+    return torch.from_numpy(np.tile(edge_index, copies) + offsets).long()
+
+
+def _predict(model: Any, seeds: np.ndarray, inputs: np.ndarray, edge_index: np.ndarray, batch: int) -> np.ndarray:
+    """Activation probabilities (B, N): the model's sigmoid, seeds exactly 1."""
+    import torch
+
+    b, n = seeds.shape
+    out = np.zeros((b, n), dtype=np.float32)
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, b, batch):
+            s = seeds[start:start + batch]
+            x = torch.from_numpy(np.concatenate([s[:, :, None].astype(np.float32),
+                                                 np.broadcast_to(inputs, (len(s), n, 2))], axis=2).reshape(-1, 3))
+            p = torch.sigmoid(model(x, _union(edge_index, n, len(s)))).view(len(s), n).numpy()
+            out[start:start + len(s)] = np.where(s, 1.0, p)
+    return out
+
+
+def fit_surrogate(kind: str, seeds: np.ndarray, labels: np.ndarray, edge_index: np.ndarray,
+                  spec: dict[str, Any], seed: int) -> tuple[Any, float]:
+    """``kind`` with one output per node, trained by binary cross-entropy against the Monte Carlo
+    probabilities of the non-seed nodes (seeds are known to be active); minibatches of seed sets."""
+    import torch
+    import torch.nn.functional as fn
+
+    from cleanse.graphs.baselines import build_model
+
+    torch.manual_seed(seed)
+    n = seeds.shape[1]
+    inputs = node_inputs(edge_index, n)
+    model = build_model(kind, 3, spec["hidden"], 1, layers=spec["layers"], dropout=0.0)
+    opt = torch.optim.Adam(model.parameters(), lr=spec["lr"])
+    gen = np.random.default_rng(seed)
+    began = time.perf_counter()
+    for _ in range(spec["epochs"]):
+        model.train()
+        for idx in np.array_split(gen.permutation(len(seeds)), max(1, len(seeds) // spec["batch"])):
+            s = seeds[idx]
+            x = torch.from_numpy(np.concatenate([s[:, :, None].astype(np.float32),
+                                                 np.broadcast_to(inputs, (len(idx), n, 2))], axis=2).reshape(-1, 3))
+            logit = model(x, _union(edge_index, n, len(idx))).view(-1)
+            free = torch.from_numpy(~s.reshape(-1))
+            loss = fn.binary_cross_entropy_with_logits(logit[free], torch.from_numpy(labels[idx].reshape(-1))[free])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model, time.perf_counter() - began
+
+
+def errors(pred: np.ndarray, seeds: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """Per-node MAE over all nodes and over non-seed nodes; the total spread's mean absolute error
+    (nodes) and mean relative error."""
+    spread, true_spread = pred.sum(1), truth.sum(1)
+    return {"mae": float(np.abs(pred - truth).mean()), "mae_nonseed": float(np.abs(pred - truth)[~seeds].mean()),
+            "spread_abs": float(np.abs(spread - true_spread).mean()),
+            "spread_rel": float(np.mean(np.abs(spread - true_spread) / true_spread)),
+            "true_spread": float(true_spread.mean())}
+
+
+def influence(cfg: dict[str, Any], save: Any) -> dict[str, Any]:
+    from cleanse.graphs import cascades
+    from cleanse.graphs.data import SEED_RATES, load_influence_dataset
+
+    spec = cfg["influence"]
+    g = load_influence_dataset(spec["graph"])
+    others = {name: load_influence_dataset(name) for name in spec["transfer"]}
+    out: dict[str, Any] = {"graph": g.name, "nodes": g.num_nodes, "label_check": {}, "runs": {}}
+    # DeepIM's LT labels are the deterministic threshold-0.5 model: check it on every graph used
+    for graph in (g, *others.values()):
+        seeds, act = graph.truth("LT", 5)
+        ours = cascades.simulate("LT", graph.edge_index, cascades.weighted_cascade(graph.edge_index, graph.num_nodes),
+                                 seeds, n_runs=1, threshold=0.5)
+        out["label_check"][graph.name] = float(np.abs(ours - act).max())
+    k = spec["train_sets"]
+    for model_name in spec["diffusion"]:
+        train = [g.truth(model_name, r) for r in SEED_RATES]
+        tr_seeds = np.concatenate([s[:k] for s, _ in train])
+        tr_labels = np.concatenate([a[:k] for _, a in train]).astype(np.float32)
+        entry: dict[str, Any] = {"floor": {}, "models": {}}
+        for rate, (s, a) in zip(SEED_RATES, train, strict=True):
+            entry["floor"][str(rate)] = errors(s[k:].astype(np.float32), s[k:], a[k:])
+            for name, other in others.items():
+                os_, oa = other.truth(model_name, rate)
+                entry["floor"][f"{name}:{rate}"] = errors(os_.astype(np.float32), os_, oa)
+        for kind in spec["models"]:
+            log(f"influence {model_name} {kind}")
+            model, seconds = fit_surrogate(kind, tr_seeds, tr_labels, g.edge_index, spec, cfg["seed"])
+            res: dict[str, Any] = {"train_seconds": seconds}
+            for rate, (s, a) in zip(SEED_RATES, train, strict=True):
+                res[str(rate)] = errors(_predict(model, s[k:], node_inputs(g.edge_index, g.num_nodes), g.edge_index,
+                                                 spec["batch"]), s[k:], a[k:])
+                for name, other in others.items():
+                    os_, oa = other.truth(model_name, rate)
+                    pred = _predict(model, os_, node_inputs(other.edge_index, other.num_nodes), other.edge_index,
+                                    spec["batch"])
+                    res[f"{name}:{rate}"] = errors(pred, os_, oa)
+            entry["models"][kind] = res
+            out["runs"][model_name] = entry
+            save(out)
+    return out
+
+
+def throughput(cfg: dict[str, Any]) -> dict[str, Any]:
+    from cleanse.graphs import cascades
+    from cleanse.graphs.data import load_influence_dataset
+
+    spec = cfg["throughput"]
+    gen = np.random.default_rng(cfg["seed"])
+    out: dict[str, Any] = {}
+    for name in spec["graphs"]:
+        g = load_influence_dataset(name)
+        w = cascades.weighted_cascade(g.edge_index, g.num_nodes)
+        seeds = np.zeros((spec["sets"], g.num_nodes), dtype=bool)
+        for row in seeds:
+            row[gen.choice(g.num_nodes, size=max(1, round(spec["rate"] * g.num_nodes)), replace=False)] = True
+        for kind in ("IC", "LT"):
+            log(f"throughput {name} {kind}")
+            began = time.perf_counter()
+            ours = cascades.simulate(kind, g.edge_index, w, seeds, n_runs=spec["runs"], seed=1)
+            ours_rate = spec["sets"] * spec["runs"] / (time.perf_counter() - began)
+            ref, ref_rate = cascades.reference_probabilities(kind, g.edge_index, w, seeds, n_runs=spec["runs"], seed=2)
+            out[f"{name}:{kind}"] = {"nodes": g.num_nodes, "edges": int(g.edge_index.shape[1]), "ours": ours_rate,
+                                     "cynetdiff": ref_rate, "mae": float(np.abs(ours - ref).mean()),
+                                     "spread_ours": float(ours.sum(1).mean()), "spread_ref": float(ref.sum(1).mean())}
+    return {"rows": out}
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def summarise(runs: dict[str, Any]) -> dict[str, Any]:
+    """Headline comparisons: paper gap per graph, heterophilic margin over GCN, depth-32 drops."""
+    out: dict[str, Any] = {"paper_gap": {}, "margin_over_gcn": {}, "depth": {}}
+    for name, row in runs.get("classification", {}).get("graphs", {}).items():
+        m = row["models"]
+        if "axelgnn" in m:
+            out["paper_gap"][name] = m["axelgnn"]["mean"] - PAPER[name]
+            if "gcn" in m:
+                out["margin_over_gcn"][name] = m["axelgnn"]["mean"] - m["gcn"]["mean"]
+    for name, row in runs.get("depth", {}).get("graphs", {}).items():
+        for label, curve in row["curves"].items():
+            means = {int(k): v["mean"] for k, v in curve.items()}
+            if means:
+                deepest = max(means)
+                out["depth"][f"{name}:{label}"] = {"best": max(means.values()), "deepest": deepest,
+                                                   "at_deepest": means[deepest],
+                                                   "drop": max(means.values()) - means[deepest]}
+    return out
+
+
+def plot(result: dict[str, Any], image: Path) -> None:
+    depth_runs = result["runs"].get("depth", {}).get("graphs")
+    if not depth_runs:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cleanse.storage import atomic_path
+
+    fig, axes = plt.subplots(1, len(depth_runs), figsize=(5 * len(depth_runs), 3.6), squeeze=False)
+    for ax, (name, row) in zip(axes[0], depth_runs.items(), strict=True):
+        for label, curve in row["curves"].items():
+            xs = sorted(int(k) for k in curve)
+            ys = np.array([curve[str(x)]["mean"] for x in xs])
+            sd = np.array([curve[str(x)]["sd"] for x in xs])
+            ax.errorbar(xs, ys, yerr=sd, marker="o", capsize=3,
+                        label=NAMES[label.split("+")[0]] + label[len(label.split("+")[0]):])
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.set_xlabel("layers L")
+        ax.set_ylabel("test accuracy %")
+        ax.set_title(f"{name} ({row['splits']} split{'s' if row['splits'] > 1 else ''})")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(image) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def _cell(entry: dict[str, Any] | None) -> str:
+    return "–" if entry is None else f"{fmt(entry['mean'])} ± {fmt(entry['sd'])}"
+
+
+def render(result: dict[str, Any], docs: Path, out: Path, image: Path) -> str:
+    runs, summary, cfg = result["runs"], result.get("summary", {}), result["config"]
+    env = result.get("environment", {})
+    lines = [f"## {TITLE}", "",
+             f"`benchmarks/graph_nodes.py` (`{relative_link(out, docs.parent)}`), commit {env.get('git_commit')}, "
+             f"{env.get('created')}; one torch thread on a 2-core machine shared with other jobs (times are indicative). "
+             "The layer's equations are reconstructed (spec part B §5.3), hence \"AxelGNN-style\". Every model: hidden "
+             f"{cfg['hidden']}, {cfg['layers']} layers, dropout {cfg['dropout']}, Adam lr {cfg['train']['lr']}, weight decay "
+             f"{cfg['train']['weight_decay']}, ≤ {cfg['train']['epochs']} epochs, early stopping on the split's validation "
+             f"accuracy (patience {cfg['train']['patience']}), test accuracy at the best validation epoch. AxelGNN-style "
+             f"configuration: {cfg['axel'] or 'library defaults'} ({cfg['selection']}).", ""]
+    cls = runs.get("classification", {}).get("graphs")
+    if cls:
+        models = cfg["models"]
+        lines += ["### Node classification (test accuracy %, mean ± sd over the Geom-GCN splits)", "",
+                  md_table(["graph", "splits", "edge homophily", "paper (AxelGNN)",
+                            *[NAMES[m] for m in models], "best PyG (by val)"],
+                           [[n, r["splits"], fmt(r["homophily"]), fmt(PAPER[n]), *[_cell(r["models"].get(m)) for m in models],
+                             NAMES.get(r["best_pyg"] or "", "–")] for n, r in cls.items()]), ""]
+        gaps = summary.get("paper_gap", {})
+        margins = summary.get("margin_over_gcn", {})
+        lines += ["AxelGNN-style minus the paper: " + ", ".join(f"{n} {v:+.2f}" for n, v in gaps.items()) + ".",
+                  "AxelGNN-style minus GCN: " + ", ".join(f"{n} {v:+.2f}" for n, v in margins.items()) + ".", ""]
+    abl = runs.get("ablations", {}).get("graphs")
+    if abl:
+        labels = list(cfg["ablations"])
+        lines += ["### Ablations (graphs where AxelGNN-style is > 2 points below the paper)", "",
+                  md_table(["graph", "splits", "all on", *labels],
+                           [[n, e["splits"], _cell(e["full"]), *[_cell(e.get(lab)) for lab in labels]]
+                            for n, e in abl.items()]), ""]
+    dep = runs.get("depth", {}).get("graphs")
+    if dep:
+        depths = cfg["depth"]["depths"]
+        rows = [[n, NAMES[label.split("+")[0]] + label[len(label.split("+")[0]):], *[_cell(c.get(str(d))) for d in depths]]
+                for n, r in dep.items() for label, c in r["curves"].items()]
+        lines += ["### Depth (test accuracy %)", "",
+                  f"\"+identity\": `AxelConfig(identity_theta={cfg['depth']['identity_theta']})`, GCNII's identity "
+                  "mapping on the update of layer l, weight log(θ/l + 1); splits per graph: "
+                  + ", ".join(f"{n} {r['splits']}" for n, r in dep.items()) + ".", "",
+                  md_table(["graph", "model", *[f"L = {d}" for d in depths]], rows), "",
+                  f"![depth curves]({relative_link(image, docs.parent)})", ""]
+        for key, v in summary.get("depth", {}).items():
+            lines.append(f"- {key}: best {fmt(v['best'])}, at L = {v['deepest']} {fmt(v['at_deepest'])} "
+                         f"(drop {fmt(v['drop'])}).")
+        lines.append("")
+    inf = runs.get("influence")
+    if inf:
+        spec = cfg["influence"]
+        lines += [f"### Influence estimation ({inf['graph']}, DeepIM's Monte Carlo labels)", "",
+                  f"Surrogates: {', '.join(NAMES[m] for m in spec['models'])}, {spec['layers']} layers, hidden "
+                  f"{spec['hidden']}, sigmoid head, inputs seed indicator / log degree / 1/degree, BCE on non-seed nodes, "
+                  f"{spec['epochs']} epochs; trained on {spec['train_sets']} seed sets per rate (all rates together), "
+                  f"tested on the other {100 - spec['train_sets']} per rate. MAE over all nodes (seeds exact) / over "
+                  "non-seed nodes; spread error = mean |Σ predicted − Σ true| (nodes, and relative). "
+                  "Transfer rows: the same trained model on another graph's labels. Largest |our LT threshold-0.5 "
+                  "simulation − DeepIM's LT label| per graph: "
+                  + ", ".join(f"{n} {fmt(v)}" for n, v in inf["label_check"].items()) + ".", ""]
+        rows = []
+        for diffusion, entry in inf["runs"].items():
+            for key in sorted(entry["floor"], key=lambda k: (":" in k, k.split(":")[0], int(k.split(":")[-1]))):
+                graph, rate = key.split(":") if ":" in key else (inf["graph"], key)
+                for kind in ["floor", *entry["models"]]:
+                    e = entry["floor"][key] if kind == "floor" else entry["models"][kind][key]
+                    rows.append([diffusion, graph, f"{rate} %", "seeds only" if kind == "floor" else NAMES[kind],
+                                 fmt(e["mae"], 3), fmt(e["mae_nonseed"], 3), fmt(e["spread_abs"], 1),
+                                 fmt(100 * e["spread_rel"], 1), fmt(e["true_spread"], 1)])
+        lines += [md_table(["model", "test graph", "seeds", "surrogate", "MAE all", "MAE non-seed", "spread err",
+                            "spread err %", "true spread"], rows), "",
+                  "Paper reference point: LT on jazz, MAE 0.051 (how it averages is not known).", ""]
+    thr = runs.get("throughput", {}).get("rows")
+    if thr:
+        spec = cfg["throughput"]
+        lines += ["### Simulator throughput (cascades per second, same graph and seed sets)", "",
+                  f"{spec['sets']} seed sets at {100 * spec['rate']:g} %, {spec['runs']} runs each, weights 1/in-degree, "
+                  "LT thresholds U(0, 1]; MAE = mean |ours − cynetdiff| per node (Monte Carlo noise of two estimates).", "",
+                  md_table(["graph", "model", "nodes", "ours", "cynetdiff", "ours / cynetdiff", "MAE", "spread ours",
+                            "spread cynetdiff"],
+                           [[k.split(":")[0], k.split(":")[1], v["nodes"], fmt(v["ours"], 0), fmt(v["cynetdiff"], 0),
+                             fmt(v["ours"] / v["cynetdiff"]), fmt(v["mae"], 3), fmt(v["spread_ours"], 1),
+                             fmt(v["spread_ref"], 1)] for k, v in thr.items()]), ""]
+    missing = [p for p in PARTS if p not in runs]
+    if missing:
+        lines.append(f"- Not measured in this file: {', '.join(missing)}.")
+    lines += [f"- {note}" for note in result.get("notes", [])]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def merge(out: Path, docs: Path | None, part: str, value: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """Write one part into ``out`` under a lock (parts may run in separate processes); returns the result."""
+    name = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]
+    lock = os.open(Path(tempfile.gettempdir()) / f"cleanse-bench-{SECTION}-{name}.lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result = json.loads(out.read_text()) if out.is_file() else dict(base, runs={})
+        if result.get("config") != jsonable(base["config"]):
+            result = dict(base, runs={})  # another configuration (the quick one): start over
+        if "graphs" in value:  # a --graphs run adds its graphs to those another process measured
+            value = dict(value, graphs={**result["runs"].get(part, {}).get("graphs", {}), **value["graphs"]})
+        result["runs"][part] = jsonable(value)
+        result["environment"], result["argv"] = base["environment"], base["argv"]
+        result["notes"] = base["notes"] or result.get("notes", [])
+        result["load_average_end"] = list(os.getloadavg())
+        result["summary"] = summarise(result["runs"])
+        return publish(jsonable(result), out, docs, SECTION, plot, render)
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        os.close(lock)
+
+
+def only(cfg: dict[str, Any], graphs: list[str]) -> dict[str, Any]:
+    """``cfg`` restricted to ``graphs`` (node-classification parts only)."""
+    depth_spec = dict(cfg["depth"], graphs={k: v for k, v in cfg["depth"]["graphs"].items() if k in graphs})
+    return dict(cfg, graphs=[g for g in cfg["graphs"] if g in graphs], depth=depth_spec)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--parts", default=",".join(PARTS))
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (the smoke test)")
+    parser.add_argument("--graphs", default=None, help="comma list: only these graphs in classification, "
+                        "ablations and depth (merged with the graphs already in --out)")
+    output_arguments(parser, DEFAULT_OUT, DEFAULT_DOCS)
+    args = parser.parse_args(argv)
+    if args.render_only:
+        render_saved(args, SECTION, summarise, plot, render, append_notes=False)
+        return 0
+    import torch
+
+    torch.set_num_threads(1)
+    docs = None if args.no_docs else args.docs
+    cfg = config(args.quick)
+    run_cfg = cfg if args.graphs is None else only(cfg, args.graphs.split(","))
+    base = {"argv": " ".join(sys.argv[1:] if argv is None else argv), "environment": environment(1), "config": cfg,
+            "notes": args.note}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {"runs": {}}
+    for part in args.parts.split(","):
+        if part not in PARTS:
+            parser.error(f"unknown part {part!r}; parts: {', '.join(PARTS)}")
+        log(f"part {part}")
+        started = time.perf_counter()
+
+        def save(partial_value: dict[str, Any], part: str = part) -> None:
+            merge(args.out, None, part, dict(partial_value, partial=True), base)
+
+        if part == "classification":
+            value = classification(run_cfg, save)
+        elif part == "ablations":
+            runs = result.get("runs", {})
+            chosen = {k: v for k, v in runs.get("classification", {}).get("graphs", {}).items() if k in run_cfg["graphs"]}
+            value = ablations(run_cfg, {"classification": {"graphs": chosen}}, save)
+        elif part == "depth":
+            value = depth(run_cfg, save)
+        elif part == "influence":
+            value = influence(cfg, save)
+        else:
+            value = throughput(cfg)
+        value["wall_seconds"] = time.perf_counter() - started
+        result = merge(args.out, docs, part, value, base)
+        log(f"part {part} done in {value['wall_seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
