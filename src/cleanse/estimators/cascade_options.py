@@ -1,0 +1,53 @@
+"""Options of the cascade family's edge-selection estimators (:mod:`cleanse.estimators.cascade`),
+``scorers.<name>``; kept apart so that validating params imports no torch."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from cleanse.config_base import _Section
+
+
+class OneShotOptions(_Section):
+    """DiffIM's gradient-driven selection: ``d spread_hat / d x`` at ``x = 1 - delta``."""
+
+    delta: float = Field(0.0, ge=0.0, lt=1.0, description="Evaluate the gradient at x = 1 - delta (saturation).")
+
+
+class RelaxOptions(_Section):
+    """DiffIM's continuous relaxation (Adam on sigmoid keep-weights with a budget penalty)."""
+
+    steps: int = Field(150, ge=1, le=100_000)
+    lr: float = Field(0.1, gt=0.0, le=10.0)
+    penalty: float = Field(1.0, gt=0.0, description="lambda, in units of the largest one-shot gradient.")
+    init: float = Field(0.99, gt=0.5, lt=1.0, description="Initial keep-weight of every edge.")
+
+
+class SurrogateGreedyOptions(_Section):
+    """Greedy on the surrogate over the top edges by the one-shot gradient."""
+
+    candidates: int = Field(0, ge=0, description="Candidate edges (0: twice the budget).")
+    per_step: int = Field(1, ge=1, description="Edges cut per greedy step (1: plain greedy; more: fewer steps).")
+
+
+class GreedyMcOptions(_Section):
+    """Greedy with Monte Carlo on live-edge worlds (cleanse.graphs.greedy_mc)."""
+
+    worlds: int = Field(500, ge=10, description="Live-edge worlds (common random numbers for every candidate).")
+    hops: int = Field(1, ge=-1, description="Candidates: out-edges of nodes within this many hops of S (-1: all).")
+
+
+class HeuristicOptions(_Section):
+    """Out-degree heuristic: no options."""
+
+
+class BetweennessOptions(_Section):
+    samples: int = Field(200, ge=1, description="Source nodes sampled for edge betweenness (all when >= N).")
+
+
+class PagerankOptions(_Section):
+    alpha: float = Field(0.85, gt=0.0, lt=1.0, description="PageRank damping.")
+
+
+class EigenOptions(_Section):
+    iterations: int = Field(200, ge=10, description="Power iterations for the Perron vectors.")
