@@ -56,6 +56,16 @@ class ScoringContext:
         y = torch.as_tensor(split.label, dtype=self.task.target_dtype, device=self.device)
         return x, y
 
+    def refit(self, rows: np.ndarray, seed: int) -> torch.nn.Module:
+        """A model trained with the run's recipe on the training rows ``rows`` only, in eval mode on
+        :attr:`device`, mapping rows of a split's ``features`` to outputs (cleanlab's out-of-sample
+        folds). Families whose units are not independent rows (graph nodes) override it."""
+        from cleanse.models.trainer import train_model
+
+        model = train_model(self.model.spec, self.train.features[rows], self.train.label[rows], self.model_config,
+                            seed=seed, device=self.device)
+        return model.module(self.device)
+
     def functional(self, module: torch.nn.Module, layers: str = "all") -> FunctionalModel:
         """``module`` as a function of the parameters the family differentiates for ``layers``,
         with the training objective's weight decay."""

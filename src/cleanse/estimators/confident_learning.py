@@ -18,7 +18,7 @@ from cleanse import seeds
 from cleanse.config import CleanlabOptions
 from cleanse.errors import DataError
 from cleanse.estimators.base import ScoreResult, ScoringContext, score_table
-from cleanse.models.trainer import predict_proba, train_model
+from cleanse.models.trainer import predict_proba
 from cleanse.progress import progress
 
 
@@ -35,11 +35,8 @@ def out_of_sample_probabilities(context: ScoringContext, folds: int) -> np.ndarr
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=context.seed)
     folds_of = list(splitter.split(train.features.reshape(len(train), -1), train.label))
     for fold, (fit_rows, held_rows) in enumerate(progress(folds_of, f"cleanlab: {folds} out-of-sample folds", unit="fold")):
-        model = train_model(
-            context.model.spec, train.features[fit_rows], train.label[fit_rows], context.model_config,
-            seed=seeds.torch_seed(context.seed, "cleanlab.fold", fold), device=context.device,
-        )
-        probabilities[held_rows] = predict_proba(model.module(context.device), train.features[held_rows])
+        module = context.refit(fit_rows, seeds.torch_seed(context.seed, "cleanlab.fold", fold))
+        probabilities[held_rows] = predict_proba(module, train.features[held_rows])
     return probabilities
 
 
@@ -47,7 +44,7 @@ class ConfidentLearningEstimator:
     name: ClassVar[str] = "cleanlab"
     reads_validation_labels: ClassVar[bool] = False
     options_type: ClassVar[type] = CleanlabOptions
-    families: ClassVar[tuple[str, ...]] = ("classification",)
+    families: ClassVar[tuple[str, ...]] = ("classification", "graph")
 
     def score(self, context: ScoringContext, options: CleanlabOptions) -> ScoreResult:
         from cleanlab.filter import find_label_issues

@@ -49,6 +49,17 @@ class MLP(nn.Module):
                 x = torch.relu(x)
         return x
 
+    def embed(self, x: torch.Tensor, edge_index: torch.Tensor | None = None) -> torch.Tensor:
+        """The input of the last Linear map (before its dropout): ``forward`` in eval mode is
+        ``head(embed(x))``."""
+        for k, lin in enumerate(self.lins[:-1]):
+            x = torch.relu(lin(x if k == 0 else fn.dropout(x, self.dropout, self.training)))
+        return x
+
+    @property
+    def head(self) -> nn.Module:
+        return self.lins[-1]
+
 
 class GCNII(nn.Module):
     """Linear encoder -> ``layers`` PyG ``GCN2Conv`` (alpha, theta as in the paper) -> Linear."""
@@ -63,11 +74,14 @@ class GCNII(nn.Module):
         self.head = nn.Linear(hidden, out_dim)
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
         h0 = h = fn.dropout(torch.relu(self.encode(x)), self.dropout, self.training)
         for conv in self.convs:
             h = torch.relu(conv(fn.dropout(h, self.dropout, self.training), h0, edge_index))
-        return self.head(fn.dropout(h, self.dropout, self.training))
+        return h
+
+    def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+        return self.head(fn.dropout(self.embed(x, edge_index), self.dropout, self.training))
 
 
 class _EdgeArg(nn.Module):
@@ -108,3 +122,35 @@ def build_model(kind: str, in_dim: int, hidden: int, out_dim: int, layers: int =
     if num_nodes is None:
         raise ConfigError("linkx needs num_nodes")
     return _EdgeArg(models.LINKX(num_nodes, in_dim, hidden, out_dim, layers, dropout=dropout))
+
+
+class ReadOut(nn.Module):
+    """``body`` (a model ending in ``hidden`` features), then ReLU, dropout and a Linear ``head``:
+    gives the PyG models (whose last layer is a convolution) the ``embed``/``head`` split that
+    :func:`node_classifier` promises."""
+
+    def __init__(self, body: nn.Module, hidden: int, out_dim: int, dropout: float = 0.5) -> None:
+        super().__init__()
+        self.body, self.head, self.dropout = body, nn.Linear(hidden, out_dim), dropout
+
+    def embed(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x, edge_index))
+
+    def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+        return self.head(fn.dropout(self.embed(x, edge_index), self.dropout, self.training))
+
+
+def node_classifier(kind: str, in_dim: int, hidden: int, out_dim: int, layers: int = 2,
+                    dropout: float = 0.5, num_nodes: int | None = None,
+                    axel: AxelConfig | None = None, heads: int = 4) -> nn.Module:
+    """:func:`build_model`, always with a Linear last layer: ``model.embed(x, edge_index)`` (N, d)
+    and ``model.head`` (d -> out) such that ``forward`` in eval mode is ``head(embed(...))``. The
+    AxelGNN-style model, the MLP (``layers >= 2``) and GCNII have one already; GCN, GAT, GraphSAGE
+    and LINKX get :class:`ReadOut` after ``layers`` layers of width ``hidden`` (one extra Linear
+    map). The graph family's per-node scores differentiate that head (last-layer gradients)."""
+    if kind in ("axelgnn", "gcn2") or (kind == "mlp" and layers >= 2):
+        return build_model(kind, in_dim, hidden, out_dim, layers, dropout, num_nodes, axel, heads)
+    if kind == "mlp":
+        raise ConfigError("mlp: node_classifier needs layers >= 2 (one hidden layer before the head)")
+    body = build_model(kind, in_dim, hidden, hidden, layers, dropout, num_nodes, axel, heads)
+    return ReadOut(body, hidden, out_dim, dropout)

@@ -70,6 +70,24 @@ def _accuracy(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> floa
     return float((logits[mask].argmax(dim=1) == y[mask]).float().mean()) if bool(mask.any()) else float("nan")
 
 
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, edge_index: torch.Tensor,
+               y: torch.Tensor, train: torch.Tensor, reg: float = 0.0) -> torch.Tensor:
+    """One full-batch step on the nodes of ``train`` ((N,) bool or (k,) indices): mean
+    cross-entropy of ``model(x, edge_index)`` on them against ``y`` (N,), plus ``reg *
+    model.regularizer()`` when the model has one. Returns the objective (detached); a non-finite
+    one is returned without stepping (the caller names the failure)."""
+    model.train()
+    optimizer.zero_grad()
+    loss = fn.cross_entropy(model(x, edge_index)[train], y[train])
+    regularizer = getattr(model, "regularizer", None)
+    if callable(regularizer) and reg:
+        loss = loss + reg * regularizer()
+    if torch.isfinite(loss):
+        loss.backward()
+        optimizer.step()
+    return loss.detach()
+
+
 def fit_split(make_model: Callable[[], nn.Module], graph: NodeGraph, split: int,
               config: TrainConfig = TrainConfig(), labels: np.ndarray | None = None,
               train_mask: np.ndarray | None = None) -> tuple[SplitResult, nn.Module]:
@@ -92,16 +110,9 @@ def fit_split(make_model: Callable[[], nn.Module], graph: NodeGraph, split: int,
     best_state = copy.deepcopy(model.state_dict())
     began, epoch = time.perf_counter(), 0
     for epoch in range(1, config.epochs + 1):
-        model.train()
-        opt.zero_grad()
-        loss = fn.cross_entropy(model(x, edge_index)[train], y_train[train])
-        reg = getattr(model, "regularizer", None)
-        if callable(reg) and config.reg:
-            loss = loss + config.reg * reg()
+        loss = train_step(model, opt, x, edge_index, y_train, train, config.reg)
         if not torch.isfinite(loss):
             raise TrainingDivergedError(f"{graph.name} split {split}: non-finite loss at epoch {epoch}")
-        loss.backward()
-        opt.step()
         model.eval()
         with torch.no_grad():
             logits = model(x, edge_index)

@@ -1,0 +1,91 @@
+"""The graph family's sections of ``params.yaml`` (``family: graph``): which graph and which of its
+published splits, the node-label noise, and the node model with its full-batch recipe (the
+AxelGNN-style model of :mod:`cleanse.graphs.axelgnn`, reconstructed from Hevapathige, arXiv
+2509.19084, spec part B 5, or a baseline of :mod:`cleanse.graphs.baselines`)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from cleanse.config_base import MAX_LR, MAX_WEIGHT_DECAY, OpenFraction, _Section
+from cleanse.graphs.data import NODE_DATASETS
+
+SOURCES = (*NODE_DATASETS, "sbm")
+
+
+class GraphSbmConfig(_Section):
+    """``source: sbm``: a stochastic block model whose edge homophily is ``homophily``
+    (:func:`cleanse.graphs.data.sbm_graph`; Gaussian class-mean features, 60/20/20 splits)."""
+
+    num_nodes: int = Field(600, ge=20, le=200_000)
+    num_classes: int = Field(3, ge=2, le=50)
+    avg_degree: float = Field(6.0, gt=0, le=1000)
+    homophily: float = Field(0.8, ge=0.0, le=1.0, description="Expected share of edges joining two nodes of "
+                             "the same class (1/num_classes: blind to the labels).")
+    feature_dim: int = Field(16, ge=1, le=10_000)
+    feature_signal: float = Field(1.0, ge=0.0, description="Scale of the class means (unit Gaussian noise).")
+    n_splits: int = Field(10, ge=1, le=100)
+
+
+class GraphDataConfig(_Section):
+    """The graph and the split whose nodes are trained (train), validated (val) and tested (test)."""
+
+    source: str = Field("cora", description="A staged node-classification set of ../shared/data ("
+                        + ", ".join(NODE_DATASETS) + ") or sbm (a stochastic block model, data.sbm).")
+    splits: Literal["geom", "planetoid"] = Field(
+        "geom", description="geom: the 10 published Geom-GCN splits (60/20/20-style); planetoid: the one "
+        "Planetoid split (cora and citeseer; the other nodes stay in the graph without labels).")
+    split: int = Field(0, ge=0, description="Which of the published splits (0-based).")
+    normalise_features: bool | None = Field(
+        None, description="Row-normalise the node features (bag-of-words rows sum to 1); null = on for the "
+        "staged sets, off for sbm (Gaussian features).")
+    sbm: GraphSbmConfig = GraphSbmConfig()
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, value: str) -> str:
+        if value not in SOURCES:
+            raise ValueError(f"{value!r} is not one of {', '.join(SOURCES)}")
+        return value
+
+
+class GraphCorruptionConfig(_Section):
+    """Label noise on the training nodes (``label_clean`` and ``is_corrupted`` keep the truth; the
+    validation and test nodes keep their clean labels)."""
+
+    kind: Literal["none", "label_flip"] = "label_flip"
+    fraction: OpenFraction = Field(0.2, description="Fraction of the training nodes whose label is flipped, in (0, 1).")
+    mode: Literal["symmetric", "pair"] = Field(
+        "symmetric", description="symmetric: uniform over the other classes; pair: y -> (y + 1) mod C.")
+
+
+class GraphModelConfig(_Section):
+    """The node model and its recipe: full-batch Adam on the mean cross-entropy of the labelled
+    training nodes plus ``weight_decay / 2 * ||theta||^2`` (Adam's coupled L2, the objective
+    influence functions differentiate) plus ``reg`` times the AxelGNN-style prototype penalty;
+    ``epochs`` steps, no early stopping (the validation labels stay out of training)."""
+
+    arch: Literal["axelgnn", "gcn", "gat", "sage", "gcn2", "linkx", "mlp"] = Field(
+        "axelgnn", description="axelgnn (AxelGNN-style), gcn, gat, sage (GraphSAGE), gcn2 (GCNII), linkx (PyG, the "
+        "graph extra; these get a Linear read-out head), mlp (features only).")
+    hidden: int = Field(64, ge=2, le=4096)
+    layers: int = Field(2, ge=1, le=64, description="Message-passing layers (mlp: Linear layers, >= 2).")
+    dropout: float = Field(0.5, ge=0.0, lt=1.0)
+    epochs: int = Field(200, ge=1, le=100_000)
+    lr: float = Field(0.01, gt=0, le=MAX_LR)
+    weight_decay: float = Field(5e-4, ge=0, le=MAX_WEIGHT_DECAY)
+    reg: float = Field(0.01, ge=0.0, description="Weight of the AxelGNN-style prototype-separation penalty.")
+    checkpoints: int = Field(5, ge=1, description="Evenly spaced checkpoints kept for TracIn (the last is the final epoch).")
+    score_layers: Literal["last", "all"] = Field(
+        "last", description="The parameters the gradient estimators (tracin, influence) differentiate: last = the "
+        "Linear head (exact per-node gradients at the cost of one full-graph forward per chunk); all = every "
+        "parameter (one full-graph backward per node: small graphs only).")
+    heads: int = Field(4, ge=1, description="gat: attention heads (hidden must be divisible by them).")
+    segments: int = Field(4, ge=1, description="axelgnn: the traits (segments) of the hidden state; must divide hidden.")
+    gate: bool = Field(True, description="axelgnn: the similarity-gated interaction probability.")
+    trait_copy: bool = Field(True, description="axelgnn: per-segment copy probabilities.")
+    divergence: bool = Field(True, description="axelgnn: dissimilar neighbours push away.")
+    polarisation: bool = Field(True, description="axelgnn: global prototypes pulling nodes into clusters.")
+    prototypes: int = Field(8, ge=1, le=1024, description="axelgnn: the number of polarisation prototypes.")

@@ -1,0 +1,151 @@
+"""The graph family (``family: graph``): node classification on one graph with noisy training
+labels; the units scored, removed and verified are the **training nodes**.
+
+- ``stage``: :func:`cleanse.families.graph.data.stage_graph` (a staged set's published split, or
+  an SBM; ``label_flip`` on the training nodes, clean validation and test labels; the graph in
+  ``meta.structure``).
+- ``fit``: transductive and full-batch (:func:`cleanse.families.graph.models.fit_nodes`): the
+  whole graph is always present and only the training split's nodes contribute labels, so a node
+  removed by cleansing keeps its edges and features and loses its label.
+- losses, curvature, TRAK's measurement: classification's (softmax cross-entropy of the logits).
+- outcome: ``test_accuracy`` (headline; clean test labels) and ``val_accuracy``.
+- ``verify_without``: the base class's retrain with the same seed and recipe on the training split
+  minus the removed nodes (they stay in the graph).
+- scoring: :class:`GraphScoringContext`. Its splits' rows are the node indices (``features`` is
+  the ``(n, 1)`` column of ``sample_id``) and its model :class:`cleanse.families.graph.models.NodeModel`
+  maps them to their logits through one full-graph forward, so the estimators' per-unit losses
+  and gradients are exact per node without knowing about graphs. By default (``model.score_layers:
+  last``) gradient estimators differentiate the Linear head only: a per-node gradient over every
+  layer costs a full-graph backward per node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, cast
+
+import numpy as np
+import torch
+
+from cleanse.estimators.base import ScoringContext
+from cleanse.families.classification.family import ClassificationFamily
+from cleanse.grads import FunctionalModel
+
+if TYPE_CHECKING:
+    from cleanse.config import ModelConfig, Params
+    from cleanse.data.dataset import DatasetMeta, Split, StagedData
+
+
+def node_rows(split: Split) -> Split:
+    """``split`` with each row's features replaced by its node index, ``(n, 1)`` float32 (exact below 2^24)."""
+    return replace(split, features=split.sample_id.astype(np.float32)[:, None])
+
+
+def trainer_config(model: Any, n_train: int) -> ModelConfig:
+    """The classification ``ModelConfig`` equivalent of a graph recipe, for the estimators that
+    read ``context.model_config`` (weight decay, epochs, lr; one full batch per epoch)."""
+    from cleanse.config import ModelConfig
+
+    return ModelConfig(arch="mlp", epochs=model.epochs, lr=model.lr, weight_decay=model.weight_decay,
+                       optimizer="adam", batch_size=max(n_train, 1), checkpoints=model.checkpoints)
+
+
+@dataclass(frozen=True)
+class GraphScoringContext(ScoringContext):
+    """A :class:`ScoringContext` over node rows (see the module docstring); ``layers`` is what a
+    gradient estimator's ``all`` means here (``model.score_layers``), ``recipe`` the
+    GraphModelConfig refits use, ``x``/``edge_index`` the graph."""
+
+    layers: str = "last"
+    recipe: Any = None
+    x: torch.Tensor | None = None
+    edge_index: torch.Tensor | None = None
+
+    def functional(self, module: torch.nn.Module, layers: str = "all") -> FunctionalModel:
+        return FunctionalModel.of(module, self.model_config.weight_decay, self.task,
+                                  self.layers if layers == "all" else layers)
+
+    def refit(self, rows: np.ndarray, seed: int) -> torch.nn.Module:
+        """Fitted on the whole graph with only the labels of training rows ``rows``; the other
+        training nodes stay in the graph unlabelled (cleanlab's out-of-sample folds)."""
+        from cleanse.families.graph.models import fit_nodes
+
+        assert self.x is not None and self.edge_index is not None
+        model = fit_nodes(self.recipe, self.x, self.edge_index, self.train.sample_id[rows], self.train.label[rows],
+                          self.meta.n_classes, seed=seed)
+        return model.module(self.device)
+
+
+class GraphFamily(ClassificationFamily):
+    name: ClassVar[str] = "graph"
+    outcome_keys: ClassVar[tuple[str, ...]] = ("test_accuracy",)
+    selection: ClassVar[tuple[str, float]] = ("val_accuracy", 1.0)
+    supports_ekfac: ClassVar[bool] = False  # EK-FAC factors Linear layers fed independent rows
+    flagged_plots: ClassVar[str] = "cleanse.families.graph.plots:write_flagged"
+    mlflow_pyfunc: ClassVar[bool] = False
+
+    def stage(self, params: Params) -> StagedData:
+        from cleanse.families.graph.data import stage_graph
+
+        return stage_graph(params)
+
+    def check_model(self, params: Params, meta: DatasetMeta) -> None:
+        from cleanse.families.graph.models import build_net
+
+        build_net(params.model, meta.feature_shape[0], meta.n_classes, int((meta.structure or {}).get("num_nodes", 1)))
+
+    def fit(self, params: Params, split: Split, meta: DatasetMeta, *, seed: int | None = None) -> Any:
+        from cleanse.families.graph.data import graph_tensors
+        from cleanse.families.graph.models import fit_nodes
+
+        x, edge_index = graph_tensors(meta)
+        return fit_nodes(params.model, x, edge_index, split.sample_id, split.label, meta.n_classes,
+                         seed=params.seed if seed is None else seed)
+
+    def _bound(self, model: Any, meta: DatasetMeta) -> Any:
+        from cleanse.families.graph.data import graph_tensors
+
+        if model.x is None:
+            model.bind(*graph_tensors(meta))
+        return model
+
+    @torch.no_grad()
+    def outcome(self, model: Any, staged: StagedData, query: Any = None) -> dict[str, float]:
+        """``test_accuracy`` (clean test labels) and ``val_accuracy`` (the validation nodes' labels)."""
+        predicted = self._bound(model, staged.meta).module().logits().argmax(1).numpy()
+        return {"test_accuracy": float(np.mean(predicted[staged.test.sample_id] == staged.test.label_clean)),
+                "val_accuracy": float(np.mean(predicted[staged.val.sample_id] == staged.val.label))}
+
+    def save_model(self, model: Any, directory: Path, extra: dict[str, Any]) -> None:
+        """The base class's files, with the recipe and node count in ``meta.json`` (the graph itself
+        lives in the staged meta)."""
+        super().save_model(model, directory, {"family": "graph", "recipe": model.recipe, "num_nodes": model.num_nodes,
+                                              **extra})
+
+    def load_model(self, directory: Path) -> Any:
+        """The model :meth:`save_model` wrote, unbound (the callers bind the staged graph)."""
+        from cleanse.families.graph.models import GraphModel
+        from cleanse.storage import read_json
+
+        plain = super().load_model(directory)
+        meta = read_json(directory / "meta.json")
+        return GraphModel(plain.spec, plain.state, plain.checkpoints, plain.final_train_loss, recipe=meta["recipe"],
+                          num_nodes=int(meta["num_nodes"]))
+
+    def scoring_context(self, params: Params, staged: StagedData, model: Any, cache_dir: Path | None) -> Any:
+        from cleanse.families.graph.data import graph_tensors
+
+        x, edge_index = graph_tensors(staged.meta)
+        model.bind(x, edge_index)
+        recipe = cast(Any, params.model)
+        return GraphScoringContext(train=node_rows(staged.train), val=node_rows(staged.val), meta=staged.meta,
+                                   model=model, model_config=trainer_config(recipe, len(staged.train)),
+                                   seed=params.seed, device=torch.device("cpu"), cache_dir=cache_dir,
+                                   layers=recipe.score_layers, recipe=recipe, x=x, edge_index=edge_index)
+
+    def canonical(self, params: Params) -> Params:
+        return params  # no default here stands for a resolved value
+
+    def training_record(self, model: Any) -> dict[str, Any]:
+        return {"history": model.history}

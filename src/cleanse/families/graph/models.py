@@ -1,0 +1,146 @@
+"""The graph family's fitted model: a node classifier of :mod:`cleanse.graphs.baselines` trained
+full-batch on the labelled training nodes, and :class:`NodeModel`, the view of it the estimators
+differentiate.
+
+:class:`NodeModel` maps a batch of **node indices** ``(B,)`` or ``(B, 1)`` (any dtype; the scoring
+context's rows hold them) to those nodes' logits ``(B, C)``: one full-graph ``embed`` of every node
+(``(N, d)``), the rows of the batch gathered, then the Linear ``head``. Per-node losses and their
+gradients are therefore exact for the whole graph (each node's logit depends on its neighbours'
+features through the message passing). It is the eval-mode function (dropout off); training runs
+the underlying model on the whole graph (:func:`fit_nodes`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cleanse.errors import ConfigError, TrainingDivergedError
+from cleanse.graphs.axelgnn import AxelConfig
+from cleanse.graphs.baselines import node_classifier
+from cleanse.graphs.train import train_step
+from cleanse.models.architectures import INIT_LOCK, ModelSpec
+from cleanse.models.trainer import Checkpoint, TrainedModel, checkpoint_epochs
+
+
+def axel_config(model: Any) -> AxelConfig:
+    """The AxelGNN-style switches of a :class:`cleanse.families.graph.config.GraphModelConfig`."""
+    return AxelConfig(segments=model.segments, gate=model.gate, trait_copy=model.trait_copy,
+                      divergence=model.divergence, polarisation=model.polarisation, prototypes=model.prototypes)
+
+
+def build_net(model: Any, in_dim: int, n_classes: int, num_nodes: int) -> nn.Module:
+    """The untrained node classifier ``model`` (a GraphModelConfig) describes (``embed``/``head``)."""
+    return node_classifier(model.arch, in_dim, model.hidden, n_classes, layers=model.layers, dropout=model.dropout,
+                           num_nodes=num_nodes, axel=axel_config(model), heads=model.heads)
+
+
+class NodeModel(nn.Module):
+    """``forward(ids (B,) | (B, 1)) -> (B, C)``: ``net.head(net.embed(x, edge_index)[ids])``.
+    ``x`` (N, F) and ``edge_index`` (2, E) are non-persistent buffers (not in the state dict)."""
+
+    def __init__(self, net: nn.Module, x: torch.Tensor, edge_index: torch.Tensor) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("x", x, persistent=False)
+        self.register_buffer("edge_index", edge_index, persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        net: Any = self.net  # a node_classifier: embed(x, edge_index) and a Linear head
+        hidden = net.embed(self.x, self.edge_index)
+        out: torch.Tensor = net.head(hidden[ids.reshape(-1).long()])
+        return out
+
+    def logits(self) -> torch.Tensor:
+        """Every node's logits ``(N, C)``."""
+        out: torch.Tensor = self.net(self.x, self.edge_index)
+        return out
+
+
+@dataclass
+class GraphModel(TrainedModel):
+    """A fitted node classifier: ``state`` is :class:`NodeModel`'s state dict (the net's weights),
+    ``recipe`` the GraphModelConfig as JSON, and the graph it runs on (``x``, ``edge_index``),
+    which is not saved (:meth:`bind` attaches it from the staged meta)."""
+
+    recipe: dict[str, Any] = field(default_factory=dict)
+    num_nodes: int = 0
+    x: torch.Tensor | None = None
+    edge_index: torch.Tensor | None = None
+
+    def bind(self, x: torch.Tensor, edge_index: torch.Tensor) -> GraphModel:
+        self.x, self.edge_index = x, edge_index
+        return self
+
+    def module(self, device: torch.device | None = None) -> nn.Module:
+        if self.x is None or self.edge_index is None:
+            raise RuntimeError("GraphModel.module(): no graph bound (GraphModel.bind(x, edge_index))")
+        from cleanse.families.graph.config import GraphModelConfig
+
+        net = build_net(GraphModelConfig.model_validate(self.recipe), self.spec.feature_shape[0], self.spec.n_classes,
+                        self.num_nodes)
+        model = NodeModel(net, self.x, self.edge_index)
+        model.load_state_dict(self.state)
+        return model.to(device or torch.device("cpu")).eval()
+
+
+@contextmanager
+def _threads(count: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()}
+
+
+def fit_nodes(model_config: Any, x: torch.Tensor, edge_index: torch.Tensor, nodes: np.ndarray, labels: np.ndarray,
+              n_classes: int, *, seed: int) -> GraphModel:
+    """Train ``model_config`` (a GraphModelConfig) on the whole graph with the labels of ``nodes``
+    (k,) only: ``epochs`` full-batch Adam steps (:func:`cleanse.graphs.train.train_step`), the
+    initialisation and dropout drawn from ``seed`` (the global torch generator is forked, so
+    nothing outside moves). Every other node stays in the graph, unlabelled. Checkpoints at
+    ``checkpoints`` evenly spaced epochs (the last = the final model) with the learning rate."""
+    if len(nodes) == 0:
+        raise ConfigError("graph family: no labelled training node left to fit on")
+    num_nodes = int(x.shape[0])
+    y = torch.zeros(num_nodes, dtype=torch.long)
+    idx = torch.as_tensor(np.asarray(nodes), dtype=torch.long)
+    y[idx] = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    save_at = set(checkpoint_epochs(model_config.epochs, model_config.checkpoints, "even"))
+    checkpoints: list[Checkpoint] = []
+    history: list[dict[str, float]] = []
+    # INIT_LOCK: dropout draws from the process-wide generator, so a concurrent thread (Prefect's
+    # task runner) must not draw from it between the seeding and the end of training. One intra-op
+    # thread: full-batch graph training is many small ops, and on the shared 2-core machine two
+    # threads made 100 Texas epochs take 98 s instead of 4 s (same weights).
+    with INIT_LOCK, torch.random.fork_rng(devices=[]), _threads(1):
+        torch.manual_seed(seed)
+        model = NodeModel(build_net(model_config, int(x.shape[1]), n_classes, num_nodes), x, edge_index)
+        optimizer = torch.optim.Adam(model.parameters(), lr=model_config.lr, weight_decay=model_config.weight_decay)
+        for epoch in range(1, model_config.epochs + 1):
+            loss = float(train_step(model.net, optimizer, x, edge_index, y, idx, model_config.reg))
+            if not np.isfinite(loss):
+                raise TrainingDivergedError(f"training diverged: loss {loss} at epoch {epoch} (model.lr="
+                                            f"{model_config.lr:g}); lower model.lr")
+            history.append({"epoch": epoch, "train_loss": loss})
+            if epoch in save_at:
+                checkpoints.append(Checkpoint(epoch, model_config.lr, _snapshot(model)))
+    model.eval()
+    with torch.no_grad():
+        final = float(nn.functional.cross_entropy(model.logits()[idx], y[idx]))
+    spec = ModelSpec(arch=model_config.arch, feature_shape=(int(x.shape[1]),), n_classes=n_classes,
+                     hidden=(model_config.hidden,), family="graph")
+    return GraphModel(spec=spec, state=_snapshot(model), checkpoints=checkpoints, final_train_loss=final,
+                      history=history, recipe=model_config.model_dump(mode="json"), num_nodes=num_nodes,
+                      x=x, edge_index=edge_index)

@@ -1,0 +1,50 @@
+"""``params.yaml`` with ``family: graph`` (:mod:`cleanse.families.graph`): the shared sections of
+:class:`cleanse.config.Params` with the family's own (:mod:`.config`). Imported by
+:mod:`cleanse.config` (for the family union) once ``Params`` is defined; import it from there."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from cleanse.config import Params
+from cleanse.config_base import resolve_auto_outside_model
+from cleanse.families.graph.config import GraphCorruptionConfig, GraphDataConfig, GraphModelConfig
+
+
+class GraphParams(Params):
+    """``params.yaml`` with ``family: graph``: node classification on one graph with noisy training
+    labels; the units scored and removed are the training nodes (a removed node keeps its edges and
+    features and loses its label). No probes: ``query.kind`` stays ``none``."""
+
+    family: Literal["graph"] = "graph"  # type: ignore[assignment]
+    data: GraphDataConfig = GraphDataConfig()  # type: ignore[assignment]
+    corruption: GraphCorruptionConfig = GraphCorruptionConfig()  # type: ignore[assignment]
+    model: GraphModelConfig = GraphModelConfig()  # type: ignore[assignment]
+    estimators: list[str] = Field(["loss", "cleanlab", "tracin", "influence"],
+                                  description="Estimators to run (those that support the graph family).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_auto(cls, data: Any) -> Any:
+        return resolve_auto_outside_model(data)  # model.checkpoint_spacing is no graph setting
+
+    @model_validator(mode="after")
+    def _fits_together(self) -> GraphParams:
+        if self.query.kind != "none":
+            raise ValueError(f"query.kind: {self.query.kind!r} is a classification probe set; family 'graph' allows "
+                             "'none'")
+        for key in ("lds", "stability"):
+            if getattr(self.evaluate, key):
+                raise ValueError(f"evaluate.{key}: not available for family 'graph' (it retrains row models)")
+        model = self.model
+        if model.arch == "axelgnn" and model.hidden % model.segments:
+            raise ValueError(f"model.segments: {model.segments} must divide model.hidden ({model.hidden})")
+        if model.arch == "gat" and model.hidden % model.heads:
+            raise ValueError(f"model.heads: {model.heads} must divide model.hidden ({model.hidden})")
+        if model.arch == "mlp" and model.layers < 2:
+            raise ValueError("model.layers: mlp needs >= 2 (a hidden layer before the head)")
+        if self.data.source != "sbm" and self.data.splits == "planetoid" and self.data.source not in ("cora", "citeseer"):
+            raise ValueError(f"data.splits: 'planetoid' exists for cora and citeseer only, not {self.data.source!r}")
+        return self
