@@ -32,6 +32,14 @@ _REGISTRY: dict[str, str] = {
     "dmin": "cleanse.estimators.dmin:DminEstimator",
     "pixel_nn": "cleanse.estimators.pixel_nn:PixelNNEstimator",
     "dtrak": "cleanse.estimators.dtrak:DtrakEstimator",
+    "diffim_oneshot": "cleanse.estimators.cascade:OneShotEstimator",
+    "diffim_relax": "cleanse.estimators.cascade:RelaxEstimator",
+    "diffim_greedy": "cleanse.estimators.cascade:SurrogateGreedyEstimator",
+    "greedy_mc": "cleanse.estimators.cascade:GreedyMcEstimator",
+    "degree": "cleanse.estimators.cascade:DegreeEstimator",
+    "betweenness": "cleanse.estimators.cascade:BetweennessEstimator",
+    "pagerank": "cleanse.estimators.cascade:PagerankEstimator",
+    "eigen_drop": "cleanse.estimators.cascade:EigenDropEstimator",
 }
 
 
@@ -57,6 +65,14 @@ _OPTIONS: dict[str, str] = {
     "dmin": "cleanse.estimators.dmin_options:DminOptions",
     "pixel_nn": "cleanse.estimators.pixel_nn_options:PixelNNOptions",
     "dtrak": "cleanse.estimators.dtrak_options:DtrakOptions",
+    "diffim_oneshot": "cleanse.estimators.cascade_options:OneShotOptions",
+    "diffim_relax": "cleanse.estimators.cascade_options:RelaxOptions",
+    "diffim_greedy": "cleanse.estimators.cascade_options:SurrogateGreedyOptions",
+    "greedy_mc": "cleanse.estimators.cascade_options:GreedyMcOptions",
+    "degree": "cleanse.estimators.cascade_options:HeuristicOptions",
+    "betweenness": "cleanse.estimators.cascade_options:BetweennessOptions",
+    "pagerank": "cleanse.estimators.cascade_options:PagerankOptions",
+    "eigen_drop": "cleanse.estimators.cascade_options:EigenOptions",
 }
 
 
@@ -79,6 +95,10 @@ _FAMILIES: dict[str, tuple[str, ...]] = {
     **{name: _GRADIENT_FAMILIES for name in ("loss", "influence", "influence_val", "tracin", "trak")},
     **{name: ("gan",) for name in ("gan_influence", "isolation_forest")},
     **{name: ("diffusion",) for name in ("dmin", "pixel_nn", "dtrak")},
+    **{name: ("cascade",) for name in ("diffim_oneshot", "diffim_relax", "diffim_greedy", "greedy_mc", "degree",
+                                      "betweenness", "pagerank", "eigen_drop")},
+    **{name: (*_GRADIENT_FAMILIES, "graph") for name in ("loss", "tracin", "influence")},
+    "cleanlab": ("classification", "graph"),
 }
 
 

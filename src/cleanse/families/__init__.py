@@ -18,6 +18,8 @@ _REGISTRY: dict[str, str] = {
     "regression": "cleanse.families.regression.family:RegressionFamily",
     "gan": "cleanse.families.gan.family:GanFamily",
     "diffusion": "cleanse.families.diffusion.family:DiffusionFamily",
+    "cascade": "cleanse.families.cascade.family:CascadeFamily",
+    "graph": "cleanse.families.graph.family:GraphFamily",
 }
 
 # The params models that live in their family's package ("module:Class", a subclass of
@@ -25,6 +27,8 @@ _REGISTRY: dict[str, str] = {
 # defined in cleanse.config itself.
 PARAMS: dict[str, str] = {
     "diffusion": "cleanse.families.diffusion.params:DiffusionParams",
+    "cascade": "cleanse.families.cascade.params:CascadeParams",
+    "graph": "cleanse.families.graph.params:GraphParams",
 }
 
 DEFAULT = "classification"
