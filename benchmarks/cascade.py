@@ -151,7 +151,9 @@ def render(result: dict[str, Any], docs: Path, out: Path, image: Path) -> str:
              "`python benchmarks/cascade.py` (library calls, one torch thread; every spread verified by 10,000 fresh "
              "Monte Carlo cascades on one stream shared by all methods, never by the surrogate). 5 seeds of highest "
              "out-degree, weighted-cascade weights, b = 1/2/5 % of the directed edges; `seconds` = the selection only "
-             "(the surrogate's training is listed apart). Environment: " + str(result.get("environment", {}).get("cpu", "")),
+             "(the surrogate's training is listed apart). Measured at " + str(result.get("environment", {}).get("git_commit", "?"))
+             + f", {result.get('environment', {}).get('cpu_count', '?')} CPUs, load average at start "
+             + str(result.get("environment", {}).get("load_average_start", ["?"])[0]) + ".",
              ""]
     headers = ["graph", "model", "b", "baseline", *METHODS]
     table = []
