@@ -23,9 +23,12 @@ from typing import Any
 # The families are among them: modelio fits, evaluates and verifies through them, and the
 # fingerprints read their noise-estimate inputs. Every module of every family package is listed
 # (found here, one file each: a folder would hash __pycache__ too), so a new family or module is a
-# dependency once dvc.yaml is regenerated (tests/test_dvc_yaml.py says when it is stale).
-_FAMILIES = Path(__file__).resolve().parents[1] / "families"
-FAMILY_CODE = tuple(sorted(f"families/{path.relative_to(_FAMILIES).as_posix()}" for path in _FAMILIES.glob("*/*.py")))
+# dependency once dvc.yaml is regenerated (tests/test_dvc_yaml.py says when it is stale). The graph
+# library (cleanse.graphs: loaders, models, simulators) is what the graph and cascade families fit
+# and verify with, so its modules are listed the same way.
+_PACKAGE = Path(__file__).resolve().parents[1]
+FAMILY_CODE = tuple(sorted(path.relative_to(_PACKAGE).as_posix()
+                           for pattern in ("families/*/*.py", "graphs/*.py") for path in _PACKAGE.glob(pattern)))
 SHARED_CODE = ("config.py", "storage.py", "stages/common.py", "stages/fingerprints.py", "stages/modelio.py",
                "families/__init__.py", "families/base.py", *FAMILY_CODE)
 STAGED = ("data/staged/train.parquet", "data/staged/val.parquet", "data/staged/test.parquet", "data/staged/meta.json")
