@@ -211,3 +211,6 @@ def test_cleanse_run_writes_the_classification_shape(tmp_path):
         entry = on_disk["estimators"][name]
         assert 0.0 <= entry["detection"]["average_precision"] <= 1.0
         assert 0.0 <= entry["retrain"]["test_accuracy"] <= 1.0 and entry["retrain"]["n_removed"] >= 1
+        assert (layout.reports / "flagged" / f"{name}.png").is_file()  # 240 nodes: the graph is drawn
+        top = (layout.reports / "flagged" / f"{name}.csv").read_text().splitlines()
+        assert top[0].split(",")[-4:] == ["given_label", "predicted_label", "is_corrupted", "degree"]

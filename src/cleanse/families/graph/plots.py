@@ -52,7 +52,8 @@ def write_flagged(params: Any, layout: Any, metrics: dict[str, Any]) -> list[str
     flagged: dict[str, list[int]] = {}
     for name in names:
         flags = read_table(layout.flags(name))
-        nodes = [int(sid) for sid in flags["sample_id"].to_list()]
+        chosen = flags.filter(pl.col("is_flagged")) if "is_flagged" in flags.columns else flags
+        nodes = [int(sid) for sid in chosen["sample_id"].to_list()]
         flagged[name] = nodes
         top = flags.head(50)
         rows = [row_of[int(sid)] for sid in top["sample_id"].to_list()]
