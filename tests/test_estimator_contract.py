@@ -55,6 +55,7 @@ def _options(name: str):
 
 GAN = [name for name in registry.names() if "gan" in registry.families_of(name)]
 DIFFUSION = [name for name in registry.names() if "diffusion" in registry.families_of(name)]
+CASCADE = [name for name in registry.names() if "cascade" in registry.families_of(name)]
 NAMES = registry.names()
 
 
@@ -81,6 +82,15 @@ def diffusion_context(tmp_path_factory):
     return tiny_context(tmp_path_factory.mktemp("diffusion-cache"))
 
 
+@pytest.fixture(scope="module")
+def cascade_context():
+    """A staged Barabasi-Albert graph with greedy Monte Carlo's cuts as the ground truth
+    (:func:`tests.test_cascade_contract.cascade_context`)."""
+    from tests.test_cascade_contract import cascade_context as make
+
+    return make()
+
+
 class _OnDemand(dict):
     """``name -> make(name)``, computed at the first look-up (a ``-k`` selection builds only what it uses)."""
 
@@ -98,6 +108,7 @@ def contexts(request):
     """The context each estimator is checked on (a family it supports)."""
     return _OnDemand(lambda name: request.getfixturevalue("gan_context") if name in GAN
                      else request.getfixturevalue("diffusion_context") if name in DIFFUSION
+                     else request.getfixturevalue("cascade_context") if name in CASCADE
                      else request.getfixturevalue("wine_context")[0])
 
 
