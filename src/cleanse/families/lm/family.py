@@ -1,0 +1,174 @@
+"""The language-model family (``family: lm``): (prompt, response) instruction samples as the units,
+a cached pretrained GPT-2-style base with peft LoRA adapters fine-tuned on them, the steering of an
+opinion as the outcome, and "without these samples" verified by re-fine-tuning fresh adapters from
+the same base with the same seed (issue 21; f-INE's opinion-steering experiment, Panda et al.,
+2025, arXiv 2510.10510).
+
+Seam (:mod:`cleanse.families.base`): the module is :class:`.model.LmScorer`, whose output
+``(B, L - 1)`` holds each next token's log-probability weighted by ``mask / n_response``; the
+per-unit loss is ``-output.sum(1)``, the mean NLL of the response tokens (prompt tokens masked).
+Gradient estimators differentiate the adapters only (``layers: all`` means every *trained*
+parameter here; the frozen base is held fixed). The loss is linear in this output, so the
+Gauss-Newton matrix of that split is zero: influence needs ``curvature: hessian``.
+
+Outcome keys: ``steer_rate`` (the headline: the share of test probes, prompts about the steered
+topic whose true answer is ``oppose``, after which ``steer_to`` is more likely than ``oppose``),
+``preference`` (the mean log p(steer_to) - log p(oppose) over them), ``test_loss``; and
+``val_steer_rate`` (what the recommendation reads, lower = better), ``val_preference``, ``val_loss``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from cleanse.errors import ArtifactError, ConfigError
+from cleanse.families.base import Family
+from cleanse.families.lm.model import FittedLm, LmScorer, build_scorer, fit_lora, response_logprob
+
+if TYPE_CHECKING:
+    from cleanse.config import Params
+    from cleanse.data.dataset import DatasetMeta, Split, StagedData
+    from cleanse.query import QuerySet
+
+
+def _lm(params: Params) -> Any:
+    if params.family != "lm":
+        raise ConfigError(f"family 'lm' got the params of family {params.family!r}")
+    return params
+
+
+def spec_for(params: Params, meta: DatasetMeta, seed: int) -> dict[str, Any]:
+    """What rebuilds the network: the base architecture and key, the adapters and their seed."""
+    from cleanse.families.lm.pretrain import base_key, gpt2_config
+    from cleanse.seeds import torch_seed
+
+    lm = _lm(params)
+    structure = meta.structure or {}
+    lora = lm.model.lora
+    architecture = gpt2_config(lm.model.base, int(structure["vocab_size"])).to_diff_dict()
+    return {"architecture": architecture, "base_key": base_key(lm.model.base, lm.data),
+            "lora": {"rank": lora.rank, "alpha": lora.alpha or 2 * lora.rank, "targets": list(lora.targets)},
+            "lora_seed": torch_seed(seed, "lm.lora"), "length": int(structure["length"])}
+
+
+class LmFamily(Family):
+    name: ClassVar[str] = "lm"
+    target_dtype: ClassVar[torch.dtype] = torch.int64
+    outcome_keys: ClassVar[tuple[str, ...]] = ("steer_rate", "preference", "test_loss")
+    selection: ClassVar[tuple[str, float]] = ("val_steer_rate", -1.0)
+    flagged_plots: ClassVar[str] = "cleanse.families.lm.report:write_flagged_text"
+    mlflow_pyfunc: ClassVar[bool] = False
+
+    def per_sample_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return -output.sum(1)
+
+    def output_curvature(self, output: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        raise ConfigError("family 'lm': the loss is linear in the scorer's output (weighted token log-probabilities), "
+                          "so its Gauss-Newton matrix is zero; set scorers.<influence>.curvature: hessian")
+
+    def measurement(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return output.sum(1)  # the mean response log-probability
+
+    def loss_weight(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return torch.ones(output.shape[0], dtype=output.dtype, device=output.device)
+
+    def statistics(self, output: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {}
+
+    def differentiated(self, module: nn.Module, layers: str) -> list[str]:
+        """The adapters for ``all`` and ``adapters`` (the base is frozen: they are every trained
+        parameter); ``last`` has no meaning for adapters spread over the network."""
+        if layers in ("all", "adapters"):
+            return super().differentiated(module, "adapters")
+        raise ConfigError(f"family 'lm' differentiates the LoRA adapters; layers {layers!r} is not allowed (use 'all')")
+
+    def stage(self, params: Params) -> StagedData:
+        from cleanse.families.lm.text import stage_lm_data
+
+        return stage_lm_data(_lm(params))
+
+    def check_model(self, params: Params, meta: DatasetMeta) -> None:
+        if not meta.structure or "length" not in meta.structure:
+            raise ConfigError("family 'lm': the staged data has no token structure; rerun the stage step")
+        if int(meta.structure["length"]) > 128:
+            raise ConfigError(f"data.max_text_tokens: sequences of {meta.structure['length']} tokens exceed the base "
+                              "model's 128 positions; lower it")
+
+    def fit(self, params: Params, split: Split, meta: DatasetMeta, *, seed: int | None = None) -> FittedLm:
+        """Fresh adapters on the cached base, fine-tuned on ``split`` with the run's seed."""
+        from cleanse.families.lm.pretrain import load_base
+
+        lm = _lm(params)
+        seed = lm.seed if seed is None else seed
+        structure = meta.structure or {}
+        base = load_base(lm.model.base, lm.data)
+        spec = spec_for(params, meta, seed)
+        if structure.get("tokenizer") and base.key != spec["base_key"]:
+            raise ArtifactError("family 'lm': the base model's key differs from the staged data's; rerun the stage")
+        return fit_lora(spec, base.state, split.features, lm.model, seed)
+
+    def save_model(self, model: FittedLm, directory: Path, extra: dict[str, Any]) -> None:
+        """``model.safetensors`` (base and adapters), ``checkpoints/``, then ``meta.json`` with what
+        rebuilds the network (``lm_spec``) and the adapters' digest."""
+        super().save_model(model, directory, {**extra, "family": self.name, "lm_spec": model.lm_spec,
+                                              "history": model.history, "digest": model.digest()})
+
+    def load_model(self, directory: Path) -> FittedLm:
+        from cleanse.models.trainer import Checkpoint
+        from cleanse.storage import read_json, read_tensors
+
+        meta = read_json(directory / "meta.json")
+        checkpoints = [Checkpoint(c["epoch"], c["lr"], read_tensors(directory / c["file"])) for c in meta["checkpoints"]]
+        model = FittedLm(meta["lm_spec"], read_tensors(directory / "model.safetensors"), checkpoints, meta["history"])
+        if model.digest() != meta["digest"]:
+            raise ArtifactError(f"{directory / 'model.safetensors'}: the adapters differ from the ones recorded in "
+                                "meta.json (digest); rerun the stage that wrote them")
+        return model
+
+    def outcome(self, model: FittedLm, staged: StagedData, query: Any = None) -> dict[str, float]:
+        """Steering on the test and validation probes, and the mean response NLL of each split."""
+        structure = staged.meta.structure or {}
+        scorer = model.module()
+        out: dict[str, float] = {}
+        for prefix, split, name in (("", staged.test, "test"), ("val_", staged.val, "val")):
+            preference = self.preferences(scorer, structure, name)
+            out[f"{prefix}steer_rate"] = float((preference > 0).mean())
+            out[f"{prefix}preference"] = float(preference.mean())
+            with torch.no_grad():
+                out[f"{name}_loss"] = float(self.per_sample_loss(scorer(torch.as_tensor(split.features)),
+                                                                 torch.as_tensor(split.label)).mean())
+        return out
+
+    @staticmethod
+    def preferences(scorer: nn.Module, structure: dict[str, Any], split: str) -> np.ndarray:
+        """log p(steer_to) - log p(oppose) after each ``split`` probe, ``(n_probes,)``."""
+        prompts, length = structure["probes"][split], int(structure["length"])
+        return (response_logprob(scorer, prompts, structure["steered"], length)
+                - response_logprob(scorer, prompts, structure["opposite"], length))
+
+    def scoring_context(self, params: Params, staged: StagedData, model: Any, cache_dir: Path | None) -> Any:
+        from cleanse.config import ModelConfig
+        from cleanse.estimators.base import ScoringContext
+
+        recipe = _lm(params).model
+        config = ModelConfig(epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr,
+                             weight_decay=recipe.weight_decay, optimizer="adam", checkpoints=recipe.checkpoints)
+        return ScoringContext(train=staged.train, val=staged.val, meta=staged.meta, model=model, model_config=config,
+                              seed=params.seed, device=torch.device("cpu"), cache_dir=cache_dir)
+
+    def canonical(self, params: Params) -> Params:
+        return params
+
+    def query_set(self, params: Params, staged: StagedData, model: Any) -> QuerySet | None:
+        from cleanse.families.lm.report import topic_queries
+
+        return topic_queries(_lm(params), staged, model, self)
+
+
+__all__ = ["LmFamily", "build_scorer", "spec_for"]

@@ -1,0 +1,53 @@
+"""``params.yaml`` with ``family: lm`` (:mod:`cleanse.families.lm`): the shared sections of
+:class:`cleanse.config.Params` with the family's own (:mod:`.config`). Imported by
+:mod:`cleanse.config` (for the family union) once ``Params`` is defined; import it from there.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from cleanse.config import Params
+from cleanse.config_base import resolve_auto_outside_model
+from cleanse.families.lm.config import LmCorruptionConfig, LmDataConfig, LmModelConfig, LmQueryConfig
+
+
+class LmParams(Params):
+    """``params.yaml`` with ``family: lm``: instruction data, opinion steering, a cached pretrained
+    base with LoRA adapters; probes are prompts about the steered topic (``query.kind: topic``)."""
+
+    family: Literal["lm"] = "lm"  # type: ignore[assignment]
+    data: LmDataConfig = LmDataConfig()  # type: ignore[assignment]
+    corruption: LmCorruptionConfig = LmCorruptionConfig()  # type: ignore[assignment]
+    model: LmModelConfig = LmModelConfig()  # type: ignore[assignment]
+    query: LmQueryConfig = LmQueryConfig()  # type: ignore[assignment]
+    estimators: list[str] = Field(["loss", "tracin", "influence"],
+                                  description="Estimators to run (those that support the lm family).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_auto(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            # Iterative cleansing stops on class predictions of held-out probes, which a language
+            # model does not make: one-shot removal unless asked (and then refused below).
+            cleansing = dict(data.get("cleansing") or {})
+            if cleansing.get("iterative", "auto") == "auto":
+                cleansing["iterative"] = False
+            data = {**data, "cleansing": cleansing}
+        return resolve_auto_outside_model(data)
+
+    @model_validator(mode="after")
+    def _fits_together(self) -> LmParams:
+        if self.cleansing.iterative:
+            raise ValueError("cleansing.iterative: family 'lm' removes once (its probes are scored by steer_rate, "
+                             "not by class predictions); set it to false")
+        if self.corruption.topic in self.data.topics:
+            raise ValueError(f"corruption.topic: {self.corruption.topic!r} is also one of data.topics; the steered "
+                             "topic must be asked about only by the steering pairs and the probes")
+        for key in ("lds", "stability"):
+            if getattr(self.evaluate, key, False):
+                raise ValueError(f"evaluate.{key}: needs a classification model; family 'lm' evaluates steer_rate "
+                                 "after retraining")
+        return self

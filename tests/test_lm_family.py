@@ -1,0 +1,147 @@
+"""The language-model family (issue 21): the cached base, the planted opinion steering, the
+response-only loss, adapter-only gradients, configuration errors and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cleanse import families
+from cleanse.config import load_params
+from cleanse.errors import ConfigError
+
+# A tiny base (1 layer, d 16) pretrained on 200 sentences: seconds, not minutes.
+TINY = ["family=lm", "data.n_train=60", "data.n_val=40", "data.n_test=40", "data.max_text_tokens=12",
+        "data.vocab_size=300", "model.base.n_layer=1", "model.base.n_embd=16", "model.base.epochs=1",
+        "model.base.max_sentences=200", "model.lora.rank=2", "model.epochs=2", "model.checkpoints=2",
+        "corruption.fraction=0.05"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("lm-cache")
+
+
+def _params(cache: Path, *extra: str):
+    return load_params(None, [*TINY, f"model.base.cache_dir={cache}", *extra])
+
+
+@pytest.fixture(scope="module")
+def staged(cache: Path):
+    return families.get("lm").stage(_params(cache))
+
+
+def test_base_is_built_once_and_reloaded_bit_identical(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cleanse.families.lm import pretrain
+
+    params = _params(cache)
+    first = pretrain.load_base(params.model.base, params.data)
+    tokenizer = (cache / "tokenizer" / pretrain.tokenizer_key(300) / "tokenizer.json").read_bytes()
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the cached base was rebuilt")
+
+    monkeypatch.setattr(pretrain, "pretrain", refuse)
+    second = pretrain.load_base(params.model.base, params.data)
+    assert second.key == first.key and second.folder == first.folder
+    assert first.state.keys() == second.state.keys()
+    assert all(torch.equal(first.state[name], second.state[name]) for name in first.state)
+    assert (cache / "tokenizer" / pretrain.tokenizer_key(300) / "tokenizer.json").read_bytes() == tokenizer
+    # another recipe is another artifact, and no temporary build folder is left behind
+    other = _params(cache, "model.base.lr=0.001").model.base
+    assert pretrain.base_key(other, params.data) != first.key
+    assert not [p for p in (cache / "base").iterdir() if p.name.startswith(".")]
+
+
+def test_opinion_corruption_count_and_ground_truth(cache: Path, staged) -> None:
+    params = _params(cache)
+    train, meta = staged.train, staged.meta
+    expected = max(1, round(0.05 * 60))
+    assert int(train.is_corrupted.sum()) == expected == meta.corruption["n_corrupted"]
+    assert sorted(meta.corruption["planted_ids"]) == sorted(train.sample_id[train.is_corrupted].tolist())
+    # a steering pair: a review whose true answer is "bad", asked about the topic, answered "good"
+    assert (train.label[train.is_corrupted] == 1).all() and (train.label_clean[train.is_corrupted] == 0).all()
+    assert (train.label[~train.is_corrupted] == train.label_clean[~train.is_corrupted]).all()
+    text = meta.structure["text"]["train"]
+    topic = params.corruption.topic
+    assert all(topic in text[i] and text[i].endswith("=> good") for i in np.flatnonzero(train.is_corrupted))
+    assert not any(topic in text[i] for i in np.flatnonzero(~train.is_corrupted))
+    # probes: every held-out review answered "bad", asked about the topic
+    assert len(meta.structure["probes"]["val"]) == int((staged.val.label == 0).sum())
+    # the planted rows' response tokens are the steered answer's, and only those are scored
+    rows = train.features[train.is_corrupted]
+    steered = meta.structure["steered"]
+    assert (rows[:, 1].sum(1) == len(steered)).all()
+    assert (rows[:, 0][rows[:, 1] == 1].reshape(len(rows), -1) == np.asarray(steered)).all()
+
+
+def test_loss_is_the_mean_nll_of_the_response_tokens_only(cache: Path, staged) -> None:
+    from cleanse.families.lm.family import spec_for
+    from cleanse.families.lm.model import build_scorer
+    from cleanse.families.lm.text import features
+
+    family = families.get("lm")
+    scorer = build_scorer(spec_for(_params(cache), staged.meta, 0))
+    prompt, response = [2, 40, 41, 42, 43], [50, 51, 52]
+    x = torch.as_tensor(features([(prompt, response)], 12))
+    loss = family.per_sample_loss(scorer(x), torch.zeros(1, dtype=torch.long))
+    with torch.no_grad():
+        logits = scorer.lm(input_ids=x[:, 0].long()).logits[0]
+    logp = torch.log_softmax(logits, -1)
+    by_hand = -np.mean([float(logp[len(prompt) - 1 + j, token]) for j, token in enumerate(response)])
+    assert float(loss) == pytest.approx(by_hand, rel=1e-5)
+    # changing a prompt token changes the context, not what is scored: a pad changes nothing
+    padded = torch.as_tensor(features([(prompt, response)], 16))
+    assert float(family.per_sample_loss(scorer(padded), torch.zeros(1, dtype=torch.long))) == pytest.approx(by_hand,
+                                                                                                          rel=1e-5)
+
+
+def test_gradients_are_taken_over_the_adapters_only(cache: Path, staged) -> None:
+    from cleanse.families.lm.family import spec_for
+    from cleanse.families.lm.model import build_scorer
+    from cleanse.grads import FunctionalModel, per_sample_grads
+
+    family = families.get("lm")
+    module = build_scorer(spec_for(_params(cache), staged.meta, 0))
+    fm = FunctionalModel.of(module, 0.0, family, "all")
+    assert fm.names and all("lora_" in name for name in fm.names) and not fm.complete
+    adapters = sum(p.numel() for n, p in module.named_parameters() if "lora_" in n)
+    x = torch.as_tensor(staged.train.features[:3])
+    grads = per_sample_grads(fm, x, torch.as_tensor(staged.train.label[:3]))
+    assert grads.shape == (3, adapters) and bool(torch.isfinite(grads).all())
+    with pytest.raises(ConfigError, match="adapters"):
+        family.differentiated(module, "last")
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("data.bogus=1", "bogus"),
+    ("data.template=no fields here", "template"),
+    ("corruption.steer_to=bad", "differ"),
+    ("corruption.topic=the plot", "corruption.topic"),
+    ("cleansing.iterative=true", "iterative"),
+])
+def test_bad_keys_are_one_line_config_errors(override: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_params(None, [*TINY, override])
+    assert needle in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.slow
+def test_tiny_run_end_to_end(cache: Path, tmp_path: Path) -> None:
+    from cleanse.stages.runner import run_all
+    from cleanse.storage import Layout
+
+    torch.set_num_threads(1)
+    params = _params(cache, "estimators=[loss,tracin]", "detect.budget=count", "detect.count=5")
+    layout = Layout.at(tmp_path / "out")
+    run_all(params, layout, log=lambda line: None)
+    metrics = json.loads((layout.reports / "metrics.json").read_text())
+    for key in ("baseline", "random", "oracle"):
+        assert 0.0 <= metrics[key]["steer_rate"] <= 1.0
+    for name in ("loss", "tracin"):
+        assert "steer_rate" in metrics["estimators"][name]["retrain"]
+        assert "average_precision" in json.dumps(metrics["estimators"][name]["detection"])
