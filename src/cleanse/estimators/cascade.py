@@ -87,7 +87,8 @@ class SurrogateGreedyEstimator(_EdgeEstimator):
         from cleanse.graphs.selection import surrogate_greedy_scores
 
         return surrogate_greedy_scores(context.model.surrogate, context.graph()[2], context.budget,
-                                       candidates=options.candidates, per_step=options.per_step)
+                                       candidates=options.candidates,
+                                       per_step=-(-context.budget // options.steps) if options.steps else 1)
 
 
 class GreedyMcEstimator(_EdgeEstimator):
@@ -102,7 +103,8 @@ class GreedyMcEstimator(_EdgeEstimator):
         ei, w, seeds, n = context.graph()
         candidates = None if options.hops < 0 else near(ei, seeds, n, options.hops)
         return greedy_mc(context.diffusion, ei, w, seeds, n, context.budget, worlds=options.worlds,
-                         candidates=candidates, seed=int_seed(context.seed, "cascade.select")).score
+                         candidates=candidates, seed=int_seed(context.seed, "cascade.select"),
+                         per_step=-(-context.budget // options.steps)).score
 
 
 class DegreeEstimator(_EdgeEstimator):

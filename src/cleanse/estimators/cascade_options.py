@@ -27,7 +27,8 @@ class SurrogateGreedyOptions(_Section):
     """Greedy on the surrogate over the top edges by the one-shot gradient."""
 
     candidates: int = Field(0, ge=0, description="Candidate edges (0: twice the budget).")
-    per_step: int = Field(1, ge=1, description="Edges cut per greedy step (1: plain greedy; more: fewer steps).")
+    steps: int = Field(0, ge=0, description="Greedy steps, each cutting ceil(b / steps) edges; 0: plain greedy "
+                       "(b steps).")
 
 
 class GreedyMcOptions(_Section):
@@ -35,6 +36,7 @@ class GreedyMcOptions(_Section):
 
     worlds: int = Field(500, ge=10, description="Live-edge worlds (common random numbers for every candidate).")
     hops: int = Field(1, ge=-1, description="Candidates: out-edges of nodes within this many hops of S (-1: all).")
+    steps: int = Field(20, ge=1, description="Greedy steps: each cuts ceil(b / steps) edges (b: plain greedy).")
 
 
 class HeuristicOptions(_Section):

@@ -46,6 +46,7 @@ class CascadeCorruptionConfig(_Section):
                                        "worlds (cleanse.graphs.greedy_mc).")
     worlds: int = Field(500, ge=10, description="Live-edge worlds of the reference greedy.")
     hops: int = Field(1, ge=-1, description="Candidates: out-edges of nodes within this many hops of S (-1: every edge).")
+    steps: int = Field(20, ge=1, description="Greedy steps: each cuts ceil(b / steps) edges (b: plain greedy).")
 
 
 class CascadeModelConfig(_Section):

@@ -95,7 +95,8 @@ def stage_cascade(params: Params) -> StagedData:
     b = budget_of(params, graph.num_edges)
     candidates = None if reference.hops < 0 else near(graph.edge_index, chosen, graph.num_nodes, reference.hops)
     ref = greedy_mc(cascade.diffusion, graph.edge_index, weights, chosen, graph.num_nodes, b, worlds=reference.worlds,
-                    candidates=candidates, seed=int_seed(params.seed, "cascade.reference"))
+                    candidates=candidates, seed=int_seed(params.seed, "cascade.reference"),
+                    per_step=-(-b // reference.steps))
     e = graph.num_edges
     corrupted = np.zeros(e, dtype=bool)
     corrupted[ref.picked] = True
@@ -106,6 +107,7 @@ def stage_cascade(params: Params) -> StagedData:
                  "seeds": chosen.tolist(), "diffusion": cascade.diffusion, "probability": data.probability,
                  "budget": b, "mc_runs": cascade.mc_runs, "val_runs": cascade.val_runs, "batches": cascade.batches,
                  "reference": {"kind": reference.kind, "worlds": reference.worlds, "hops": reference.hops,
+                               "steps": reference.steps,
                                "picked": ref.picked.tolist(), "seconds": ref.seconds,
                                "sample_spread_before": ref.spread_before, "sample_spread_after": ref.spread_after}}
     meta = DatasetMeta(name=graph.name, n_classes=1, feature_shape=(3,),
