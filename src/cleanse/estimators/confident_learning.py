@@ -26,10 +26,12 @@ def out_of_sample_probabilities(context: ScoringContext, folds: int) -> np.ndarr
     """``(n_train, n_classes)`` probabilities, each row from a model that did not see that row."""
     train = context.train
     counts = np.bincount(train.label, minlength=context.meta.n_classes)
-    if counts.min() < folds:
+    # a class absent from the training labels (a small graph's rare class) needs no fold
+    rare = [c for c in np.flatnonzero(counts) if counts[c] < folds]
+    if rare:
         raise DataError(
             f"scorers.cleanlab.folds: {folds} folds need >= {folds} samples of every observed class, "
-            f"but class {int(counts.argmin())} has {int(counts.min())}"
+            f"but class {int(rare[0])} has {int(counts[rare[0]])}"
         )
     probabilities = np.zeros((len(train), context.meta.n_classes))
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=context.seed)
