@@ -151,7 +151,7 @@ def test_per_node_losses_and_head_gradients_are_exact(task, sbm):
         assert traced[row] == pytest.approx(total, rel=1e-4)
 
 
-@pytest.mark.parametrize("name", ["loss", "cleanlab", "tracin", "influence"])
+@pytest.mark.parametrize("name", ["loss", "cleanlab", "tracin", "influence", "trak"])
 def test_estimators_rank_the_flipped_nodes_first(task, sbm, name):
     params, staged, base = sbm
     context = task.scoring_context(params, staged, base, None)

@@ -45,7 +45,7 @@ from cleanse.config import TrakOptions
 from cleanse.data.dataset import Split
 from cleanse.estimators.base import ScoreResult, ScoringContext, score_table
 from cleanse.grads import FunctionalModel
-from cleanse.models.trainer import TrainedModel, train_model
+from cleanse.models.trainer import TrainedModel
 from cleanse.projection import projection_matrix
 
 
@@ -87,18 +87,20 @@ class TrakModel:
         return ((phi @ self.kernel_inverse) * phi).sum(1)
 
 
-def ensemble_members(context: ScoringContext, options: TrakOptions) -> list[TrainedModel]:
-    """Model 0 is the trained model; members 1..M-1 are retrained on the same data with other seeds."""
-    members = [context.model]
+def ensemble_members(context: ScoringContext, options: TrakOptions) -> list[TrainedModel | torch.nn.Module]:
+    """Model 0 is the trained model; members 1..M-1 are retrained on the same data with other seeds
+    (:meth:`ScoringContext.refit` on every training row: the family's recipe), as modules."""
+    members: list[TrainedModel | torch.nn.Module] = [context.model]
+    every = np.arange(len(context.train))
     for m in range(1, options.n_models):
-        members.append(train_model(context.model.spec, context.train.features, context.train.label,
-                                   context.model_config, seed=seeds.torch_seed(context.seed, "trak.member", m),
-                                   device=context.device))
+        members.append(context.refit(every, seeds.torch_seed(context.seed, "trak.member", m)))
     return members
 
 
-def featurize(context: ScoringContext, options: TrakOptions, member: TrainedModel, model_id: int) -> TrakModel:
-    fm = context.functional(member.module(context.device))
+def featurize(context: ScoringContext, options: TrakOptions, member: TrainedModel | torch.nn.Module,
+              model_id: int) -> TrakModel:
+    module = member if isinstance(member, torch.nn.Module) else member.module(context.device)
+    fm = context.functional(module)
     x, y = context.tensors(context.train)
     k = min(options.proj_dim, fm.n_params)
     projection = projection_matrix(fm.n_params, k, kind=options.projection, seed=model_id, device=context.device)
@@ -119,7 +121,7 @@ class TrakEstimator:
     name: ClassVar[str] = "trak"
     reads_validation_labels: ClassVar[bool] = False
     options_type: ClassVar[type] = TrakOptions
-    families: ClassVar[tuple[str, ...]] = ("classification", "regression")
+    families: ClassVar[tuple[str, ...]] = ("classification", "regression", "graph")
 
     def score(self, context: ScoringContext, options: TrakOptions) -> ScoreResult:
         models = fit(context, options)
