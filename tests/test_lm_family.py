@@ -85,8 +85,8 @@ def test_loss_is_the_mean_nll_of_the_response_tokens_only(cache: Path, staged) -
     from cleanse.families.lm.text import features
 
     family = families.get("lm")
-    scorer = build_scorer(spec_for(_params(cache), staged.meta, 0))
-    prompt, response = [2, 40, 41, 42, 43], [50, 51, 52]
+    scorer = build_scorer({**spec_for(_params(cache), staged.meta, 0), "response_len": 4})
+    prompt, response = [2, 40, 41, 42, 43], [50, 51, 52]  # shorter than response_len: the 4th slot weighs 0
     x = torch.as_tensor(features([(prompt, response)], 12))
     loss = family.per_sample_loss(scorer(x), torch.zeros(1, dtype=torch.long))
     with torch.no_grad():
@@ -98,6 +98,13 @@ def test_loss_is_the_mean_nll_of_the_response_tokens_only(cache: Path, staged) -
     padded = torch.as_tensor(features([(prompt, response)], 16))
     assert float(family.per_sample_loss(scorer(padded), torch.zeros(1, dtype=torch.long))) == pytest.approx(by_hand,
                                                                                                           rel=1e-5)
+    # the staged rows: the same as the masked mean over every position's next-token log-probability
+    x = torch.as_tensor(staged.train.features[:5])
+    with torch.no_grad():
+        full = scorer.token_logprobs(x[:, 0].long())
+    mask = x[:, 1, 1:]
+    assert torch.allclose(family.per_sample_loss(scorer(x), torch.zeros(5)), -(full * mask).sum(1) / mask.sum(1),
+                          atol=1e-5)
 
 
 def test_gradients_are_taken_over_the_adapters_only(cache: Path, staged) -> None:
@@ -136,12 +143,12 @@ def test_tiny_run_end_to_end(cache: Path, tmp_path: Path) -> None:
     from cleanse.storage import Layout
 
     torch.set_num_threads(1)
-    params = _params(cache, "estimators=[loss,tracin]", "detect.budget=count", "detect.count=5")
+    params = _params(cache, "estimators=[loss,tracin,influence]", "detect.budget=count", "detect.count=5")
     layout = Layout.at(tmp_path / "out")
     run_all(params, layout, log=lambda line: None)
     metrics = json.loads((layout.reports / "metrics.json").read_text())
     for key in ("baseline", "random", "oracle"):
         assert 0.0 <= metrics[key]["steer_rate"] <= 1.0
-    for name in ("loss", "tracin"):
+    for name in ("loss", "tracin", "influence"):
         assert "steer_rate" in metrics["estimators"][name]["retrain"]
         assert "average_precision" in json.dumps(metrics["estimators"][name]["detection"])

@@ -5,7 +5,7 @@ the same base with the same seed (issue 21; f-INE's opinion-steering experiment,
 2025, arXiv 2510.10510).
 
 Seam (:mod:`cleanse.families.base`): the module is :class:`.model.LmScorer`, whose output
-``(B, L - 1)`` holds each next token's log-probability weighted by ``mask / n_response``; the
+``(B, R)`` holds the response tokens' log-probabilities weighted by ``mask / n_response``; the
 per-unit loss is ``-output.sum(1)``, the mean NLL of the response tokens (prompt tokens masked).
 Gradient estimators differentiate the adapters only (``layers: all`` means every *trained*
 parameter here; the frozen base is held fixed). The loss is linear in this output, so the
@@ -37,6 +37,9 @@ if TYPE_CHECKING:
     from cleanse.query import QuerySet
 
 
+CHECKPOINTS = "adapter_checkpoints.safetensors"
+
+
 def _lm(params: Params) -> Any:
     if params.family != "lm":
         raise ConfigError(f"family 'lm' got the params of family {params.family!r}")
@@ -54,7 +57,8 @@ def spec_for(params: Params, meta: DatasetMeta, seed: int) -> dict[str, Any]:
     architecture = gpt2_config(lm.model.base, int(structure["vocab_size"])).to_diff_dict()
     return {"architecture": architecture, "base_key": base_key(lm.model.base, lm.data),
             "lora": {"rank": lora.rank, "alpha": lora.alpha or 2 * lora.rank, "targets": list(lora.targets)},
-            "lora_seed": torch_seed(seed, "lm.lora"), "length": int(structure["length"])}
+            "lora_seed": torch_seed(seed, "lm.lora"), "length": int(structure["length"]),
+            "response_len": int(structure["response_len"])}
 
 
 class LmFamily(Family):
@@ -114,18 +118,30 @@ class LmFamily(Family):
         return fit_lora(spec, base.state, split.features, lm.model, seed)
 
     def save_model(self, model: FittedLm, directory: Path, extra: dict[str, Any]) -> None:
-        """``model.safetensors`` (base and adapters), ``checkpoints/``, then ``meta.json`` with what
-        rebuilds the network (``lm_spec``) and the adapters' digest."""
-        super().save_model(model, directory, {**extra, "family": self.name, "lm_spec": model.lm_spec,
-                                              "history": model.history, "digest": model.digest()})
+        """``model.safetensors`` (base and adapters), ``adapter_checkpoints.safetensors`` (the
+        adapters at each kept epoch, keys ``<epoch>/<name>``; the base is the model's), then
+        ``meta.json`` with what rebuilds the network (``lm_spec``) and the adapters' digest. Not the
+        shared ``checkpoints`` record: readers of it rebuild classification architectures."""
+        from cleanse.storage import write_json, write_tensors
+
+        write_tensors(model.state, directory / "model.safetensors")
+        write_tensors({f"{c.epoch}/{name}": tensor for c in model.checkpoints for name, tensor in c.state.items()
+                       if "lora_" in name}, directory / CHECKPOINTS)
+        write_json({**extra, "family": self.name, "lm_spec": model.lm_spec, "history": model.history,
+                    "adapter_checkpoints": [{"epoch": c.epoch, "lr": c.lr} for c in model.checkpoints],
+                    "digest": model.digest()}, directory / "meta.json")
 
     def load_model(self, directory: Path) -> FittedLm:
         from cleanse.models.trainer import Checkpoint
         from cleanse.storage import read_json, read_tensors
 
         meta = read_json(directory / "meta.json")
-        checkpoints = [Checkpoint(c["epoch"], c["lr"], read_tensors(directory / c["file"])) for c in meta["checkpoints"]]
-        model = FittedLm(meta["lm_spec"], read_tensors(directory / "model.safetensors"), checkpoints, meta["history"])
+        state = read_tensors(directory / "model.safetensors")
+        stored = read_tensors(directory / CHECKPOINTS)
+        checkpoints = [Checkpoint(c["epoch"], c["lr"], {name: stored.get(f"{c['epoch']}/{name}", tensor)
+                                                        for name, tensor in state.items()})
+                       for c in meta["adapter_checkpoints"]]
+        model = FittedLm(meta["lm_spec"], state, checkpoints, meta["history"])
         if model.digest() != meta["digest"]:
             raise ArtifactError(f"{directory / 'model.safetensors'}: the adapters differ from the ones recorded in "
                                 "meta.json (digest); rerun the stage that wrote them")

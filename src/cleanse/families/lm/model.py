@@ -2,8 +2,8 @@
 
 :class:`LmScorer` wraps the pretrained ``GPT2LMHeadModel`` with peft LoRA adapters (Hu et al., 2022)
 so that it fits the family seam: its input is a unit's features ``(B, 2, L)`` (token ids and the
-response mask, :mod:`.text`) and its output ``(B, L - 1)`` is each next token's log-probability
-weighted by ``mask / n_response``, so that ``-output.sum(1)`` is the unit's mean response NLL (the
+response mask, :mod:`.text`) and its output ``(B, R)`` is the log-probability of each of the
+response's (up to ``R``) tokens weighted by ``mask / n_response``, so that ``-output.sum(1)`` is the unit's mean response NLL (the
 loss) and ``output.sum(1)`` its mean response log-probability. Prompt and padding positions carry
 weight 0: the prompt's tokens are context, never targets. Right padding needs no attention mask
 under causal attention (no real token attends to a later pad).
@@ -16,7 +16,7 @@ the training split in an ``lm.train`` order, the objective ``mean_i loss_i + wei
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -29,11 +29,14 @@ ARCH = "gpt2-lora"
 
 
 class LmScorer(nn.Module):
-    """A causal LM with adapters, as a function of a unit's features (see the module docstring)."""
+    """A causal LM with adapters, as a function of a unit's features (see the module docstring).
+    ``response_len``: the longest response in tokens; only the ``response_len`` positions from
+    the first response token on reach the LM head (the vocabulary projection of the other
+    positions would be multiplied by weight 0), so the output is ``(B, response_len)``."""
 
-    def __init__(self, lm: nn.Module):
+    def __init__(self, lm: nn.Module, response_len: int):
         super().__init__()
-        self.lm = lm
+        self.lm, self.response_len = lm, int(response_len)
 
     def token_logprobs(self, ids: torch.Tensor) -> torch.Tensor:
         """``(B, L - 1)``: log p(ids[:, t + 1] | ids[:, :t + 1])."""
@@ -42,8 +45,19 @@ class LmScorer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, mask = x[:, 0].long(), x[:, 1, 1:]
-        weight = mask / mask.sum(1, keepdim=True).clamp_min(1.0)
-        return self.token_logprobs(ids) * weight
+        # target positions t (predicting ids[t + 1]) of the response: the first masked one on
+        # (argmax returns the first maximum; gather keeps this vmap-able, no data-dependent shapes)
+        start = mask.argmax(1, keepdim=True)
+        positions = (start + torch.arange(self.response_len, device=x.device)).clamp_max(mask.shape[1] - 1)
+        weight = mask.gather(1, positions)
+        weight = weight / weight.sum(1, keepdim=True).clamp_min(1.0)
+        model: Any = cast(Any, self.lm).get_base_model()
+        hidden = cast(nn.Module, model.transformer)(input_ids=ids).last_hidden_state  # (B, L, d)
+        chosen = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+        head = cast(nn.Module, model.get_output_embeddings())
+        logp = torch.log_softmax(head(chosen), dim=-1)  # (B, R, V)
+        targets = ids[:, 1:].gather(1, positions)
+        return logp.gather(-1, targets[..., None])[..., 0] * weight
 
 
 def build_scorer(spec: dict[str, Any], base_state: dict[str, torch.Tensor] | None = None) -> LmScorer:
@@ -64,7 +78,7 @@ def build_scorer(spec: dict[str, Any], base_state: dict[str, torch.Tensor] | Non
         adapted = get_peft_model(lm, LoraConfig(r=int(lora["rank"]), lora_alpha=lora["alpha"],
                                                 target_modules=list(lora["targets"]), lora_dropout=0.0,
                                                 fan_in_fan_out=True, bias="none"))
-    scorer = LmScorer(adapted)
+    scorer = LmScorer(adapted, int(spec.get("response_len", spec["length"] - 1)))
     for name, parameter in scorer.named_parameters():
         parameter.requires_grad_("lora_" in name)
     return scorer.eval()

@@ -36,6 +36,15 @@ class LmParams(Params):
             if cleansing.get("iterative", "auto") == "auto":
                 cleansing["iterative"] = False
             data = {**data, "cleansing": cleansing}
+            # The loss is linear in the scorer's output (its Gauss-Newton split is zero) and there is
+            # no softmax output for EK-FAC or the cost planner: influence defaults to the exact Hessian.
+            scorers = dict(data.get("scorers") or {})
+            for name in ("influence", "influence_val"):
+                section = dict(scorers.get(name) or {})
+                section.setdefault("curvature", "hessian")
+                section.setdefault("solver", "exact")
+                scorers[name] = section
+            data = {**data, "scorers": scorers}
         return resolve_auto_outside_model(data)
 
     @model_validator(mode="after")

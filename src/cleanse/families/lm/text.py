@@ -183,7 +183,9 @@ def stage_lm_data(params: Any, tokenizer: Any | None = None, tokenizer_key: str 
     record = {"kind": corruption.kind, "topic": corruption.topic, "steer_to": corruption.steer_to,
               "oppose": corruption.oppose, "planted_ids": train.sample_id[planted].tolist(),
               "n_corrupted": int(planted.sum())}
+    response_len = max([len(r) for split in sequences for _, r in split] + [answer])
     structure = {"probes": probes, "steered": steered, "opposite": opposite, "length": length,
+                 "response_len": response_len,
                  "tokenizer": tokenizer_key, "vocab_size": int(tokenizer.get_vocab_size()),
                  "text": {"train": [f"{encoder.before.replace('{topic}', t)}{x}{encoder.after.replace('{topic}', t)} "
                                     f"=> {r}" for t, x, r in zip(train.topic, train.text, train.response)]}}
