@@ -143,12 +143,13 @@ def test_tiny_run_end_to_end(cache: Path, tmp_path: Path) -> None:
     from cleanse.storage import Layout
 
     torch.set_num_threads(1)
-    params = _params(cache, "estimators=[loss,tracin,influence]", "detect.budget=count", "detect.count=5")
+    params = _params(cache, "estimators=[loss,tracin,influence,trak]", "detect.budget=count", "detect.count=5",
+                     "scorers.trak.n_models=2")
     layout = Layout.at(tmp_path / "out")
     run_all(params, layout, log=lambda line: None)
     metrics = json.loads((layout.reports / "metrics.json").read_text())
     for key in ("baseline", "random", "oracle"):
         assert 0.0 <= metrics[key]["steer_rate"] <= 1.0
-    for name in ("loss", "tracin", "influence"):
+    for name in ("loss", "tracin", "influence", "trak"):
         assert "steer_rate" in metrics["estimators"][name]["retrain"]
         assert "average_precision" in json.dumps(metrics["estimators"][name]["detection"])

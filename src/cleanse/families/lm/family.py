@@ -20,6 +20,7 @@ topic whose true answer is ``oppose``, after which ``steer_to`` is more likely t
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from cleanse.errors import ArtifactError, ConfigError
+from cleanse.estimators.base import ScoringContext
 from cleanse.families.base import Family
 from cleanse.families.lm.model import FittedLm, LmScorer, build_scorer, fit_lora, response_logprob
 
@@ -38,6 +40,22 @@ if TYPE_CHECKING:
 
 
 CHECKPOINTS = "adapter_checkpoints.safetensors"
+
+
+@dataclass(frozen=True)
+class LmContext(ScoringContext):
+    """The scoring context with the family's refit: fresh adapters on the cached base, fine-tuned
+    on some training rows (TRAK's extra ensemble members)."""
+
+    params: Any = None
+
+    def refit(self, rows: np.ndarray, seed: int) -> nn.Module:
+        from cleanse.families.lm.pretrain import load_base
+
+        lm = _lm(self.params)
+        base = load_base(lm.model.base, lm.data)
+        return fit_lora(spec_for(lm, self.meta, seed), base.state, self.train.features[rows], lm.model,
+                        seed).module(self.device)
 
 
 def _lm(params: Params) -> Any:
@@ -170,13 +188,12 @@ class LmFamily(Family):
 
     def scoring_context(self, params: Params, staged: StagedData, model: Any, cache_dir: Path | None) -> Any:
         from cleanse.config import ModelConfig
-        from cleanse.estimators.base import ScoringContext
 
         recipe = _lm(params).model
         config = ModelConfig(epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr,
                              weight_decay=recipe.weight_decay, optimizer="adam", checkpoints=recipe.checkpoints)
-        return ScoringContext(train=staged.train, val=staged.val, meta=staged.meta, model=model, model_config=config,
-                              seed=params.seed, device=torch.device("cpu"), cache_dir=cache_dir)
+        return LmContext(train=staged.train, val=staged.val, meta=staged.meta, model=model, model_config=config,
+                         seed=params.seed, device=torch.device("cpu"), cache_dir=cache_dir, params=params)
 
     def canonical(self, params: Params) -> Params:
         return params
