@@ -74,8 +74,11 @@ def test_quick_run_measures_every_part_and_renders_its_section(tmp_path: Path) -
         assert len(entry["test"]) == 2 and all(0 <= a <= 100 for a in entry["test"])
         assert entry["mean"] == pytest.approx(np.mean(entry["test"]))
     assert texas["best_pyg"] == "gcn2"  # the only PyG model of the three in the quick run
-    # the quick run stops at 40 epochs: AxelGNN-style is below the paper, so the ablation runs
-    assert "divergence off" in runs["ablations"]["graphs"]["texas"]
+    # ablations run exactly where AxelGNN-style is more than 2 points below the paper (88.36 on Texas)
+    ablated = runs["ablations"]["graphs"]
+    assert ("texas" in ablated) == (88.36 - texas["models"]["axelgnn"]["mean"] > 2.0)
+    if ablated:
+        assert len(ablated["texas"]["divergence off"]["test"]) == 2
     assert set(runs["depth"]["graphs"]["texas"]["curves"]) == {"axelgnn", "axelgnn+identity", "gcn"}
     # DeepIM's LT labels are our threshold-0.5 simulation, on the training graph and the transfer graph
     assert runs["influence"]["label_check"] == {"jazz": 0.0, "netscience": 0.0}
