@@ -28,7 +28,17 @@ def cascade_context():
     from cleanse import families
     from cleanse.config import validate_params
 
+    # One thread for a reproducible surrogate, restored after: a process-wide change would alter
+    # the float sums of whatever the same test session scores next (the estimator contract).
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        return _cascade_context(validate_params, families)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _cascade_context(validate_params, families):
     params = validate_params({"family": "cascade", "data": {"source": "ba", "nodes": 60, "m": 2,
                                                             "probability": "constant", "constant_p": 0.2},
                               "cascade": {"seeds": 2, "mc_runs": 500, "val_runs": 200, "batches": 10},
