@@ -201,5 +201,10 @@ def query_for(params: Params, staged: StagedData, model: Any) -> QuerySet | None
 
     if params.query.kind == "none":
         return None
+    from cleanse import families
+
+    own = families.get(params.family).query_set(params, staged, model)
+    if own is not None:  # a family with probes of its own (the lm family's topic prompts)
+        return own
     module = model.module()
     return build_query(params.query, staged, lambda features: predict_proba(module, features), seed=params.seed)

@@ -62,6 +62,11 @@ PURPOSES = frozenset({
     "gan.latents",  # GAN family: the latent batches of each epoch (index = epoch), replayed by the trace
     "gan.aid",  # GAN family: AID's fresh minibatches and latents at the final parameters
     "gan.replay_agreement",  # GAN family: the instances evaluate.replay replays to check gan_influence
+    "lm.data",  # lm family: the row order of each source pool (index 0 train, 1 val, 2 test) and topic draws
+    "lm.plant",  # lm family: which training samples become steering pairs
+    "lm.pretrain",  # lm family: the base model's initialisation (index 0) and pretraining batch order (index 1)
+    "lm.lora",  # lm family: the initialisation of the LoRA adapters
+    "lm.train",  # lm family: the fine-tuning batch order
     "holdout_ensemble.halves",  # holdout_ensemble: the random halves of the training set
     "holdout_ensemble.models",  # holdout_ensemble: its models' training seeds
     "projection.block",  # random projections: each block of rows (index = block)

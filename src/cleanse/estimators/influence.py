@@ -239,7 +239,7 @@ class SelfInfluenceEstimator:
     name: ClassVar[str] = "influence"
     reads_validation_labels: ClassVar[bool] = False
     options_type: ClassVar[type] = InfluenceOptions
-    families: ClassVar[tuple[str, ...]] = ("classification", "regression", "graph")
+    families: ClassVar[tuple[str, ...]] = ("classification", "regression", "graph", "lm")
 
     def score(self, context: ScoringContext, options: InfluenceOptions) -> ScoreResult:
         # Self-influence needs one quadratic form per training sample: CG would solve n systems, so

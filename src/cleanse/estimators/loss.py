@@ -22,7 +22,7 @@ class LossEstimator:
     name: ClassVar[str] = "loss"
     reads_validation_labels: ClassVar[bool] = False
     options_type: ClassVar[type] = LossOptions
-    families: ClassVar[tuple[str, ...]] = ("classification", "regression", "graph")
+    families: ClassVar[tuple[str, ...]] = ("classification", "regression", "graph", "lm")
 
     @torch.no_grad()
     def score(self, context: ScoringContext, options: LossOptions) -> ScoreResult:

@@ -97,7 +97,8 @@ _FAMILIES: dict[str, tuple[str, ...]] = {
     **{name: ("diffusion",) for name in ("dmin", "pixel_nn", "dtrak")},
     **{name: ("cascade",) for name in ("diffim_oneshot", "diffim_relax", "diffim_greedy", "greedy_mc", "degree",
                                       "betweenness", "pagerank", "eigen_drop")},
-    **{name: (*_GRADIENT_FAMILIES, "graph") for name in ("loss", "tracin", "influence", "trak")},
+    # graph: node units through a whole-graph forward; lm: over the LoRA adapters
+    **{name: (*_GRADIENT_FAMILIES, "graph", "lm") for name in ("loss", "tracin", "influence", "trak")},
     "cleanlab": ("classification", "graph"),
 }
 

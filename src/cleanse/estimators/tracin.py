@@ -53,7 +53,7 @@ class TracInEstimator:
     name: ClassVar[str] = "tracin"
     reads_validation_labels: ClassVar[bool] = False
     options_type: ClassVar[type] = TracInOptions
-    families: ClassVar[tuple[str, ...]] = ("classification", "regression", "graph")
+    families: ClassVar[tuple[str, ...]] = ("classification", "regression", "graph", "lm")
 
     def score(self, context: ScoringContext, options: TracInOptions) -> ScoreResult:
         x, y = context.tensors(context.train)

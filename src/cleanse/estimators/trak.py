@@ -121,7 +121,7 @@ class TrakEstimator:
     name: ClassVar[str] = "trak"
     reads_validation_labels: ClassVar[bool] = False
     options_type: ClassVar[type] = TrakOptions
-    families: ClassVar[tuple[str, ...]] = ("classification", "regression", "graph")
+    families: ClassVar[tuple[str, ...]] = ("classification", "regression", "graph", "lm")
 
     def score(self, context: ScoringContext, options: TrakOptions) -> ScoreResult:
         models = fit(context, options)

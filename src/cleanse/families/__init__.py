@@ -19,6 +19,7 @@ _REGISTRY: dict[str, str] = {
     "gan": "cleanse.families.gan.family:GanFamily",
     "diffusion": "cleanse.families.diffusion.family:DiffusionFamily",
     "cascade": "cleanse.families.cascade.family:CascadeFamily",
+    "lm": "cleanse.families.lm.family:LmFamily",
     "graph": "cleanse.families.graph.family:GraphFamily",
 }
 
@@ -28,6 +29,7 @@ _REGISTRY: dict[str, str] = {
 PARAMS: dict[str, str] = {
     "diffusion": "cleanse.families.diffusion.params:DiffusionParams",
     "cascade": "cleanse.families.cascade.params:CascadeParams",
+    "lm": "cleanse.families.lm.params:LmParams",
     "graph": "cleanse.families.graph.params:GraphParams",
 }
 
