@@ -230,3 +230,33 @@ class Family(ABC):
         """The recommendation's validation score of an outcome, higher = better (:attr:`selection`)."""
         key, sign = self.selection_of(outcome)
         return sign * float(outcome[key])
+
+
+class WithoutUnitLoss(Family):
+    """A family whose units have no supervised per-unit loss (GAN instances, diffusion images,
+    cascade edges): the gradient methods of :class:`Family` refuse in one line naming the family
+    and :attr:`own_estimators`. Those estimators are refused for such a family when params load
+    (``registry.check_supports``), so these refusals only guard direct library calls."""
+
+    own_estimators: ClassVar[str]
+
+    def _refuse(self, what: str) -> Exception:
+        from cleanse.errors import ConfigError
+
+        return ConfigError(f"family {self.name!r} has no supervised per-unit {what}; its estimators are "
+                           f"{self.own_estimators}")
+
+    def per_sample_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        raise self._refuse("loss")
+
+    def output_curvature(self, output: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        raise self._refuse("loss curvature")
+
+    def measurement(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        raise self._refuse("measurement")
+
+    def loss_weight(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        raise self._refuse("loss weight")
+
+    def statistics(self, output: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise self._refuse("statistics")

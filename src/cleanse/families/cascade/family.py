@@ -17,7 +17,6 @@ the reference method's removal and ``random`` cuts ``b`` random edges.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -25,8 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import torch
 
-from cleanse.errors import ConfigError
-from cleanse.families.base import Family
+from cleanse.families.base import WithoutUnitLoss
 from cleanse.families.cascade.data import budget_of, cascade_params, graph_arrays, int_seed, rng
 
 if TYPE_CHECKING:
@@ -73,10 +71,6 @@ class CascadeContext:
         return str((self.meta.structure or {}).get("diffusion", "IC"))
 
 
-def _unsupervised(what: str) -> ConfigError:
-    return ConfigError(f"family 'cascade' has no per-sample {what}; its estimators are the edge-selection methods")
-
-
 def _surrogate_config(params: Params, seed: int) -> Any:
     from cleanse.graphs.surrogate import SurrogateConfig
 
@@ -101,28 +95,14 @@ def spread_outcome(meta: DatasetMeta, removed: np.ndarray) -> dict[str, float]:
     return out
 
 
-class CascadeFamily(Family):
+class CascadeFamily(WithoutUnitLoss):
     name: ClassVar[str] = "cascade"
     target_dtype: ClassVar[torch.dtype] = torch.int64
     outcome_keys: ClassVar[tuple[str, ...]] = ("spread", "spread_se")
     selection: ClassVar[tuple[str, float]] = ("val_spread", -1.0)
     flagged_plots: ClassVar[str] = "cleanse.families.cascade.plots:write_cascade_plots"
     mlflow_pyfunc: ClassVar[bool] = False
-
-    def per_sample_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        raise _unsupervised("loss")
-
-    def output_curvature(self, output: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        raise _unsupervised("loss curvature")
-
-    def measurement(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        raise _unsupervised("measurement")
-
-    def loss_weight(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        raise _unsupervised("loss weight")
-
-    def statistics(self, output: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        raise _unsupervised("statistics")
+    own_estimators: ClassVar[str] = "the edge-selection methods (diffim_oneshot, diffim_relax, diffim_greedy, greedy_mc, degree, betweenness, pagerank, eigen_drop)"
 
     def outcome_keys_in(self, outcome: dict[str, Any]) -> tuple[str, ...] | None:
         return self.outcome_keys if "spread" in outcome and "val_spread" in outcome else None

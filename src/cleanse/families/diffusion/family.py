@@ -18,7 +18,6 @@ DDPM objective on the split, each image at :data:`LOSS_DRAWS` fixed timesteps an
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -27,7 +26,7 @@ import torch
 from torch import nn
 
 from cleanse.errors import ConfigError
-from cleanse.families.base import Family
+from cleanse.families.base import WithoutUnitLoss
 from cleanse.families.diffusion.fitted import (  # noqa: F401  (re-exported: the family's public names)
     LOSS_DRAWS,
     DiffusionContext,
@@ -49,11 +48,6 @@ DETECTOR = "detector.safetensors"
 _TEST_LOSS, _VAL_LOSS, _TEST_GEN, _VAL_GEN = range(4)
 
 
-def _unsupervised(what: str) -> ConfigError:
-    return ConfigError(f"family 'diffusion' has no supervised per-sample {what}; its estimators are dmin, pixel_nn "
-                       "and dtrak")
-
-
 # The validation split of the last staged configuration: fit() reads it (the detector, the LoRA
 # base) but receives only the training split.
 _VAL_CACHE: dict[str, Split] = {}
@@ -70,30 +64,14 @@ def _validation(params: Params) -> Split:
     return _VAL_CACHE[key]
 
 
-class DiffusionFamily(Family):
+class DiffusionFamily(WithoutUnitLoss):
     name: ClassVar[str] = "diffusion"
     target_dtype: ClassVar[torch.dtype] = torch.int64
     outcome_keys: ClassVar[tuple[str, ...]] = ("watermark_rate", "test_loss")
     selection: ClassVar[tuple[str, float]] = ("val_watermark_rate", -1.0)
     flagged_plots: ClassVar[str] = "cleanse.families.diffusion.plots:write_diffusion_plots"
     mlflow_pyfunc: ClassVar[bool] = False
-
-    # A DDPM's images have no supervised per-sample loss for the classification estimators (they
-    # are refused for this family before anything runs); its own estimators read the context.
-    def per_sample_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        raise _unsupervised("loss")
-
-    def output_curvature(self, output: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        raise _unsupervised("loss curvature")
-
-    def measurement(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        raise _unsupervised("measurement")
-
-    def loss_weight(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        raise _unsupervised("loss weight")
-
-    def statistics(self, output: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        raise _unsupervised("statistics")
+    own_estimators: ClassVar[str] = "dmin, pixel_nn and dtrak"
 
     def outcome_keys_in(self, outcome: dict[str, Any]) -> tuple[str, ...] | None:
         """``(watermark_rate, test_loss)`` with the watermark, else ``(test_loss,)``; None when

@@ -17,7 +17,6 @@ FID and D-loss lower.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, cast
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 
 from cleanse.errors import ConfigError
-from cleanse.families.base import Family
+from cleanse.families.base import WithoutUnitLoss
 from cleanse.families.gan.config import METRIC_NAMES
 
 if TYPE_CHECKING:
@@ -134,35 +133,15 @@ def recipe_for(params: Params) -> Any:
     return GanRecipe(**{name: getattr(model, name) for name in fields})
 
 
-def _unsupervised(what: str) -> ConfigError:
-    return ConfigError(f"family 'gan' has no supervised per-instance {what}; its estimators are gan_influence "
-                       "and isolation_forest")
-
-
-class GanFamily(Family):
+class GanFamily(WithoutUnitLoss):
     name: ClassVar[str] = "gan"
     target_dtype: ClassVar[torch.dtype] = torch.int64
     outcome_keys: ClassVar[tuple[str, ...]] = tuple(f"test_{name}" for name in METRIC_NAMES)
     selection: ClassVar[tuple[str, float]] = ("val_all", 1.0)
     flagged_plots: ClassVar[str] = "cleanse.families.gan.plots:write_gan_plots"
     mlflow_pyfunc: ClassVar[bool] = False
-
-    # A GAN's real instances reach only the discriminator: there is no per-instance supervised loss
-    # for the gradient estimators (they are refused for this family before anything runs).
-    def per_sample_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        raise _unsupervised("loss")
-
-    def output_curvature(self, output: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        raise _unsupervised("loss curvature")
-
-    def measurement(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        raise _unsupervised("measurement")
-
-    def loss_weight(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        raise _unsupervised("loss weight")
-
-    def statistics(self, output: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        raise _unsupervised("statistics")
+    # A GAN's real instances reach only the discriminator: no per-instance supervised loss.
+    own_estimators: ClassVar[str] = "gan_influence and isolation_forest"
 
     def outcome_keys_in(self, outcome: dict[str, Any]) -> tuple[str, ...] | None:
         """``test_<m>`` keys in the order recorded (the headline metric first), then the same keys
