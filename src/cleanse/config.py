@@ -325,22 +325,12 @@ def _family_of(raw: Any) -> str:
     return str(getattr(raw, "family", "classification"))
 
 
-def _family_params() -> dict[str, type[Params]]:
-    """Every family's params model by name: the four defined here, then those that live in their
-    family's package (:data:`cleanse.families.PARAMS`; each subclasses Params, so they are imported
-    once Params exists)."""
-    import importlib
+# Every family's params model by name: the three defined here, then those in their own packages
+# (imported now that Params, which they subclass, exists).
+from cleanse.families import params_models  # noqa: E402
 
-    from cleanse.families import PARAMS
-
-    models: dict[str, type[Params]] = {"classification": Params, "regression": RegressionParams, "gan": GanParams}
-    for name, target in PARAMS.items():
-        module_name, class_name = target.split(":")
-        models[name] = getattr(importlib.import_module(module_name), class_name)
-    return models
-
-
-FAMILY_PARAMS = _family_params()
+FAMILY_PARAMS: dict[str, type[Params]] = {"classification": Params, "regression": RegressionParams,
+                                          "gan": GanParams, **params_models()}
 # The configuration of any family, chosen by the ``family`` key (absent = classification).
 AnyParams: Any = Annotated[
     Union[tuple(Annotated[model, Tag(name)] for name, model in FAMILY_PARAMS.items())],

@@ -36,6 +36,16 @@ PARAMS: dict[str, str] = {
 DEFAULT = "classification"
 
 
+def params_models() -> dict[str, Any]:
+    """The params model classes :data:`PARAMS` names, imported (by :mod:`cleanse.config`, once
+    ``Params`` exists)."""
+    models = {}
+    for name, target in PARAMS.items():
+        module_name, class_name = target.split(":")
+        models[name] = getattr(importlib.import_module(module_name), class_name)
+    return models
+
+
 def names() -> list[str]:
     return list(_REGISTRY)
 
