@@ -77,8 +77,9 @@ def test_exact_influence_on_ridge_matches_leave_one_out_retraining(ridge_context
 def test_estimators_without_the_family_are_refused_up_front():
     with pytest.raises(ConfigError, match="^estimator 'cleanlab' does not support family 'regression'$"):
         load_params(overrides=["family=regression", "estimators=[loss,cleanlab]"])
-    with pytest.raises(ConfigError, match="family: 'graph' is not one of 'classification', 'regression'"):
-        load_params(overrides=["family=graph"])
+    with pytest.raises(ConfigError, match="family: 'tabular' is not one of 'classification', 'regression', 'gan', "
+                                          "'diffusion', 'cascade', 'lm', 'graph'$"):
+        load_params(overrides=["family=tabular"])
     with pytest.raises(ConfigError, match="corruption.kind: 'label_flip' is not one of 'none' or 'target_outliers'"):
         load_params(overrides=["family=regression", "corruption.kind=label_flip"])
     assert load_params().family == "classification"  # no family key: every existing params file
