@@ -32,6 +32,7 @@ from cleanse.config_base import (  # noqa: F401  (re-exported: the configuration
     apply_overrides,
     parse_override,
     resolve_auto,
+    refuse_probes,
     resolve_auto_outside_model,
 )
 from cleanse.errors import ConfigError
@@ -283,9 +284,7 @@ class RegressionParams(Params):
 
     @model_validator(mode="after")
     def _no_probes(self) -> RegressionParams:
-        if self.query.kind != "none":
-            raise ValueError(f"query.kind: {self.query.kind!r} is a classification probe set; family 'regression' "
-                             "allows 'none'")
+        refuse_probes(self.query.kind, "regression")
         return self
 
 
@@ -312,9 +311,7 @@ class GanParams(Params):
 
     @model_validator(mode="after")
     def _fits_the_data(self) -> GanParams:
-        if self.query.kind != "none":
-            raise ValueError(f"query.kind: {self.query.kind!r} is a classification probe set; family 'gan' allows "
-                             "'none'")
+        refuse_probes(self.query.kind, "gan")
         check_fits_data(self.data, self.corruption, self.model, self.metrics, self.evaluate)
         return self
 

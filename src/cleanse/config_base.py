@@ -50,6 +50,13 @@ def _probe_free(key: str, value: Any) -> Any:
     return AUTO_SETTINGS[key][0] if value == "auto" else value
 
 
+def refuse_probes(kind: str, family: str, allowed: str = "'none'") -> None:
+    """Refuse a classification probe set (``query.kind`` other than ``none``) for ``family``, whose
+    own queries, if any, are named in ``allowed``."""
+    if kind != "none":
+        raise ValueError(f"query.kind: {kind!r} is a classification probe set; family {family!r} allows {allowed}")
+
+
 def _items(node: Any) -> dict[str, Any] | None:
     """A section as a mutable mapping (a model: only the fields set explicitly); None if it is neither."""
     if isinstance(node, BaseModel):

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from cleanse.config import DetectConfig, Params, RecommendConfig
-from cleanse.config_base import resolve_auto_outside_model
+from cleanse.config_base import refuse_probes, resolve_auto_outside_model
 from cleanse.families.cascade.config import (
     CascadeConfig,
     CascadeCorruptionConfig,
@@ -39,9 +39,7 @@ class CascadeParams(Params):
 
     @model_validator(mode="after")
     def _fits_together(self) -> CascadeParams:
-        if self.query.kind != "none":
-            raise ValueError(f"query.kind: {self.query.kind!r} is a classification probe set; family 'cascade' "
-                             "allows 'none'")
+        refuse_probes(self.query.kind, "cascade")
         if self.detect.budget == "auto":
             raise ValueError("detect.budget: family 'cascade' cuts a fixed budget of edges; use fraction or count")
         if self.model.kind == "axel" and self.model.hidden % self.model.segments:

@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from cleanse.config import EvaluateConfig, Params
-from cleanse.config_base import resolve_auto_outside_model
+from cleanse.config_base import refuse_probes, resolve_auto_outside_model
 from cleanse.families.diffusion.config import (
     DiffusionCorruptionConfig,
     DiffusionDataConfig,
@@ -48,8 +48,6 @@ class DiffusionParams(Params):
 
     @model_validator(mode="after")
     def _fits_together(self) -> DiffusionParams:
-        if self.query.kind != "none":
-            raise ValueError(f"query.kind: {self.query.kind!r} is a classification probe set; family 'diffusion' "
-                             "allows 'none' (its queries are generation and queries.file)")
+        refuse_probes(self.query.kind, "diffusion", "'none' (its queries are generation and queries.file)")
         check_diffusion(self.data, self.corruption, self.model, self.generation, self.evaluate)
         return self

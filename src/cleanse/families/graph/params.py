@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from cleanse.config import Params
-from cleanse.config_base import resolve_auto_outside_model
+from cleanse.config_base import refuse_probes, resolve_auto_outside_model
 from cleanse.families.graph.config import GraphCorruptionConfig, GraphDataConfig, GraphModelConfig
 
 
@@ -32,9 +32,7 @@ class GraphParams(Params):
 
     @model_validator(mode="after")
     def _fits_together(self) -> GraphParams:
-        if self.query.kind != "none":
-            raise ValueError(f"query.kind: {self.query.kind!r} is a classification probe set; family 'graph' allows "
-                             "'none'")
+        refuse_probes(self.query.kind, "graph")
         for key in ("lds", "stability"):
             if getattr(self.evaluate, key):
                 raise ValueError(f"evaluate.{key}: not available for family 'graph' (it retrains row models)")
