@@ -15,6 +15,7 @@ stage's (amortised, as in the paper), recorded in the base model's ``meta.json``
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 import numpy as np
@@ -35,15 +36,16 @@ from cleanse.estimators.cascade_options import (
 )
 
 
-class _EdgeEstimator:
+class _EdgeEstimator(ABC):
     name: ClassVar[str]
     options_type: ClassVar[type[BaseModel]]
     families: ClassVar[tuple[str, ...]] = ("cascade",)
     reads_validation_labels: ClassVar[bool] = False
     heuristic: ClassVar[bool] = False
 
+    @abstractmethod
     def edge_scores(self, context: Any, options: Any) -> np.ndarray:
-        raise NotImplementedError
+        """One score per edge of ``context.graph()``, shape ``(E,)``: higher = cut first."""
 
     def score(self, context: Any, options: BaseModel) -> ScoreResult:
         if not hasattr(context, "graph"):

@@ -26,6 +26,8 @@ signatures are cached shard by shard (:mod:`cleanse.families.diffusion.caching`)
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import time
 from pathlib import Path
 from typing import Any, ClassVar
@@ -66,7 +68,7 @@ def query_table(scores: np.ndarray, rows: np.ndarray, query_source: np.ndarray, 
     })
 
 
-class AttributionEstimator:
+class AttributionEstimator(ABC):
     """Score = mean similarity to the harm queries; artifacts = top-k per retrieval query.
     Subclasses give the training vectors ``(n, d)``, the query vectors ``(Q, d)`` and the top-k."""
 
@@ -75,11 +77,13 @@ class AttributionEstimator:
     families: ClassVar[tuple[str, ...]] = ("diffusion",)
     reads_validation_labels: ClassVar[bool] = False  # queries are generations; no validation labels are read
 
+    @abstractmethod
     def train_vectors(self, context: Any, options: Any) -> np.ndarray:
-        raise NotImplementedError
+        """The training vectors ``(n, d)``."""
 
+    @abstractmethod
     def query_vectors(self, context: Any, options: Any, queries: Any) -> np.ndarray:
-        raise NotImplementedError
+        """The query vectors ``(Q, d)``."""
 
     def similarities(self, context: Any, options: Any, train: np.ndarray, query: np.ndarray) -> np.ndarray:
         """``(Q, n)`` similarities of every query to every training image (default: inner products)."""
