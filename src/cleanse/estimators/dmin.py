@@ -26,9 +26,8 @@ signatures are cached shard by shard (:mod:`cleanse.families.diffusion.caching`)
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-
 import time
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
 
