@@ -14,7 +14,7 @@ from cleanse.errors import ConfigError
 from cleanse.graphs.cascades import exact_ic
 from cleanse.graphs.generators import barabasi_albert, bridge_graph, powerlaw_cluster
 from cleanse.graphs.greedy_mc import greedy_mc, live_worlds
-from cleanse.graphs.selection import oneshot_scores, top_edges, verify_spread
+from cleanse.graphs.selection import oneshot_scores, relax_scores, top_edges, verify_spread
 from cleanse.graphs.surrogate import SpreadSurrogate, SurrogateConfig, fit_surrogate, make_instances
 
 # a 6-node directed graph with two routes from node 0 and a bottleneck 3 -> 4
@@ -125,3 +125,30 @@ def test_end_to_end_metrics(tmp_path: Path):
         assert {"spread", "spread_se", "seconds", "removed"} <= set(entry)
         assert len(entry["removed"]) == 1
     assert metrics["oracle"]["spread"] < metrics["baseline"]["spread"]
+
+
+def test_top_edges_is_the_stable_descending_order():
+    gen = np.random.default_rng(5)
+    for size, b in ((50, 7), (200, 200), (200, 250), (30, 0), (1000, 13)):
+        score = gen.integers(0, 6, size).astype(np.float64)  # many ties, also across the b-th place
+        expected = np.lexsort((np.arange(size), -score))[:b]
+        assert np.array_equal(top_edges(score, b), expected)
+    with_nan = np.array([0.3, np.nan, 0.9, 0.3])
+    assert np.array_equal(top_edges(with_nan, 2), np.lexsort((np.arange(4), -with_nan))[:2])
+
+
+@pytest.mark.slow
+def test_relaxation_cuts_the_bridge_and_stops_early(bridge_surrogate):
+    graph, (a, b), p, seeds, model = bridge_surrogate
+    ei = graph.edge_index
+    bridge = int(np.flatnonzero((ei[0] == a) & (ei[1] == b))[0])
+    for warm, patience in ((4.0, 3), (0.0, 0)):  # the warm, early-stopped default and the plain relaxation
+        assert top_edges(relax_scores(model, seeds, 1, warm=warm, patience=patience), 1)[0] == bridge
+    calls = []
+    forward = model.forward
+    model.forward = lambda *args: calls.append(1) or forward(*args)  # type: ignore[method-assign]
+    try:
+        relax_scores(model, seeds, 1, steps=60)
+    finally:
+        del model.forward
+    assert 1 + 3 < len(calls) < 1 + 60  # the gradient at x = 1, then stable after >= 3 steps, well before 60

@@ -78,7 +78,8 @@ class RelaxEstimator(_EdgeEstimator):
         from cleanse.graphs.selection import relax_scores
 
         return relax_scores(context.model.surrogate, context.graph()[2], context.budget, steps=options.steps,
-                            lr=options.lr, penalty=options.penalty, init=options.init)
+                            lr=options.lr, penalty=options.penalty, init=options.init,
+                            warm=options.warm, patience=options.patience)
 
 
 class SurrogateGreedyEstimator(_EdgeEstimator):

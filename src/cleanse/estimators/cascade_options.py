@@ -17,10 +17,14 @@ class OneShotOptions(_Section):
 class RelaxOptions(_Section):
     """DiffIM's continuous relaxation (Adam on sigmoid keep-weights with a budget penalty)."""
 
-    steps: int = Field(150, ge=1, le=100_000)
-    lr: float = Field(0.1, gt=0.0, le=10.0)
+    steps: int = Field(60, ge=1, le=100_000, description="Most Adam steps (fewer when the rounding is stable).")
+    lr: float = Field(0.5, gt=0.0, le=10.0)
     penalty: float = Field(1.0, gt=0.0, description="lambda, in units of the largest one-shot gradient.")
-    init: float = Field(0.99, gt=0.5, lt=1.0, description="Initial keep-weight of every edge.")
+    init: float = Field(0.99, gt=0.5, lt=1.0, description="Initial keep-weight of an edge without gradient.")
+    warm: float = Field(4.0, ge=0.0, description="One-shot warm start: logit(init) minus warm x the edge's "
+                        "normalised gradient (0: every edge at init).")
+    patience: int = Field(3, ge=0, description="Stop once the b smallest weights are the same edges for this many "
+                          "steps in a row (0: run all steps).")
 
 
 class SurrogateGreedyOptions(_Section):
