@@ -88,7 +88,7 @@ CONFIG: dict[str, Any] = {
                   "divergence off": {"divergence": False}, "prototypes off": {"polarisation": False},
                   "one segment": {"segments": 1}},
     "ablation_splits": {"cora": 1, "citeseer": 1},
-    "depth": {"graphs": {"texas": 3, "cora": 1}, "depths": [2, 4, 8, 16, 32], "identity_theta": 0.5,
+    "depth": {"graphs": {"texas": 3, "cora": 1}, "depths": [2, 4, 8, 16, 32], "identity_theta": 0.5, "fixed_time": 2.0,
               "epochs": {"cora": 100}},
     "influence": {"graph": "jazz", "models": ["axelgnn", "gcn"], "diffusion": ["LT", "IC"], "train_sets": 80,
                   "hidden": 32, "layers": 4, "epochs": 40, "batch": 16, "lr": 0.005, "transfer": ["netscience"]},
@@ -103,7 +103,7 @@ QUICK: dict[str, Any] = {
     "graphs": ["texas"], "splits": {"texas": 2}, "models": ["axelgnn", "gcn", "gcn2", "mlp"],
     "train": {"lr": 0.01, "weight_decay": 5e-4, "epochs": 40, "patience": 20, "reg": 0.01}, "skip": {},
     "ablations": {"divergence off": {"divergence": False}}, "ablation_splits": {},
-    "depth": {"graphs": {"texas": 1}, "depths": [2, 4], "identity_theta": 0.5, "epochs": {}},
+    "depth": {"graphs": {"texas": 1}, "depths": [2, 4], "identity_theta": 0.5, "fixed_time": 2.0, "epochs": {}},
     "influence": {"graph": "jazz", "models": ["axelgnn", "gcn"], "diffusion": ["LT"], "train_sets": 20,
                   "hidden": 16, "layers": 2, "epochs": 2, "batch": 10, "lr": 0.005, "transfer": ["netscience"]},
     "throughput": {"graphs": ["jazz"], "sets": 2, "rate": 0.05, "runs": 50},
@@ -181,16 +181,20 @@ def ablations(cfg: dict[str, Any], previous: dict[str, Any], save: Any) -> dict[
     return {"graphs": out}
 
 
-def depth(cfg: dict[str, Any], save: Any) -> dict[str, Any]:
+def depth(cfg: dict[str, Any], save: Any, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The depth curves of ``spec["variants"]`` (default: all); ``previous`` (the depth part already
+    in --out) keeps a graph's other curves when its split count is unchanged."""
     from cleanse.graphs.data import load_node_dataset
 
     spec = cfg["depth"]
-    variants = {"axelgnn": {}, "axelgnn+identity": {"identity_theta": spec["identity_theta"]}, "gcn": None}
+    variants = {"axelgnn": {}, "axelgnn+identity": {"identity_theta": spec["identity_theta"]},
+                "axelgnn+time": {"fixed_time": spec["fixed_time"]}, "gcn": None}
     variants = {k: v for k, v in variants.items() if k in spec.get("variants", variants)}
     out: dict[str, Any] = {}
     for name, splits in spec["graphs"].items():
         graph = load_node_dataset(name)
-        out[name] = {"splits": splits, "curves": {}}
+        kept = (previous or {}).get("graphs", {}).get(name, {})
+        out[name] = {"splits": splits, "curves": dict(kept["curves"]) if kept.get("splits") == splits else {}}
         epochs = spec["epochs"].get(name, cfg["train"]["epochs"])
         for label, axel in variants.items():
             kind = "gcn" if axel is None else "axelgnn"
@@ -206,82 +210,19 @@ def depth(cfg: dict[str, Any], save: Any) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- influence
 
 
-def node_inputs(edge_index: np.ndarray, num_nodes: int) -> np.ndarray:
-    """Per-node inputs besides the seed indicator: log(1 + degree) / 5 and 1 / degree, (N, 2) float32
-    (no graph-specific scaling, so a trained model transfers to another graph)."""
-    deg = np.bincount(edge_index[1], minlength=num_nodes).astype(np.float32)
-    return np.stack([np.log1p(deg) / 5.0, 1.0 / np.maximum(deg, 1.0)], axis=1)
-
-
-def _union(edge_index: np.ndarray, num_nodes: int, copies: int) -> Any:
-    """``copies`` disjoint copies of the graph (one per seed set of a minibatch): (2, copies * E)."""
-    import torch
-
-    offsets = np.repeat(np.arange(copies) * num_nodes, edge_index.shape[1])
-    return torch.from_numpy(np.tile(edge_index, copies) + offsets).long()
-
-
-def _predict(model: Any, seeds: np.ndarray, inputs: np.ndarray, edge_index: np.ndarray, batch: int) -> np.ndarray:
-    """Activation probabilities (B, N): the model's sigmoid, seeds exactly 1."""
-    import torch
-
-    b, n = seeds.shape
-    out = np.zeros((b, n), dtype=np.float32)
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, b, batch):
-            s = seeds[start:start + batch]
-            x = torch.from_numpy(np.concatenate([s[:, :, None].astype(np.float32),
-                                                 np.broadcast_to(inputs, (len(s), n, 2))], axis=2).reshape(-1, 3))
-            p = torch.sigmoid(model(x, _union(edge_index, n, len(s)))).view(len(s), n).numpy()
-            out[start:start + len(s)] = np.where(s, 1.0, p)
-    return out
-
-
 def fit_surrogate(kind: str, seeds: np.ndarray, labels: np.ndarray, edge_index: np.ndarray,
                   spec: dict[str, Any], seed: int) -> tuple[Any, float]:
-    """``kind`` with one output per node, trained by binary cross-entropy against the Monte Carlo
-    probabilities of the non-seed nodes (seeds are known to be active); minibatches of seed sets."""
-    import torch
-    import torch.nn.functional as fn
+    """``kind`` trained as a spread surrogate (:func:`cleanse.graphs.node_surrogate.fit`) with ``spec``'s recipe."""
+    from cleanse.graphs import node_surrogate
 
-    from cleanse.graphs.baselines import build_model
-
-    torch.manual_seed(seed)
-    n = seeds.shape[1]
-    inputs = node_inputs(edge_index, n)
-    model = build_model(kind, 3, spec["hidden"], 1, layers=spec["layers"], dropout=0.0)
-    opt = torch.optim.Adam(model.parameters(), lr=spec["lr"])
-    gen = np.random.default_rng(seed)
-    began = time.perf_counter()
-    for _ in range(spec["epochs"]):
-        model.train()
-        for idx in np.array_split(gen.permutation(len(seeds)), max(1, len(seeds) // spec["batch"])):
-            s = seeds[idx]
-            x = torch.from_numpy(np.concatenate([s[:, :, None].astype(np.float32),
-                                                 np.broadcast_to(inputs, (len(idx), n, 2))], axis=2).reshape(-1, 3))
-            logit = model(x, _union(edge_index, n, len(idx))).view(-1)
-            free = torch.from_numpy(~s.reshape(-1))
-            loss = fn.binary_cross_entropy_with_logits(logit[free], torch.from_numpy(labels[idx].reshape(-1))[free])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model, time.perf_counter() - began
-
-
-def errors(pred: np.ndarray, seeds: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    """Per-node MAE over all nodes and over non-seed nodes; the total spread's mean absolute error
-    (nodes) and mean relative error."""
-    spread, true_spread = pred.sum(1), truth.sum(1)
-    return {"mae": float(np.abs(pred - truth).mean()), "mae_nonseed": float(np.abs(pred - truth)[~seeds].mean()),
-            "spread_abs": float(np.abs(spread - true_spread).mean()),
-            "spread_rel": float(np.mean(np.abs(spread - true_spread) / true_spread)),
-            "true_spread": float(true_spread.mean())}
+    return node_surrogate.fit(kind, seeds, labels, edge_index, hidden=spec["hidden"], layers=spec["layers"],
+                              epochs=spec["epochs"], batch=spec["batch"], lr=spec["lr"], seed=seed)
 
 
 def influence(cfg: dict[str, Any], save: Any) -> dict[str, Any]:
     from cleanse.graphs import cascades
     from cleanse.graphs.data import SEED_RATES, load_influence_dataset
+    from cleanse.graphs.node_surrogate import errors, predict
 
     spec = cfg["influence"]
     g = load_influence_dataset(spec["graph"])
@@ -309,12 +250,10 @@ def influence(cfg: dict[str, Any], save: Any) -> dict[str, Any]:
             model, seconds = fit_surrogate(kind, tr_seeds, tr_labels, g.edge_index, spec, cfg["seed"])
             res: dict[str, Any] = {"train_seconds": seconds}
             for rate, (s, a) in zip(SEED_RATES, train, strict=True):
-                res[str(rate)] = errors(_predict(model, s[k:], node_inputs(g.edge_index, g.num_nodes), g.edge_index,
-                                                 spec["batch"]), s[k:], a[k:])
+                res[str(rate)] = errors(predict(model, s[k:], g.edge_index, spec["batch"]), s[k:], a[k:])
                 for name, other in others.items():
                     os_, oa = other.truth(model_name, rate)
-                    pred = _predict(model, os_, node_inputs(other.edge_index, other.num_nodes), other.edge_index,
-                                    spec["batch"])
+                    pred = predict(model, os_, other.edge_index, spec["batch"])
                     res[f"{name}:{rate}"] = errors(pred, os_, oa)
             entry["models"][kind] = res
             out["runs"][model_name] = entry
@@ -472,7 +411,9 @@ def render(result: dict[str, Any], docs: Path, out: Path, image: Path) -> str:
                 for n, r in dep.items() for label, c in r["curves"].items()]
         lines += ["### Depth (test accuracy %)", "",
                   f"\"+identity\": `AxelConfig(identity_theta={depth_spec['identity_theta']})`, GCNII's identity "
-                  "mapping on the update of layer l, weight log(θ/l + 1); splits per graph: "
+                  "mapping on the update of layer l, weight log(θ/l + 1); \"+time\": "
+                  f"`AxelConfig(fixed_time={depth_spec.get('fixed_time')})`, every layer an Euler step of size "
+                  "T/L (eta, beta and the prototype pull scaled), so L layers integrate one diffusion time; splits per graph: "
                   + ", ".join(f"{n} {r['splits']}" for n, r in dep.items()) + ".", "",
                   md_table(["graph", "model", *[f"L = {d}" for d in depths]], rows), "",
                   f"![depth curves]({relative_link(image, docs.parent)})", ""]
@@ -580,7 +521,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--parts", default=",".join(PARTS))
     parser.add_argument("--quick", action="store_true", help="tiny sizes (the smoke test)")
-    parser.add_argument("--depth-variants", default=None, help="depth: only these curves (axelgnn,axelgnn+identity,gcn)")
+    parser.add_argument("--depth-variants", default=None, help="depth: only these curves (axelgnn,axelgnn+identity,"
+                        "axelgnn+time,gcn; the graph's other curves in --out are kept)")
     parser.add_argument("--diffusion", default=None, help="influence: only these diffusion models (IC,LT)")
     parser.add_argument("--influence-epochs", type=int, default=None, help="influence: training epochs")
     parser.add_argument("--graphs", default=None, help="comma list: only these graphs in classification, "
@@ -623,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
             chosen = {k: v for k, v in runs.get("classification", {}).get("graphs", {}).items() if k in run_cfg["graphs"]}
             value = ablations(run_cfg, {"classification": {"graphs": chosen}}, save)
         elif part == "depth":
-            value = depth(run_cfg, save)
+            value = depth(run_cfg, save, result.get("runs", {}).get("depth"))
         elif part == "influence":
             value = influence(run_cfg, save)
         elif part == "cleansing":

@@ -95,3 +95,27 @@ def test_quick_run_measures_every_part_and_renders_its_section(tmp_path: Path) -
     text = docs.read_text()
     assert "keep me" in text and "## Graphs: node classification and influence estimation" in text
     assert (tmp_path / "img" / "graph_nodes.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("layers", [2, 8, 32])
+def test_fixed_time_makes_each_layer_an_euler_step_of_size_t_over_l(layers: int) -> None:
+    """fixed_time T: every layer is h <- (1 - beta dt)(h + dt eta U(m)) + beta dt h0 with dt = min(1, T / L)
+    (the prototype pull off here), so L = 2 with T = 2 is the plain layer, bit for bit."""
+    torch.manual_seed(0)
+    ei, p = _ring()
+    n, d = p.shape[0], 4
+    cfg = AxelConfig(segments=1, gate=False, trait_copy=False, divergence=False, polarisation=False,
+                     update="linear", norm=False, eta=0.6, beta=0.2, fixed_time=2.0)
+    model = AxelGNN(3, d, 2, layers=layers, config=cfg).double()
+    dt = min(1.0, 2.0 / layers)
+    assert [layer.step for layer in model.layers] == [dt] * layers
+    layer = model.layers[-1]
+    h, h0 = torch.randn(n, d, dtype=torch.float64), torch.randn(n, d, dtype=torch.float64)
+    m = (p - torch.eye(n, dtype=torch.float64)) @ h
+    u = m @ layer.update.weight.T + layer.update.bias
+    torch.testing.assert_close(layer(h, h0, ei), (1 - 0.2 * dt) * (h + dt * 0.6 * u) + 0.2 * dt * h0)
+    if layers == 2:
+        plain = AxelGNN(3, d, 2, layers=2, config=cfg.ablate(fixed_time=0.0)).double()
+        plain.load_state_dict(model.state_dict())
+        x = torch.randn(n, 3, dtype=torch.float64)
+        assert torch.equal(plain.eval()(x, ei), model.eval()(x, ei))

@@ -189,7 +189,9 @@ def test_a_split_index_beyond_the_published_ones_is_refused(task):
 
 E2E = {**SBM, "model": {"epochs": 30, "hidden": 16, "checkpoints": 2},
        "estimators": ["loss", "cleanlab", "tracin", "influence"], "scorers": {"cleanlab": {"folds": 3}},
-       "recommend": {"budget_factors": []}}
+       "recommend": {"budget_factors": []},
+       "influence": {"diffusion": "LT", "seed_rates": [0.05, 0.2], "train_sets": 8, "test_sets": 4, "mc_runs": 50,
+                     "test_runs": 200, "hidden": 16, "layers": 3, "epochs": 10, "batch": 8}}
 
 
 @pytest.mark.slow
@@ -207,6 +209,10 @@ def test_cleanse_run_writes_the_classification_shape(tmp_path):
     for reference in ("baseline", "random", "oracle"):
         assert 0.0 <= on_disk[reference]["test_accuracy"] <= 1.0
     assert on_disk["oracle"]["n_removed"] == round(0.2 * 144)
+    # the influence-estimation entry, beside the classification shape (held-out seed sets vs Monte Carlo)
+    surrogate = on_disk["surrogate"]
+    assert surrogate["test_sets"] == 8 and 0 <= surrogate["mae"] < surrogate["floor"]["mae"]
+    assert 0 <= surrogate["spread_error"] < surrogate["floor"]["spread_error"]
     for name in E2E["estimators"]:
         entry = on_disk["estimators"][name]
         assert 0.0 <= entry["detection"]["average_precision"] <= 1.0

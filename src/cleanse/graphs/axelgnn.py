@@ -18,6 +18,9 @@ Per edge and segment f, with ``a_ij = 1 / deg(i)``:
   2-layer MLP or the identity (the spec's "+ beta h^0" is written as a convex mix, APPNP-like,
   so 32 stacked layers keep their scale); optionally (``identity_theta > 0``) layer ``l`` uses
   GCNII's identity mapping ``(1 - lam_l) m + lam_l U(m)``, ``lam_l = log(theta / l + 1)``;
+  optionally (``fixed_time = T > 0``) every layer is an Euler step of size ``dt = min(1, T / L)``:
+  ``h_i <- (1 - beta dt) (h_i + dt eta U(m_i)) + beta dt h_i^0`` (and the prototype pull times
+  ``dt``), so L layers integrate the same diffusion time for every L;
 - **polarisation**: K prototypes ``mu_k``, ``r_ik = softmax_k(-||h_i - mu_k||^2 / kappa)``,
   ``h_i <- h_i + rho sum_k r_ik (mu_k - h_i)``; :meth:`AxelGNN.regularizer` returns a penalty
   that keeps the prototypes apart (mean pairwise cosine similarity).
@@ -60,6 +63,11 @@ class AxelConfig:
     # U_l(m) = (1 - lam_l) m + lam_l U(m) with lam_l = log(theta / l + 1): deep layers stay close to
     # plain propagation instead of stacking L random linear maps (0: off, U_l = U)
     identity_theta: float = 0.0
+    # > 0: the L layers integrate one fixed diffusion time T = fixed_time (GRAND's view, Chamberlain
+    # et al., ICML 2021: a layer is an Euler step of dh/dt = eta U(m) - beta (h - h0)): layer steps
+    # eta, beta and the prototype pull are scaled by fixed_time / L, so depth refines the
+    # discretisation instead of lengthening the diffusion (fixed_time = 2 leaves L = 2 as it is; 0: off)
+    fixed_time: float = 0.0
 
     def ablate(self, **changes: object) -> AxelConfig:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -72,7 +80,7 @@ def _logit(p: float) -> float:
 class AxelLayer(nn.Module):
     """One similarity-gated, segment-wise copying step; ``forward(h, h0, edge_index) -> (N, d)``."""
 
-    def __init__(self, dim: int, config: AxelConfig, depth: int = 1) -> None:
+    def __init__(self, dim: int, config: AxelConfig, depth: int = 1, step: float = 1.0) -> None:
         super().__init__()
         if config.segments < 1 or dim % config.segments:
             raise ConfigError(f"segments={config.segments} must divide the hidden width {dim}")
@@ -80,7 +88,9 @@ class AxelLayer(nn.Module):
             raise ConfigError(f"update must be linear, mlp or identity, got {config.update!r}")
         if depth < 1:
             raise ConfigError(f"layer depth must be >= 1, got {depth}")
-        self.cfg = config
+        if not 0.0 < step <= 1.0:
+            raise ConfigError(f"layer step must lie in (0, 1], got {step}")
+        self.cfg, self.step = config, step
         self.dim, self.width = dim, dim // config.segments
         # weight of the learned update at this depth (1: the update as is)
         self.lam = math.log(config.identity_theta / depth + 1.0) if config.identity_theta > 0 else 1.0
@@ -130,11 +140,12 @@ class AxelLayer(nn.Module):
         msg = (coef[:, :, None] * diff).reshape(-1, self.dim)
         m = h.new_zeros(n, self.dim).index_add_(0, i, msg)
         u = self.update(m) if self.lam == 1.0 else (1.0 - self.lam) * m + self.lam * self.update(m)
-        out = (1.0 - c.beta) * (h + c.eta * u) + c.beta * h0
+        beta = c.beta * self.step
+        out = (1.0 - beta) * (h + self.step * c.eta * u) + beta * h0
         if c.polarisation:
             d2 = torch.cdist(out, self.prototypes).pow(2)  # (N, K)
             r = torch.softmax(-d2 / c.kappa, dim=1)
-            out = out + torch.sigmoid(self.rho_logit) * (r @ self.prototypes - out)
+            out = out + self.step * torch.sigmoid(self.rho_logit) * (r @ self.prototypes - out)
         return self.norm(out)
 
     def regularizer(self) -> torch.Tensor:
@@ -160,7 +171,8 @@ class AxelGNN(nn.Module):
             raise ConfigError(f"layers must be >= 1, got {layers}")
         self.config = config or AxelConfig()
         self.encode = nn.Linear(in_dim, hidden)
-        self.layers = nn.ModuleList(AxelLayer(hidden, self.config, depth=k + 1) for k in range(layers))
+        step = min(1.0, self.config.fixed_time / layers) if self.config.fixed_time > 0 else 1.0
+        self.layers = nn.ModuleList(AxelLayer(hidden, self.config, depth=k + 1, step=step) for k in range(layers))
         self.head = nn.Linear(hidden, out_dim)
         self.dropout = dropout
 

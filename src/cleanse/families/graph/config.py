@@ -89,3 +89,36 @@ class GraphModelConfig(_Section):
     divergence: bool = Field(True, description="axelgnn: dissimilar neighbours push away.")
     polarisation: bool = Field(True, description="axelgnn: global prototypes pulling nodes into clusters.")
     prototypes: int = Field(8, ge=1, le=1024, description="axelgnn: the number of polarisation prototypes.")
+
+
+class GraphInfluenceConfig(_Section):
+    """``influence``: the influence-estimation run on the staged graph (spec part B 5, the AxelGNN
+    paper's second task). Random seed sets per seed rate are labelled by the batched Monte Carlo
+    simulator (:func:`cleanse.graphs.cascades.simulate`, weighted cascade ``w_uv = 1/in_degree(v)``);
+    a node model (:mod:`cleanse.graphs.node_surrogate`) learns each node's activation probability
+    from the training sets and is scored on held-out sets: ``surrogate.{mae, spread_error}`` in
+    ``reports/metrics.json``. Computed once with the base model (the train stage)."""
+
+    diffusion: Literal["IC", "LT"] = Field("LT", description="Independent Cascade or Linear Threshold.")
+    threshold: float | None = Field(None, gt=0.0, le=1.0, description="LT only: one threshold for every node "
+                                    "(DeepIM's labels: 0.5); null = thresholds U(0, 1] drawn per run.")
+    seed_rates: list[float] = Field([0.01, 0.05, 0.1, 0.2], min_length=1,
+                                    description="Seed-set sizes as fractions of the nodes (at least one node).")
+    train_sets: int = Field(20, ge=1, le=10_000, description="Training seed sets per rate.")
+    test_sets: int = Field(10, ge=1, le=10_000, description="Held-out seed sets per rate.")
+    mc_runs: int = Field(100, ge=1, le=100_000, description="Monte Carlo runs per training seed set.")
+    test_runs: int = Field(500, ge=1, le=100_000, description="Monte Carlo runs per held-out seed set (their "
+                           "own noise is reported as surrogate.label_noise_mae).")
+    arch: Literal["axelgnn", "gcn", "gat", "sage", "gcn2", "mlp"] = Field("axelgnn", description="The surrogate.")
+    hidden: int = Field(32, ge=2, le=1024)
+    layers: int = Field(4, ge=1, le=64, description="Message-passing layers (a cascade needs several hops).")
+    epochs: int = Field(20, ge=1, le=10_000)
+    batch: int = Field(16, ge=1, le=1024, description="Seed sets per minibatch (one forward over that many copies).")
+    lr: float = Field(0.005, gt=0, le=MAX_LR)
+
+    @field_validator("seed_rates")
+    @classmethod
+    def _rates(cls, value: list[float]) -> list[float]:
+        if any(not 0.0 < rate < 1.0 for rate in value):
+            raise ValueError(f"every seed rate must lie in (0, 1), got {value}")
+        return value

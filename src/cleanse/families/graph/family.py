@@ -100,8 +100,15 @@ class GraphFamily(ClassificationFamily):
         from cleanse.families.graph.models import fit_nodes
 
         x, edge_index = graph_tensors(meta)
-        return fit_nodes(params.model, x, edge_index, split.sample_id, split.label, meta.n_classes,
-                         seed=params.seed if seed is None else seed)
+        model = fit_nodes(params.model, x, edge_index, split.sample_id, split.label, meta.n_classes,
+                          seed=params.seed if seed is None else seed)
+        model.influence, model.influence_seed = cast(Any, params).influence, params.seed
+        return model
+
+    def train_inputs(self, params: Params) -> tuple[Any, ...]:
+        """The influence section, when there is one: the base model's record measures it."""
+        influence = cast(Any, params).influence
+        return () if influence is None else (influence.model_dump(mode="json"),)
 
     def _bound(self, model: Any, meta: DatasetMeta) -> Any:
         from cleanse.families.graph.data import graph_tensors
@@ -148,4 +155,27 @@ class GraphFamily(ClassificationFamily):
         return params  # no default here stands for a resolved value
 
     def training_record(self, model: Any) -> dict[str, Any]:
-        return {"history": model.history}
+        """The loss history and, for an influence-estimation run (``influence`` set), the spread
+        surrogate's held-out quality against Monte Carlo
+        (:func:`cleanse.graphs.node_surrogate.held_out_report`) on the same graph: measured once,
+        here in the train stage, so re-rendering the report never retrains the surrogate."""
+        record: dict[str, Any] = {"history": model.history}
+        if model.influence is not None:
+            from cleanse.families.graph.models import one_thread
+            from cleanse.graphs.node_surrogate import held_out_report
+
+            with one_thread():  # many small ops, like the node model's training
+                record["surrogate"] = held_out_report(model.edge_index.numpy(), model.num_nodes, model.influence,
+                                                      model.influence_seed)
+        return record
+
+    def evaluations(self, params: Params, staged: StagedData, layout: Any, metrics: dict[str, Any]) -> dict[str, Any]:
+        """No per-estimator additions; for an influence-estimation run it puts the base model's
+        recorded ``surrogate`` (``mae``, ``spread_error``, per rate, floor, label noise) at the top of
+        ``metrics`` beside the classification entries: the report has no other hook for a
+        family's own top-level entry, and the surrogate belongs to no estimator."""
+        if cast(Any, params).influence is not None:
+            from cleanse.storage import read_json
+
+            metrics["surrogate"] = read_json(layout.base_model / "meta.json")["surrogate"]
+        return {}

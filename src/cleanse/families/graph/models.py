@@ -67,12 +67,16 @@ class NodeModel(nn.Module):
 class GraphModel(TrainedModel):
     """A fitted node classifier: ``state`` is :class:`NodeModel`'s state dict (the net's weights),
     ``recipe`` the GraphModelConfig as JSON, and the graph it runs on (``x``, ``edge_index``),
-    which is not saved (:meth:`bind` attaches it from the staged meta)."""
+    which is not saved (:meth:`bind` attaches it from the staged meta). ``influence`` (the params'
+    influence section) and ``influence_seed``: what the base model's training record measures
+    (:meth:`cleanse.families.graph.family.GraphFamily.training_record`); not saved either."""
 
     recipe: dict[str, Any] = field(default_factory=dict)
     num_nodes: int = 0
     x: torch.Tensor | None = None
     edge_index: torch.Tensor | None = None
+    influence: Any = None
+    influence_seed: int = 0
 
     def bind(self, x: torch.Tensor, edge_index: torch.Tensor) -> GraphModel:
         self.x, self.edge_index = x, edge_index
@@ -91,9 +95,10 @@ class GraphModel(TrainedModel):
 
 
 @contextmanager
-def _threads(count: int) -> Iterator[None]:
+def one_thread() -> Iterator[None]:
+    """One intra-op torch thread inside (see :func:`fit_nodes`), the previous count restored after."""
     before = torch.get_num_threads()
-    torch.set_num_threads(count)
+    torch.set_num_threads(1)
     try:
         yield
     finally:
@@ -124,7 +129,7 @@ def fit_nodes(model_config: Any, x: torch.Tensor, edge_index: torch.Tensor, node
     # task runner) must not draw from it between the seeding and the end of training. One intra-op
     # thread: full-batch graph training is many small ops, and on the shared 2-core machine two
     # threads made 100 Texas epochs take 98 s instead of 4 s (same weights).
-    with INIT_LOCK, torch.random.fork_rng(devices=[]), _threads(1):
+    with INIT_LOCK, torch.random.fork_rng(devices=[]), one_thread():
         torch.manual_seed(seed)
         model = NodeModel(build_net(model_config, int(x.shape[1]), n_classes, num_nodes), x, edge_index)
         optimizer = torch.optim.Adam(model.parameters(), lr=model_config.lr, weight_decay=model_config.weight_decay)

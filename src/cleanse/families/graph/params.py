@@ -10,18 +10,23 @@ from pydantic import Field, model_validator
 
 from cleanse.config import Params
 from cleanse.config_base import refuse_probes, resolve_auto_outside_model
-from cleanse.families.graph.config import GraphCorruptionConfig, GraphDataConfig, GraphModelConfig
+from cleanse.families.graph.config import (GraphCorruptionConfig, GraphDataConfig, GraphInfluenceConfig,
+                                           GraphModelConfig)
 
 
 class GraphParams(Params):
     """``params.yaml`` with ``family: graph``: node classification on one graph with noisy training
     labels; the units scored and removed are the training nodes (a removed node keeps its edges and
-    features and loses its label). No probes: ``query.kind`` stays ``none``."""
+    features and loses its label). No probes: ``query.kind`` stays ``none``. With an ``influence``
+    section the run is also an influence-estimation run (the ``surrogate`` entry of ``metrics.json``)."""
 
     family: Literal["graph"] = "graph"  # type: ignore[assignment]
     data: GraphDataConfig = GraphDataConfig()  # type: ignore[assignment]
     corruption: GraphCorruptionConfig = GraphCorruptionConfig()  # type: ignore[assignment]
     model: GraphModelConfig = GraphModelConfig()  # type: ignore[assignment]
+    influence: GraphInfluenceConfig | None = Field(
+        None, description="Influence estimation on the staged graph (a spread surrogate scored against Monte Carlo "
+        "on held-out seed sets: surrogate.{mae, spread_error} in reports/metrics.json); null = node labels only.")
     estimators: list[str] = Field(["loss", "cleanlab", "tracin", "influence"],
                                   description="Estimators to run (those that support the graph family).")
 
