@@ -36,6 +36,26 @@ def test_the_sketch_has_every_size_from_one_pass():
         sketch(torch.zeros(5))
 
 
+@pytest.mark.parametrize("row_blocks", [False, True])
+def test_the_sketch_of_parts_follows_the_definition_on_both_scatter_paths(row_blocks, monkeypatch):
+    """from_parts (the per-parameter blocks of 20 gradient rows, scaled per row) equals pad, permute,
+    sign, group-sum of the scaled concatenated rows, on the column scatter and the row-block one
+    (20 rows: a full block of 16 and a partial one)."""
+    from cleanse.families.diffusion import sketch as module
+
+    monkeypatch.setattr(module, "_SCATTER_BY_COLUMN_MAX", 0 if row_blocks else 10 ** 12)
+    dim, rows = 5_003, 20
+    sketch = Sketch.make(dim, (16, 256, 1024), seed=7)
+    generator = torch.Generator().manual_seed(0)
+    parts = [torch.randn(rows, width, generator=generator, dtype=torch.float64) for width in (3, 4_000, 1_000)]
+    scale = torch.rand(rows, 1, generator=generator, dtype=torch.float64) + 0.5
+    out = sketch.from_parts(parts, scale)
+    padded = torch.nn.functional.pad(torch.cat(parts, dim=1) * scale, (0, sketch.padded - dim))
+    signed = padded[:, sketch.permutation] * sketch.signs.double()
+    for v in (16, 256, 1024):
+        torch.testing.assert_close(out[v], signed.reshape(rows, v, -1).sum(-1))
+
+
 def test_sketched_inner_products_are_unbiased_with_the_oporp_variance():
     """Monte Carlo over 1,500 seeds (permutation and signs): the mean of <C(a), C(b)> is <a, b>
     within 4 standard errors, its variance is the closed form within 15%, and falls with v."""

@@ -36,6 +36,10 @@ from cleanse.errors import ConfigError
 from cleanse.seeds import rng
 
 DEFAULT_SIZES = tuple(2 ** k for k in range(8, 17))  # 2^8 ... 2^16
+# Sketch.from_parts: above this many entries of the (rows, largest) output, the row-block scatter
+# (measured faster from 2^16 for 160 rows; the column scatter is faster at 2^12)
+_SCATTER_BY_COLUMN_MAX = 160 * 8192
+_ROW_BLOCK = 16
 
 
 @dataclass(frozen=True)
@@ -87,12 +91,25 @@ class Sketch:
         signs, group = self._placement(parts[0].dtype, parts[0].device)
         # Scatter each original entry, signed, into its group of the largest size (the padding
         # adds zeros): the same sums as permuting and reshaping, without the (..., D') copies.
-        top = parts[0].new_zeros(parts[0].shape[0], largest)
-        offset = 0
-        for part in parts:
-            width = part.shape[-1]
-            top.index_add_(1, group[offset:offset + width], part * signs[offset:offset + width])
-            offset += width
+        rows = parts[0].shape[0]
+        top = parts[0].new_zeros(rows, largest)
+        if rows * largest > _SCATTER_BY_COLUMN_MAX:
+            # A column scatter over all rows strides through the whole (P, largest) block for every
+            # entry; once that block outgrows the CPU caches, one contiguous copy of the rows and a
+            # scatter a few rows at a time is about twice as fast (2^16: 0.15 s against 0.29 s for
+            # 160 rows of D = 164,689 on one core)
+            signed = torch.cat(list(parts), dim=1).mul_(signs)
+            index = group.expand(min(_ROW_BLOCK, rows), -1)
+            for start in range(0, rows, _ROW_BLOCK):
+                block = signed[start:start + _ROW_BLOCK]
+                top[start:start + block.shape[0]].scatter_add_(1, index[:block.shape[0]], block)
+            del signed
+        else:
+            offset = 0
+            for part in parts:
+                width = part.shape[-1]
+                top.index_add_(1, group[offset:offset + width], part * signs[offset:offset + width])
+                offset += width
         if row_scale is not None:
             top.mul_(row_scale)
         out = {largest: top}
