@@ -24,8 +24,10 @@ class DminOptions(_Section):
     index: Literal["hnsw", "exact"] = Field(
         "hnsw", description="Per-query top-k: faiss HNSW inner-product index (M 16, ef 200/100) or the exact scan.")
     reference: Literal["none", "unflagged"] = Field(
-        "none", description="none: score = mean influence on the harm queries (the watermarked generations); "
-        "unflagged: minus the mean influence on the target class's generations the detector does not flag.")
+        "unflagged", description="unflagged (default): the mean influence on the harm queries (the watermarked "
+        "generations) minus that on the target class's generations the detector does not flag, so that what every "
+        "image of the class gives every generation of it cancels; none: the harm queries' mean alone. Without the "
+        "watermark there is no reference and both are the same.")
     k: int = Field(10, ge=1, description="Training images stored per retrieval query (at least evaluate.retrieval_k's "
                    "largest are stored).")
     batch_size: int = Field(16, ge=1, description="Images per vmap(grad) call (times S pairs each).")

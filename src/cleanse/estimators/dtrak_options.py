@@ -23,8 +23,10 @@ class DtrakOptions(_Section):
                            "training feature); the kernel is (Phi^T Phi + lambda I)^-1.")
     kernel: bool = Field(True, description="Apply TRAK's inverse Gram kernel; false: plain projected inner products.")
     reference: Literal["none", "unflagged"] = Field(
-        "none", description="none: score = mean influence on the harm queries (the watermarked generations); "
-        "unflagged: minus the mean influence on the target class's generations the detector does not flag.")
+        "unflagged", description="unflagged (default): the mean influence on the harm queries (the watermarked "
+        "generations) minus that on the target class's generations the detector does not flag, so that what every "
+        "image of the class gives every generation of it cancels; none: the harm queries' mean alone. Without the "
+        "watermark there is no reference and both are the same.")
     k: int = Field(10, ge=1, description="Training images stored per retrieval query.")
     batch_size: int = Field(16, ge=1, description="Images per vmap(grad) call.")
     parameters: Literal["all", "adapters"] = Field("all", description="Differentiated parameters.")

@@ -17,8 +17,10 @@ class PixelNNOptions(_Section):
     """Pixel-space cosine nearest neighbours, the baseline of DMin's comparison (spec part B 3.7)."""
 
     reference: Literal["none", "unflagged"] = Field(
-        "none", description="none: score = mean influence on the harm queries (the watermarked generations); "
-        "unflagged: minus the mean influence on the target class's generations the detector does not flag.")
+        "unflagged", description="unflagged (default): the mean influence on the harm queries (the watermarked "
+        "generations) minus that on the target class's generations the detector does not flag, so that what every "
+        "image of the class gives every generation of it cancels; none: the harm queries' mean alone. Without the "
+        "watermark there is no reference and both are the same.")
     k: int = Field(10, ge=1, description="Training images stored per retrieval query (at least evaluate.retrieval_k's "
                    "largest are stored).")
     centred: bool = Field(False, description="Subtract the training images' mean pixel vector before the cosine.")
