@@ -15,7 +15,8 @@ Parts (every number of docs/benchmarks.md "Graphs: node classification and influ
 2. ``ablations``: one AxelGNN-style ingredient off at a time, on every graph where the full model is
    more than 2 points below the paper (read from part 1).
 3. ``depth``: L in 2..32 on Texas and Cora, AxelGNN-style without and with the identity mapping
-   (``AxelConfig.identity_theta``), and GCN; the curve is drawn into docs/img/graph_nodes.png.
+   (``AxelConfig.identity_theta``), with one diffusion time for every depth
+   (``AxelConfig.fixed_time``, "+time"), and GCN; the curve is drawn into docs/img/graph_nodes.png.
 4. ``influence``: AxelGNN-style and GCN (sigmoid head, inputs: seed indicator, log degree, 1/degree)
    trained on 80 of DeepIM's 100 seed sets per seed rate (1, 5, 10, 20 %) and tested on the other 20,
    per diffusion model (IC, LT); per-node MAE (all nodes, seeds exact; and non-seed nodes), error
@@ -37,10 +38,19 @@ tuned. Cora uses its first 3 splits and CiteSeer its first 2 (CPU time), the Web
 GraphSAGE is skipped on Cora and CiteSeer (~60 s per split). The identity mapping's theta (0.5) is
 GCNII's default, not tuned.
 
-    python benchmarks/graph_nodes.py                        # every part, results and docs
+    python benchmarks/graph_nodes.py                        # every part, results and docs (hours on 2 loaded cores)
     python benchmarks/graph_nodes.py --parts depth          # one part, merged into --out
     python benchmarks/graph_nodes.py --render-only          # re-render the docs from --out
     python benchmarks/graph_nodes.py --quick --out /tmp/g.json --docs /tmp/b.md   # the smoke test
+
+The committed benchmarks/results/graph_nodes.json was measured as separate ``--parts`` /
+``--graphs`` processes merged into one file (its notes; each part records when it was measured and
+whether it was stopped early, ``partial``); the first command with this CONFIG (the influence
+part's 10 epochs are what was measured) is meant to recompute every row of it, which has not been
+checked end to end (hours of CPU). What the file lacks (stopped for CPU time): the CiteSeer and Wisconsin ablations, and the plain and "+identity" Cora depth curves; the
+Cora curves in it come from
+
+    python benchmarks/graph_nodes.py --parts depth --graphs cora --depth-variants gcn,axelgnn+time
 """
 
 from __future__ import annotations
@@ -91,7 +101,7 @@ CONFIG: dict[str, Any] = {
     "depth": {"graphs": {"texas": 3, "cora": 1}, "depths": [2, 4, 8, 16, 32], "identity_theta": 0.5, "fixed_time": 2.0,
               "epochs": {"cora": 100}},
     "influence": {"graph": "jazz", "models": ["axelgnn", "gcn"], "diffusion": ["LT", "IC"], "train_sets": 80,
-                  "hidden": 32, "layers": 4, "epochs": 40, "batch": 16, "lr": 0.005, "transfer": ["netscience"]},
+                  "hidden": 32, "layers": 4, "epochs": 10, "batch": 16, "lr": 0.005, "transfer": ["netscience"]},
     "throughput": {"graphs": ["jazz", "power_grid"], "sets": 5, "rate": 0.05, "runs": 200},
 }
 # the graph family end to end: examples/graph.yaml with data.source changed (and these --set keys); kept

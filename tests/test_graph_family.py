@@ -220,3 +220,13 @@ def test_cleanse_run_writes_the_classification_shape(tmp_path):
         assert (layout.reports / "flagged" / f"{name}.png").is_file()  # 240 nodes: the graph is drawn
         top = (layout.reports / "flagged" / f"{name}.csv").read_text().splitlines()
         assert top[0].split(",")[-4:] == ["given_label", "predicted_label", "is_corrupted", "degree"]
+
+
+def test_model_fixed_time_reaches_every_axelgnn_layer():
+    from cleanse.families.graph.models import build_net
+
+    params = _params(SBM, model={"arch": "axelgnn", "hidden": 16, "layers": 8, "fixed_time": 2.0})
+    net = build_net(params.model, 8, 3, 240)
+    assert [layer.step for layer in net.layers] == [0.25] * 8
+    plain = build_net(_params(SBM, model={"arch": "axelgnn", "hidden": 16, "layers": 8}).model, 8, 3, 240)
+    assert [layer.step for layer in plain.layers] == [1.0] * 8

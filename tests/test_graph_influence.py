@@ -80,6 +80,7 @@ def test_errors_count_seeds_as_exact_and_spread_as_relative() -> None:
     assert e["spread_abs"] == pytest.approx(0.2) and e["spread_rel"] == pytest.approx(0.2 / 2.0)
     sets = node_surrogate.random_seed_sets(50, 0.001, 3, np.random.default_rng(0))
     assert sets.sum(1).tolist() == [1, 1, 1]  # at least one seed
+    assert node_surrogate.random_seed_sets(5, 0.95, 2, np.random.default_rng(0)).sum(1).tolist() == [4, 4]
 
 
 def test_an_influence_run_records_the_held_out_surrogate_where_metrics_json_reads_it(tmp_path) -> None:
@@ -109,6 +110,7 @@ def test_an_influence_run_records_the_held_out_surrogate_where_metrics_json_read
     ({"seed_rates": [0.0, 0.1]}, "seed rate must lie in (0, 1)"),
     ({"diffusion": "SIR"}, "influence.diffusion"),
     ({"arch": "linkx"}, "influence.arch"),
+    ({"threshold": 0.5}, "threshold applies to LT only"),
 ])
 def test_bad_influence_sections_are_refused_in_one_line(change, message) -> None:
     with pytest.raises(ConfigError) as error:

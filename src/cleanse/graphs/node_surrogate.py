@@ -102,8 +102,9 @@ def errors(pred: np.ndarray, seeds: np.ndarray, truth: np.ndarray) -> dict[str, 
 
 
 def random_seed_sets(num_nodes: int, rate: float, count: int, gen: np.random.Generator) -> np.ndarray:
-    """``count`` seed sets of ``max(1, round(rate * num_nodes))`` distinct nodes each, uniform: bool (count, N)."""
-    size = max(1, int(round(rate * num_nodes)))
+    """``count`` seed sets of ``round(rate * num_nodes)`` distinct nodes each (at least one, and at
+    least one node left out), uniform: bool (count, N)."""
+    size = min(max(1, int(round(rate * num_nodes))), num_nodes - 1)
     seeds = np.zeros((count, num_nodes), dtype=bool)
     for row in seeds:
         row[gen.choice(num_nodes, size=size, replace=False)] = True

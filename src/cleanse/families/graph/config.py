@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from cleanse.config_base import MAX_LR, MAX_WEIGHT_DECAY, OpenFraction, _Section
 from cleanse.graphs.data import NODE_DATASETS
@@ -89,6 +89,9 @@ class GraphModelConfig(_Section):
     divergence: bool = Field(True, description="axelgnn: dissimilar neighbours push away.")
     polarisation: bool = Field(True, description="axelgnn: global prototypes pulling nodes into clusters.")
     prototypes: int = Field(8, ge=1, le=1024, description="axelgnn: the number of polarisation prototypes.")
+    fixed_time: float = Field(0.0, ge=0.0, le=64.0, description="axelgnn: > 0 makes the layers Euler steps of size "
+                              "fixed_time / layers of one diffusion time (AxelConfig.fixed_time; 2 leaves 2 layers as "
+                              "they are); 0 = off.")
 
 
 class GraphInfluenceConfig(_Section):
@@ -122,3 +125,9 @@ class GraphInfluenceConfig(_Section):
         if any(not 0.0 < rate < 1.0 for rate in value):
             raise ValueError(f"every seed rate must lie in (0, 1), got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _threshold_is_lt_only(self) -> GraphInfluenceConfig:
+        if self.threshold is not None and self.diffusion != "LT":
+            raise ValueError(f"threshold applies to LT only, not {self.diffusion}")
+        return self
