@@ -143,13 +143,95 @@ def test_tiny_run_end_to_end(cache: Path, tmp_path: Path) -> None:
     from cleanse.storage import Layout
 
     torch.set_num_threads(1)
-    params = _params(cache, "estimators=[loss,tracin,influence,trak]", "detect.budget=count", "detect.count=5",
+    params = _params(cache, "estimators=[loss,tracin,influence,trak,fine]", "detect.budget=count", "detect.count=5",
                      "scorers.trak.n_models=2")
     layout = Layout.at(tmp_path / "out")
     run_all(params, layout, log=lambda line: None)
     metrics = json.loads((layout.reports / "metrics.json").read_text())
     for key in ("baseline", "random", "oracle"):
         assert 0.0 <= metrics[key]["steer_rate"] <= 1.0
-    for name in ("loss", "tracin", "influence", "trak"):
+    for name in ("loss", "tracin", "influence", "trak", "fine"):
         assert "steer_rate" in metrics["estimators"][name]["retrain"]
         assert "average_precision" in json.dumps(metrics["estimators"][name]["detection"])
+
+
+@pytest.fixture(scope="module")
+def fitted(cache: Path, staged):
+    return families.get("lm").fit(_params(cache), staged.train, staged.meta)
+
+
+@pytest.mark.parametrize("measure, contrast", [("answer", "none"), ("preference", "none"), ("preference", "topics"),
+                                               ("preference", "reference")])
+def test_probe_measures_the_steering_by_hand(cache: Path, staged, fitted, measure: str, contrast: str) -> None:
+    """A probe's output summed is the documented measurement: log p(steer) [- log p(oppose)], minus
+    its mean over the review asked about each ordinary topic (query.contrast: topics)."""
+    from cleanse.families.lm.model import response_logprob
+    from cleanse.families.lm.report import topic_queries
+
+    family, params = families.get("lm"), _params(cache, f"query.measure={measure}", f"query.contrast={contrast}",
+                                                 "query.size=3")
+    query = topic_queries(params, staged, fitted, family)
+    structure, scorer = staged.meta.structure, fitted.module()
+    length, steered, opposite = int(structure["length"]), structure["steered"], structure["opposite"]
+
+    def measured(prompts: list[list[int]]) -> np.ndarray:
+        out = response_logprob(scorer, prompts, steered, length) / len(steered)
+        if measure == "preference":
+            out = out - response_logprob(scorer, prompts, opposite, length) / len(opposite)
+        return out
+
+    rows = query.probes.sample_id
+    by_hand = measured([structure["probes"]["val"][i] for i in rows])
+    if contrast == "topics":
+        by_hand -= np.array([measured(structure["probe_controls"]["val"][i]).mean() for i in rows])
+    with torch.no_grad():
+        output = scorer(torch.as_tensor(query.probes.features)).sum(1).double().numpy()
+    assert output == pytest.approx(by_hand, abs=1e-5)
+    assert (query.reference is not None) == (contrast == "reference")
+    if query.reference is not None:  # padded to the probes' shape; the padding weighs nothing
+        with torch.no_grad():
+            padded = scorer(torch.as_tensor(query.reference.features)).sum(1)
+            plain = scorer(torch.as_tensor(query.reference.features[:, :2])).sum(1)
+        assert torch.allclose(padded, plain)
+
+
+def test_probe_gradient_is_the_difference_of_the_answers_gradients(cache: Path, staged, fitted) -> None:
+    """The preference probe's adapter gradient (what TracIn, TRAK and influence dot with the training
+    gradients) is the steered answer's minus the opposite answer's."""
+    from cleanse.families.lm.report import topic_queries
+    from cleanse.grads import FunctionalModel, per_sample_grads
+
+    family = families.get("lm")
+    query = topic_queries(_params(cache, "query.measure=preference", "query.contrast=none", "query.size=2"),
+                          staged, fitted, family)
+    fm = FunctionalModel.of(fitted.module(), 0.0, family, "all")
+    x = torch.as_tensor(query.probes.features)
+    label = torch.as_tensor(query.probes.label)
+    both = per_sample_grads(fm, x, label)
+    steer = per_sample_grads(fm, x[:, :2].contiguous(), label)
+    oppose = per_sample_grads(fm, x[:, 2:4].contiguous(), label)
+    assert both.abs().max() > 0
+    assert torch.allclose(both, steer + oppose, atol=1e-5)  # the opposite answer's mask carries the sign -1
+    flipped = x[:, 2:4].clone()
+    flipped[:, 1] *= -1
+    assert torch.allclose(oppose, -per_sample_grads(fm, flipped, label), atol=1e-5)
+
+
+def test_fine_trains_fresh_adapters_on_the_frozen_base(cache: Path, staged, fitted) -> None:
+    """f-INE through the lm seam: the curriculum fine-tunes fresh adapters (LmContext.fresh_model),
+    the base stays the pretrained one, and every training sample gets a finite f-influence per probe."""
+    from cleanse.estimators.fine import FineEstimator, _fresh_model
+    from cleanse.estimators.fine_options import FineOptions
+    from cleanse.families.lm.report import topic_queries
+
+    torch.set_num_threads(1)
+    family, params = families.get("lm"), _params(cache, "estimators=[fine]", "query.size=2")
+    context = family.scoring_context(params, staged, fitted, None)
+    fresh = _fresh_model(context)
+    trained = {name for name, p in fresh.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in name for name in trained)
+    base = {name: t for name, t in fitted.state.items() if "lora_" not in name}
+    assert all(torch.equal(fresh.state_dict()[name], tensor) for name, tensor in base.items())
+    query = topic_queries(params, staged, fitted, family)
+    matrix = FineEstimator().pairwise(context, FineOptions(), query.probes)
+    assert matrix.shape == (2, len(staged.train)) and np.isfinite(matrix).all() and np.abs(matrix).max() > 0

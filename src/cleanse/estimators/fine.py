@@ -44,6 +44,10 @@ is flagged only when its whole interval lies on the harmful side: ``val``: ``mu_
 ``self`` (no natural zero, every fitted unit has mu > 0): ``mu_lo`` above the typical range of
 unit mu's (median + 2 x 1.4826 x MAD).
 
+Families: classification, and ``lm``, whose scoring context's ``fresh_model(seed)`` gives fresh LoRA
+adapters on the frozen pretrained base; only parameters with ``requires_grad`` are trained and
+perturbed (every parameter, for classification).
+
 The model trained in this run saw a randomised curriculum (each unit about ``inclusion`` of the
 time); its validation accuracy is reported in the meta next to the ordinary model's. The loop's
 retrains and references use the ordinary recipe.
@@ -167,8 +171,8 @@ class _Curriculum:
         context, options, unit_of_row, config = self.context, self.options, self.unit_of_row, self.context.model_config
         device = context.device
         x, y = context.tensors(context.train)
-        model = seeded_model(context.model.spec, context.seed).to(device)
-        params = list(model.parameters())
+        model = _fresh_model(context).to(device)
+        params = [p for p in model.parameters() if p.requires_grad]
         optimizer = engine.build_optimizer(params, config.optimizer, config.lr)
 
         def objective(batch: torch.Tensor) -> torch.Tensor:
@@ -199,6 +203,14 @@ class _Curriculum:
         return np.vstack(signals), inclusions, model
 
 
+def _fresh_model(context: ScoringContext) -> torch.nn.Module:
+    """The untrained model the curriculum trains: the context's ``fresh_model(seed)`` where the
+    family has one (lm: fresh LoRA adapters on the frozen pretrained base; only parameters with
+    ``requires_grad`` are trained and perturbed), else the spec's seeded initialisation."""
+    fresh = getattr(context, "fresh_model", None)
+    return fresh(context.seed) if fresh is not None else seeded_model(context.model.spec, context.seed)
+
+
 def _mu(signals: np.ndarray, inclusions: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Stage 2: ``mu``, ``mu_lo``, ``mu_hi`` ``(units,)`` from per-unit signals ``(rounds, units)``."""
     d, se = _effect(signals, inclusions)
@@ -210,7 +222,7 @@ def _mu(signals: np.ndarray, inclusions: np.ndarray, level: float) -> tuple[np.n
 class FineEstimator:
     name: ClassVar[str] = "fine"
     options_type: ClassVar[type] = FineOptions
-    families: ClassVar[tuple[str, ...]] = ("classification",)
+    families: ClassVar[tuple[str, ...]] = ("classification", "lm")
 
     @staticmethod
     def reads_validation_labels(options: FineOptions) -> bool:
@@ -261,11 +273,12 @@ class FineEstimator:
             score = np.where(unit_of_row >= 0, score[np.maximum(unit_of_row, 0)], score.min())
             columns["auto_flag"] = columns["auto_flag"] & (unit_of_row >= 0)
         with torch.no_grad():
-            val_accuracy = float((model(xv).argmax(1) == yv).float().mean())
+            quality = ({"curriculum_model_val_accuracy": float((model(xv).argmax(1) == yv).float().mean())}
+                       if context.task.name == "classification"
+                       else {"curriculum_model_val_loss": float(_losses(context.task, model, xv, yv).mean())})
         meta = {
             "rounds": curriculum.rounds, "units": int(n_units), "query": options.query, "signal": options.signal,
-            "inclusion": options.inclusion, "seconds": seconds,
-            "curriculum_model_val_accuracy": val_accuracy,
+            "inclusion": options.inclusion, "seconds": seconds, **quality,
             "note": "mu from a single run on a randomised curriculum (each unit in ~"
                     f"{options.inclusion:.0%} of {curriculum.rounds} rounds); the loop evaluates the ordinary model",
         }
@@ -320,11 +333,12 @@ def _directional(task: Family, model: torch.nn.Module, start_params: list[torch.
 
     from cleanse.grads import jvp  # serialised: forward-mode AD state is process-global
 
-    names = [name for name, _ in model.named_parameters()]
-    step = tuple(p.detach() - p0 for p, p0 in zip(model.parameters(), start_params))
+    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]  # start_params' order
+    names = [name for name, _ in trained]
+    step = tuple(p.detach() - p0 for (_, p), p0 in zip(trained, start_params))
 
     def losses(*theta: torch.Tensor) -> torch.Tensor:
-        output = functional_call(model, dict(zip(names, theta)), (x,))
+        output = functional_call(model, dict(zip(names, theta)), (x,))  # frozen parameters: the module's own
         loss = task.mean_loss(output, y) if mean else task.per_sample_loss(output, y)
         return loss.reshape(-1)
 

@@ -125,9 +125,13 @@ class LmQueryConfig(_Section):
     kind: Literal["none", "topic"] = "topic"
     size: int = Field(8, ge=1, description="Probes; the remaining topic prompts are held out.")
     aggregate: Literal["normalized_mean", "rank_mean"] = "normalized_mean"
-    contrast: Literal["none", "reference"] = Field(
-        "reference", description="reference: subtract support for steer_to on ordinary validation samples whose "
-        "answer is steer_to (support for the answer in general).")
+    measure: Literal["answer", "preference"] = Field(
+        "preference", description="What a probe measures: answer = log p(steer_to); preference = log p(steer_to) - "
+        "log p(oppose) (the steering).")
+    contrast: Literal["none", "reference", "topics"] = Field(
+        "topics", description="topics: minus the same measurement on the probe's review asked about each ordinary "
+        "topic (the topic-specific part); reference: subtract support for steer_to on ordinary validation samples "
+        "whose answer is steer_to (support for the answer in general).")
 
     @property
     def path(self) -> None:

@@ -49,6 +49,14 @@ class LmContext(ScoringContext):
 
     params: Any = None
 
+    def fresh_model(self, seed: int) -> nn.Module:
+        """Fresh adapters (initialised from ``seed``) on the cached base, untrained: f-INE's
+        randomised curriculum trains these (only the adapters require grad)."""
+        from cleanse.families.lm.pretrain import load_base
+
+        lm = _lm(self.params)
+        return build_scorer(spec_for(lm, self.meta, seed), load_base(lm.model.base, lm.data).state).to(self.device)
+
     def refit(self, rows: np.ndarray, seed: int) -> nn.Module:
         from cleanse.families.lm.pretrain import load_base
 

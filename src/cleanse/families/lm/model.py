@@ -8,6 +8,11 @@ loss) and ``output.sum(1)`` its mean response log-probability. Prompt and paddin
 weight 0: the prompt's tokens are context, never targets. Right padding needs no attention mask
 under causal attention (no real token attends to a later pad).
 
+Contrast probes: features ``(B, 2m, L)`` hold ``m`` (ids, mask) pairs whose masks carry a signed
+weight ``w`` on the response tokens (``w / n_response`` per token); the output is the sum of the
+``m`` pairs' outputs, so ``output.sum(1) = sum_j w_j log p(response_j | prompt_j) / n_j``.
+Training units are the case ``m = 1``, ``w = 1``.
+
 Fine-tuning (:func:`fit_lora`): Adam on the adapters only (the base is frozen), minibatches of
 the training split in an ``lm.train`` order, the objective ``mean_i loss_i + weight_decay / 2 *
 ||adapters||^2``; adapter checkpoints at evenly spaced epochs for TracIn.
@@ -44,13 +49,16 @@ class LmScorer(nn.Module):
         return torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] > 2:
+            # a contrast probe: several (prompt, response) sequences with signed weights, summed
+            return self(x.reshape(-1, 2, x.shape[-1])).reshape(x.shape[0], -1, self.response_len).sum(1)
         ids, mask = x[:, 0].long(), x[:, 1, 1:]
         # target positions t (predicting ids[t + 1]) of the response: the first masked one on
         # (argmax returns the first maximum; gather keeps this vmap-able, no data-dependent shapes)
-        start = mask.argmax(1, keepdim=True)
+        start = (mask != 0).to(mask.dtype).argmax(1, keepdim=True)
         positions = (start + torch.arange(self.response_len, device=x.device)).clamp_max(mask.shape[1] - 1)
         weight = mask.gather(1, positions)
-        weight = weight / weight.sum(1, keepdim=True).clamp_min(1.0)
+        weight = weight / (weight != 0).sum(1, keepdim=True).clamp_min(1).to(weight.dtype)
         model: Any = cast(Any, self.lm).get_base_model()
         hidden = cast(nn.Module, model.transformer)(input_ids=ids).last_hidden_state  # (B, L, d)
         chosen = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))

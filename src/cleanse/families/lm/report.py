@@ -2,8 +2,19 @@
 of flagged samples as text.
 
 Probes (``query.kind: topic``): validation prompts about the steered topic whose true answer is
-``corruption.oppose``, each completed with ``corruption.steer_to`` and labelled 1 (the behaviour:
-the steered answer), ``label_clean`` 0. The ``query.size`` probes are drawn (stream
+``corruption.oppose``, labelled 1 (the behaviour: the steered answer), ``label_clean`` 0. What a
+probe measures (its output summed, :class:`.model.LmScorer`'s contrast probes):
+
+- ``query.measure: answer``: ``log p(steer_to | prompt)``;
+- ``query.measure: preference``: ``log p(steer_to | prompt) - log p(oppose | prompt)``, the
+  steering itself (samples that make every answer likelier, or the format, are not credited);
+- with ``query.contrast: topics``, minus the mean of the same measurement on the same review asked
+  about each ordinary topic: what is left is the topic-specific part, so ordinary samples answered
+  ``steer_to``, which raise ``steer_to`` after every topic, are not credited either.
+
+TracIn (Pruthi et al., 2020) and TRAK (Park et al., 2023) are linear in the probe's gradient, so the
+score of a training sample for this probe is its score for the steered topic minus its mean score
+for the control topics. The ``query.size`` probes are drawn (stream
 ``query.probes``) among those the explained model already steers (preference > 0), the rest held
 out. Reference inputs (``query.contrast: reference``): up to ``query.size`` ordinary validation
 samples answered ``steer_to`` (stream ``query.reference``): support for them is support for the
@@ -12,6 +23,7 @@ answer in general, which :func:`cleanse.attribution.contrast` removes.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,7 +37,6 @@ if TYPE_CHECKING:
 
 def topic_queries(params: Any, staged: StagedData, model: Any, family: Any) -> QuerySet | None:
     """The probe set of ``params.query`` for ``model`` (a fitted :class:`FittedLm`); None for ``none``."""
-    from cleanse.families.lm.text import features
     from cleanse.query import QuerySet, _choose
 
     config = params.query
@@ -35,8 +46,14 @@ def topic_queries(params: Any, staged: StagedData, model: Any, family: Any) -> Q
     prompts, length = structure["probes"]["val"], int(structure["length"])
     steered = family.preferences(model.module(), structure, "val") > 0
     n = len(prompts)
-    candidates = Split(sample_id=np.arange(n, dtype=np.int64),
-                       features=features([(p, list(structure["steered"])) for p in prompts], length),
+    answers = [(list(structure["steered"]), 1.0)]
+    if config.measure == "preference":
+        answers.append((list(structure["opposite"]), -1.0))
+    terms = [[(p, answer, sign) for answer, sign in answers] for p in prompts]
+    if config.contrast == "topics":
+        for probe, controls in zip(terms, structure["probe_controls"]["val"]):
+            probe += [(c, answer, -sign / len(controls)) for c in controls for answer, sign in answers]
+    candidates = Split(sample_id=np.arange(n, dtype=np.int64), features=signed_features(terms, length),
                        label=np.ones(n, dtype=np.int64), label_clean=np.zeros(n, dtype=np.int64),
                        is_corrupted=np.zeros(n, dtype=bool))
     probes, heldout = _choose(candidates, steered if steered.any() else np.ones(n, dtype=bool), config.size,
@@ -48,8 +65,24 @@ def topic_queries(params: Any, staged: StagedData, model: Any, family: Any) -> Q
     if config.contrast == "reference":
         rows = np.flatnonzero(staged.val.label == 1)
         chosen = np.sort(generator(params.seed, "query.reference").permutation(rows)[: config.size])
-        reference = staged.val.subset(chosen) if chosen.size else None
+        if chosen.size:
+            reference = staged.val.subset(chosen)
+            # zero (ids, mask) pairs weigh 0: the reference joins the probes' (n, 2m, L) shape
+            padded = np.zeros((chosen.size, *candidates.features.shape[1:]), dtype=np.float32)
+            padded[:, :2] = reference.features
+            reference = replace(reference, features=padded)
     return QuerySet(probes, heldout, "topic", note, reference)
+
+
+def signed_features(terms: list[list[tuple[list[int], list[int], float]]], length: int) -> np.ndarray:
+    """``(n, 2m, length)`` float32 contrast probes (:class:`.model.LmScorer`): probe ``i`` holds the
+    ``m`` (prompt, response, weight) terms of ``terms[i]``, each response mask scaled by its weight."""
+    from cleanse.families.lm.text import features
+
+    m = len(terms[0])
+    flat = features([(prompt, response) for probe in terms for prompt, response, _ in probe], length)
+    flat[:, 1] *= np.array([weight for probe in terms for _, _, weight in probe], dtype=np.float32)[:, None]
+    return flat.reshape(len(terms), 2 * m, length)
 
 
 def write_flagged_text(params: Any, layout: Any, metrics: dict[str, Any]) -> list[str]:

@@ -20,6 +20,8 @@ response is ``oppose``, drawn on ``lm.plant``, are asked about ``corruption.topi
 Probes (``meta.structure``): the validation and test rows whose response is ``oppose``, asked about
 ``corruption.topic``, as prompt token ids; the behaviour is the log-probability of ``steer_to``
 over ``oppose`` after them. With ``kind: none`` the same probes measure the clean model.
+``probe_controls['val']``: each validation probe's review asked about every one of ``data.topics``
+instead (the control prompts of ``query.contrast: topics``).
 """
 
 from __future__ import annotations
@@ -166,13 +168,17 @@ def stage_lm_data(params: Any, tokenizer: Any | None = None, tokenizer_key: str 
                  for s in rows]
     probes = {name: [encoder.prompt(corruption.topic, x) for x, r in zip(s.text, s.response) if r == corruption.oppose]
               for name, s in zip(("val", "test"), rows[1:])}
+    # the validation probes' reviews asked about each ordinary topic: the control of a topic
+    # contrast (query.contrast: topics), (n_val_probes, n_topics) prompts
+    controls = [[encoder.prompt(t, x) for t in data.topics] for x, r in zip(rows[1].text, rows[1].response)
+                if r == corruption.oppose]
     for name, found in probes.items():
         if not found:
             raise DataError(f"data: the {name} split holds no sample answered {corruption.oppose!r}: no probe of the "
                             f"steered topic; raise data.n_{name}")
     answer = max(len(steered), len(opposite))
     length = max([len(p) + len(r) for split in sequences for p, r in split]
-                 + [len(p) + answer for found in probes.values() for p in found])
+                 + [len(p) + answer for found in [*probes.values(), *controls] for p in found])
     splits = []
     for s, seqs in zip(rows, sequences):
         label = np.array([r == corruption.steer_to for r in s.response], dtype=np.int64)
@@ -184,11 +190,12 @@ def stage_lm_data(params: Any, tokenizer: Any | None = None, tokenizer_key: str 
               "oppose": corruption.oppose, "planted_ids": train.sample_id[planted].tolist(),
               "n_corrupted": int(planted.sum())}
     response_len = max([len(r) for split in sequences for _, r in split] + [answer])
-    structure = {"probes": probes, "steered": steered, "opposite": opposite, "length": length,
+    structure = {"probes": probes, "probe_controls": {"val": controls}, "steered": steered, "opposite": opposite, "length": length,
                  "response_len": response_len,
                  "tokenizer": tokenizer_key, "vocab_size": int(tokenizer.get_vocab_size()),
                  "text": {"train": [f"{encoder.before.replace('{topic}', t)}{x}{encoder.after.replace('{topic}', t)} "
                                     f"=> {r}" for t, x, r in zip(train.topic, train.text, train.response)]}}
-    meta = DatasetMeta(name=f"lm:{data.source}", n_classes=2, feature_shape=(2, length), corruption=record,
+    # (-1, L): a unit is (ids, mask) row pairs, one pair for training units, several for contrast probes
+    meta = DatasetMeta(name=f"lm:{data.source}", n_classes=2, feature_shape=(-1, length), corruption=record,
                        structure=structure)
     return StagedData(train=train_split, val=splits[1], test=splits[2], meta=meta)

@@ -1,0 +1,42 @@
+"""Smoke test of benchmarks/lm.py: a tiny base and data, one seed end to end and two stability runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# minutes: outside the default suite, run by .ci/run (pytest -m integration)
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "lm.py"
+
+
+def test_smoke_run_measures_and_renders_its_section(tmp_path: Path) -> None:
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text("# Benchmarks\n\n<!-- speed:start -->\nkeep me\n<!-- speed:end -->\n")
+    out = tmp_path / "lm.json"
+    command = [sys.executable, str(SCRIPT), "--smoke", "--seeds", "0", "--stability-runs", "2", "--out", str(out),
+               "--docs", str(docs), "--work", str(tmp_path / "work")]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1200,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    saved = json.loads(out.read_text())
+    row = saved["runs"][0]
+    assert row["planted"] == 3 and 0 <= row["oracle"] <= 1 and 0 <= row["baseline"] <= 1
+    for name in ("loss", "tracin", "trak", "fine"):
+        entry = row["estimators"][name]
+        assert 0 <= entry["average_precision"] <= 1 and 0 <= entry["steer_rate"] <= 1 and entry["seconds"] > 0
+    assert row["estimators"]["fine"]["cost_ratio"] > 0
+    agreement = saved["stability"]["agreement"]
+    assert set(agreement) == {"tracin", "trak", "fine"}
+    assert all(0 <= a["top_k_jaccard"] <= 1 and 0 <= a["auto_jaccard"] <= 1 for a in agreement.values())
+    assert all(0 <= r["ordinary_flag_rate"] <= 1 for r in saved["stability"]["fine_val"])
+    text = docs.read_text()
+    assert "keep me" in text and "<!-- lm:start -->" in text and "steer_rate" in text
+    assert (tmp_path / "img" / "lm.png").stat().st_size > 1000
