@@ -1,0 +1,66 @@
+"""Removal in rounds on the language-model example (issue 21): what iterative cleansing, still
+refused for ``family: lm``, would do. Not part of the pipeline; an experiment with the library calls.
+
+Each round re-fine-tunes the adapters without the samples removed so far (same seed and recipe),
+scores the survivors with TRAK (``--members`` ensemble, probes = the seed's topic probes on the
+current model, ``query.measure`` of the params) and removes the ``--step`` highest. After each round:
+steer_rate on the test probes and val_steer_rate on the validation ones, the planted pairs removed so
+far. No ground truth is read to rank or stop; ``--rounds x --step`` is the budget.
+
+Usage: ``python benchmarks/lm_rounds.py --seed 0 --step 5 --rounds 3`` (examples/lm.yaml).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def main() -> None:
+    import torch
+
+    from cleanse.attribution import aggregate_support
+    from cleanse.config import load_params
+    from cleanse.estimators import registry
+    from cleanse.families import get
+    from cleanse.families.lm.report import topic_queries
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", type=Path, default=Path(__file__).resolve().parents[1] / "examples" / "lm.yaml")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--step", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--members", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    params = load_params(args.params, [f"seed={args.seed}", "tracking.enabled=false"])
+    family = get("lm")
+    staged = family.stage(params)
+    trak = registry.get("trak")
+    options = params.scorers.of("trak").model_copy(update={"n_models": args.members})
+    keep = np.ones(len(staged.train), dtype=bool)
+    rows = []
+    for round_ in range(args.rounds + 1):
+        train = staged.train.subset(np.flatnonzero(keep))
+        model = family.fit(params, train, staged.meta)
+        outcome = family.outcome(model, staged)
+        row = {"round": round_, "removed": int((~keep).sum()), "planted_removed": int(staged.train.is_corrupted[~keep].sum()),
+               "steer_rate": outcome["steer_rate"], "val_steer_rate": outcome["val_steer_rate"]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if round_ == args.rounds:
+            break
+        subset = staged.__class__(train=train, val=staged.val, test=staged.test, meta=staged.meta)
+        context = family.scoring_context(params, subset, model, None)
+        query = topic_queries(params, subset, model, family)
+        score = aggregate_support(np.asarray(trak.pairwise(context, options, query.probes), dtype=float))
+        order = np.lexsort((train.sample_id, -score))[: args.step]
+        keep[np.flatnonzero(keep)[order]] = False
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
