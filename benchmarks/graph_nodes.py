@@ -347,6 +347,9 @@ def summarise(runs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+CURVE_COLOURS = {"axelgnn": "C0", "axelgnn+identity": "C1", "axelgnn+time": "C2", "gcn": "C3"}  # same in every panel
+
+
 def plot(result: dict[str, Any], image: Path) -> None:
     depth_runs = result["runs"].get("depth", {}).get("graphs")
     if not depth_runs:
@@ -364,7 +367,7 @@ def plot(result: dict[str, Any], image: Path) -> None:
             xs = sorted(int(k) for k in curve)
             ys = np.array([curve[str(x)]["mean"] for x in xs])
             sd = np.array([curve[str(x)]["sd"] for x in xs])
-            ax.errorbar(xs, ys, yerr=sd, marker="o", capsize=3,
+            ax.errorbar(xs, ys, yerr=sd, marker="o", capsize=3, color=CURVE_COLOURS.get(label),
                         label=NAMES[label.split("+")[0]] + label[len(label.split("+")[0]):])
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [str(x) for x in xs])
