@@ -239,7 +239,10 @@ def render(result: dict[str, Any], docs: Path, out: Path, image: Path) -> str:
 
     def speedup(row: dict[str, Any], method: str) -> str:
         cpu = row.get(f"{method}_cpu_speedup")
-        return fmt(row[f"{method}_speedup"], 0) + ("" if cpu is None else f" ({fmt(cpu, 0)})")
+        def times(value: float) -> str:
+            return fmt(value, 0 if value >= 10 else 1)
+
+        return times(row[f"{method}_speedup"]) + ("" if cpu is None else f" ({times(cpu)})")
 
     per_step = {(r["graph"], r["model"], r["b"]): r.get("greedy_per_step", 1) for r in result["runs"]}
     s_rows = [[r["graph"], r["model"], r["b"], per_step[(r["graph"], r["model"], r["b"])],
@@ -249,11 +252,15 @@ def render(result: dict[str, Any], docs: Path, out: Path, image: Path) -> str:
               "speed; relaxation >= 1.0 at >= 100x):", "", md_table(s_headers, s_rows), ""]
     surrogate = {}
     for r in result["runs"]:
-        surrogate[(r["graph"], r["model"])] = (r["surrogate"], r["mc_cascades_per_s"])
-    lines += ["Surrogate on held-out perturbed instances (MAE against Monte Carlo) and MC throughput:", "",
-              md_table(["graph", "model", "node MAE", "spread MAE", "mean spread", "fit s", "labels s", "MC cascades/s"],
+        load = (r.get("measured_at") or {}).get("load_average_start") or result.get("environment", {}).get("load_average_start")
+        surrogate[(r["graph"], r["model"])] = (r["surrogate"], r["mc_cascades_per_s"], load[0] if load else None)
+    lines += ["Surrogate on held-out perturbed instances (MAE against Monte Carlo), MC throughput (wall) and the "
+              "machine's load average when that graph's run started:", "",
+              md_table(["graph", "model", "node MAE", "spread MAE", "mean spread", "fit s", "labels s", "MC cascades/s",
+                        "load"],
                        [[g, k, fmt(q["node_mae"], 4), fmt(q["spread_mae"]), fmt(q["mean_spread"], 1), fmt(q["fit_seconds"], 1),
-                         fmt(q["label_seconds"], 1), fmt(t, 0)] for (g, k), (q, t) in sorted(surrogate.items())]), ""]
+                         fmt(q["label_seconds"], 1), fmt(t, 0), fmt(load, 1)]
+                        for (g, k), (q, t, load) in sorted(surrogate.items())]), ""]
     if result.get("scale"):
         lines += ["Scale (Barabasi-Albert, m = 3; one-shot = one forward and backward pass plus the top-1% cut; "
                   "`--scale`):", "",
