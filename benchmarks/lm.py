@@ -189,11 +189,14 @@ def render(result: dict[str, Any], docs: Path, out: Path, image: Path) -> str:
              f"at start {fmt((env.get('load_average_start') or ['?'])[0])}. Flags: `detect.budget: auto` (Otsu, "
              "capped at 5%); steer_rate = share of held-out negative reviews about the topic answered `good` after "
              "re-fine-tuning without the flags.", ""]
-    headers = ["estimator", "AP", "precision@k", "flagged", "planted in flags", "steer_rate"]
-    table = [[name, *[fmt(r["estimators"][name][key]) for key in ("average_precision", "precision_at_k")],
+    lines += ["References per seed (steer_rate on the test probes):", "",
+              md_table(["seed", "baseline", "random (as many as planted)", "oracle (the planted pairs)"],
+                       [[r["seed"], *[fmt(r[key], 3) for key in ("baseline", "random", "oracle")]] for r in rows]), ""]
+    headers = ["estimator", "seed", "AP", "precision@k", "flagged", "planted in flags", "steer_rate"]
+    table = [[name, r["seed"], *[fmt(r["estimators"][name][key]) for key in ("average_precision", "precision_at_k")],
               fmt(r["estimators"][name]["n_flagged"], 0), f"{r['estimators'][name]['hits']}/{r['planted']}",
               fmt(r["estimators"][name]["steer_rate"])] for name in ESTIMATORS for r in rows]
-    lines += ["Per seed (rows in seed order):", "", md_table(headers, table), ""]
+    lines += ["Per seed:", "", md_table(headers, table), ""]
     summary = result["summary"]
     ref = [[key, f"{fmt(summary[key][0])} ± {fmt(summary[key][1])}"] for key in ("baseline", "random", "oracle")]
     ref += [[name, f"{fmt(summary[name]['steer_rate'][0])} ± {fmt(summary[name]['steer_rate'][1])} (AP "
