@@ -61,7 +61,7 @@ def test_smoke_run_measures_every_part_and_renders_its_section(tmp_path):
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     runs = json.loads(out.read_text())["runs"]
-    assert set(runs) == {"storage", "caching", "attribution", "duplicates", "index"}
+    assert set(runs) == {"storage", "caching", "attribution", "duplicates", "index", "cleansing"}
 
     # storage: the ratio is D / v, with D the model's parameter count
     small = [r for r in runs["storage"]["rows"] if r["model"].startswith("small_unet")]
@@ -91,7 +91,17 @@ def test_smoke_run_measures_every_part_and_renders_its_section(tmp_path):
     assert [r["n"] for r in rows] == [500, 1000, 2000] and all(r["recall_at_10"] > 0.9 for r in rows)
     assert all(r["p95_ms"] >= r["p50_ms"] > 0 for r in rows)
 
+    # cleansing: the example's loop ran; the oracle removed exactly the planted images; every rate a fraction
+    cleansing = runs["cleansing"]
+    rows, planted = cleansing["rows"], cleansing["n_planted"]
+    assert planted >= 1 and rows["oracle"]["n_removed"] == planted and rows["random"]["n_removed"] == planted
+    assert {"baseline", "random", "oracle", "dmin", "dtrak", "pixel_nn"} == set(rows)
+    assert all(0.0 <= row["watermark_rate"] <= 1.0 for row in rows.values())
+    assert all(0 <= rows[name]["n_corrupted_removed"] <= min(planted, rows[name]["n_removed"])
+               for name in ("dmin", "dtrak", "pixel_nn"))
+
     text = docs.read_text()
+    assert "### Watermark cleansing" in text
     assert "keep me" in text and "<!-- diffusion:start -->" in text and "Diffusion attribution (DMin)" in text
     assert (tmp_path / "img" / "diffusion.png").stat().st_size > 1000
     # the docs re-render from the saved results alone
