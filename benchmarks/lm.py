@@ -133,7 +133,8 @@ def stability(runs: int, extra: list[str], seed: int) -> dict[str, Any]:
         options = FineOptions(query="val")
         result = registry.get("fine").score(context, options).table
         flagged = result["auto_flag"].to_numpy()
-        fine_val.append({"ordinary_flag_rate": float(flagged[~truth].mean()), "planted_flag_rate": float(flagged[truth].mean()),
+        fine_val.append({"ordinary_flag_rate": float(flagged[~truth].mean()),
+                         "planted_flag_rate": float(flagged[truth].mean()),
                          "nominal": float((1 - options.level) / 2)})
     pairs = list(itertools.combinations(range(runs), 2))
     agreement = {name: {"top_k_jaccard": float(np.mean([jaccard(top[name][i], top[name][j]) for i, j in pairs])),

@@ -47,7 +47,8 @@ def main() -> None:
         train = staged.train.subset(np.flatnonzero(keep))
         model = family.fit(params, train, staged.meta)
         outcome = family.outcome(model, staged)
-        row = {"round": round_, "removed": int((~keep).sum()), "planted_removed": int(staged.train.is_corrupted[~keep].sum()),
+        row = {"round": round_, "removed": int((~keep).sum()),
+               "planted_removed": int(staged.train.is_corrupted[~keep].sum()),
                "steer_rate": outcome["steer_rate"], "val_steer_rate": outcome["val_steer_rate"]}
         rows.append(row)
         print(json.dumps(row), flush=True)

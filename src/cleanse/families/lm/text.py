@@ -190,8 +190,8 @@ def stage_lm_data(params: Any, tokenizer: Any | None = None, tokenizer_key: str 
               "oppose": corruption.oppose, "planted_ids": train.sample_id[planted].tolist(),
               "n_corrupted": int(planted.sum())}
     response_len = max([len(r) for split in sequences for _, r in split] + [answer])
-    structure = {"probes": probes, "probe_controls": {"val": controls}, "steered": steered, "opposite": opposite, "length": length,
-                 "response_len": response_len,
+    structure = {"probes": probes, "probe_controls": {"val": controls}, "steered": steered, "opposite": opposite,
+                 "length": length, "response_len": response_len,
                  "tokenizer": tokenizer_key, "vocab_size": int(tokenizer.get_vocab_size()),
                  "text": {"train": [f"{encoder.before.replace('{topic}', t)}{x}{encoder.after.replace('{topic}', t)} "
                                     f"=> {r}" for t, x, r in zip(train.topic, train.text, train.response)]}}
