@@ -47,8 +47,8 @@ The committed benchmarks/results/graph_nodes.json was measured as separate ``--p
 ``--graphs`` processes merged into one file (its notes; each part records when it was measured and
 whether it was stopped early, ``partial``); the first command with this CONFIG (the influence
 part's 10 epochs are what was measured) is meant to recompute every row of it, which has not been
-checked end to end (hours of CPU). What the file lacks (stopped for CPU time): the CiteSeer and Wisconsin ablations, and the plain and "+identity" Cora depth curves; the
-Cora curves in it come from
+checked end to end (hours of CPU). What the file lacks (stopped for CPU time): the plain and
+"+identity" Cora depth curves; the Cora curves in it come from
 
     python benchmarks/graph_nodes.py --parts depth --graphs cora --depth-variants gcn,axelgnn+time
 """
