@@ -35,7 +35,7 @@ def batch_seed(seed: int, batch: int) -> int:
 
 
 def batch_spread(kind: str, edge_index: np.ndarray, weights: np.ndarray, seeds: np.ndarray, num_nodes: int,
-                 removed: np.ndarray, runs: int, seed: int, batch: int) -> float:
+                 removed: np.ndarray | Sequence[int], runs: int, seed: int, batch: int) -> float:
     """Mean number of active nodes (seeds included) over ``runs`` cascades of batch ``batch``, with the
     ``removed`` edge ids (int, any length) cut; ``edge_index`` (2, E) directed, ``weights`` (E,)."""
     w = np.asarray(weights, dtype=np.float64).copy()
