@@ -100,6 +100,7 @@ _FAMILIES: dict[str, tuple[str, ...]] = {
     # graph: node units through a whole-graph forward; lm: over the LoRA adapters
     **{name: (*_GRADIENT_FAMILIES, "graph", "lm") for name in ("loss", "tracin", "influence", "trak")},
     "cleanlab": ("classification", "graph"),
+    "fine": ("classification", "lm"),  # lm: the curriculum trains fresh adapters (LmContext.fresh_model)
 }
 
 
