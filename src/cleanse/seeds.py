@@ -41,6 +41,13 @@ import numpy as np
 # Purposes drawn from hashed spawn keys. Add new ones here; the names are part of the results'
 # reproducibility, so never rename one.
 PURPOSES = frozenset({
+    "cascade.seeds",  # cascade family: a random seed set S (cascade.seed_selection: random)
+    "cascade.reference",  # cascade family: the reference greedy MC's live-edge worlds (the ground-truth cuts)
+    "cascade.train",  # cascade family: the surrogate's training instances and their Monte Carlo labels
+    "cascade.test",  # cascade family: the surrogate's held-out instances (its MAE)
+    "cascade.verify",  # cascade family: the verification cascades ('spread', and the fan-out flow's batches)
+    "cascade.val",  # cascade family: the independent 'val_spread' cascades the recommendation reads
+    "cascade.select",  # cascade family: the estimators' own draws (greedy MC's worlds, betweenness samples)
     "cleanlab.fold",  # cleanlab: the training seed of each out-of-sample fold's model (index = fold)
     "diffusion.data",  # diffusion family: the row order of each image set (index = set, mixed sources)
     "diffusion.noise",  # diffusion family: the one fixed noise every DMin signature is taken at
