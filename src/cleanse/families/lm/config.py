@@ -129,7 +129,7 @@ class LmQueryConfig(_Section):
         "preference", description="What a probe measures: answer = log p(steer_to); preference = log p(steer_to) - "
         "log p(oppose) (the steering).")
     contrast: Literal["none", "reference", "topics"] = Field(
-        "topics", description="topics: minus the same measurement on the probe's review asked about each ordinary "
+        "none", description="none (default: both contrasts lowered TRAK's AP in docs/lm.md); topics: minus the same measurement on the probe's review asked about each ordinary "
         "topic (the topic-specific part); reference: subtract support for steer_to on ordinary validation samples "
         "whose answer is steer_to (support for the answer in general).")
 
