@@ -21,16 +21,12 @@ if TYPE_CHECKING:
     from cleanse.config import Params
     from cleanse.families.cascade.params import CascadeParams
 
-# Random streams of this family (hashed spawn keys, as cleanse.seeds derives its purposes).
-PURPOSES = ("cascade.seeds", "cascade.reference", "cascade.train", "cascade.test", "cascade.verify", "cascade.val",
-            "cascade.select")
-
-
 def rng(seed: int, purpose: str) -> np.random.Generator:
-    """The numpy stream of ``purpose`` (one of :data:`PURPOSES`) under run seed ``seed``."""
-    if purpose not in PURPOSES:
+    """The numpy stream of ``purpose`` (a ``cascade.*`` name in :data:`cleanse.seeds.PURPOSES`)
+    under run seed ``seed``."""
+    if not purpose.startswith("cascade."):
         raise ValueError(f"unknown cascade stream {purpose!r}")
-    return np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(streams.purpose_key(purpose),)))
+    return streams.rng(seed, purpose)
 
 
 def int_seed(seed: int, purpose: str) -> int:
