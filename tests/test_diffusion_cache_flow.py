@@ -1,6 +1,6 @@
 """The diffusion-cache flow (flows/diffusion_cache.py): the DMin signature shards computed as Prefect
 tasks on a task runner are the same bytes as a sequential fill, and a rerun after losing shards
-recomputes exactly the lost ones. Slow: a Prefect API, staging and training a tiny UNet (about 3 min
+recomputes exactly the lost ones; also on a process pool, Dask and Ray (when installed). Slow: a Prefect API, staging and training a tiny UNet (about 3 min
 on the loaded 2-core machine; the dask case 2-3 min more)."""
 
 from __future__ import annotations
@@ -111,6 +111,34 @@ def test_a_rerun_recomputes_only_the_lost_shards(sequential, threaded):
     again = flow(None, TINY, str(out), score=True)
     assert again["computed"] == [] and again["shards"] == []
     assert Path(again["scores"]).is_file()
+
+
+@pytest.mark.timeout(1200)  # each worker imports torch and diffusers and rebuilds the context
+@pytest.mark.parametrize("runner", ["process", "ray"])
+def test_a_process_pool_or_ray_fill_equals_the_sequential_fill(prefect_api, sequential, tmp_path, monkeypatch, runner):
+    """Two worker processes of Prefect's process pool (or a local two-CPU Ray, when its extra is
+    installed) compute the shards, one torch thread each (OMP_NUM_THREADS, inherited): the same bytes
+    as the sequential fill."""
+    if runner == "ray":
+        pytest.importorskip("prefect_ray")
+    import prefect.settings
+
+    from flows.diffusion_cache import diffusion_cache_flow
+    from flows.memorization import task_runner
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect.settings.PREFECT_API_URL.value())  # for the workers
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    root, cache = sequential
+    out = tmp_path / runner
+    for folder in ("data", "models"):
+        shutil.copytree(root / folder, out / folder)
+    summary = diffusion_cache_flow.with_options(task_runner=task_runner(runner, workers=2))(None, TINY, str(out))
+    assert sorted(summary["computed"]) == list(range(N_SHARDS))
+    expected, got = _shards(root / cache), _shards(out / cache)
+    assert list(got) == list(expected)
+    for name, tensors in expected.items():
+        for key, tensor in tensors.items():
+            assert torch.equal(got[name][key], tensor), (name, key)
 
 
 @pytest.mark.timeout(600)
