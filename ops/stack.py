@@ -284,7 +284,9 @@ class Stack:
         try:
             access, secret = (self.credentials()[key] for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"))
         except (StackError, KeyError):
-            access, secret = "cleanse" + secrets.token_hex(6), secrets.token_urlsafe(30)
+            # hex, not urlsafe base64: a secret starting with "-" reads as an option to the CLIs it is
+            # passed to (`dvc remote modify ... secret_access_key <secret>` failed on one)
+            access, secret = "cleanse" + secrets.token_hex(6), secrets.token_hex(24)
         # Keys for the JWTs the volume server and filer require (read and write); new at every up,
         # as a JWT lives for seconds and the stored data does not depend on them.
         jwt = "".join(f'[{section}]\nkey = "{secrets.token_hex(32)}"\nexpires_after_seconds = 60\n'
