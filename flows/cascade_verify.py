@@ -30,7 +30,7 @@ if str(_ROOT) not in sys.path:
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.memorization import RUNNERS, task_runner
+from flows.memorization import runner_arguments, runner_from
 
 
 def _graph(params_file: str | None, overrides: list[str] | None, out: str) -> tuple[Any, ...]:
@@ -115,12 +115,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--estimator", "-e", action="append", dest="estimators",
                         help="verify this estimator's cut (repeatable; default: every one with flags)")
     parser.add_argument("--shards", type=int, default=10, help="tasks per cut (default 10)")
-    parser.add_argument("--runner", choices=RUNNERS, default="thread")
-    parser.add_argument("--address", help="dask scheduler or ray head address (default: start a local one)")
-    parser.add_argument("--workers", type=int, help="parallel workers (thread/process pool, dask LocalCluster, local Ray CPUs)")
+    runner_arguments(parser)
     parser.add_argument("--fresh", action="store_true")
     args = parser.parse_args(argv)
-    runner = task_runner(args.runner, args.address, args.workers)
+    runner = runner_from(args)
     cascade_verify_flow.with_options(task_runner=runner)(args.params or None, args.overrides, args.out,
                                                          args.estimators, args.shards, args.fresh)
 

@@ -34,7 +34,7 @@ if str(_ROOT) not in sys.path:
 
 from prefect import flow
 
-from flows.memorization import RUNNERS, task_runner
+from flows.memorization import runner_arguments, runner_from
 from tasks import STAGE_TASKS
 from tasks.diffusion_cache import signature_shard
 
@@ -100,13 +100,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", "-s", action="append", default=[], dest="overrides", help="dotted.key=value")
     parser.add_argument("--out", "-o", default=".", help="output root (a folder or s3://bucket/prefix)")
     parser.add_argument("--estimator", "-e", default="dmin", help="whose signature cache to fill (default dmin)")
-    parser.add_argument("--runner", choices=RUNNERS, default="thread")
-    parser.add_argument("--address", help="dask scheduler or ray head address (default: start a local one)")
-    parser.add_argument("--workers", type=int, help="parallel workers (thread/process pool, dask LocalCluster, local Ray CPUs)")
+    runner_arguments(parser)
     parser.add_argument("--fresh", action="store_true")
     parser.add_argument("--score", action="store_true", help="also score with the estimator once the cache is full")
     args = parser.parse_args(argv)
-    runner = task_runner(args.runner, args.address, args.workers)
+    runner = runner_from(args)
     diffusion_cache_flow.with_options(task_runner=runner)(args.params or None, args.overrides, args.out,
                                                           args.estimator, args.fresh, args.score)
 

@@ -98,6 +98,18 @@ def memorization_flow(params_file: str | None = "params.yaml", overrides: list[s
     return summary
 
 
+def runner_arguments(parser: Any) -> None:
+    """The task-runner options every flow's command line takes (``--runner``, ``--address``, ``--workers``)."""
+    parser.add_argument("--runner", choices=RUNNERS, default="thread")
+    parser.add_argument("--address", help="dask scheduler or ray head address (default: start a local one)")
+    parser.add_argument("--workers", type=int, help="parallel workers (thread/process pool, dask LocalCluster, local Ray CPUs)")
+
+
+def runner_from(args: Any) -> Any:
+    """The task runner that :func:`runner_arguments`' parsed options ask for."""
+    return task_runner(args.runner, args.address, args.workers)
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
@@ -105,13 +117,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", "-p", default="params.yaml", help="params file ('' = built-in defaults)")
     parser.add_argument("--set", "-s", action="append", default=[], dest="overrides", help="dotted.key=value")
     parser.add_argument("--out", "-o", default=".", help="output root")
-    parser.add_argument("--runner", choices=RUNNERS, default="thread")
-    parser.add_argument("--address", help="dask scheduler or ray head address (default: start a local one)")
-    parser.add_argument("--workers", type=int, help="parallel workers (thread/process pool, dask LocalCluster, local Ray CPUs)")
+    runner_arguments(parser)
     parser.add_argument("--fresh", action="store_true")
     parser.add_argument("--no-report", action="store_true")
     args = parser.parse_args(argv)
-    runner = task_runner(args.runner, args.address, args.workers)
+    runner = runner_from(args)
     memorization_flow.with_options(task_runner=runner)(args.params or None, args.overrides, args.out, args.fresh,
                                                        not args.no_report)
 
