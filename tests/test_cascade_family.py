@@ -152,3 +152,49 @@ def test_relaxation_cuts_the_bridge_and_stops_early(bridge_surrogate):
     finally:
         del model.forward
     assert 1 + 3 < len(calls) < 1 + 60  # the gradient at x = 1, then stable after >= 3 steps, well before 60
+
+
+def _mean_field_tree():
+    """A tree from seed 0: three out-edges (p = 1, 1, 0.5), each followed by a chain of three edges of
+    p = 0.9, and a surrogate whose learned correction is zero, i.e. the noisy-or update alone, which is
+    exact for IC on a tree: ``spread = 1 + sum_v prod_{e on the path to v} p_e x_e``."""
+    heads = [1, 5, 9]
+    edges = [(0, h) for h in heads] + [(h + k, h + k + 1) for h in heads for k in range(3)]
+    ei = np.array(edges).T
+    p = np.array([1.0, 1.0, 0.5] + [0.9] * 9)
+    model = SpreadSurrogate(ei, p, 13, SurrogateConfig(kind="monstor", layers=5))
+    with torch.no_grad():
+        model.step[-1].weight.zero_()
+        model.step[-1].bias.zero_()
+    return ei, p, model
+
+
+def test_oneshot_gradient_is_the_exact_tree_marginal_even_for_certain_edges():
+    ei, p, model = _mean_field_tree()
+    reach = np.zeros(13)
+    reach[0] = 1.0
+    for e in range(ei.shape[1]):  # edges are listed parents first
+        reach[ei[1, e]] = reach[ei[0, e]] * p[e]
+    below = {v: [int(c) for c in ei[1, ei[0] == v]] for v in range(13)}
+
+    def subtree(v: int) -> float:  # d spread / d x_e for the edge into v: what flows through it
+        return reach[v] + sum(subtree(c) for c in below[v])
+
+    exact = np.array([subtree(int(v)) for v in ei[1]])
+    score = oneshot_scores(model, np.array([0]))
+    # the p = 1 edges out of the seed (exact 3.439) were exactly 0 when the noisy-or was clamped at 1 - 1e-6
+    assert exact[0] == pytest.approx(3.439) and np.allclose(score, exact, rtol=1e-4, atol=1e-5)
+    assert list(top_edges(score, 2)) == [0, 1]
+
+
+def test_relaxation_stops_when_the_budget_exceeds_the_edges_with_an_effect():
+    ei, p, model = _mean_field_tree()
+    calls = []
+    forward = model.forward
+    model.forward = lambda *args: calls.append(1) or forward(*args)  # type: ignore[method-assign]
+    try:
+        cut = top_edges(relax_scores(model, np.array([0]), 8, steps=60), 8)
+    finally:
+        del model.forward
+    assert {0, 1, 2} <= set(cut.tolist())  # the seed's three out-edges: the seed is then alone
+    assert len(calls) < 1 + 20, len(calls)  # the one-shot gradient, then a stable rounding well before 60 steps

@@ -2,7 +2,7 @@
 AAAI 2025, arXiv 2502.01031; spec part B §4): each scores every edge (one row per edge, training
 order; **higher = cut first**), and the detect stage cuts the top ``b``.
 
-- ``diffim_oneshot``: the surrogate's ``d spread / d x_e`` at ``x = 1`` (one backward pass);
+- ``diffim_oneshot``: the surrogate's ``d spread / d x_e`` at ``x = 1 - delta`` (one backward pass);
 - ``diffim_relax``: continuous relaxation, score ``1 - x_e`` after optimisation;
 - ``diffim_greedy``: greedy on the surrogate;
 - ``greedy_mc``: greedy with Monte Carlo on live-edge worlds (the slow, effective reference);
@@ -79,7 +79,7 @@ class RelaxEstimator(_EdgeEstimator):
 
         return relax_scores(context.model.surrogate, context.graph()[2], context.budget, steps=options.steps,
                             lr=options.lr, penalty=options.penalty, init=options.init,
-                            warm=options.warm, patience=options.patience)
+                            warm=options.warm, patience=options.patience, tolerance=options.tolerance)
 
 
 class SurrogateGreedyEstimator(_EdgeEstimator):

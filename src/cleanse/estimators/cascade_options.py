@@ -25,6 +25,8 @@ class RelaxOptions(_Section):
                         "normalised gradient (0: every edge at init).")
     patience: int = Field(3, ge=0, description="Stop once the b smallest weights are the same edges for this many "
                           "steps in a row (0: run all steps).")
+    tolerance: float = Field(1e-3, ge=0.0, lt=1.0, description="Edges whose spread gradient is below this share of "
+                             "the largest one-shot gradient have no effect: not moved by it, not counted for the stop.")
 
 
 class SurrogateGreedyOptions(_Section):

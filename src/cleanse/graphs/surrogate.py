@@ -42,6 +42,13 @@ from cleanse.graphs.cascades import simulate
 _EPS = 1e-6
 
 
+def _sigmoid(z: torch.Tensor) -> torch.Tensor:
+    """``sigmoid(z)``, as ``1 - sigmoid(-z)`` for ``z > 0``: autograd's ``y (1 - y)`` then uses the small
+    ``y``, so the gradient of a saturated node (``pi = 1 - 1e-6``) keeps its digits in float32 instead of
+    a 6% error from ``1 - y`` (one float32 step below 1 is 6e-8)."""
+    return torch.where(z > 0, 1 - torch.sigmoid(-z), torch.sigmoid(z))
+
+
 @dataclass(frozen=True)
 class SurrogateConfig:
     kind: str = "axel"  # "axel" | "monstor"
@@ -88,11 +95,19 @@ class SpreadSurrogate(nn.Module):
         out = values.new_zeros((values.shape[0], self.num_nodes, *values.shape[2:]))
         return out.index_add_(1, self.dst, values)
 
-    def _noisy_or(self, w: torch.Tensor, pi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``q_v = 1 - prod_u (1 - w_uv pi_u)`` and ``a_v = sum_u w_uv pi_u``, each (B, N)."""
+    def _noisy_or(self, w: torch.Tensor, pi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``q_v = 1 - prod_u (1 - w_uv pi_u)``, its logit and ``a_v = sum_u w_uv pi_u``, each (B, N).
+
+        Each factor is ``1 - (1 - eps) w_uv pi_u``: a scale, not a clamp, so that ``d q / d x_e`` is not 0
+        at ``w_e pi_u = 1`` (a p = 1 edge out of a seed; a clamp made exactly those edges invisible to the
+        one-shot gradient). The logit is ``log q - log(1 - q)`` from the summed logs, so it is not
+        clamped at ``1 - eps`` either: one saturated in-edge gives ``logit(1 - eps)`` with a gradient of
+        ``1 / eps`` that the sigmoid's ``eps`` cancels, two give a gradient of about ``eps`` per edge
+        (cutting one of two certain in-edges loses nothing)."""
         flow = w * pi[:, self.src]
-        log_stay = self._scatter(torch.log1p(-flow.clamp(max=1 - _EPS)))
-        return -torch.expm1(log_stay), self._scatter(flow)
+        log_stay = self._scatter(torch.log1p(-(1 - _EPS) * flow))
+        q = -torch.expm1(log_stay)
+        return q, torch.log(q.clamp(min=_EPS)) - log_stay, self._scatter(flow)
 
     def forward(self, seeds: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         s = seeds.float()
@@ -102,24 +117,24 @@ class SpreadSurrogate(nn.Module):
         pi = s
         if self.config.kind == "monstor":
             for _ in range(self.config.layers):
-                q, a = self._noisy_or(w, pi)
+                q, q_logit, a = self._noisy_or(w, pi)
                 feats = torch.stack([pi, s, q, a, indeg, outdeg], dim=-1)
-                logit = torch.logit(q.clamp(_EPS, 1 - _EPS)) + self.step(feats).squeeze(-1)
-                pi = s + (1 - s) * torch.sigmoid(logit)
+                logit = q_logit + self.step(feats).squeeze(-1)
+                pi = s + (1 - s) * _sigmoid(logit)
             return pi
         c = self.config
         width = c.hidden // c.segments
         h = torch.relu(self.encode(torch.stack([s, indeg, outdeg], dim=-1)))  # (B, N, H)
         for k in range(c.layers):
-            q, _ = self._noisy_or(w, pi)
+            q, q_logit, _ = self._noisy_or(w, pi)
             unit = fn.normalize(h.view(*s.shape, c.segments, width), dim=-1)  # per node: cheaper than per edge
             cos = (unit[:, self.src] * unit[:, self.dst]).sum(-1)  # (B, E, F)
             gate = torch.sigmoid((cos - self.tau[k]) / self.log_temp[k].exp())
             hs = h[:, self.src].view(*w.shape, c.segments, width)
             msg = self._scatter((w[..., None, None] * gate[..., None] * hs).reshape(*w.shape, c.hidden))
             h = self.norms[k](h + self.steps[k](torch.cat([h, msg, q[..., None], pi[..., None]], dim=-1)))
-            logit = torch.logit(q.clamp(_EPS, 1 - _EPS)) + self.heads[k](h).squeeze(-1)
-            pi = s + (1 - s) * torch.sigmoid(logit)
+            logit = q_logit + self.heads[k](h).squeeze(-1)
+            pi = s + (1 - s) * _sigmoid(logit)
         return pi
 
     def spread(self, seeds: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
