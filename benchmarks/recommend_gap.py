@@ -67,7 +67,9 @@ def _count(n_disagree: int, n: int, error: float) -> int:
 
 
 def _loss(probabilities: np.ndarray, label: np.ndarray) -> np.ndarray:
-    return -np.log(np.maximum(probabilities[np.arange(len(label)), label], 1e-6))
+    from cleanse.estimators.cofit_svm import label_loss
+
+    return label_loss(probabilities, label, 1e-6)
 
 
 def _trusted_view(make: Any, val_x: np.ndarray, val_y: np.ndarray, train_x: np.ndarray, train_y: np.ndarray,
@@ -83,25 +85,11 @@ def _trusted_view(make: Any, val_x: np.ndarray, val_y: np.ndarray, train_x: np.n
 
 def _cross_fit(make: Any, fit_on: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, train_x: np.ndarray,
                train_y: np.ndarray, n_classes: int, folds: int, seed: int) -> tuple[np.ndarray, float, int]:
-    """``make`` cross-fitted (``folds`` stratified folds) on the training samples of the mask
-    ``fit_on`` ``(n,)`` plus the validation split: ``(probabilities (n, n_classes), e, D)``, the
-    samples of ``fit_on`` predicted out of fold and the others by the folds' mean, ``e`` the
-    validation samples' out-of-fold error and ``D`` the training labels the probabilities' argmax
-    disagrees with."""
-    from sklearn.model_selection import StratifiedKFold
+    """:func:`cleanse.estimators.cofit_svm.cross_fit` as ``(probabilities (n, n_classes), e, D)``."""
+    from cleanse.estimators.cofit_svm import cross_fit
 
-    fit_idx, other_idx = np.flatnonzero(fit_on), np.flatnonzero(~fit_on)
-    x = np.concatenate([train_x[fit_on], val_x])
-    y = np.concatenate([train_y[fit_on], val_y])
-    probabilities = np.zeros((len(train_y), n_classes))
-    val_pred = np.zeros(len(val_y), dtype=np.int64)
-    for fit, out in StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, y):
-        model = make().fit(x[fit], y[fit])
-        out_train, out_val = out[out < fit_idx.size], out[out >= fit_idx.size]
-        probabilities[np.ix_(fit_idx[out_train], model.classes_)] = model.predict_proba(x[out_train])
-        probabilities[np.ix_(other_idx, model.classes_)] += model.predict_proba(train_x[other_idx]) / folds
-        val_pred[out_val - fit_idx.size] = model.predict(x[out_val])
-    return probabilities, float((val_pred != val_y).mean()), int((probabilities.argmax(1) != train_y).sum())
+    fitted = cross_fit(make, fit_on, val_x, val_y, train_x, train_y, n_classes, folds, seed)
+    return fitted.probabilities, fitted.error, fitted.n_disagree
 
 
 def _second_round(make: Any, score: np.ndarray, count: int, val_x: np.ndarray, val_y: np.ndarray,
@@ -122,11 +110,11 @@ def _cofit(make: Any, trusted_score: np.ndarray, n_hat: int, val_x: np.ndarray, 
     ``COFIT_KEEP (n - N̂)`` of ``trusted_score``, taken as correctly labelled: co-teaching's small-loss
     trick, Han et al., NeurIPS 2018). Returns ``(loss under the given label (n,), count (1 - 2e),
     count (1 - e))`` from its disagreements ``D`` and out-of-fold validation error ``e``."""
+    from cleanse.estimators.cofit_svm import confident_mask
     from cleanse.recommend import estimated_noise_count
 
     n = len(train_y)
-    confident = np.zeros(n, dtype=bool)
-    confident[np.argsort(trusted_score, kind="stable")[:int(COFIT_KEEP * (n - n_hat))]] = True
+    confident = confident_mask(trusted_score, n_hat, COFIT_KEEP)
     probabilities, error, n_disagree = _cross_fit(make, confident, val_x, val_y, train_x, train_y, n_classes,
                                                   COFIT_FOLDS, seed)
     return (_loss(probabilities, train_y), int(estimated_noise_count(n_disagree, n, error) or 0),
@@ -141,13 +129,13 @@ def _cross_predict(make: Any, x: np.ndarray, y: np.ndarray, seed: int) -> np.nda
 
 def _svc_by_cross_validation(val_x: np.ndarray, val_y: np.ndarray, seed: int) -> tuple[Any, float]:
     """(i): an RBF SVM whose ``C`` (of ``SVC_C_GRID``) has the highest 5-fold cross-validated accuracy on
-    the validation split (first on ties); returns its factory and ``C``."""
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    the validation split (first on ties; :func:`cleanse.estimators.cofit_svm.svm_c_by_cross_validation`,
+    the estimator ``cofit_svm`` that ships this idea); returns its factory and ``C``."""
     from sklearn.svm import SVC
 
-    cv = StratifiedKFold(5, shuffle=True, random_state=seed)
-    accuracy = [cross_val_score(SVC(C=c), val_x, val_y, cv=cv).mean() for c in SVC_C_GRID]
-    best = SVC_C_GRID[int(np.argmax(accuracy))]
+    from cleanse.estimators.cofit_svm import svm_c_by_cross_validation
+
+    best = svm_c_by_cross_validation(val_x, val_y, list(SVC_C_GRID), 5, seed)
     return (lambda: SVC(C=best, probability=True, random_state=seed)), best
 
 
