@@ -339,6 +339,8 @@ def test_the_unflagged_reference_is_subtracted(context, monkeypatch):
     harm_rows, reference_rows = target[context.train.is_corrupted[target]], target[~context.train.is_corrupted[target]]
     monkeypatch.setattr(module, "watermark_queries",
                         lambda ctx: (query_set(harm_rows, "harm"), query_set(reference_rows, "reference")))
+    # the flags taken as the real watermark (the fallback is tested below)
+    monkeypatch.setattr(module, "watermark_signal", lambda ctx, flagged, generated: {"significant": True})
     plain = PixelNNEstimator().score(context, PixelNNOptions(reference="none")).table
     contrast = PixelNNEstimator().score(context, PixelNNOptions(reference="unflagged"))
     x = PixelNNEstimator().train_vectors(context, PixelNNOptions()).astype(np.float64)
@@ -349,3 +351,41 @@ def test_the_unflagged_reference_is_subtracted(context, monkeypatch):
     # the clean images of the class are no longer ranked with the watermarked ones
     top = np.argsort(-contrast.table["score"].to_numpy())[:harm_rows.size]
     assert set(top) == set(harm_rows)
+
+
+def _more_watermark_generations(context, count: int):
+    params = SimpleNamespace(**{**vars(context.params),
+                                "generation": SimpleNamespace(**{**vars(context.params.generation), "n_watermark": count})})
+    return replace(context, params=params)
+
+
+def test_unflagged_falls_back_to_none_when_the_flags_are_false_positives(context):
+    """The 2-epoch model does not generate the watermark: its detector flags the target class's
+    generations no more often than the other classes' (13 of 40 against 14 of 40 measured), so the
+    default reference: unflagged scores exactly as reference: none and says so in a note."""
+    from cleanse.families.diffusion import queries as module
+
+    ctx = _more_watermark_generations(context, 40)
+    default = DminEstimator().score(ctx, DMIN.model_copy(update={"reference": "unflagged"}))
+    plain = DminEstimator().score(ctx, DMIN).table["score"].to_numpy()
+    signal = default.meta["watermark_signal"]
+    assert signal["significant"] is False and signal["reference_used"] == "none"
+    assert signal["clean_generated"] == signal["generated"] == 40
+    assert signal["p_value"] >= module.SIGNAL_LEVEL
+    assert "fell back to none" in default.meta["note"] and default.meta["n_reference_queries"] == 0
+    np.testing.assert_array_equal(default.table["score"].to_numpy(), plain)
+
+
+def test_the_watermark_signal_is_significant_when_flags_exceed_the_false_positive_rate(context):
+    """The same model's other-class generations as the false-positive reference: 35 flags of 40
+    is far above it (contrast kept), its own rate is not; the clean generations are the classes
+    other than the target, round robin, seeded (the signal regenerates the same ones)."""
+    from cleanse.families.diffusion.queries import clean_generations, watermark_signal
+
+    clean = clean_generations(context, 40)
+    assert clean is not None and TARGET not in clean.source and len(clean) == 40
+    assert np.bincount(clean.source, minlength=10)[[c for c in range(10) if c != TARGET]].min() >= 4
+    false_flags = int(context.model.detector.flags(clean.images).sum())
+    high = watermark_signal(context, 35, 40)
+    assert high["significant"] is True and high["clean_flagged"] == false_flags and high["p_value"] < 0.05
+    assert watermark_signal(context, false_flags, 40)["significant"] is False

@@ -99,7 +99,7 @@ class AttributionEstimator(ABC):
         return {}
 
     def score(self, context: Any, options: Any) -> ScoreResult:
-        from cleanse.families.diffusion.queries import watermark_queries
+        from cleanse.families.diffusion.queries import watermark_queries, watermark_signal
 
         started = time.perf_counter()
         train = self.train_vectors(context, options)
@@ -109,7 +109,21 @@ class AttributionEstimator(ABC):
         columns = {"harm_influence": similarity.mean(axis=0), "max_influence": similarity.max(axis=0)}
         score = columns["harm_influence"]
         contrast = getattr(options, "reference", "none") == "unflagged" and reference is not None
-        if contrast:
+        signal: dict[str, Any] = {}
+        if contrast and reference is not None:
+            # flags no likelier than on generations that cannot carry the watermark are false
+            # positives: contrasting them with the unflagged ones splits the class at random and
+            # inverts the ranking, so the plain mean (reference: none) is used instead
+            signal = watermark_signal(context, len(harm), len(harm) + len(reference))
+            contrast = signal["significant"] is not False
+            signal["reference_used"] = "unflagged" if contrast else "none"
+            if not contrast:
+                signal["note"] = (f"reference: unflagged fell back to none: the detector flagged {signal['flagged']} of "
+                                  f"{signal['generated']} target-class generations and {signal['clean_flagged']} of "
+                                  f"{signal['clean_generated']} of the other classes (one-sided Fisher p = "
+                                  f"{signal['p_value']:.3g} >= {signal['level']}): no evidence the model generates "
+                                  "the watermark")
+        if contrast and reference is not None:
             # what the watermarked generations owe an image beyond what any generation of the
             # class owes it: the class's shared influence cancels
             columns["reference_influence"] = self.similarities(
@@ -119,6 +133,8 @@ class AttributionEstimator(ABC):
         return ScoreResult(table, {"n_harm_queries": len(harm), "harm_queries": harm.kind,
                                    "n_reference_queries": len(reference) if contrast and reference is not None else 0,
                                    **({"harm_note": harm.note} if harm.note else {}),
+                                   **({"watermark_signal": signal} if signal else {}),
+                                   **({"note": signal["note"]} if "note" in signal and not contrast else {}),
                                    "train_vectors_seconds": cached, "vector_dim": int(train.shape[1]),
                                    "orientation": "score = mean over the harm queries of the training image's "
                                                   "influence on them (minus the mean over the reference queries "

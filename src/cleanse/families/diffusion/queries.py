@@ -222,3 +222,51 @@ def _target_generations(context: Any, target: int) -> QuerySet:
     conditions = None if label is None else torch.full((count,), target, dtype=torch.long)
     source = (np.full(count, target, dtype=np.int64) if label is not None else predicted_source(context.train, images))
     return QuerySet(images, conditions, source, np.full(count, seed, dtype=np.int64), "generated")
+
+
+# One-sided level of the test below: the chance of taking the contrast on a model whose flags are
+# all false positives, fixed before any run
+SIGNAL_LEVEL = 0.05
+
+
+def clean_generations(context: Any, count: int) -> QuerySet | None:
+    """``count`` generations (round robin over the classes other than the watermark's target, each
+    class's batch seeded from ``diffusion.harm_queries`` member = the class), which cannot carry
+    the watermark since no image of their class was planted; None for an unconditional model, a
+    single class, or no watermark."""
+    target = context.model.generation.get("target_class")
+    n_classes = int(context.meta.n_classes)
+    if target is None or not is_conditional(context.model.model) or n_classes < 2 or count < 1:
+        return None
+    others = [c for c in range(n_classes) if c != int(target)]
+    per_class = np.bincount(np.arange(count) % len(others), minlength=len(others))
+    images, labels, seeds = [], [], []
+    for label, n in zip(others, per_class.tolist()):
+        if n:
+            seed = torch_seed(context.seed, "diffusion.harm_queries", label)
+            images.append(_generate(context, n, label, seed))
+            labels.append(np.full(n, label, dtype=np.int64))
+            seeds.append(np.full(n, seed, dtype=np.int64))
+    source = np.concatenate(labels)
+    return QuerySet(torch.cat(images), torch.from_numpy(source), source, np.concatenate(seeds), "clean")
+
+
+def watermark_signal(context: Any, n_flagged: int, n_generated: int) -> dict[str, Any]:
+    """Whether the detector flags the target class's generations (``n_flagged`` of ``n_generated``)
+    more often than it flags generations of the other classes (:func:`clean_generations`, as many),
+    its false-positive rate on this model's own samples: one-sided Fisher exact test at
+    ``SIGNAL_LEVEL``. ``significant`` False means the flags are indistinguishable from false
+    positives (a model that does not generate the watermark), and a contrast between flagged and
+    unflagged generations would split the class at random; None when untestable (no clean
+    generations)."""
+    from scipy.stats import fisher_exact
+
+    clean = clean_generations(context, n_generated)
+    if clean is None or n_generated < 1:
+        return {"significant": None, "flagged": n_flagged, "generated": n_generated,
+                "note": "no generations of other classes to measure the detector's false-positive rate on"}
+    false_flags = int(np.asarray(context.model.detector.flags(clean.images), dtype=bool).sum())
+    table = [[n_flagged, n_generated - n_flagged], [false_flags, len(clean) - false_flags]]
+    p_value = float(fisher_exact(table, alternative="greater")[1])
+    return {"significant": p_value < SIGNAL_LEVEL, "flagged": n_flagged, "generated": n_generated,
+            "clean_flagged": false_flags, "clean_generated": len(clean), "p_value": p_value, "level": SIGNAL_LEVEL}
