@@ -58,3 +58,23 @@ def test_inputs_come_from_upstream_stages_and_the_order_follows_them():
         "stage", "train", "query", "score loss", "detect loss", "retrain loss", "score tracin", "detect tracin",
         "retrain tracin", "references", "recommend", "report"]
     assert "source" not in {stage.name for stage in run_stages()}  # DVC's digest stage only
+
+
+def test_a_family_declares_extra_train_params_and_the_others_stay_identical():
+    from cleanse.config import load_params
+
+    plain = dvc_stages()["stages"]
+    # classification (the project's params.yaml) and a graph run without `influence` declare nothing
+    assert dvc_yaml(load_params(REPO / "params.yaml")) == dvc_yaml()
+    assert dvc_yaml(load_params(REPO / "examples/graph.yaml")) == dvc_yaml()
+    # the influence run's train stage lists the section (so `dvc repro` refits when it changes);
+    # every other stage is the plain one (they see the change through models/base)
+    influence_file = REPO / "examples/graph_influence.yaml"
+    extra = dvc_stages(load_params(influence_file))["stages"]
+    assert extra["train"]["params"] == [*plain["train"]["params"], "influence"]
+    assert {k: v for k, v in extra.items() if k != "train"} == {k: v for k, v in plain.items() if k != "train"}
+    assert yaml.safe_load(dvc_yaml(load_params(influence_file))) == {"stages": extra}
+    # DVC refuses a listed key its params file lacks: listed only where the file has the section
+    assert "influence" in yaml.safe_load(influence_file.read_text())
+    assert "influence" not in yaml.safe_load((REPO / "examples/graph.yaml").read_text())
+

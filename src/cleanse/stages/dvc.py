@@ -6,13 +6,24 @@ Every stage calls its ``cleanse`` sub-command with ./params.yaml and ``--out .``
 stage becomes a ``foreach: ${estimators}`` stage (``{e}`` in the graph's paths becomes ``${item}``).
 A stage's deps are the artifacts it reads plus the library files whose code shapes its outputs
 (explicit files rather than directories, so ``__pycache__`` never invalidates a stage).
+
+A family whose stages read params sections beyond the graph's lists (the graph family's
+``influence``, which the train stage measures) declares them through the family seam,
+``family.dvc_params(params) -> {stage name: (key, ...)}``; ``dvc_yaml(params)`` appends them to
+those stages' ``params``. They come from a params file (``cleanse dvc-yaml --params FILE``) because
+DVC refuses a listed key that the project's params.yaml lacks, so only the sections that file has
+are listed; without a file, or for a family that declares nothing, the output is the plain graph's.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+from cleanse.errors import ConfigError
 from cleanse.stages.graph import GRAPH, SHARED_CODE, Stage
+
+ExtraParams = Mapping[str, tuple[str, ...]]
 
 HEADER = """\
 # Generated from the stage graph (src/cleanse/stages/graph.py) by `cleanse dvc-yaml > dvc.yaml`;
@@ -45,8 +56,24 @@ def _code_files(stage: Stage) -> list[str]:
     return [f"src/cleanse/{name}" for name in dict.fromkeys((*SHARED_CODE, module, *stage.code))]
 
 
-def stage_entry(stage: Stage) -> dict[str, Any]:
-    """The stage's dvc.yaml entry (for a per-estimator stage, the body of its ``do:``)."""
+def family_params(params: Any | None) -> dict[str, tuple[str, ...]]:
+    """The extra params keys per stage name that ``params``'s family declares (``dvc_params``;
+    none for ``params=None`` or a family without the hook)."""
+    if params is None:
+        return {}
+    from cleanse import families
+
+    declare = getattr(families.get(params.family), "dvc_params", None)
+    extra = dict(declare(params)) if declare is not None else {}
+    unknown = sorted(set(extra) - {stage.name for stage in GRAPH})
+    if unknown:
+        raise ConfigError(f"family {params.family!r} declares dvc params for unknown stages: {', '.join(unknown)}")
+    return {name: tuple(keys) for name, keys in extra.items()}
+
+
+def stage_entry(stage: Stage, extra_params: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The stage's dvc.yaml entry (for a per-estimator stage, the body of its ``do:``);
+    ``extra_params`` are appended to its ``params`` (a family's declared sections)."""
     item = "${item}"
 
     def expand(values: tuple[str, ...] | list[str]) -> list[str]:
@@ -57,8 +84,9 @@ def stage_entry(stage: Stage) -> dict[str, Any]:
     deps = expand(stage.inputs) + _code_files(stage)
     if deps:
         entry["deps"] = deps
-    if stage.params:
-        entry["params"] = expand(stage.params)
+    listed = list(dict.fromkeys((*stage.params, *extra_params)))
+    if listed:
+        entry["params"] = expand(listed)
     entry.update({key: value for key, value in stage.dvc.items() if key == "always_changed"})
     entry["outs"] = expand(stage.outputs)
     entry.update({key: value for key, value in stage.dvc.items() if key != "always_changed"})
@@ -72,8 +100,10 @@ def _block(data: dict[str, Any], indent: int) -> list[str]:
     return [" " * indent + line for line in text.splitlines()]
 
 
-def dvc_yaml() -> str:
-    """The whole ``dvc.yaml`` text."""
+def dvc_yaml(params: Any | None = None) -> str:
+    """The whole ``dvc.yaml`` text; with ``params`` (a loaded params file), its family's declared
+    extra params keys are listed too (:func:`family_params`)."""
+    extra = family_params(params)
     lines = [HEADER.rstrip("\n"), "", "stages:"]
     for stage in GRAPH:
         lines.append(f"  {stage.name}:")
@@ -81,15 +111,16 @@ def dvc_yaml() -> str:
         lines += [" " * 4 + f"# {line}".rstrip() for line in stage.note.splitlines()]
         if stage.per_estimator:
             lines += ["    foreach: ${estimators}", "    do:"]
-        lines += _block(stage_entry(stage), body_indent)
+        lines += _block(stage_entry(stage, extra.get(stage.name, ())), body_indent)
         lines.append("")
     return "\n".join(lines[:-1]) + "\n"
 
 
-def dvc_stages() -> dict[str, Any]:
-    """``{"stages": ...}`` as ``yaml.safe_load`` reads the generated file."""
+def dvc_stages(params: Any | None = None) -> dict[str, Any]:
+    """``{"stages": ...}`` as ``yaml.safe_load`` reads ``dvc_yaml(params)``."""
+    extra = family_params(params)
     stages: dict[str, Any] = {}
     for stage in GRAPH:
-        entry = stage_entry(stage)
+        entry = stage_entry(stage, extra.get(stage.name, ()))
         stages[stage.name] = {"foreach": "${estimators}", "do": entry} if stage.per_estimator else entry
     return {"stages": stages}

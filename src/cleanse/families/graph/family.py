@@ -110,6 +110,11 @@ class GraphFamily(ClassificationFamily):
         influence = cast(Any, params).influence
         return () if influence is None else (influence.model_dump(mode="json"),)
 
+    def dvc_params(self, params: Params) -> dict[str, tuple[str, ...]]:
+        """dvc.yaml's extra params keys (:func:`cleanse.stages.dvc.family_params`): the train stage
+        reads ``influence`` (see :meth:`train_inputs`) when the params file has the section."""
+        return {} if cast(Any, params).influence is None else {"train": ("influence",)}
+
     def _bound(self, model: Any, meta: DatasetMeta) -> Any:
         from cleanse.families.graph.data import graph_tensors
 
