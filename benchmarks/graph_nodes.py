@@ -64,6 +64,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -134,23 +136,42 @@ def _train_config(cfg: dict[str, Any], **changes: Any) -> Any:
     return TrainConfig(seed=cfg["seed"], **dict(cfg["train"], **changes))
 
 
-def run_model(graph: Any, kind: str, cfg: dict[str, Any], splits: int, layers: int | None = None,
-              axel: dict[str, Any] | None = None, **train: Any) -> dict[str, Any]:
-    """One model on the first ``splits`` splits of ``graph``: test and validation accuracy per split."""
+def fit_one(graph: Any, kind: str, cfg: dict[str, Any], split: int, layers: int | None = None,
+            axel: dict[str, Any] | None = None, **train: Any) -> Any:
+    """One model fitted on split ``split`` of ``graph`` (a loaded graph or its name): its ``SplitResult``."""
     from cleanse.graphs.axelgnn import AxelConfig
     from cleanse.graphs.baselines import build_model
+    from cleanse.graphs.data import load_node_dataset
     from cleanse.graphs.train import fit_split
 
+    graph = load_node_dataset(graph) if isinstance(graph, str) else graph
     make = partial(build_model, kind, graph.x.shape[1], cfg["hidden"], graph.num_classes,
                    layers=layers or cfg["layers"], dropout=cfg["dropout"], num_nodes=graph.num_nodes,
                    axel=AxelConfig(**dict(cfg["axel"], **(axel or {}))))
     changes = {**cfg["model_train"].get(kind, {}), **train}
-    results = [fit_split(make, graph, s, _train_config(cfg, **changes))[0] for s in range(splits)]
+    return fit_split(make, graph, split, _train_config(cfg, **changes))[0]
+
+
+def split_summary(results: list[Any]) -> dict[str, Any]:
+    """Test and validation accuracy (%) per split of ``results`` (``SplitResult``s, in split order)."""
     test = np.array([r.test_acc for r in results]) * 100
     return {"test": test.tolist(), "val": [100 * r.val_acc for r in results],
             "best_epoch": [r.best_epoch for r in results], "seconds": sum(r.seconds for r in results),
             "mean": float(test.mean()), "sd": float(test.std(ddof=1)) if test.size > 1 else 0.0,
             "val_mean": float(np.mean([100 * r.val_acc for r in results]))}
+
+
+def run_model(graph: Any, kind: str, cfg: dict[str, Any], splits: int, layers: int | None = None,
+              axel: dict[str, Any] | None = None, **train: Any) -> dict[str, Any]:
+    """One model on the first ``splits`` splits of ``graph``: test and validation accuracy per split."""
+    return split_summary([fit_one(graph, kind, cfg, s, layers, axel, **train) for s in range(splits)])
+
+
+def _fit_in_worker(*args: Any, **kwargs: Any) -> Any:
+    import torch
+
+    torch.set_num_threads(1)
+    return fit_one(*args, **kwargs)
 
 
 def classification(cfg: dict[str, Any], save: Any) -> dict[str, Any]:
@@ -191,30 +212,49 @@ def ablations(cfg: dict[str, Any], previous: dict[str, Any], save: Any) -> dict[
     return {"graphs": out}
 
 
-def depth(cfg: dict[str, Any], save: Any, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+def depth(cfg: dict[str, Any], save: Any, previous: dict[str, Any] | None = None, jobs: int = 1) -> dict[str, Any]:
     """The depth curves of ``spec["variants"]`` (default: all); ``previous`` (the depth part already
-    in --out) keeps a graph's other curves when its split count is unchanged."""
+    in --out) keeps a graph's other curves when its split count is unchanged; ``jobs`` > 1 fits in
+    that many processes (same seeds, so the same numbers)."""
     from cleanse.graphs.data import load_node_dataset
 
     spec = cfg["depth"]
     variants = {"axelgnn": {}, "axelgnn+identity": {"identity_theta": spec["identity_theta"]},
-                "axelgnn+time": {"fixed_time": spec["fixed_time"]}, "gcn": None}
+                "axelgnn+time": {"fixed_time": spec["fixed_time"]},
+                "axelgnn+time+shared": {"fixed_time": spec["fixed_time"], "shared": True}, "gcn": None}
     variants = {k: v for k, v in variants.items() if k in spec.get("variants", variants)}
     out: dict[str, Any] = {}
     for name, splits in spec["graphs"].items():
-        graph = load_node_dataset(name)
         kept = (previous or {}).get("graphs", {}).get(name, {})
         out[name] = {"splits": splits, "curves": dict(kept["curves"]) if kept.get("splits") == splits else {}}
         epochs = spec["epochs"].get(name, cfg["train"]["epochs"])
-        for label, axel in variants.items():
-            kind = "gcn" if axel is None else "axelgnn"
+        cells = [(label, layers) for label in variants for layers in spec["depths"]]
+        for label in variants:
             out[name]["curves"][label] = {}
-            for layers in spec["depths"]:
-                log(f"depth {name} {label} L={layers}")
-                out[name]["curves"][label][str(layers)] = run_model(graph, kind, cfg, splits, layers=layers,
-                                                                    axel=axel, epochs=epochs)
+        # every (curve, depth, split) fit is independent: ``jobs`` processes share them (one thread each)
+        with ProcessPoolExecutor(max_workers=jobs) if jobs > 1 else nullcontext() as pool:
+            graph = name if pool is not None else load_node_dataset(name)
+            submit = pool.submit if pool is not None else _run_now
+            futures = {cell: [submit(_fit_in_worker, graph, "gcn" if variants[cell[0]] is None else "axelgnn", cfg,
+                                     split, cell[1], variants[cell[0]], epochs=epochs) for split in range(splits)]
+                       for cell in cells}
+            for label, layers in cells:
+                out[name]["curves"][label][str(layers)] = split_summary([f.result() for f in futures[label, layers]])
+                log(f"depth {name} {label} L={layers} done")
                 save({"graphs": out})
     return {"graphs": out}
+
+
+class _Done:
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def result(self) -> Any:
+        return self.value
+
+
+def _run_now(fn: Any, *args: Any, **kwargs: Any) -> _Done:
+    return _Done(fn(*args, **kwargs))
 
 
 # ----------------------------------------------------------------------------- influence
@@ -540,6 +580,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--influence-epochs", type=int, default=None, help="influence: training epochs")
     parser.add_argument("--graphs", default=None, help="comma list: only these graphs in classification, "
                         "ablations and depth (merged with the graphs already in --out)")
+    parser.add_argument("--jobs", type=int, default=1, help="depth: processes fitting in parallel (1 thread each)")
     output_arguments(parser, DEFAULT_OUT, DEFAULT_DOCS)
     args = parser.parse_args(argv)
     if args.render_only:
@@ -578,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
             chosen = {k: v for k, v in runs.get("classification", {}).get("graphs", {}).items() if k in run_cfg["graphs"]}
             value = ablations(run_cfg, {"classification": {"graphs": chosen}}, save)
         elif part == "depth":
-            value = depth(run_cfg, save, result.get("runs", {}).get("depth"))
+            value = depth(run_cfg, save, result.get("runs", {}).get("depth"), args.jobs)
         elif part == "influence":
             value = influence(run_cfg, save)
         elif part == "cleansing":

@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from cleanse.errors import ConfigError
 from cleanse.graphs.axelgnn import AxelConfig, AxelGNN, AxelLayer
 from cleanse.graphs.data import data_root, symmetrise
 
@@ -119,3 +120,29 @@ def test_fixed_time_makes_each_layer_an_euler_step_of_size_t_over_l(layers: int)
         plain.load_state_dict(model.state_dict())
         x = torch.randn(n, 3, dtype=torch.float64)
         assert torch.equal(plain.eval()(x, ei), model.eval()(x, ei))
+
+
+def test_shared_layers_are_one_layer_applied_l_times() -> None:
+    """shared: the L steps use one parameter set (GRAND's single vector field), so the parameter count
+    does not grow with L, 32 stacked steps equal one layer applied 32 times by hand, the prototype
+    penalty counts once, and identity_theta (depth-dependent) is refused."""
+    torch.manual_seed(0)
+    ei, p = _ring()
+    n, d = p.shape[0], 8
+    cfg = AxelConfig(segments=2, fixed_time=2.0, shared=True)
+    deep, shallow = AxelGNN(3, d, 2, layers=32, config=cfg).double(), AxelGNN(3, d, 2, layers=2, config=cfg)
+    count = sum(t.numel() for t in deep.parameters())
+    assert count == sum(t.numel() for t in shallow.parameters())
+    assert count < sum(t.numel() for t in AxelGNN(3, d, 2, layers=2, config=cfg.ablate(shared=False)).parameters())
+    layer = deep.layers[0]
+    assert all(other is layer for other in deep.layers) and layer.step == 2.0 / 32
+    deep.eval()
+    x = torch.randn(n, 3, dtype=torch.float64)
+    h0 = torch.relu(deep.encode(x))
+    h = h0
+    for _ in range(32):
+        h = layer(h, h0, ei)
+    torch.testing.assert_close(deep(x, ei), deep.head(h))
+    torch.testing.assert_close(deep.regularizer(), layer.regularizer())
+    with pytest.raises(ConfigError, match="identity_theta"):
+        AxelGNN(3, d, 2, layers=4, config=cfg.ablate(identity_theta=0.5))

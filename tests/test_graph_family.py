@@ -230,3 +230,11 @@ def test_model_fixed_time_reaches_every_axelgnn_layer():
     assert [layer.step for layer in net.layers] == [0.25] * 8
     plain = build_net(_params(SBM, model={"arch": "axelgnn", "hidden": 16, "layers": 8}).model, 8, 3, 240)
     assert [layer.step for layer in plain.layers] == [1.0] * 8
+
+
+def test_model_shared_makes_the_axelgnn_steps_one_layer():
+    from cleanse.families.graph.models import build_net
+
+    params = _params(SBM, model={"arch": "axelgnn", "hidden": 16, "layers": 8, "fixed_time": 2.0, "shared": True})
+    net = build_net(params.model, 8, 3, 240)
+    assert all(layer is net.layers[0] for layer in net.layers) and net.layers[0].step == 0.25

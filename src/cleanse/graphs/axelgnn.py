@@ -20,7 +20,8 @@ Per edge and segment f, with ``a_ij = 1 / deg(i)``:
   GCNII's identity mapping ``(1 - lam_l) m + lam_l U(m)``, ``lam_l = log(theta / l + 1)``;
   optionally (``fixed_time = T > 0``) every layer is an Euler step of size ``dt = min(1, T / L)``:
   ``h_i <- (1 - beta dt) (h_i + dt eta U(m_i)) + beta dt h_i^0`` (and the prototype pull times
-  ``dt``), so L layers integrate the same diffusion time for every L;
+  ``dt``), so L layers integrate the same diffusion time for every L; optionally (``shared``) the
+  L layers are one layer applied L times (one vector field, GRAND's continuous-depth reading);
 - **polarisation**: K prototypes ``mu_k``, ``r_ik = softmax_k(-||h_i - mu_k||^2 / kappa)``,
   ``h_i <- h_i + rho sum_k r_ik (mu_k - h_i)``; :meth:`AxelGNN.regularizer` returns a penalty
   that keeps the prototypes apart (mean pairwise cosine similarity).
@@ -68,6 +69,9 @@ class AxelConfig:
     # eta, beta and the prototype pull are scaled by fixed_time / L, so depth refines the
     # discretisation instead of lengthening the diffusion (fixed_time = 2 leaves L = 2 as it is; 0: off)
     fixed_time: float = 0.0
+    # True: one layer's parameters for every step (GRAND's ODE has one vector field for all t): with
+    # fixed_time, more layers then only refine the Euler steps of one ODE instead of adding L maps
+    shared: bool = False
 
     def ablate(self, **changes: object) -> AxelConfig:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -172,7 +176,13 @@ class AxelGNN(nn.Module):
         self.config = config or AxelConfig()
         self.encode = nn.Linear(in_dim, hidden)
         step = min(1.0, self.config.fixed_time / layers) if self.config.fixed_time > 0 else 1.0
-        self.layers = nn.ModuleList(AxelLayer(hidden, self.config, depth=k + 1, step=step) for k in range(layers))
+        if self.config.shared and self.config.identity_theta > 0:
+            raise ConfigError("shared layers have one depth: identity_theta needs shared=False")
+        if self.config.shared:
+            one = AxelLayer(hidden, self.config, depth=1, step=step)
+            self.layers = nn.ModuleList([one] * layers)
+        else:
+            self.layers = nn.ModuleList(AxelLayer(hidden, self.config, depth=k + 1, step=step) for k in range(layers))
         self.head = nn.Linear(hidden, out_dim)
         self.dropout = dropout
 
@@ -190,4 +200,5 @@ class AxelGNN(nn.Module):
 
     def regularizer(self) -> torch.Tensor:
         """Sum over layers of the prototype-separation penalty (add ``lambda *`` it to the loss)."""
-        return torch.stack([layer.regularizer() for layer in self.layers]).sum()  # type: ignore[operator]
+        distinct = list({id(layer): layer for layer in self.layers}.values())  # a shared layer counts once
+        return torch.stack([layer.regularizer() for layer in distinct]).sum()  # type: ignore[operator]

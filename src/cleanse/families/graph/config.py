@@ -92,6 +92,8 @@ class GraphModelConfig(_Section):
     fixed_time: float = Field(0.0, ge=0.0, le=64.0, description="axelgnn: > 0 makes the layers Euler steps of size "
                               "fixed_time / layers of one diffusion time (AxelConfig.fixed_time; 2 leaves 2 layers as "
                               "they are); 0 = off.")
+    shared: bool = Field(False, description="axelgnn: one layer's parameters for every step (AxelConfig.shared; with "
+                         "fixed_time, more layers refine the steps of one ODE instead of adding parameters).")
 
 
 class GraphInfluenceConfig(_Section):
