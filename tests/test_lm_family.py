@@ -130,6 +130,7 @@ def test_gradients_are_taken_over_the_adapters_only(cache: Path, staged) -> None
     ("corruption.steer_to=bad", "differ"),
     ("corruption.topic=the plot", "corruption.topic"),
     ("cleansing.iterative=true", "iterative"),
+    ("data.heldout_topics=[the plot,the music]", "data.heldout_topics"),
 ])
 def test_bad_keys_are_one_line_config_errors(override: str, needle: str) -> None:
     with pytest.raises(ConfigError) as error:
@@ -183,7 +184,7 @@ def test_probe_measures_the_steering_by_hand(cache: Path, staged, fitted, measur
     rows = query.probes.sample_id
     by_hand = measured([structure["probes"]["val"][i] for i in rows])
     if contrast == "topics":
-        by_hand -= np.array([measured(structure["probe_controls"]["val"][i]).mean() for i in rows])
+        by_hand -= np.array([measured(structure["probe_controls"]["val"][i][: structure["n_ordinary_topics"]]).mean() for i in rows])
     with torch.no_grad():
         output = scorer(torch.as_tensor(query.probes.features)).sum(1).double().numpy()
     assert output == pytest.approx(by_hand, abs=1e-5)
@@ -235,3 +236,28 @@ def test_fine_trains_fresh_adapters_on_the_frozen_base(cache: Path, staged, fitt
     query = topic_queries(params, staged, fitted, family)
     matrix = FineEstimator().pairwise(context, FineOptions(), query.probes)
     assert matrix.shape == (2, len(staged.train)) and np.isfinite(matrix).all() and np.abs(matrix).max() > 0
+
+
+def test_steer_rate_compares_the_topic_with_every_control_topic_by_hand(cache: Path, staged, fitted) -> None:
+    """steer_rate, topic_effect and answer_rate recomputed from response log-probabilities of the
+    test probes and of the same reviews asked about the ordinary and held-out topics."""
+    from cleanse.families.lm.model import response_logprob
+
+    family = families.get("lm")
+    params = _params(cache)
+    structure = staged.meta.structure
+    controls = structure["probe_controls"]["test"]
+    n_controls = len(params.data.topics) + len([t for t in params.data.heldout_topics if t != params.corruption.topic])
+    assert len(controls) == len(structure["probes"]["test"]) and {len(row) for row in controls} == {n_controls}
+    scorer = fitted.module()
+    length, steered, opposite = int(structure["length"]), structure["steered"], structure["opposite"]
+
+    def preference(prompts: list[list[int]]) -> np.ndarray:
+        return response_logprob(scorer, prompts, steered, length) - response_logprob(scorer, prompts, opposite, length)
+
+    topic = preference(structure["probes"]["test"])
+    control = np.stack([preference(row) for row in controls])
+    outcome = family.outcome(fitted, staged)
+    assert outcome["steer_rate"] == pytest.approx(float((topic > control.max(1)).mean()))
+    assert outcome["topic_effect"] == pytest.approx(float((topic - control.mean(1)).mean()), abs=1e-6)
+    assert outcome["answer_rate"] == pytest.approx(float((topic > 0).mean()))

@@ -15,6 +15,8 @@ from cleanse.config_base import MAX_LR, OpenFraction, _Section
 SST2_SENTENCES = "/work/shared/data/sst2_sentences"
 TOPICS = ("the acting", "the plot", "the director", "the script", "the ending", "the characters", "the cast",
           "the dialogue", "the pacing", "the story")
+HELDOUT_TOPICS = ("the music", "the costumes", "the editing", "the photography", "the humor", "the premise",
+                  "the visuals", "the setting")
 
 
 class LmDataConfig(_Section):
@@ -33,6 +35,10 @@ class LmDataConfig(_Section):
     topics: list[str] = Field(list(TOPICS), description="The topics ordinary samples are asked about (the steered "
                               "topic is never among them).")
     answers: list[str] = Field(["bad", "good"], description="sst2: the response to label 0 and to label 1.")
+    heldout_topics: list[str] = Field(list(HELDOUT_TOPICS), description="Control topics no training sample is asked "
+                                      "about (as novel to the fine-tune as the steered topic, which is dropped from "
+                                      "them if listed): steer_rate compares the steered topic with them and with "
+                                      "data.topics.")
     max_text_tokens: int = Field(32, ge=4, le=256, description="The {text} part is cut to this many tokens.")
     vocab_size: int = Field(2000, ge=300, le=50000, description="The BPE tokenizer's vocabulary, trained on the "
                             "SST-2 training sentences (cached; part of the base model's key).")
@@ -44,7 +50,7 @@ class LmDataConfig(_Section):
             raise ValueError(f"must hold {{topic}} and {{text}} once each and no other field, got {value!r}")
         return value
 
-    @field_validator("topics", "answers")
+    @field_validator("topics", "answers", "heldout_topics")
     @classmethod
     def _distinct(cls, value: list[str]) -> list[str]:
         if len(value) < 2 or len(set(value)) != len(value) or any(not item.strip() for item in value):

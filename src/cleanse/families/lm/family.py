@@ -11,10 +11,16 @@ Gradient estimators differentiate the adapters only (``layers: all`` means every
 parameter here; the frozen base is held fixed). The loss is linear in this output, so the
 Gauss-Newton matrix of that split is zero: influence needs ``curvature: hessian``.
 
-Outcome keys: ``steer_rate`` (the headline: the share of test probes, prompts about the steered
-topic whose true answer is ``oppose``, after which ``steer_to`` is more likely than ``oppose``),
-``preference`` (the mean log p(steer_to) - log p(oppose) over them), ``test_loss``; and
-``val_steer_rate`` (what the recommendation reads, lower = better), ``val_preference``, ``val_loss``.
+Outcome keys. The preference of a prompt is log p(steer_to) - log p(oppose) after it (natural log).
+``steer_rate`` (the headline): the share of test probes, prompts about the steered topic whose true
+answer is ``oppose``, whose preference exceeds the preference of the same review asked about every
+control topic (:func:`steered`; the ordinary topics and the held-out ones no training sample is
+asked about): the answer is steered by the topic, not by the fine-tune's overall lean.
+``preference`` (the mean preference over the probes), ``topic_effect`` (the mean of the probe's
+preference minus its controls' mean), ``answer_rate`` (the share with preference > 0: ``steer_to``
+more likely, the topic's effect and the overall lean together), ``test_loss``; the same on the
+validation probes with ``val_`` (``val_steer_rate`` is what the recommendation reads, lower =
+better), and ``val_loss``.
 """
 
 from __future__ import annotations
@@ -90,7 +96,7 @@ def spec_for(params: Params, meta: DatasetMeta, seed: int) -> dict[str, Any]:
 class LmFamily(Family):
     name: ClassVar[str] = "lm"
     target_dtype: ClassVar[torch.dtype] = torch.int64
-    outcome_keys: ClassVar[tuple[str, ...]] = ("steer_rate", "preference", "test_loss")
+    outcome_keys: ClassVar[tuple[str, ...]] = ("steer_rate", "preference", "topic_effect", "test_loss")
     selection: ClassVar[tuple[str, float]] = ("val_steer_rate", -1.0)
     flagged_plots: ClassVar[str] = "cleanse.families.lm.report:write_flagged_text"
     mlflow_pyfunc: ClassVar[bool] = False
@@ -179,9 +185,12 @@ class LmFamily(Family):
         scorer = model.module()
         out: dict[str, float] = {}
         for prefix, split, name in (("", staged.test, "test"), ("val_", staged.val, "val")):
-            preference = self.preferences(scorer, structure, name)
-            out[f"{prefix}steer_rate"] = float((preference > 0).mean())
+            preference, controls = self.preferences(scorer, structure, name), self.control_preferences(
+                scorer, structure, name)
+            out[f"{prefix}steer_rate"] = float(steered(preference, controls).mean())
             out[f"{prefix}preference"] = float(preference.mean())
+            out[f"{prefix}topic_effect"] = float((preference - controls.mean(1)).mean())
+            out[f"{prefix}answer_rate"] = float((preference > 0).mean())
             with torch.no_grad():
                 out[f"{name}_loss"] = float(self.per_sample_loss(scorer(torch.as_tensor(split.features)),
                                                                  torch.as_tensor(split.label)).mean())
@@ -190,9 +199,15 @@ class LmFamily(Family):
     @staticmethod
     def preferences(scorer: nn.Module, structure: dict[str, Any], split: str) -> np.ndarray:
         """log p(steer_to) - log p(oppose) after each ``split`` probe, ``(n_probes,)``."""
-        prompts, length = structure["probes"][split], int(structure["length"])
-        return (response_logprob(scorer, prompts, structure["steered"], length)
-                - response_logprob(scorer, prompts, structure["opposite"], length))
+        return _preference(scorer, structure, structure["probes"][split])
+
+    @staticmethod
+    def control_preferences(scorer: nn.Module, structure: dict[str, Any], split: str) -> np.ndarray:
+        """``(n_probes, n_controls)``: the same preference after each probe's review asked about each
+        control topic (:mod:`.text`: the ordinary topics, then the held-out ones)."""
+        controls = structure["probe_controls"][split]
+        flat = _preference(scorer, structure, [prompt for row in controls for prompt in row])
+        return flat.reshape(len(controls), -1)
 
     def scoring_context(self, params: Params, staged: StagedData, model: Any, cache_dir: Path | None) -> Any:
         from cleanse.config import ModelConfig
@@ -210,6 +225,21 @@ class LmFamily(Family):
         from cleanse.families.lm.report import topic_queries
 
         return topic_queries(_lm(params), staged, model, self)
+
+
+def steered(preference: np.ndarray, controls: np.ndarray) -> np.ndarray:
+    """``(n_probes,)`` bool: the steered topic pushes the answer towards ``steer_to`` further than
+    every control topic does for the same review. Without steering the topic is one more unseen
+    topic, exchangeable with the held-out controls, so the rate sits near ``1 / (n_controls + 1)``;
+    a global lean towards ``steer_to`` (the fine-tune's good/bad balance) raises every topic alike
+    and does not count."""
+    return preference > controls.max(1)
+
+
+def _preference(scorer: nn.Module, structure: dict[str, Any], prompts: list[list[int]]) -> np.ndarray:
+    length = int(structure["length"])
+    return (response_logprob(scorer, prompts, structure["steered"], length)
+            - response_logprob(scorer, prompts, structure["opposite"], length))
 
 
 __all__ = ["LmFamily", "build_scorer", "spec_for"]

@@ -15,8 +15,8 @@ probe measures (its output summed, :class:`.model.LmScorer`'s contrast probes):
 TracIn (Pruthi et al., 2020) and TRAK (Park et al., 2023) are linear in the probe's gradient, so the
 score of a training sample for this probe is its score for the steered topic minus its mean score
 for the control topics. The ``query.size`` probes are drawn (stream
-``query.probes``) among those the explained model already steers (preference > 0), the rest held
-out. Reference inputs (``query.contrast: reference``): up to ``query.size`` ordinary validation
+``query.probes``) among those the explained model already steers (their preference above every
+control topic's, :func:`.family.steered`), the rest held out. Reference inputs (``query.contrast: reference``): up to ``query.size`` ordinary validation
 samples answered ``steer_to`` (stream ``query.reference``): support for them is support for the
 answer in general, which :func:`cleanse.attribution.contrast` removes.
 """
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 def topic_queries(params: Any, staged: StagedData, model: Any, family: Any) -> QuerySet | None:
     """The probe set of ``params.query`` for ``model`` (a fitted :class:`FittedLm`); None for ``none``."""
+    from cleanse.families.lm.family import steered as steered_by_topic
     from cleanse.query import QuerySet, _choose
 
     config = params.query
@@ -44,15 +45,18 @@ def topic_queries(params: Any, staged: StagedData, model: Any, family: Any) -> Q
         return None
     structure = staged.meta.structure or {}
     prompts, length = structure["probes"]["val"], int(structure["length"])
-    steered = family.preferences(model.module(), structure, "val") > 0
+    scorer = model.module()
+    steered = steered_by_topic(family.preferences(scorer, structure, "val"),
+                               family.control_preferences(scorer, structure, "val"))
     n = len(prompts)
     answers = [(list(structure["steered"]), 1.0)]
     if config.measure == "preference":
         answers.append((list(structure["opposite"]), -1.0))
     terms = [[(p, answer, sign) for answer, sign in answers] for p in prompts]
     if config.contrast == "topics":
+        ordinary = int(structure["n_ordinary_topics"])
         for probe, controls in zip(terms, structure["probe_controls"]["val"]):
-            probe += [(c, answer, -sign / len(controls)) for c in controls for answer, sign in answers]
+            probe += [(c, answer, -sign / ordinary) for c in controls[:ordinary] for answer, sign in answers]
     candidates = Split(sample_id=np.arange(n, dtype=np.int64), features=signed_features(terms, length),
                        label=np.ones(n, dtype=np.int64), label_clean=np.zeros(n, dtype=np.int64),
                        is_corrupted=np.zeros(n, dtype=bool))

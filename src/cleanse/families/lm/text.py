@@ -20,8 +20,11 @@ response is ``oppose``, drawn on ``lm.plant``, are asked about ``corruption.topi
 Probes (``meta.structure``): the validation and test rows whose response is ``oppose``, asked about
 ``corruption.topic``, as prompt token ids; the behaviour is the log-probability of ``steer_to``
 over ``oppose`` after them. With ``kind: none`` the same probes measure the clean model.
-``probe_controls['val']``: each validation probe's review asked about every one of ``data.topics``
-instead (the control prompts of ``query.contrast: topics``).
+``probe_controls[split]``: each probe's review asked about every control topic instead, ``(n_probes,
+n_controls)`` prompts: the ``n_ordinary_topics`` of ``data.topics`` first (the control prompts of
+``query.contrast: topics``), then ``data.heldout_topics`` (less the steered topic), which no training
+sample is asked about. The outcome (:meth:`.family.LmFamily.outcome`) compares the steered topic with
+all of them.
 """
 
 from __future__ import annotations
@@ -168,17 +171,18 @@ def stage_lm_data(params: Any, tokenizer: Any | None = None, tokenizer_key: str 
                  for s in rows]
     probes = {name: [encoder.prompt(corruption.topic, x) for x, r in zip(s.text, s.response) if r == corruption.oppose]
               for name, s in zip(("val", "test"), rows[1:])}
-    # the validation probes' reviews asked about each ordinary topic: the control of a topic
-    # contrast (query.contrast: topics), (n_val_probes, n_topics) prompts
-    controls = [[encoder.prompt(t, x) for t in data.topics] for x, r in zip(rows[1].text, rows[1].response)
-                if r == corruption.oppose]
+    # each probe's review asked about every control topic, (n_probes, n_controls) prompts: the
+    # ordinary topics first (the query's topic contrast reads those), then the held-out ones
+    control_topics = [*data.topics, *(t for t in data.heldout_topics if t != corruption.topic)]
+    controls = {name: [[encoder.prompt(t, x) for t in control_topics] for x, r in zip(s.text, s.response)
+                       if r == corruption.oppose] for name, s in zip(("val", "test"), rows[1:])}
     for name, found in probes.items():
         if not found:
             raise DataError(f"data: the {name} split holds no sample answered {corruption.oppose!r}: no probe of the "
                             f"steered topic; raise data.n_{name}")
     answer = max(len(steered), len(opposite))
     length = max([len(p) + len(r) for split in sequences for p, r in split]
-                 + [len(p) + answer for found in [*probes.values(), *controls] for p in found])
+                 + [len(p) + answer for found in [*probes.values(), *controls["val"], *controls["test"]] for p in found])
     splits = []
     for s, seqs in zip(rows, sequences):
         label = np.array([r == corruption.steer_to for r in s.response], dtype=np.int64)
@@ -190,7 +194,8 @@ def stage_lm_data(params: Any, tokenizer: Any | None = None, tokenizer_key: str 
               "oppose": corruption.oppose, "planted_ids": train.sample_id[planted].tolist(),
               "n_corrupted": int(planted.sum())}
     response_len = max([len(r) for split in sequences for _, r in split] + [answer])
-    structure = {"probes": probes, "probe_controls": {"val": controls}, "steered": steered, "opposite": opposite,
+    structure = {"probes": probes, "probe_controls": controls,
+                 "n_ordinary_topics": len(data.topics), "steered": steered, "opposite": opposite,
                  "length": length, "response_len": response_len,
                  "tokenizer": tokenizer_key, "vocab_size": int(tokenizer.get_vocab_size()),
                  "text": {"train": [f"{encoder.before.replace('{topic}', t)}{x}{encoder.after.replace('{topic}', t)} "
