@@ -27,7 +27,12 @@ Parts (every number of docs/benchmarks.md "Diffusion attribution (DMin)" comes f
 4. ``index``: HnswIndex (faiss HNSW, inner product) over synthetic signatures of shape S * v:
    build time against n, query latency p50/p95 (one query at a time) and recall@10 against
    ``exact_topk``.
-5. ``cleansing``: the watermark cleansing loop of ``examples/diffusion.yaml`` as shipped, end to end
+5. ``compact``: the shipped example's model and queries (``examples/diffusion.yaml``: stage, train,
+   dmin's score step) scored at its default (v = 2^12, float32) and at ``scorers.dmin.sizes=[256]
+   size=256 dtype=float16``: bytes per sample stored against the raw per-timestep gradients (S x D
+   float32, the same meaning as part 3), the bytes actually on disk (cache shards and HNSW index per
+   training image), and precision@5/10 of the same retrieval queries.
+6. ``cleansing``: the watermark cleansing loop of ``examples/diffusion.yaml`` as shipped, end to end
    through ``run_all`` (what ``cleanse run`` runs) with dmin, dtrak and pixel_nn: the watermark
    rate of the baseline, random removal, the oracle and each estimator's retrain.
 
@@ -60,7 +65,7 @@ from _common import REPO, environment, fmt, jsonable, md_table, output_arguments
 SECTION = "diffusion"
 DEFAULT_OUT = REPO / "benchmarks/results/diffusion.json"
 DEFAULT_DOCS = REPO / "docs/benchmarks.md"
-PARTS = ("storage", "caching", "attribution", "duplicates", "index", "cleansing")
+PARTS = ("storage", "caching", "attribution", "duplicates", "index", "compact", "cleansing")
 KS = (5, 10, 50)
 CONFIG: dict[str, Any] = {
     "seed": 0, "n_train": 1000, "widths": [16, 32], "epochs": 60, "batch_size": 64, "lr": 2e-3,
@@ -73,6 +78,11 @@ CONFIG: dict[str, Any] = {
     "realistic_unet": {"sample_size": 32, "channels": 3, "widths": [64, 128, 256]},
     # part 6: the shipped example as it is, with every attribution estimator of the family
     "cleansing": {"params": "examples/diffusion.yaml", "estimators": ["dmin", "dtrak", "pixel_nn"], "set": []},
+    # part 5: the example's dmin at its default and at the compact setting (the first is the reference)
+    "compact": {"params": "examples/diffusion.yaml", "set": [],
+                "settings": {"default": [],
+                             "v256_float16": ["scorers.dmin.sizes=[256]", "scorers.dmin.size=256",
+                                              "scorers.dmin.dtype=float16"]}},
 }
 SMOKE: dict[str, Any] = {
     "n_train": 120, "epochs": 2, "per_class": 2, "duplicate_copies": 5, "duplicate_generations": 6, "sample_steps": 20,
@@ -85,6 +95,11 @@ SMOKE: dict[str, Any] = {
                           "generation.steps=4", "generation.n_watermark=10", "scorers.dmin.timesteps=2",
                           "scorers.dtrak.timesteps=2", "scorers.dtrak.size=256", "scorers.dmin.sizes=[256]",
                           "scorers.dmin.size=256"]},
+    "compact": {"params": "examples/diffusion.yaml",
+                "set": ["data.n_train=200", "data.n_val=40", "data.n_test=40", "model.epochs=1", "generation.per_class=1",
+                        "generation.steps=4", "generation.n_watermark=10", "scorers.dmin.timesteps=2"],
+                "settings": {"default": [], "v256_float16": ["scorers.dmin.sizes=[256]", "scorers.dmin.size=256",
+                                                             "scorers.dmin.dtype=float16"]}},
 }
 
 
@@ -566,6 +581,62 @@ def cleansing(cfg: dict[str, Any]) -> dict[str, Any]:
             "pipeline_cpu_seconds": cpu}
 
 
+def compact(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Part 5 (module docstring): one staged data set and base model (the example's, MLflow off),
+    dmin's score step once per setting, each read back from its score metadata, signature cache
+    and retrieval table before the next overwrites ``scores/dmin``."""
+    import tempfile
+
+    from cleanse.config import load_params
+    from cleanse.families.diffusion.retrieval import estimator_retrieval
+    from cleanse.families.diffusion.signatures import parameter_names
+    from cleanse.stages.common import load_base_model, load_staged
+    from cleanse.stages.data import run_stage
+    from cleanse.stages.fit import run_train
+    from cleanse.stages.score import run_score
+    from cleanse.storage import Layout, read_json
+
+    spec = cfg["compact"]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="cleanse-bench-diffusion-compact-") as root:
+        layout = Layout.at(Path(root))
+        for i, (name, setting) in enumerate(spec["settings"].items()):
+            params = load_params(REPO / spec["params"], ["estimators=[dmin]", "tracking.enabled=false", *spec["set"],
+                                                         *setting])
+            if i == 0:
+                run_stage(params, layout)
+                run_train(params, layout)
+                unet = load_base_model(params, layout).model
+                named = dict(unet.named_parameters())
+                dim = sum(named[p].numel() for p in parameter_names(unet, params.scorers.dmin.parameters))
+            started = time.perf_counter()
+            run_score(params, layout, "dmin")
+            seconds = time.perf_counter() - started
+            options = params.scorers.dmin
+            staged = load_staged(layout, params)
+            retrieval = estimator_retrieval(params, staged, layout, "dmin") or {}
+            meta = read_json(layout.scores_meta("dmin"))
+            caches = [path for path in (layout.root / "cache" / "diffusion_signatures").iterdir()
+                      if read_json(path / "manifest.meta.json")["key"].get("sizes") == sorted(options.sizes)
+                      and read_json(path / "manifest.meta.json")["key"].get("dtype", "float32") == options.dtype]
+            assert len(caches) == 1, caches
+            n = len(staged.train)
+            itemsize = 2 if options.dtype == "float16" else 4
+            stored = options.timesteps * options.size * itemsize
+            raw = 4 * options.timesteps * dim
+            rows.append({"setting": name, "overrides": setting, "S": options.timesteps, "v": options.size,
+                         "sizes": list(options.sizes), "dtype": options.dtype, "D": dim, "raw_bytes": raw,
+                         "stored_bytes": stored, "ratio": raw / stored,
+                         "shard_bytes_per_sample": sum(f.stat().st_size for f in caches[0].glob("shard_*.safetensors")) / n,
+                         "index_bytes_per_sample": (caches[0] / f"index_v{options.size}.faiss").stat().st_size / n,
+                         "precision_at_5": retrieval.get("precision_at_5"),
+                         "precision_at_10": retrieval.get("precision_at_10"),
+                         "n_queries": retrieval.get("n_queries"), "score_seconds": seconds,
+                         "n_harm_queries": meta.get("n_harm_queries")})
+            log(f"compact {name}: ratio {raw / stored:.0f}x, precision@10 {retrieval.get('precision_at_10')}")
+    return {"params": spec["params"], "overrides": spec["set"], "n_train": n, "rows": rows}
+
+
 # ----------------------------------------------------------------------------- summary, docs
 
 
@@ -729,6 +800,25 @@ def render(result: dict[str, Any], docs: Path, out: Path, image: Path) -> str:
                   "adapters are small (there D can be below v: the sketch then only pads and stores more than the raw "
                   "gradient), and met by the realistically sized UNet at v = 2^12 (2,666×). DMin's 339 TB → 726 MB is "
                   "Stable Diffusion 3 scale, where D is in the billions.", ""]
+    if "compact" in runs:
+        cp = runs["compact"]
+        table = [[f"`{r['setting']}`" + (f" ({' '.join(r['overrides'])})" if r["overrides"] else ""), r["S"], fmt(r["v"]),
+                  r["dtype"], fmt(r["D"]), fmt(r["stored_bytes"] / 2 ** 10, 1) + " KiB", fmt(r["ratio"], 0) + "×",
+                  fmt(r["shard_bytes_per_sample"] / 2 ** 10, 1) + " KiB", fmt(r["index_bytes_per_sample"] / 2 ** 10, 1) + " KiB",
+                  fmt(r["precision_at_5"], 3), fmt(r["precision_at_10"], 3)] for r in cp["rows"]]
+        best = max(cp["rows"], key=lambda r: r["ratio"])
+        lines += ["### Storage at the compact setting", "",
+                  f"The shipped example (`{cp['params']}`{', ' + ' '.join(cp['overrides']) if cp['overrides'] else ''}: "
+                  f"stage, train, dmin's score step; {cp['n_train']:,} training images) scored at its default and at "
+                  "`scorers.dmin.sizes=[256] size=256 dtype=float16` (the documented compact setting): "
+                  "stored = S × v entries of the dtype, raw = S × D float32 (part 3's meaning); on disk = the signature "
+                  "cache's shards (every cached size, plus the safetensors header and sample ids) and the HNSW index "
+                  "(vectors plus its graph) per training image. precision@k of the same retrieval queries.", "",
+                  md_table(["setting", "S", "v", "dtype", "D", "stored", "raw / stored", "shards on disk",
+                            "index on disk", "precision@5", "precision@10"], table), "",
+                  f"**Target ≥ 1,000×:** {verdict(best['ratio'] >= 1000)} ({best['ratio']:,.0f}× at v = {best['v']} "
+                  f"{best['dtype']}, precision@10 {fmt(best['precision_at_10'], 3)} against "
+                  f"{fmt(cp['rows'][0]['precision_at_10'], 3)} at the default).", ""]
     if "caching" in runs:
         c = runs["caching"]
         sp = c["seconds_per_sample"]
@@ -833,8 +923,11 @@ def merge(out: Path, docs: Path | None, part: str, value: dict[str, Any], base: 
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
         result = json.loads(out.read_text()) if out.is_file() else dict(base, runs={})
-        if result.get("config") != base["config"]:
+        saved = result.get("config") or {}
+        if not saved or any(saved[key] != value for key, value in base["config"].items() if key in saved):
             result = dict(base, runs={})  # another configuration (the smoke one): start over
+        # a configuration that only gained keys (a new part's) keeps the parts measured before
+        result["config"] = base["config"]
         result["runs"][part] = jsonable(value)
         result["environment"], result["argv"] = base["environment"], base["argv"]
         result["notes"] = base["notes"] or result.get("notes", [])
@@ -870,7 +963,7 @@ def main(argv: list[str] | None = None) -> int:
             value = index_part(cfg, lambda partial: merge(args.out, docs, part, partial, base))
         else:
             value = {"storage": storage, "caching": caching, "attribution": attribution, "duplicates": duplicates,
-                     "cleansing": cleansing}[part](cfg)
+                     "compact": compact, "cleansing": cleansing}[part](cfg)
         value["wall_seconds"] = time.perf_counter() - started
         merge(args.out, docs, part, value, base)
         log(f"part {part} done in {value['wall_seconds']:.0f} s")

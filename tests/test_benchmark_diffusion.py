@@ -1,5 +1,6 @@
 """Smoke test of benchmarks/diffusion.py: every part (storage, caching cost before/after, source
-detection with the sketch and the baselines, the HNSW index) at tiny sizes, end to end, and its
+detection with the sketch and the baselines, the HNSW index, the compact float16 setting, the
+cleansing loop) at tiny sizes, end to end, and its
 docs section rendered beside another script's section."""
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def test_smoke_run_measures_every_part_and_renders_its_section(tmp_path):
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     runs = json.loads(out.read_text())["runs"]
-    assert set(runs) == {"storage", "caching", "attribution", "duplicates", "index", "cleansing"}
+    assert set(runs) == {"storage", "caching", "attribution", "duplicates", "index", "compact", "cleansing"}
 
     # storage: the ratio is D / v, with D the model's parameter count
     small = [r for r in runs["storage"]["rows"] if r["model"].startswith("small_unet")]
@@ -100,8 +101,22 @@ def test_smoke_run_measures_every_part_and_renders_its_section(tmp_path):
     assert all(0 <= rows[name]["n_corrupted_removed"] <= min(planted, rows[name]["n_removed"])
                for name in ("dmin", "dtrak", "pixel_nn"))
 
+    # compact: raw S x D float32 against S x v of the dtype; at v = 256 in float16 the example's UNet
+    # (D = 164,689: 8x8 MNIST, 10 classes and the null label) stores >= 1,000x less; the shards on disk
+    # hold what the ratio counts (plus ids and a header), the default's every cached size
+    default, small = runs["compact"]["rows"]
+    assert (default["v"], default["dtype"], small["v"], small["dtype"]) == (4096, "float32", 256, "float16")
+    for row in (default, small):
+        itemsize = 2 if row["dtype"] == "float16" else 4
+        assert row["ratio"] == 4 * row["D"] / (itemsize * row["v"])
+        assert row["stored_bytes"] == row["S"] * row["v"] * itemsize
+        assert 0.0 <= row["precision_at_5"] <= 1.0 and 0.0 <= row["precision_at_10"] <= 1.0
+    assert small["ratio"] >= 1000 and small["D"] == default["D"] == 164689
+    assert small["stored_bytes"] <= small["shard_bytes_per_sample"] < small["stored_bytes"] + 128
+    assert default["shard_bytes_per_sample"] >= default["S"] * 4 * (256 + 1024 + 4096)
+
     text = docs.read_text()
-    assert "### Watermark cleansing" in text
+    assert "### Watermark cleansing" in text and "### Storage at the compact setting" in text
     assert "keep me" in text and "<!-- diffusion:start -->" in text and "Diffusion attribution (DMin)" in text
     assert (tmp_path / "img" / "diffusion.png").stat().st_size > 1000
     # the docs re-render from the saved results alone

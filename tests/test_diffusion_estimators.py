@@ -389,3 +389,30 @@ def test_the_watermark_signal_is_significant_when_flags_exceed_the_false_positiv
     high = watermark_signal(context, 35, 40)
     assert high["significant"] is True and high["clean_flagged"] == false_flags and high["p_value"] < 0.05
     assert watermark_signal(context, false_flags, 40)["significant"] is False
+
+
+def test_float16_signatures_halve_the_storage_and_keep_the_scores(context):
+    """dtype: float16 stores the shards and the HNSW index's vectors in half precision (their own
+    cache key, so never mixed with float32 shards): entries within float16 rounding of the float32
+    ones, the same scores to 1e-3 of their spread, the index file about half the bytes, and each
+    training image still its own nearest neighbour."""
+    half = DMIN.model_copy(update={"dtype": "float16"})
+    full_vectors = caching.cached_vectors(context, DMIN, 4096)
+    half_vectors = caching.cached_vectors(context, half, 4096)
+    cache = caching.signature_cache(context, half)
+    assert cache.root != caching.signature_cache(context, DMIN).root
+    assert cache.read(0)["v4096"].dtype == torch.float16 and half_vectors.dtype == np.float32
+    np.testing.assert_allclose(half_vectors, full_vectors, rtol=2 ** -10, atol=1e-7)
+    assert not np.array_equal(half_vectors, full_vectors)
+    full_score = DminEstimator().score(context, DMIN).table["score"].to_numpy()
+    result = DminEstimator().score(context, half)
+    assert result.meta["bytes_per_sample"] == 4 * (256 + 1024 + 4096) * 2
+    np.testing.assert_allclose(result.table["score"].to_numpy(), full_score, atol=1e-3 * np.ptp(full_score))
+    full_index = caching.cached_index(context, DMIN, 4096, full_vectors)
+    half_index = caching.cached_index(context, half, 4096, half_vectors)
+    full_bytes = (caching.signature_cache(context, DMIN).root / "index_v4096.faiss").stat().st_size
+    half_bytes = (cache.root / "index_v4096.faiss").stat().st_size
+    assert 0.45 < half_bytes / full_bytes < 0.6
+    _, ids = half_index.search(full_vectors, 1)
+    np.testing.assert_array_equal(ids[:, 0], np.arange(len(context.train)))
+    assert len(full_index) == len(half_index)

@@ -190,4 +190,5 @@ class DminEstimator(GradientAttributionEstimator):
 
     def extra_meta(self, context: Any, options: DminOptions, train: np.ndarray) -> dict[str, Any]:
         return {"size": options.size, "timesteps": options.timesteps, "index": options.index,
-                "bytes_per_sample": int(options.timesteps * sum(options.sizes) * 4)}
+                "dtype": options.dtype,
+                "bytes_per_sample": int(options.timesteps * sum(options.sizes) * (2 if options.dtype == "float16" else 4))}

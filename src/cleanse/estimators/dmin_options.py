@@ -21,6 +21,11 @@ class DminOptions(_Section):
         [256, 1024, 4096], min_length=1, description="Sketch sizes v cached at once (each must divide the largest; "
         "a sample stores S * sum(sizes) float32: 2^16 alone is 2.6 MB per sample at S = 10).")
     size: int = Field(4096, ge=1, description="The v whose sketch scores and indexes (one of sizes).")
+    dtype: Literal["float32", "float16"] = Field(
+        "float32", description="Precision of the stored signatures (cache shards and the HNSW index's vectors): "
+        "float16 halves the storage; scores are computed in float32 from the rounded entries. S = 10, v = 256 in "
+        "float16 stores 5 KiB per sample, 1,000x less than the raw gradients of a UNet with D >= 128k "
+        "(benchmarks/diffusion.py --parts compact).")
     index: Literal["hnsw", "exact"] = Field(
         "hnsw", description="Per-query top-k: faiss HNSW inner-product index (M 16, ef 200/100) or the exact scan.")
     reference: Literal["none", "unflagged"] = Field(

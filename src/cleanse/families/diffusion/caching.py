@@ -58,6 +58,7 @@ class SignatureSpec:
     parameters: str
     batch_size: int
     shard_size: int
+    dtype: str = "float32"  # of the stored entries: "float32" | "float16"
 
     @classmethod
     def of(cls, options: BaseModel) -> SignatureSpec:
@@ -65,7 +66,7 @@ class SignatureSpec:
         values = options.model_dump()
         if "sizes" in values:
             return cls(values["timesteps"], tuple(sorted(values["sizes"])), "sketch", values["normalised"],
-                       values["parameters"], values["batch_size"], values["shard_size"])
+                       values["parameters"], values["batch_size"], values["shard_size"], values.get("dtype", "float32"))
         if "size" in values and "damping" in values:
             return cls(values["timesteps"], (values["size"],), "gaussian", False, values["parameters"],
                        values["batch_size"], values["shard_size"])
@@ -106,7 +107,9 @@ def cache_key(context: Any, options: BaseModel) -> dict[str, Any]:
                           "beta_schedule": scheduler.beta_schedule},
             "timesteps": spec.timesteps, "noise_seed": int(context.seed), "sizes": list(spec.sizes),
             "projection": spec.projection, "normalised": spec.normalised, "parameters": spec.parameters,
-            "shard_size": spec.shard_size}
+            "shard_size": spec.shard_size,
+            # only when not float32, so that float32 caches filled before the option keep their key
+            **({"dtype": spec.dtype} if spec.dtype != "float32" else {})}
 
 
 def _work_base() -> Path:
@@ -221,13 +224,14 @@ def shard_rows(context: Any, options: BaseModel, shard: int) -> slice:
 
 
 def compute_shard(context: Any, options: BaseModel, shard: int) -> dict[str, torch.Tensor]:
-    """Shard ``shard``'s tensors: ``sample_id`` ``(b,)`` int64 and ``v{size}`` ``(b, S', size)``.
-    Pure: reads the context, writes nothing."""
+    """Shard ``shard``'s tensors: ``sample_id`` ``(b,)`` int64 and ``v{size}`` ``(b, S', size)``
+    in the options' ``dtype`` (float32 by default). Pure: reads the context, writes nothing."""
     rows = shard_rows(context, options, shard)
     images, conditions = _train_inputs(context)
     out = transform(context, options, images[rows], None if conditions is None else conditions[rows])
     sample_id = torch.from_numpy(np.asarray(context.train.sample_id[rows], dtype=np.int64))
-    return {"sample_id": sample_id, **{f"v{v}": t.float().contiguous() for v, t in out.items()}}
+    dtype = getattr(torch, SignatureSpec.of(options).dtype)
+    return {"sample_id": sample_id, **{f"v{v}": t.to(dtype).contiguous() for v, t in out.items()}}
 
 
 MapFn = Callable[[Callable[[int], None], list[int]], Iterable[Any]]
@@ -254,14 +258,15 @@ def cached_vectors(context: Any, options: BaseModel, size: int, map_fn: MapFn | 
 
 def cached_index(context: Any, options: BaseModel, size: int, vectors: np.ndarray) -> HnswIndex:
     """The HNSW index of ``vectors`` (the cached ``size`` vectors, ids = training positions),
-    built once and kept in the cache folder as ``index_v{size}.faiss``."""
+    built once and kept in the cache folder as ``index_v{size}.faiss``; float16 codes when the
+    options' ``dtype`` is float16."""
     cache = signature_cache(context, options)
     path = cache.root / f"index_v{size}.faiss"
     if path.is_file():
         index = HnswIndex.load(path)
         if len(index) == vectors.shape[0] and index.dim == vectors.shape[1]:
             return index
-    index = HnswIndex.build(vectors)
+    index = HnswIndex.build(vectors, float16=SignatureSpec.of(options).dtype == "float16")
     index.save(path)
     if isinstance(cache, RemoteShardCache):
         cache._mirror().publish()
