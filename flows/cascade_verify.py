@@ -82,6 +82,9 @@ def cascade_verify_flow(params_file: str | None = "params.yaml", overrides: list
     STAGE_TASKS["stage"](*common, fresh=fresh)
     params, _ = setup(*common)
     *_, structure, layout = _graph(*common)
+    if structure.get("threshold") is not None:  # one deterministic cascade: nothing to fan out
+        raise ConfigError("cascade.threshold: a fixed-threshold LT spread is deterministic (one cascade, in metrics.json); "
+                          "the fan-out verifies random cascades only")
     cuts: dict[str, list[int]] = {"baseline": []}
     for name in estimators if estimators is not None else list(params.estimators):
         path = layout.flags(name)

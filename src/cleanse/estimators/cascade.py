@@ -100,11 +100,14 @@ class GreedyMcEstimator(_EdgeEstimator):
 
     def edge_scores(self, context: Any, options: Any) -> np.ndarray:
         from cleanse.families.cascade.data import int_seed
-        from cleanse.graphs.greedy_mc import greedy_mc
+        from cleanse.graphs.greedy_mc import greedy_fixed_threshold, greedy_mc
         from cleanse.graphs.surrogate import near
 
         ei, w, seeds, n = context.graph()
         candidates = None if options.hops < 0 else near(ei, seeds, n, options.hops)
+        if context.threshold is not None:  # deterministic LT: exact re-simulation instead of live-edge worlds
+            return greedy_fixed_threshold(ei, w, seeds, n, context.budget, context.threshold, candidates=candidates,
+                                          per_step=-(-context.budget // options.steps)).score
         return greedy_mc(context.diffusion, ei, w, seeds, n, context.budget, worlds=options.worlds,
                          candidates=candidates, seed=int_seed(context.seed, "cascade.select"),
                          per_step=-(-context.budget // options.steps)).score

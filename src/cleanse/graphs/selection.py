@@ -174,15 +174,19 @@ def eigen_scores(edge_index: np.ndarray, weights: np.ndarray, num_nodes: int, it
 
 
 def verify_spread(kind: str, edge_index: np.ndarray, weights: np.ndarray, seeds: np.ndarray, num_nodes: int,
-                  removed: np.ndarray, runs: int = 10_000, batches: int = 50, seed: int = 0) -> tuple[float, float]:
+                  removed: np.ndarray, runs: int = 10_000, batches: int = 50, seed: int = 0,
+                  threshold: float | None = None) -> tuple[float, float]:
     """The expected spread (mean number of active nodes, seeds included) with the ``removed`` edges
     gone, by ``runs`` fresh Monte Carlo cascades in ``batches`` independent batches; returns
-    ``(spread, standard error)`` (the standard error from the batch means)."""
+    ``(spread, standard error)`` (the standard error from the batch means). ``threshold``: LT with
+    that fixed threshold for every node (deterministic: one cascade is run, the standard error is 0)."""
     if runs < batches or batches < 2:
         raise ConfigError(f"verification needs runs >= batches >= 2, got runs={runs}, batches={batches}")
     w = np.asarray(weights, dtype=np.float64).copy()
     w[np.asarray(removed, dtype=np.int64)] = 0.0
     rows = np.zeros((batches, num_nodes), dtype=bool)
     rows[:, np.asarray(seeds, dtype=np.int64)] = True
+    if threshold is not None:
+        return float(simulate(kind, edge_index, w, rows[:1], n_runs=1, num_nodes=num_nodes, threshold=threshold).sum()), 0.0
     per_batch = simulate(kind, edge_index, w, rows, n_runs=runs // batches, seed=seed, num_nodes=num_nodes).sum(axis=1)
     return float(per_batch.mean()), float(per_batch.std(ddof=1) / np.sqrt(batches))

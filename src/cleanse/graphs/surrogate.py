@@ -168,11 +168,12 @@ def near(edge_index: np.ndarray, seeds: np.ndarray, num_nodes: int, hops: int) -
 
 def make_instances(kind: str, edge_index: np.ndarray, weights: np.ndarray, num_nodes: int, target: np.ndarray,
                    count: int, runs: int, gen: np.random.Generator, max_removal: float = 0.3,
-                   target_share: float = 0.5) -> Instances:
+                   target_share: float = 0.5, threshold: float | None = None) -> Instances:
     """``count`` perturbed instances: a share ``target_share`` with the ``target`` seed set, the rest
     with random seed sets of the same size; in each, a rate ``r ~ U(0, max_removal)`` of edges (half
     of the instances: among the edges within two hops of the seeds) is removed (``keep = 0``) or, in
-    every other instance, down-weighted (``keep ~ U(0, 1)``). Labels: ``runs`` Monte Carlo cascades."""
+    every other instance, down-weighted (``keep ~ U(0, 1)``). Labels: ``runs`` Monte Carlo cascades
+    (``threshold``: LT with that fixed threshold, deterministic, so one cascade)."""
     began = time.perf_counter()
     e = edge_index.shape[1]
     seeds = np.zeros((count, num_nodes), dtype=bool)
@@ -184,8 +185,8 @@ def make_instances(kind: str, edge_index: np.ndarray, weights: np.ndarray, num_n
         pool = near(edge_index, chosen, num_nodes, 2) if gen.random() < 0.5 else np.ones(e, dtype=bool)
         hit = pool & (gen.random(e) < gen.uniform(0.0, max_removal))
         keep[i, hit] = 0.0 if i % 2 == 0 else gen.random(int(hit.sum()))
-        labels[i] = simulate(kind, edge_index, weights * keep[i], seeds[i:i + 1], n_runs=runs,
-                             seed=int(gen.integers(2**31)), num_nodes=num_nodes)[0]
+        labels[i] = simulate(kind, edge_index, weights * keep[i], seeds[i:i + 1], n_runs=runs if threshold is None else 1,
+                             seed=int(gen.integers(2**31)), num_nodes=num_nodes, threshold=threshold)[0]
     return Instances(seeds, keep, labels, time.perf_counter() - began)
 
 

@@ -29,7 +29,12 @@ class CascadeDataConfig(_Section):
 class CascadeConfig(_Section):
     """The diffusion, its seed set and the Monte Carlo that verifies every removal."""
 
-    diffusion: Literal["IC", "LT"] = Field("IC", description="Independent Cascade or Linear Threshold (thresholds U(0, 1]).")
+    diffusion: Literal["IC", "LT"] = Field("IC", description="Independent Cascade or Linear Threshold (thresholds U(0, 1], "
+                                           "or 'threshold').")
+    threshold: float | None = Field(None, gt=0.0, le=1.0, description="LT only: one fixed threshold for every node "
+                                    "(DeepIM's ndlib labels) instead of U(0, 1]. The cascade is then deterministic "
+                                    "(spread_se 0) and the reference greedy re-simulates each candidate (no live-edge "
+                                    "worlds: a fixed threshold is not a live-edge process).")
     seeds: int = Field(5, ge=1, description="Seed-set size |S| (the rumour's sources).")
     seed_selection: Literal["degree", "random"] = Field("degree", description="The highest out-degrees, or at random.")
     mc_runs: int = Field(10_000, ge=100, description="Cascades of each verification (the outcome 'spread').")

@@ -68,7 +68,7 @@ def _weights(params: Params, graph: Any) -> np.ndarray:
 def stage_cascade(params: Params) -> StagedData:
     from cleanse.graphs.cascades import _check
     from cleanse.graphs.generators import cascade_graph, choose_seeds
-    from cleanse.graphs.greedy_mc import greedy_mc
+    from cleanse.graphs.greedy_mc import greedy_fixed_threshold, greedy_mc
     from cleanse.graphs.surrogate import near
 
     cp = cascade_params(params)
@@ -90,9 +90,13 @@ def stage_cascade(params: Params) -> StagedData:
                               "data.probability: weighted_cascade or a smaller constant_p")
     b = budget_of(params, graph.num_edges)
     candidates = None if reference.hops < 0 else near(graph.edge_index, chosen, graph.num_nodes, reference.hops)
-    ref = greedy_mc(cascade.diffusion, graph.edge_index, weights, chosen, graph.num_nodes, b, worlds=reference.worlds,
-                    candidates=candidates, seed=int_seed(params.seed, "cascade.reference"),
-                    per_step=-(-b // reference.steps))
+    if cascade.threshold is None:
+        ref = greedy_mc(cascade.diffusion, graph.edge_index, weights, chosen, graph.num_nodes, b,
+                        worlds=reference.worlds, candidates=candidates, seed=int_seed(params.seed, "cascade.reference"),
+                        per_step=-(-b // reference.steps))
+    else:
+        ref = greedy_fixed_threshold(graph.edge_index, weights, chosen, graph.num_nodes, b, cascade.threshold,
+                                     candidates=candidates, per_step=-(-b // reference.steps))
     e = graph.num_edges
     corrupted = np.zeros(e, dtype=bool)
     corrupted[ref.picked] = True
@@ -100,7 +104,8 @@ def stage_cascade(params: Params) -> StagedData:
     train = Split(sample_id=np.arange(e, dtype=np.int64), features=features, label=np.zeros(e, dtype=np.int64),
                   label_clean=np.zeros(e, dtype=np.int64), is_corrupted=corrupted)
     structure = {"num_nodes": graph.num_nodes, "edge_index": graph.edge_index.tolist(), "weights": weights.tolist(),
-                 "seeds": chosen.tolist(), "diffusion": cascade.diffusion, "probability": data.probability,
+                 "seeds": chosen.tolist(), "diffusion": cascade.diffusion, "threshold": cascade.threshold,
+                 "probability": data.probability,
                  "budget": b, "mc_runs": cascade.mc_runs, "val_runs": cascade.val_runs, "batches": cascade.batches,
                  "reference": {"kind": reference.kind, "worlds": reference.worlds, "hops": reference.hops,
                                "steps": reference.steps,

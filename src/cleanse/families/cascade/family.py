@@ -70,6 +70,11 @@ class CascadeContext:
     def diffusion(self) -> str:
         return str((self.meta.structure or {}).get("diffusion", "IC"))
 
+    @property
+    def threshold(self) -> float | None:
+        """LT's fixed threshold for every node, or None (thresholds U(0, 1])."""
+        return (self.meta.structure or {}).get("threshold")
+
 
 def _surrogate_config(params: Params, seed: int) -> Any:
     from cleanse.graphs.surrogate import SurrogateConfig
@@ -90,7 +95,7 @@ def spread_outcome(meta: DatasetMeta, removed: np.ndarray) -> dict[str, float]:
     out: dict[str, float] = {}
     for prefix, runs, purpose in (("", s["mc_runs"], "cascade.verify"), ("val_", s["val_runs"], "cascade.val")):
         mean, se = verify_spread(s["diffusion"], ei, w, seeds, n, removed, runs=int(runs), batches=int(s["batches"]),
-                                 seed=int_seed(seed, purpose))
+                                 seed=int_seed(seed, purpose), threshold=s.get("threshold"))
         out[f"{prefix}spread"], out[f"{prefix}spread_se"] = mean, se
     return out
 
@@ -127,10 +132,11 @@ class CascadeFamily(WithoutUnitLoss):
         seed = params.seed if seed is None else seed
         ei, w, seeds, n = graph_arrays(meta)
         kind, m = str((meta.structure or {})["diffusion"]), cascade_params(params).model
-        common = {"max_removal": m.max_removal, "target_share": m.target_share}
-        train = make_instances(kind, ei, w, n, seeds, m.instances, m.label_runs, rng(seed, "cascade.train"), **common)
-        test = make_instances(kind, ei, w, n, seeds, m.test_instances, 4 * m.label_runs, rng(seed, "cascade.test"),
-                              **common)
+        threshold = (meta.structure or {}).get("threshold")
+        train, test = (make_instances(kind, ei, w, n, seeds, count, runs, rng(seed, purpose), max_removal=m.max_removal,
+                                      target_share=m.target_share, threshold=threshold)
+                       for count, runs, purpose in ((m.instances, m.label_runs, "cascade.train"),
+                                                    (m.test_instances, 4 * m.label_runs, "cascade.test")))
         config = _surrogate_config(params, seed)
         model = SpreadSurrogate(ei, w, n, config)
         record = fit_surrogate(model, train)

@@ -44,6 +44,8 @@ class CascadeParams(Params):
             raise ValueError("detect.budget: family 'cascade' cuts a fixed budget of edges; use fraction or count")
         if self.model.kind == "axel" and self.model.hidden % self.model.segments:
             raise ValueError(f"model.segments: {self.model.segments} must divide model.hidden ({self.model.hidden})")
+        if self.cascade.threshold is not None and self.cascade.diffusion != "LT":
+            raise ValueError("cascade.threshold: a fixed threshold applies to diffusion LT only")
         if self.evaluate.lds or self.evaluate.stability:
             raise ValueError("evaluate.lds / evaluate.stability: need a supervised model; family 'cascade' has none")
         return self
