@@ -89,7 +89,26 @@ def run_seed(seed: int, extra: list[str], work: Path) -> dict[str, Any]:
             "seconds_per_probe": seconds / n_probes if name in PAIRWISE else None}
     fine = row["estimators"]["fine"]
     fine["cost_ratio"] = fine["seconds"] / fit_seconds
+    for name, outcome in fixed_budget(params, layout, staged, int(np.floor(1.5 * planted))).items():
+        row["estimators"][name]["fixed_budget"] = outcome
     return row
+
+
+def fixed_budget(params: Any, layout: Any, staged: Any, count: int) -> dict[str, dict[str, Any]]:
+    """Per estimator: steer_rate after removing its top ``count`` scores (``detect.budget: count``)
+    and re-fine-tuning with the run's seed, beside the automatic budget of the run itself."""
+    from cleanse.families import get
+    from cleanse.storage import read_table
+
+    family = get("lm")
+    out = {}
+    for name in ESTIMATORS:
+        scores = read_table(layout.scores(name)).sort(["score", "sample_id"], descending=[True, False])
+        removed = np.isin(staged.train.sample_id, scores["sample_id"].head(count).to_numpy())
+        outcome = family.outcome(family.fit(params, staged.train.subset(np.flatnonzero(~removed)), staged.meta), staged)
+        out[name] = {"count": count, "hits": int(staged.train.is_corrupted[removed].sum()),
+                     "steer_rate": outcome["steer_rate"]}
+    return out
 
 
 def jaccard(a: set[int], b: set[int]) -> float:
@@ -181,6 +200,10 @@ def plot(result: dict[str, Any], image: Path) -> None:
     write_bytes(buffer.getvalue(), image)
 
 
+def _fixed(entry: dict[str, Any] | None) -> str:
+    return "" if not entry else f"{entry['hits']}/{entry['count']} -> {fmt(entry['steer_rate'])}"
+
+
 def render(result: dict[str, Any], docs: Path, out: Path, image: Path) -> str:
     env = result.get("environment", {})
     rows = result["runs"]
@@ -188,15 +211,18 @@ def render(result: dict[str, Any], docs: Path, out: Path, image: Path) -> str:
              f"`python benchmarks/lm.py` ({'smoke settings' if result.get('smoke') else 'examples/lm.yaml'}, seeds "
              f"{[r['seed'] for r in rows]}; one torch thread). Measured at {env.get('git_commit', '?')}, load average "
              f"at start {fmt((env.get('load_average_start') or ['?'])[0])}. Flags: `detect.budget: auto` (Otsu, "
-             "capped at 5%); steer_rate = share of held-out negative reviews about the topic answered `good` after "
-             "re-fine-tuning without the flags.", ""]
+             "capped at 5%); steer_rate = share of held-out negative reviews about the steered topic whose preference "
+             "log p(good) - log p(bad) exceeds that of the same review asked about every control topic (10 ordinary, "
+             "8 held-out), after re-fine-tuning without the flags (`docs/lm.md`).", ""]
     lines += ["References per seed (steer_rate on the test probes):", "",
               md_table(["seed", "baseline", "random (as many as planted)", "oracle (the planted pairs)"],
                        [[r["seed"], *[fmt(r[key], 3) for key in ("baseline", "random", "oracle")]] for r in rows]), ""]
-    headers = ["estimator", "seed", "AP", "precision@k", "flagged", "planted in flags", "steer_rate"]
+    headers = ["estimator", "seed", "AP", "precision@k", "flagged", "planted in flags", "steer_rate",
+               "top 1.5x planted: planted in it -> steer_rate"]
     table = [[name, r["seed"], *[fmt(r["estimators"][name][key]) for key in ("average_precision", "precision_at_k")],
               fmt(r["estimators"][name]["n_flagged"], 0), f"{r['estimators'][name]['hits']}/{r['planted']}",
-              fmt(r["estimators"][name]["steer_rate"])] for name in ESTIMATORS for r in rows]
+              fmt(r["estimators"][name]["steer_rate"]), _fixed(r["estimators"][name].get("fixed_budget"))]
+             for name in ESTIMATORS for r in rows]
     lines += ["Per seed:", "", md_table(headers, table), ""]
     summary = result["summary"]
     ref = [[key, f"{fmt(summary[key][0])} ± {fmt(summary[key][1])}"] for key in ("baseline", "random", "oracle")]

@@ -32,6 +32,8 @@ def test_smoke_run_measures_and_renders_its_section(tmp_path: Path) -> None:
     for name in ("loss", "tracin", "trak", "fine"):
         entry = row["estimators"][name]
         assert 0 <= entry["average_precision"] <= 1 and 0 <= entry["steer_rate"] <= 1 and entry["seconds"] > 0
+        fixed = entry["fixed_budget"]  # the top floor(1.5 x 3) = 4 removed and re-fine-tuned
+        assert fixed["count"] == 4 and 0 <= fixed["hits"] <= 3 and 0 <= fixed["steer_rate"] <= 1
     assert row["estimators"]["fine"]["cost_ratio"] > 0
     agreement = saved["stability"]["agreement"]
     assert set(agreement) == {"tracin", "trak", "fine"}
