@@ -192,8 +192,9 @@ def render(result: dict[str, Any], docs: Path, out: Path, image: Path) -> str:
         "recommendation rule are the defaults. The seed is the pipeline's: split, corruption and training all change "
         "with it. The recommendation is chosen from held-out probe behaviour (with probes), validation accuracy and "
         "the number removed, with the three best rankings also cut at the noise count the validation split "
-        "estimates, never from the ground truth or the test split (per seed: the estimator, its budget multiple "
-        "when not its own, and the number removed); *best single* is the default estimator "
+        "estimates (`cofit_svm` keeps its own estimate, and supersedes the `trusted` baseline as a candidate: "
+        "module `cleanse.recommend`), never from the ground truth or the test split (per seed: the estimator, its "
+        "budget multiple when not its own, and the number removed); *best single* is the default estimator "
         "with the highest mean test accuracy, read off after the fact (the bar, not a choice a user could make).", "",
         f"Default estimators: {', '.join(f'`{n}`' for n in next(r for r in result['runs'] if 'error' not in r)['default_estimators'])}.", "",
     ]

@@ -125,6 +125,19 @@ def test_finalists_are_the_best_distinct_rankings_in_rule_order():
     assert finalists(probed, ranked(probed, stop_rate=0.02), 3) == [1]
 
 
+def test_cofit_svm_keeps_its_own_count_and_supersedes_trusted():
+    candidates = [_c(NO_REMOVAL, 0, 0.60), _c("trusted", 457, 0.9704), _c("cofit_svm", 446, 0.9667),
+                  _c("influence_val", 98, 0.74), _c("holdout_ensemble", 509, 0.74), _c("cleanlab", 538, 0.63)]
+    order = ranked(candidates, stop_rate=0.02)
+    # trusted's in-sample edge on the validation split does not count once its refinement ran.
+    assert order == [2, 3, 4, 5, 0] and choose(candidates, stop_rate=0.02) == 2
+    # cofit_svm is cut at its own estimate: the finalists re-cut at N̂ are the next rankings.
+    assert finalists(candidates, order, 3) == [3, 4, 5]
+    # Without cofit_svm, trusted competes as before.
+    alone = [c for c in candidates if c.estimator != "cofit_svm"]
+    assert choose(alone, stop_rate=0.02) == 1 and finalists(alone, ranked(alone, stop_rate=0.02), 1) == [1]
+
+
 @pytest.fixture(scope="module")
 def recommended_run(tmp_path_factory):
     params = small_params("estimators=[loss,tracin]", "recommend.budget_factors=[0.5,1.5]")

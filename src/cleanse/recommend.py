@@ -39,6 +39,22 @@ to its largest multiple. Without an estimate (a validation split too small to cr
 instead and the best of those by the same rule is kept. The test split and the ground truth
 (``is_corrupted``) are never read here; the report shows them next to the choice.
 
+Two estimators of the trusted league are special (the issue-15 diagnostic,
+``benchmarks/recommend_gap.py``, docs/benchmarks.md ``recommend_gap``):
+
+- ``cofit_svm`` (:mod:`cleanse.estimators.cofit_svm`) cuts at its **own** noise-count estimate,
+  from a cross-fitted SVM whose validation error is lower than the screening logistic
+  regression's, so its bound ``e / (1 - 2 e)`` is tighter than ``N̂``'s: it is never re-cut at ``N̂``
+  (:data:`OWN_COUNT`; re-cutting it at ``N̂`` cost 0.7-1.0 pt on the memorising MLP).
+- ``trusted``, the league's baseline, is **superseded** by ``cofit_svm`` when both ran
+  (:data:`SUPERSEDED_BY`): ``cofit_svm`` screens with ``trusted``'s very ranking and refits with a
+  stronger, cross-fitted classifier on the same labels, and validation accuracy cannot referee
+  between them, because ``trusted`` is fitted in-sample on the whole validation split and its
+  cleaned models agree with that split by construction (on 40% pair flips with a memorising MLP
+  ``trusted`` at ``N̂`` won on validation accuracy by one sample and lost 0.3-2 pt of test accuracy).
+  ``trusted`` stays in the report as a single estimator; it is recommended only in runs without
+  ``cofit_svm``. This rule was chosen on the diagnostic's cells, which are the benchmark's cells.
+
 All functions are pure: ``candidates`` in, an index out.
 """
 
@@ -52,6 +68,8 @@ import numpy as np
 
 NO_REMOVAL = "none"
 FINALISTS = 3  # first-round candidates retrained at the noise-count estimate (one retrain each)
+OWN_COUNT = frozenset({"cofit_svm"})  # rankings cut at their own, tighter noise-count estimate: never re-cut
+SUPERSEDED_BY = {"trusted": "cofit_svm"}  # estimator -> the one that refines it with the same labels
 
 
 @dataclass(frozen=True)
@@ -91,11 +109,18 @@ def admissible(candidates: Sequence[Candidate], stop_rate: float) -> list[int]:
     return [i for i, rate in enumerate(rates) if np.isfinite(rate) and rate <= threshold + 1e-12]
 
 
+def superseded(candidates: Sequence[Candidate]) -> set[str]:
+    """The estimators of :data:`SUPERSEDED_BY` whose refinement is among ``candidates``."""
+    present = {c.estimator for c in candidates}
+    return {name for name, by in SUPERSEDED_BY.items() if name in present and by in present}
+
+
 def ranked(candidates: Sequence[Candidate], *, stop_rate: float) -> list[int]:
     """Indices of the admissible candidates, best first (rules in the module docstring): highest
     validation accuracy; then fewest removed; then the most self-consistent ranking; then list order
-    (the base model first)."""
-    pool = admissible(candidates, stop_rate)
+    (the base model first). Candidates of a :func:`superseded` estimator are left out."""
+    out = superseded(candidates)
+    pool = [i for i in admissible(candidates, stop_rate) if candidates[i].estimator not in out]
     return sorted(pool, key=lambda i: (-candidates[i].val_accuracy, candidates[i].n_removed,
                                        -candidates[i].consistency, i))
 
@@ -122,9 +147,10 @@ def estimated_noise_count(n_disagree: int, n: int, error_rate: float) -> int | N
 def finalists(candidates: Sequence[Candidate], order: Sequence[int], count: int,
               exclude: Sequence[str] = ()) -> list[int]:
     """The first ``count`` indices of ``order`` (:func:`ranked`) whose estimator is neither
-    "no removal" nor in ``exclude``, each estimator once."""
+    "no removal", nor in ``exclude``, nor one that cuts at its own count (:data:`OWN_COUNT`), each
+    estimator once."""
     out: list[int] = []
-    seen = {NO_REMOVAL, *exclude}
+    seen = {NO_REMOVAL, *exclude, *OWN_COUNT}
     for i in order:
         if len(out) == count:
             break
