@@ -16,7 +16,8 @@ Parts (every number of docs/benchmarks.md "Graphs: node classification and influ
    more than 2 points below the paper (read from part 1).
 3. ``depth``: L in 2..32 on Texas and Cora, AxelGNN-style without and with the identity mapping
    (``AxelConfig.identity_theta``), with one diffusion time for every depth
-   (``AxelConfig.fixed_time``, "+time"), and GCN; the curve is drawn into docs/img/graph_nodes.png.
+   (``AxelConfig.fixed_time``, "+time"), the same with one layer's parameters for every step
+   (``AxelConfig.shared``, "+time+shared"), and GCN; the curve is drawn into docs/img/graph_nodes.png.
 4. ``influence``: AxelGNN-style and GCN (sigmoid head, inputs: seed indicator, log degree, 1/degree)
    trained on 80 of DeepIM's 100 seed sets per seed rate (1, 5, 10, 20 %) and tested on the other 20,
    per diffusion model (IC, LT); per-node MAE (all nodes, seeds exact; and non-seed nodes), error
@@ -33,24 +34,28 @@ CONFIG; the split counts and epoch caps were cut for CPU time only.
 Every model shares lr 0.01, weight decay 5e-4, hidden 64, dropout 0.5, <= 300 epochs, patience 50;
 AxelGNN-style alone uses weight decay 5e-3, picked by mean validation accuracy over the 10 Texas
 splits among 7 one-change variants of the defaults (CONFIG["selection"]); the baselines were not
-tuned. Cora uses its first 3 splits and CiteSeer its first 2 (CPU time), the WebKB graphs all 10
-(ablations on Cora and CiteSeer: split 0 only; depth on Cora: split 0, <= 100 epochs);
-GraphSAGE is skipped on Cora and CiteSeer (~60 s per split). The identity mapping's theta (0.5) is
-GCNII's default, not tuned.
+tuned. Every graph uses its 10 Geom-GCN splits (ablations on Cora and CiteSeer: split 0 only;
+depth: Texas 10 splits, Cora split 0 with <= 100 epochs); GraphSAGE is skipped on Cora and
+CiteSeer (~60 s per split). The identity mapping's theta (0.5) is GCNII's default, not tuned.
 
-    python benchmarks/graph_nodes.py                        # every part, results and docs (hours on 2 loaded cores)
-    python benchmarks/graph_nodes.py --parts depth          # one part, merged into --out
+One command computes every row of benchmarks/results/graph_nodes.json and the docs section
+(hours on one core; ``--jobs N`` spreads the classification and depth fits over N processes,
+one torch thread each, with the same numbers as ``--jobs 1``: every fit is seeded by its split):
+
+    python benchmarks/graph_nodes.py --jobs 4
+
+Subsets of it (each merged into --out: per graph, per depth curve, per diffusion model, so the
+rest of the file stays as it was; the selection of a subset never changes a number):
+
+    python benchmarks/graph_nodes.py --parts depth --graphs texas --depth-variants axelgnn+time,gcn --jobs 4
+    python benchmarks/graph_nodes.py --parts classification --graphs cora,citeseer --out /tmp/c.json --no-docs
+    python benchmarks/graph_nodes.py --merge /tmp/c.json /tmp/d.json   # subset files (other processes or
+                                                                      # machines) into --out, then render
     python benchmarks/graph_nodes.py --render-only          # re-render the docs from --out
     python benchmarks/graph_nodes.py --quick --out /tmp/g.json --docs /tmp/b.md   # the smoke test
 
-The committed benchmarks/results/graph_nodes.json was measured as separate ``--parts`` /
-``--graphs`` processes merged into one file (its notes; each part records when it was measured and
-whether it was stopped early, ``partial``); the first command with this CONFIG (the influence
-part's 10 epochs are what was measured) is meant to recompute every row of it, which has not been
-checked end to end (hours of CPU). What the file lacks (stopped for CPU time): the plain and
-"+identity" Cora depth curves; the Cora curves in it come from
-
-    python benchmarks/graph_nodes.py --parts depth --graphs cora --depth-variants gcn,axelgnn+time
+Each part of the committed file records the CONFIG it ran with (``runs.<part>.config``) and when
+(``measured``); its notes say which rows were measured by which subset command.
 """
 
 from __future__ import annotations
@@ -65,8 +70,9 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import nullcontext
-from functools import partial
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +92,7 @@ NAMES = {"axelgnn": "AxelGNN-style", "gcn": "GCN", "gat": "GAT", "gcn2": "GCNII"
 CONFIG: dict[str, Any] = {
     "seed": 0,
     "graphs": ["cora", "citeseer", "texas", "wisconsin", "cornell"],
-    "splits": {"cora": 3, "citeseer": 2, "texas": 10, "wisconsin": 10, "cornell": 10},
+    "splits": {"cora": 10, "citeseer": 10, "texas": 10, "wisconsin": 10, "cornell": 10},
     "models": ["axelgnn", "gcn", "gat", "gcn2", "linkx", "sage", "mlp"],
     "hidden": 64, "layers": 2, "dropout": 0.5,
     "train": {"lr": 0.01, "weight_decay": 5e-4, "epochs": 300, "patience": 50, "reg": 0.01},
@@ -100,7 +106,7 @@ CONFIG: dict[str, Any] = {
                   "divergence off": {"divergence": False}, "prototypes off": {"polarisation": False},
                   "one segment": {"segments": 1}},
     "ablation_splits": {"cora": 1, "citeseer": 1},
-    "depth": {"graphs": {"texas": 3, "cora": 1}, "depths": [2, 4, 8, 16, 32], "identity_theta": 0.5, "fixed_time": 2.0,
+    "depth": {"graphs": {"texas": 10, "cora": 1}, "depths": [2, 4, 8, 16, 32], "identity_theta": 0.5, "fixed_time": 2.0,
               "epochs": {"cora": 100}},
     "influence": {"graph": "jazz", "models": ["axelgnn", "gcn"], "diffusion": ["LT", "IC"], "train_sets": 80,
                   "hidden": 32, "layers": 4, "epochs": 10, "batch": 16, "lr": 0.005, "transfer": ["netscience"]},
@@ -136,15 +142,21 @@ def _train_config(cfg: dict[str, Any], **changes: Any) -> Any:
     return TrainConfig(seed=cfg["seed"], **dict(cfg["train"], **changes))
 
 
+@lru_cache(maxsize=4)
+def _node_graph(name: str) -> Any:
+    from cleanse.graphs.data import load_node_dataset
+
+    return load_node_dataset(name)
+
+
 def fit_one(graph: Any, kind: str, cfg: dict[str, Any], split: int, layers: int | None = None,
             axel: dict[str, Any] | None = None, **train: Any) -> Any:
     """One model fitted on split ``split`` of ``graph`` (a loaded graph or its name): its ``SplitResult``."""
     from cleanse.graphs.axelgnn import AxelConfig
     from cleanse.graphs.baselines import build_model
-    from cleanse.graphs.data import load_node_dataset
     from cleanse.graphs.train import fit_split
 
-    graph = load_node_dataset(graph) if isinstance(graph, str) else graph
+    graph = _node_graph(graph) if isinstance(graph, str) else graph
     make = partial(build_model, kind, graph.x.shape[1], cfg["hidden"], graph.num_classes,
                    layers=layers or cfg["layers"], dropout=cfg["dropout"], num_nodes=graph.num_nodes,
                    axel=AxelConfig(**dict(cfg["axel"], **(axel or {}))))
@@ -174,16 +186,19 @@ def _fit_in_worker(*args: Any, **kwargs: Any) -> Any:
     return fit_one(*args, **kwargs)
 
 
-def classification(cfg: dict[str, Any], save: Any) -> dict[str, Any]:
+def classification(cfg: dict[str, Any], save: Any, jobs: int = 1) -> dict[str, Any]:
     from cleanse.graphs.data import load_node_dataset
 
     out: dict[str, Any] = {}
     for name in cfg["graphs"]:
-        graph = load_node_dataset(name)
-        row: dict[str, Any] = {"splits": cfg["splits"][name], "homophily": graph.homophily(), "models": {}}
-        for kind in [m for m in cfg["models"] if m not in cfg["skip"].get(name, [])]:
-            log(f"classification {name} {kind}")
-            row["models"][kind] = run_model(graph, kind, cfg, cfg["splits"][name])
+        row: dict[str, Any] = {"splits": cfg["splits"][name], "homophily": load_node_dataset(name).homophily(),
+                               "models": {}}
+        kinds = [m for m in cfg["models"] if m not in cfg["skip"].get(name, [])]
+        with fitter(jobs) as submit:
+            futures = {kind: [submit(name, kind, cfg, split) for split in range(cfg["splits"][name])] for kind in kinds}
+            for kind in kinds:
+                row["models"][kind] = split_summary([f.result() for f in futures[kind]])
+                log(f"classification {name} {kind} done")
         present = [k for k in PYG_BEST if k in row["models"]]
         row["best_pyg"] = max(present, key=lambda k: row["models"][k]["val_mean"]) if present else None
         out[name] = row
@@ -214,10 +229,8 @@ def ablations(cfg: dict[str, Any], previous: dict[str, Any], save: Any) -> dict[
 
 def depth(cfg: dict[str, Any], save: Any, previous: dict[str, Any] | None = None, jobs: int = 1) -> dict[str, Any]:
     """The depth curves of ``spec["variants"]`` (default: all); ``previous`` (the depth part already
-    in --out) keeps a graph's other curves when its split count is unchanged; ``jobs`` > 1 fits in
+    in --out) keeps a graph's other curves; ``jobs`` > 1 fits in
     that many processes (same seeds, so the same numbers)."""
-    from cleanse.graphs.data import load_node_dataset
-
     spec = cfg["depth"]
     variants = {"axelgnn": {}, "axelgnn+identity": {"identity_theta": spec["identity_theta"]},
                 "axelgnn+time": {"fixed_time": spec["fixed_time"]},
@@ -226,17 +239,16 @@ def depth(cfg: dict[str, Any], save: Any, previous: dict[str, Any] | None = None
     out: dict[str, Any] = {}
     for name, splits in spec["graphs"].items():
         kept = (previous or {}).get("graphs", {}).get(name, {})
-        out[name] = {"splits": splits, "curves": dict(kept["curves"]) if kept.get("splits") == splits else {}}
+        # a curve keeps its own split count (len of its per-split lists): re-measuring some curves on
+        # more splits leaves the others as they were measured
+        out[name] = {"splits": splits, "curves": dict(kept.get("curves", {}))}
         epochs = spec["epochs"].get(name, cfg["train"]["epochs"])
         cells = [(label, layers) for label in variants for layers in spec["depths"]]
         for label in variants:
             out[name]["curves"][label] = {}
-        # every (curve, depth, split) fit is independent: ``jobs`` processes share them (one thread each)
-        with ProcessPoolExecutor(max_workers=jobs) if jobs > 1 else nullcontext() as pool:
-            graph = name if pool is not None else load_node_dataset(name)
-            submit = pool.submit if pool is not None else _run_now
-            futures = {cell: [submit(_fit_in_worker, graph, "gcn" if variants[cell[0]] is None else "axelgnn", cfg,
-                                     split, cell[1], variants[cell[0]], epochs=epochs) for split in range(splits)]
+        with fitter(jobs) as submit:
+            futures = {cell: [submit(name, "gcn" if variants[cell[0]] is None else "axelgnn", cfg, split, cell[1],
+                                     variants[cell[0]], epochs=epochs) for split in range(splits)]
                        for cell in cells}
             for label, layers in cells:
                 out[name]["curves"][label][str(layers)] = split_summary([f.result() for f in futures[label, layers]])
@@ -253,8 +265,19 @@ class _Done:
         return self.value
 
 
-def _run_now(fn: Any, *args: Any, **kwargs: Any) -> _Done:
-    return _Done(fn(*args, **kwargs))
+@contextmanager
+def fitter(jobs: int) -> Iterator[Any]:
+    """``submit(graph name, kind, cfg, split, ...)`` -> a future of :func:`fit_one`'s result. Every
+    (model, split) fit is independent and seeded by its split, so ``jobs`` > 1 processes (one torch
+    thread each) give the same numbers as ``jobs = 1``, which fits at once in this process."""
+    if jobs <= 1:
+        def now(name: str, *args: Any, **kwargs: Any) -> _Done:
+            return _Done(fit_one(name, *args, **kwargs))
+
+        yield now
+        return
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        yield partial(pool.submit, _fit_in_worker)
 
 
 # ----------------------------------------------------------------------------- influence
@@ -383,11 +406,22 @@ def summarise(runs: dict[str, Any]) -> dict[str, Any]:
                 deepest = max(means)
                 out["depth"][f"{name}:{label}"] = {"best": max(means.values()), "deepest": deepest,
                                                    "at_deepest": means[deepest],
-                                                   "drop": max(means.values()) - means[deepest]}
+                                                   "drop": max(means.values()) - means[deepest],
+                                                   "splits": _splits(curve)}
     return out
 
 
-CURVE_COLOURS = {"axelgnn": "C0", "axelgnn+identity": "C1", "axelgnn+time": "C2", "gcn": "C3"}  # same in every panel
+CURVE_COLOURS = {"axelgnn": "C0", "axelgnn+identity": "C1", "axelgnn+time": "C2", "gcn": "C3",
+                 "axelgnn+time+shared": "C4"}  # same in every panel
+
+
+def _splits(curve: dict[str, Any]) -> int:
+    """The number of splits a depth curve was measured on (its cells' per-split lists)."""
+    return max(len(cell["test"]) for cell in curve.values())
+
+
+def _curve_name(label: str) -> str:
+    return NAMES[label.split("+")[0]] + label[len(label.split("+")[0]):]
 
 
 def plot(result: dict[str, Any], image: Path) -> None:
@@ -408,12 +442,12 @@ def plot(result: dict[str, Any], image: Path) -> None:
             ys = np.array([curve[str(x)]["mean"] for x in xs])
             sd = np.array([curve[str(x)]["sd"] for x in xs])
             ax.errorbar(xs, ys, yerr=sd, marker="o", capsize=3, color=CURVE_COLOURS.get(label),
-                        label=NAMES[label.split("+")[0]] + label[len(label.split("+")[0]):])
+                        label=f"{_curve_name(label)} ({_splits(curve)} splits)")
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [str(x) for x in xs])
         ax.set_xlabel("layers L")
         ax.set_ylabel("test accuracy %")
-        ax.set_title(f"{name} ({row['splits']} split{'s' if row['splits'] > 1 else ''})")
+        ax.set_title(name)
         ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(image) as tmp:
@@ -460,15 +494,16 @@ def render(result: dict[str, Any], docs: Path, out: Path, image: Path) -> str:
     if dep:
         depth_spec = runs["depth"].get("config", cfg)["depth"]
         depths = depth_spec["depths"]
-        rows = [[n, NAMES[label.split("+")[0]] + label[len(label.split("+")[0]):], *[_cell(c.get(str(d))) for d in depths]]
+        rows = [[n, _curve_name(label), _splits(c), *[_cell(c.get(str(d))) for d in depths]]
                 for n, r in dep.items() for label, c in r["curves"].items()]
         lines += ["### Depth (test accuracy %)", "",
                   f"\"+identity\": `AxelConfig(identity_theta={depth_spec['identity_theta']})`, GCNII's identity "
                   "mapping on the update of layer l, weight log(θ/l + 1); \"+time\": "
                   f"`AxelConfig(fixed_time={depth_spec.get('fixed_time')})`, every layer an Euler step of size "
-                  "T/L (eta, beta and the prototype pull scaled), so L layers integrate one diffusion time; splits per graph: "
-                  + ", ".join(f"{n} {r['splits']}" for n, r in dep.items()) + ".", "",
-                  md_table(["graph", "model", *[f"L = {d}" for d in depths]], rows), "",
+                  "T/L (eta, beta and the prototype pull scaled), so L layers integrate one diffusion time; "
+                  "\"+shared\": `AxelConfig(shared=True)`, one layer's parameters for all L steps. Each curve's "
+                  "first splits of the graph (column splits).", "",
+                  md_table(["graph", "model", "splits", *[f"L = {d}" for d in depths]], rows), "",
                   f"![depth curves]({relative_link(image, docs.parent)})", ""]
         for key, v in summary.get("depth", {}).items():
             lines.append(f"- {key}: best {fmt(v['best'])}, at L = {v['deepest']} {fmt(v['at_deepest'])} "
@@ -550,10 +585,8 @@ def merge(out: Path, docs: Path | None, part: str, value: dict[str, Any], base: 
             result = dict(base, runs={})  # the quick configuration and the full one never mix
         # each part keeps the configuration it ran with (``result["config"]``: the file's first run)
         value = dict(value, config=base["config"], measured=base["environment"]["created"])
-        for key in ("graphs", "runs"):  # a --graphs / --diffusion run adds to what another process measured
-            if key in value:
-                value = dict(value, **{key: {**result["runs"].get(part, {}).get(key, {}), **value[key]}})
-        result["runs"][part] = jsonable(value)
+        # a --graphs / --depth-variants / --diffusion run adds to what another process measured
+        result["runs"] = combine(result["runs"], {part: jsonable(value)})
         result["environment"], result["argv"], result["quick"] = base["environment"], base["argv"], base["quick"]
         result["notes"] = base["notes"] or result.get("notes", [])
         result["load_average_end"] = list(os.getloadavg())
@@ -562,6 +595,45 @@ def merge(out: Path, docs: Path | None, part: str, value: dict[str, Any], base: 
     finally:
         fcntl.flock(lock, fcntl.LOCK_UN)
         os.close(lock)
+
+
+def combine(runs: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """``runs`` with ``other``'s parts merged in (``other`` wins where both have an entry): per graph
+    for the node-classification parts, per curve within a graph for depth, per diffusion model for
+    influence; a part without such keys (throughput) is replaced whole."""
+    merged = dict(runs)
+    for part, value in other.items():
+        mine = runs.get(part)
+        if mine is None:
+            merged[part] = value
+            continue
+        value = dict(value)
+        if "graphs" in value:
+            graphs = dict(mine.get("graphs", {}))
+            for name, row in value["graphs"].items():
+                if part == "depth" and name in graphs:
+                    row = dict(row, curves={**graphs[name].get("curves", {}), **row.get("curves", {})})
+                graphs[name] = row
+            value["graphs"] = graphs
+        if "runs" in value:
+            value["runs"] = {**mine.get("runs", {}), **value["runs"]}
+        merged[part] = value
+    return merged
+
+
+def merge_files(out: Path, docs: Path | None, files: list[Path]) -> dict[str, Any]:
+    """``--merge``: the results in ``files`` (separate ``--parts``/``--graphs``/``--depth-variants`` runs,
+    e.g. in parallel processes or on other machines) combined into ``out`` (:func:`combine`, in the
+    order given), re-summarised and rendered."""
+    result: dict[str, Any] = json.loads(out.read_text()) if out.is_file() else {"runs": {}}
+    for path in files:
+        other = json.loads(Path(path).read_text())
+        if bool(other.get("quick", False)) != bool(result.get("quick", other.get("quick", False))):
+            raise SystemExit(f"error: {path}: a --quick result and a full one never mix")
+        result = dict(other, runs=combine(result.get("runs", {}), other["runs"]),
+                      notes=result.get("notes") or other.get("notes", []))
+    result["summary"] = summarise(result["runs"])
+    return publish(jsonable(result), out, docs, SECTION, plot, render)
 
 
 def only(cfg: dict[str, Any], graphs: list[str]) -> dict[str, Any]:
@@ -580,9 +652,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--influence-epochs", type=int, default=None, help="influence: training epochs")
     parser.add_argument("--graphs", default=None, help="comma list: only these graphs in classification, "
                         "ablations and depth (merged with the graphs already in --out)")
-    parser.add_argument("--jobs", type=int, default=1, help="depth: processes fitting in parallel (1 thread each)")
+    parser.add_argument("--merge", nargs="+", type=Path, default=None, metavar="RESULT",
+                        help="combine these result files (subset runs) into --out and render; measures nothing")
+    parser.add_argument("--jobs", type=int, default=1, help="classification and depth: processes fitting "
+                        "in parallel (1 thread each; the same numbers as 1)")
     output_arguments(parser, DEFAULT_OUT, DEFAULT_DOCS)
     args = parser.parse_args(argv)
+    if args.merge:
+        merge_files(args.out, None if args.no_docs else args.docs, args.merge)
+        return 0
     if args.render_only:
         render_saved(args, SECTION, summarise, plot, render, append_notes=False)
         return 0
@@ -613,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
             merge(args.out, None, part, dict(partial_value, partial=True), base)
 
         if part == "classification":
-            value = classification(run_cfg, save)
+            value = classification(run_cfg, save, args.jobs)
         elif part == "ablations":
             runs = result.get("runs", {})
             chosen = {k: v for k, v in runs.get("classification", {}).get("graphs", {}).items() if k in run_cfg["graphs"]}

@@ -80,7 +80,8 @@ def test_quick_run_measures_every_part_and_renders_its_section(tmp_path: Path) -
     assert ("texas" in ablated) == (88.36 - texas["models"]["axelgnn"]["mean"] > 2.0)
     if ablated:
         assert len(ablated["texas"]["divergence off"]["test"]) == 2
-    assert set(runs["depth"]["graphs"]["texas"]["curves"]) == {"axelgnn", "axelgnn+identity", "gcn"}
+    assert set(runs["depth"]["graphs"]["texas"]["curves"]) == {"axelgnn", "axelgnn+identity", "axelgnn+time",
+                                                                "axelgnn+time+shared", "gcn"}
     # DeepIM's LT labels are our threshold-0.5 simulation, on the training graph and the transfer graph
     assert runs["influence"]["label_check"] == {"jazz": 0.0, "netscience": 0.0}
     lt = runs["influence"]["runs"]["LT"]
@@ -146,3 +147,45 @@ def test_shared_layers_are_one_layer_applied_l_times() -> None:
     torch.testing.assert_close(deep.regularizer(), layer.regularizer())
     with pytest.raises(ConfigError, match="identity_theta"):
         AxelGNN(3, d, 2, layers=4, config=cfg.ablate(identity_theta=0.5))
+
+
+def _cell(*test: float) -> dict[str, object]:
+    return {"test": list(test), "val": list(test), "best_epoch": [1] * len(test), "seconds": 0.0,
+            "mean": float(np.mean(test)), "sd": 0.0, "val_mean": float(np.mean(test))}
+
+
+def test_merge_combines_subset_runs_per_graph_curve_and_diffusion(tmp_path: Path, monkeypatch) -> None:
+    """--merge: results of separate subset runs (--graphs / --depth-variants / --diffusion) combine
+    into one file without losing either side's rows; a later file wins where both measured."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import graph_nodes
+
+    first = {"quick": False, "notes": ["kept"], "runs": {
+        "depth": {"graphs": {"texas": {"splits": 3, "curves": {"gcn": {"2": _cell(50, 60, 70)},
+                                                              "axelgnn": {"2": _cell(80, 80, 80)}}}}},
+        "classification": {"graphs": {"cora": {"models": {"gcn": _cell(85)}}}},
+        "influence": {"graph": "jazz", "runs": {"LT": {"models": {}}}}}}
+    second = {"quick": False, "notes": [], "runs": {
+        "depth": {"graphs": {"texas": {"splits": 10, "curves": {"axelgnn": {"2": _cell(*[90] * 10)}}},
+                             "cora": {"splits": 1, "curves": {"gcn": {"2": _cell(84)}}}}},
+        "classification": {"graphs": {"texas": {"models": {"gcn": _cell(57)}}}},
+        "influence": {"graph": "jazz", "runs": {"IC": {"models": {}}}},
+        "throughput": {"rows": {"jazz:IC": {}}}}}
+    files = []
+    for k, result in enumerate((first, second)):
+        files.append(tmp_path / f"part{k}.json")
+        files[-1].write_text(json.dumps(result))
+    out = tmp_path / "merged.json"
+    assert graph_nodes.main(["--merge", *map(str, files), "--out", str(out), "--no-docs"]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    texas = runs["depth"]["graphs"]["texas"]["curves"]
+    assert texas["gcn"]["2"]["test"] == [50, 60, 70] and texas["axelgnn"]["2"]["test"] == [90] * 10
+    assert set(runs["depth"]["graphs"]) == {"texas", "cora"}
+    assert set(runs["classification"]["graphs"]) == {"cora", "texas"}
+    assert set(runs["influence"]["runs"]) == {"LT", "IC"} and "throughput" in runs
+    summary = json.loads(out.read_text())["summary"]["depth"]
+    assert summary["texas:gcn"]["splits"] == 3 and summary["texas:axelgnn"]["splits"] == 10
+    quick = tmp_path / "quick.json"
+    quick.write_text(json.dumps(dict(second, quick=True)))
+    with pytest.raises(SystemExit, match="never mix"):
+        graph_nodes.main(["--merge", str(quick), "--out", str(out), "--no-docs"])
