@@ -33,6 +33,8 @@ README_COUNTS = {
     "actor": (7600, 26659, 932, [853, 1337, 1630, 1815, 1965], (3648, 2432, 1520)),
     "chameleon": (2277, 31371, 2325, [456, 460, 453, 521, 387], (1092, 729, 456)),
     "squirrel": (5201, 198353, 2089, [1042, 1040, 1039, 1040, 1040], (2496, 1664, 1041)),
+    # no published split: ours, 60/20/20 per class (the README's 8,158 undirected edges, 7 classes)
+    "cora_ml": (2995, 8158, 2879, [354, 402, 452, 442, 857, 193, 295], (1796, 598, 601)),
 }
 
 
@@ -254,3 +256,24 @@ def test_a_missing_graph_extra_is_named_in_one_line(monkeypatch: pytest.MonkeyPa
     with pytest.raises(ConfigError, match=r"pip install 'cleanse\[graph\]'") as err:
         call()
     assert "\n" not in str(err.value)
+
+
+@needs_data
+def test_cora_ml_features_and_drawn_splits() -> None:
+    """cora_ml: the README's 151,171 real-valued feature non-zeros in (0, 1]; its 10 drawn splits
+    partition every class 60/20/20 (rounded), are reproducible and differ from each other."""
+    from cleanse.graphs.data import drawn_splits
+
+    g = load_node_dataset("cora_ml")
+    assert int(np.count_nonzero(g.x)) == 151171 and 0 < g.x[g.x > 0].min() and g.x.max() <= 1.0
+    train, val, test = g.train_mask, g.val_mask, g.test_mask
+    assert np.all(train.astype(int) + val + test == 1)
+    for c, size in enumerate(np.bincount(g.y)):
+        members = g.y == c
+        assert train[:, members].sum(1).tolist() == [round(0.6 * size)] * 10
+        assert val[:, members].sum(1).tolist() == [round(0.2 * size)] * 10
+    again = drawn_splits(g.y, 10)
+    assert all(np.array_equal(a, b) for a, b in zip(again, (train, val, test), strict=True))
+    assert len({train[s].tobytes() for s in range(10)}) == 10
+    with pytest.raises(DataError, match="no Planetoid split"):
+        load_node_dataset("cora_ml", split="planetoid")

@@ -30,7 +30,11 @@ NODE_DATASETS: dict[str, str] = {
     "cornell_yandex": "cornell/cornell_yandex", "actor": "actor/actor",
     "chameleon": "chameleon/chameleon", "chameleon_filtered": "chameleon/chameleon_filtered",
     "squirrel": "squirrel/squirrel", "squirrel_filtered": "squirrel/squirrel_filtered",
+    "cora_ml": "cora_ml/cora_ml",
 }
+#: fractions (train, val) of the seeded splits drawn for a set staged without published splits
+#: (cora_ml): the Geom-GCN protocol's 60/20/20 per class, 10 draws (split s drawn with seed s)
+DRAWN_SPLIT = (0.6, 0.2)
 #: influence-estimation graphs with DeepIM ground truth
 INFLUENCE_DATASETS: dict[str, str] = {
     "jazz": "jazz/jazz", "netscience": "netscience/netscience", "power_grid": "power_grid/power_grid",
@@ -122,12 +126,24 @@ def load_node_dataset(name: str, split: str = "geom", root: str | Path | None = 
 
     ``split``: ``"geom"`` -> the 10 Geom-GCN splits (masks (10, N)); ``"planetoid"`` -> the
     public Planetoid split (masks (1, N); Cora and CiteSeer only). Features are cast to float32
-    unchanged (binary bag-of-words); any row-normalisation is the model's business."""
+    unchanged (binary bag-of-words); any row-normalisation is the model's business.
+    cora_ml (Bojchevski & Guennemann's Cora-ML; sparse real-valued features) has no published
+    split: ``"geom"`` gives 10 splits drawn per class in the Geom-GCN proportions
+    (:data:`DRAWN_SPLIT`, :func:`drawn_splits`)."""
     if name not in NODE_DATASETS:
         raise DataError(f"unknown node dataset {name!r}; known: {', '.join(NODE_DATASETS)}")
     z = _open(NODE_DATASETS[name], root)
     y = z["y"].astype(np.int64)
     n = int(y.shape[0])
+    if "x_data" in z:  # CSR features, no stored split
+        if split != "geom":
+            raise DataError(f"{name}: no Planetoid split (only cora and citeseer have one)")
+        x = np.zeros(tuple(int(v) for v in z["x_shape"]), dtype=np.float32)
+        rows = np.repeat(np.arange(x.shape[0]), np.diff(z["x_indptr"]))
+        x[rows, z["x_indices"]] = z["x_data"]
+        train, val, test = drawn_splits(y, 10)
+        return NodeGraph(name=name, x=x, y=y, edge_index=symmetrise(z["edge_index"], n),
+                         train_mask=train, val_mask=val, test_mask=test)
     if split == "geom":
         prefix = "geom_" if "geom_train_mask" in z else ""
     elif split == "planetoid":
@@ -145,6 +161,22 @@ def load_node_dataset(name: str, split: str = "geom", root: str | Path | None = 
     return NodeGraph(name=name, x=z["x"].astype(np.float32), y=y,
                      edge_index=symmetrise(z["edge_index"], n),
                      train_mask=masks[0], val_mask=masks[1], test_mask=masks[2])
+
+
+def drawn_splits(y: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``count`` splits of the nodes, masks bool (count, N): split ``s`` shuffles every class with
+    ``np.random.default_rng(s)`` and gives its first ``round(0.6 n_c)`` nodes to train, the next
+    ``round(0.2 n_c)`` to validation and the rest to test (:data:`DRAWN_SPLIT`)."""
+    masks = np.zeros((3, count, y.shape[0]), dtype=bool)
+    for s in range(count):
+        gen = np.random.default_rng(s)
+        for c in np.unique(y):
+            nodes = gen.permutation(np.flatnonzero(y == c))
+            n_train, n_val = (round(f * nodes.size) for f in DRAWN_SPLIT)
+            masks[0, s, nodes[:n_train]] = True
+            masks[1, s, nodes[n_train:n_train + n_val]] = True
+            masks[2, s, nodes[n_train + n_val:]] = True
+    return masks[0], masks[1], masks[2]
 
 
 @dataclass(frozen=True)
