@@ -7,7 +7,14 @@ current model, ``query.measure`` of the params) and removes the ``--step`` highe
 steer_rate on the test probes and val_steer_rate on the validation ones, the planted pairs removed so
 far. No ground truth is read to rank or stop; ``--rounds x --step`` is the budget.
 
-Usage: ``python benchmarks/lm_rounds.py --seed 0 --step 5 --rounds 3`` (examples/lm.yaml).
+``--rule outlier`` replaces the fixed step by an automatic one: each round removes the survivors whose
+score is an outlier of the survivors' scores, robust z = (score - median) / (1.4826 MAD) above
+``Phi^-1(1 - alpha / n)`` (``--alpha``, default 0.05; n survivors): the value the largest of n Gaussian
+ordinary scores exceeds with probability alpha (Bonferroni). It stops when no survivor is an outlier
+(or after ``--rounds``); the total removed is decided by the scores alone.
+
+Usage: ``python benchmarks/lm_rounds.py --seed 0 --step 5 --rounds 3`` (examples/lm.yaml);
+``python benchmarks/lm_rounds.py --seed 0 --rule outlier --rounds 4``.
 """
 
 from __future__ import annotations
@@ -19,8 +26,15 @@ from pathlib import Path
 import numpy as np
 
 
+def robust_z(score: np.ndarray) -> np.ndarray:
+    """``(score - median) / (1.4826 MAD)``: the z-score of a Gaussian bulk, unmoved by a few outliers."""
+    median = np.median(score)
+    return (score - median) / (1.4826 * np.median(np.abs(score - median)))
+
+
 def main() -> None:
     import torch
+    from scipy.stats import norm
 
     from cleanse.attribution import aggregate_support
     from cleanse.config import load_params
@@ -34,6 +48,8 @@ def main() -> None:
     parser.add_argument("--step", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--members", type=int, default=3)
+    parser.add_argument("--rule", choices=["step", "outlier"], default="step")
+    parser.add_argument("--alpha", type=float, default=0.05)
     args = parser.parse_args()
     torch.set_num_threads(1)
     params = load_params(args.params, [f"seed={args.seed}", "tracking.enabled=false"])
@@ -51,15 +67,21 @@ def main() -> None:
                "planted_removed": int(staged.train.is_corrupted[~keep].sum()),
                "steer_rate": outcome["steer_rate"], "val_steer_rate": outcome["val_steer_rate"]}
         rows.append(row)
-        print(json.dumps(row), flush=True)
         if round_ == args.rounds:
             break
         subset = staged.__class__(train=train, val=staged.val, test=staged.test, meta=staged.meta)
         context = family.scoring_context(params, subset, model, None)
         query = topic_queries(params, subset, model, family)
         score = aggregate_support(np.asarray(trak.pairwise(context, options, query.probes), dtype=float))
-        order = np.lexsort((train.sample_id, -score))[: args.step]
+        if args.rule == "outlier":
+            order = np.flatnonzero(robust_z(score) > norm.ppf(1 - args.alpha / score.size))
+            row["outliers"] = int(order.size)
+            if not order.size:
+                break
+        else:
+            order = np.lexsort((train.sample_id, -score))[: args.step]
         keep[np.flatnonzero(keep)[order]] = False
+        print(json.dumps(row), flush=True)
     print(json.dumps(rows))
 
 
