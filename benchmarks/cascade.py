@@ -58,27 +58,34 @@ def timed(select: Callable[[], np.ndarray]) -> tuple[np.ndarray, float, float]:
     return edges, float(np.median(wall)), float(np.median(cpu))
 
 
-def run_case(graph_name: str, kind: str, fractions: list[float], smoke: bool,
-             greedy_steps: int = 0, verify_runs: int = 10_000) -> list[dict[str, Any]]:
+def trained_surrogate(graph_name: str, kind: str, smoke: bool) -> tuple[Any, ...]:
+    """The case's graph, weights, seeds, the instance stream (after the training instances), the
+    training instances, the fitted surrogate and its fit record (one torch thread)."""
     import torch
 
-    from cleanse.graphs import selection as sel
     from cleanse.graphs.generators import cascade_graph, choose_seeds, edge_probabilities
-    from cleanse.graphs.greedy_mc import greedy_mc
-    from cleanse.graphs.surrogate import (SpreadSurrogate, SurrogateConfig, evaluate_surrogate, fit_surrogate,
-                                          make_instances, near)
+    from cleanse.graphs.surrogate import SpreadSurrogate, SurrogateConfig, fit_surrogate, make_instances
 
     torch.set_num_threads(1)
     g = cascade_graph(graph_name, n=300, m=2) if not smoke else cascade_graph("ba", n=80, m=2)
-    ei, n = g.edge_index, g.num_nodes
     w = edge_probabilities(g, "weighted_cascade")
     seeds = choose_seeds(g, 5 if not smoke else 2, "degree")
-    runs = verify_runs if not smoke else 1_000
     gen = np.random.default_rng(0)
-    train = make_instances(kind, ei, w, n, seeds, 48 if not smoke else 12, 300, gen)
+    train = make_instances(kind, g.edge_index, w, g.num_nodes, seeds, 48 if not smoke else 12, 300, gen)
+    model = SpreadSurrogate(g.edge_index, w, g.num_nodes, SurrogateConfig(kind="monstor", epochs=15 if not smoke else 3))
+    return g, w, seeds, gen, train, model, fit_surrogate(model, train)
+
+
+def run_case(graph_name: str, kind: str, fractions: list[float], smoke: bool,
+             greedy_steps: int = 0, verify_runs: int = 10_000) -> list[dict[str, Any]]:
+    from cleanse.graphs import selection as sel
+    from cleanse.graphs.greedy_mc import greedy_mc
+    from cleanse.graphs.surrogate import evaluate_surrogate, make_instances, near
+
+    g, w, seeds, gen, train, model, record = trained_surrogate(graph_name, kind, smoke)
+    ei, n = g.edge_index, g.num_nodes
+    runs = verify_runs if not smoke else 1_000
     test = make_instances(kind, ei, w, n, seeds, 24 if not smoke else 4, 1200, gen)
-    model = SpreadSurrogate(ei, w, n, SurrogateConfig(kind="monstor", epochs=15 if not smoke else 3))
-    record = fit_surrogate(model, train)
     quality = evaluate_surrogate(model, test)
     t0 = time.perf_counter()
     base, base_se = sel.verify_spread(kind, ei, w, seeds, n, np.zeros(0, np.int64), runs=runs, seed=7)
@@ -203,6 +210,27 @@ def run_profile(graphs: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
+def run_passes(graphs: list[str], models: list[str], fractions: list[float]) -> list[dict[str, Any]]:
+    """The relaxation's surrogate passes per case (the warm-start gradient counts as one; at most 1 +
+    60), on the same trained surrogate as the table, counted by wrapping its forward."""
+    from cleanse.graphs import selection as sel
+
+    rows = []
+    for name in graphs:
+        for kind in models:
+            g, _, seeds, _, _, model, _ = trained_surrogate(name, kind, False)
+            calls: list[int] = []
+            forward = model.forward
+            model.forward = lambda *args: calls.append(1) or forward(*args)  # type: ignore[method-assign]
+            for fraction in fractions:
+                b = max(1, int(round(fraction * g.num_edges)))
+                calls.clear()
+                sel.relax_scores(model, seeds, b)
+                rows.append({"graph": g.name, "model": kind, "b": b, "passes": len(calls)})
+            print(f"passes {g.name} {kind}: {[r['passes'] for r in rows[-len(fractions):]]}", flush=True)
+    return rows
+
+
 def linear_fit(scale: list[dict[str, Any]]) -> str:
     """The least-squares line of one-shot CPU seconds against edges, and its R^2 (a sentence)."""
     rows = [r for r in scale if r.get("oneshot_cpu_seconds") is not None]
@@ -322,6 +350,10 @@ def render(result: dict[str, Any], docs: Path, out: Path, image: Path) -> str:
                            [[r["graph"], fmt(r["nodes"], 0), fmt(r["edges"], 0), fmt(r["build_ms"], 1),
                              fmt(r["forward_ms"], 2), fmt(r["gradient_ms"], 2), fmt(r["topk_ms"], 3), fmt(r["oneshot_ms"], 2)]
                             for r in result["profile"]]), ""]
+    if result.get("relax_passes"):
+        lines += ["Relaxation passes of the surrogate (`--passes`; the warm-start gradient is one, at most 61): "
+                  + "; ".join(f"{r['graph']} {r['model']} b={r['b']}: {r['passes']}" for r in result["relax_passes"])
+                  + ".", ""]
     lines += [f"![Pareto]({image.relative_to(docs.parent).as_posix()})", ""]
     lines += [f"- {note}" for note in result.get("notes", [])]
     return "\n".join(lines)
@@ -342,7 +374,16 @@ def main() -> None:
                         "merged into --out (default 1700 17000 170000: about 10k, 100k and 1M edges)")
     parser.add_argument("--profile", nargs="*", help="only the one-shot cost profile, on these graphs, merged into "
                         "--out (default jazz email_eu_core power_grid)")
+    parser.add_argument("--passes", action="store_true", help="only the relaxation's pass counts for --graphs x "
+                        "--models x --fractions, merged into --out")
     args = parser.parse_args()
+    if args.passes:
+        import json
+
+        result = json.loads(Path(args.out).read_text())
+        result["relax_passes"] = run_passes(args.graphs, args.models, args.fractions)
+        publish(result, args.out, None if args.no_docs else args.docs, SECTION, plot, render)
+        return
     if args.profile is not None:
         import json
 
