@@ -22,13 +22,12 @@ from cleanse.estimators.base import Estimator, PairwiseEstimator
 
 # Small configurations where the default would be slow on the contract's tiny problem. The
 # memorization diagonal check needs the graded statistic: with 0/1 accuracy a sample that every
-# model gets right has mem exactly 0. The tiny diffusion model (2 epochs) generates no watermark, so
-# its detector's flags split the target class at random and dmin's default `reference: unflagged`
-# contrasts two random halves of it (AUC 0.013 here); the sign contract is checked on the harm
-# queries' plain mean, as tests/test_diffusion_estimators.py does (docs/diffusion.md: the default's
-# risk on a model that does not reproduce the watermark).
+# model gets right has mem exactly 0. The tiny diffusion model (2 epochs) generates no watermark:
+# dmin's default `reference: unflagged` must notice (its detector flags the target class no more
+# often than the other classes) and fall back to the harm queries' plain mean; contrasting two
+# random halves of the class instead inverted the sign here (AUC 0.013) before that fallback.
 FAST = {"memorization": {"n_models": 128, "statistic": "probability"},
-        "dmin": {"timesteps": 4, "sizes": [1024], "size": 1024, "reference": "none"},
+        "dmin": {"timesteps": 4, "sizes": [1024], "size": 1024},
         "dtrak": {"timesteps": 4, "size": 256}}
 
 
