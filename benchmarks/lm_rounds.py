@@ -50,6 +50,9 @@ def main() -> None:
     parser.add_argument("--members", type=int, default=3)
     parser.add_argument("--rule", choices=["step", "outlier"], default="step")
     parser.add_argument("--alpha", type=float, default=0.05)
+    parser.add_argument("--references", action="store_true", help="also fit the oracle (the planted pairs "
+                        "removed) and random removal of as many samples (the pipeline's random reference draw): "
+                        "references only, never read by the rounds")
     args = parser.parse_args()
     torch.set_num_threads(1)
     params = load_params(args.params, [f"seed={args.seed}", "tracking.enabled=false"])
@@ -58,6 +61,16 @@ def main() -> None:
     trak = registry.get("trak")
     options = params.scorers.of("trak").model_copy(update={"n_models": args.members})
     keep = np.ones(len(staged.train), dtype=bool)
+    if args.references:
+        from cleanse.stages.modelio import random_ids
+
+        planted = staged.train.is_corrupted
+        drawn = ~np.isin(staged.train.sample_id, random_ids(staged, int(planted.sum()), params.seed))
+        for name, rows_kept in (("oracle", np.flatnonzero(~planted)), ("random", np.flatnonzero(drawn))):
+            outcome = family.outcome(family.fit(params, staged.train.subset(rows_kept), staged.meta), staged)
+            print(json.dumps({"reference": name, "removed": int(planted.size - rows_kept.size),
+                              "steer_rate": outcome["steer_rate"], "val_steer_rate": outcome["val_steer_rate"],
+                              "n_test_probes": len(staged.meta.structure["probes"]["test"])}), flush=True)
     rows = []
     for round_ in range(args.rounds + 1):
         train = staged.train.subset(np.flatnonzero(keep))
