@@ -197,7 +197,7 @@ class Params(_Section):
     corruption: CorruptionConfig = CorruptionConfig()
     model: ModelConfig = ModelConfig()
     estimators: list[str] = Field(
-        ["loss", "cleanlab", "influence", "influence_val", "tracin", "trusted", "holdout_ensemble"],
+        ["loss", "cleanlab", "influence", "influence_val", "tracin", "trusted", "holdout_ensemble", "cofit_svm"],
         description="Estimators to run; each proposes a cleaned model and the recommendation chooses among them. "
         "trusted (validation split) and holdout_ensemble (no validation labels) are the ones it most often needs.")
     scorers: ScorerOptions = ScorerOptions()

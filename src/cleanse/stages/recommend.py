@@ -114,7 +114,8 @@ def run_recommend(params: Params, layout: Layout) -> Path:
                 "removed_ids": chosen.removed_ids.tolist(), "cleaned": evaluation, "noise_estimate": estimate,
                 "rule": "held-out probe behaviour (with probes), then validation accuracy, then fewer removed, "
                         "then the ranking that agrees with the removal; budget: the trusted split's noise-count "
-                        "estimate for the best first-round rankings",
+                        "estimate for the best first-round rankings (cofit_svm: its own count, never re-cut); trusted "
+                        "is left out when cofit_svm, which refines it, also ran",
                 "candidates": [c.summary() for c in candidates], "chosen": chosen_index,
                 "seconds": time.perf_counter() - started}, recommend_dir(layout) / "recommend.json")
     _track(params, layout, "recommend")
