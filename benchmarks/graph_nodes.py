@@ -445,7 +445,7 @@ def plot(result: dict[str, Any], image: Path) -> None:
             ys = np.array([curve[str(x)]["mean"] for x in xs])
             sd = np.array([curve[str(x)]["sd"] for x in xs])
             ax.errorbar(xs, ys, yerr=sd, marker="o", capsize=3, color=CURVE_COLOURS.get(label),
-                        label=f"{_curve_name(label)} ({_splits(curve)} splits)")
+                        label=f"{_curve_name(label)} ({_splits(curve)} split{'s' if _splits(curve) > 1 else ''})")
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [str(x) for x in xs])
         ax.set_xlabel("layers L")
