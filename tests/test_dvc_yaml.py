@@ -78,3 +78,14 @@ def test_a_family_declares_extra_train_params_and_the_others_stay_identical():
     assert "influence" in yaml.safe_load(influence_file.read_text())
     assert "influence" not in yaml.safe_load((REPO / "examples/graph.yaml").read_text())
 
+
+def test_dvc_yaml_params_option_and_its_bad_input(tmp_path):
+    from cleanse.cli import app
+
+    influence = CliRunner().invoke(app, ["dvc-yaml", "--params", str(REPO / "examples/graph_influence.yaml")])
+    assert influence.exit_code == 0, influence.output
+    assert yaml.safe_load(influence.output)["stages"]["train"]["params"][-1] == "influence"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("family: graph\ninfluence: {diffusion: XX}\n")
+    refused = CliRunner().invoke(app, ["dvc-yaml", "--params", str(bad)])
+    assert refused.exit_code != 0 and refused.output.count("\n") <= 2 and "influence" in refused.output

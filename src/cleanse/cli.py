@@ -192,11 +192,18 @@ def report(params_file: ParamsOption = None, overrides: SetOption = None, out: O
 
 
 @app.command("dvc-yaml")
-def dvc_yaml() -> None:
+def dvc_yaml(params_file: Annotated[Path | None, typer.Option(
+        "--params", "-p", help="params file whose family's extra sections (e.g. graph's influence) the stages "
+                               "list too (default: none, the plain stage graph).")] = None) -> None:
     """Print dvc.yaml, generated from the stage graph: cleanse dvc-yaml > dvc.yaml."""
     from cleanse.stages.dvc import dvc_yaml as render
 
-    typer.echo(render(), nl=False)
+    def action() -> None:
+        from cleanse.config import load_params
+
+        typer.echo(render(None if params_file is None else load_params(params_file)), nl=False)
+
+    _guarded(action)
 
 
 @app.command("estimators")
