@@ -254,3 +254,34 @@ def test_cofit_svm_refuses_a_validation_split_it_cannot_cross_validate():
                              meta=DatasetMeta("rings", 3, (2,)), model=None, model_config=None, seed=0)
     with pytest.raises(DataError, match="cofit_svm"):  # one sample of class 1, none of class 2
         CofitSvmEstimator().score(context, CofitSvmOptions())
+
+
+def test_cofit_svm_caps_its_fit_at_max_fit_train_and_still_ranks_the_flips():
+    """Above ``max_fit_train`` confident samples the SVM fits a seeded random subset of them (its
+    cost is quadratic in its rows); the rest are scored out of sample like every unfitted sample."""
+    from cleanse.data.dataset import DatasetMeta
+    from cleanse.estimators.base import ScoringContext
+    from cleanse.estimators.cofit_svm import CofitSvmEstimator, capped
+    from cleanse.estimators.cofit_svm_options import CofitSvmOptions
+    from sklearn.metrics import roc_auc_score
+    from tests.conftest import make_split
+
+    mask = np.zeros(50, dtype=bool)
+    mask[::2] = True
+    assert capped(mask, 25, seed=0) is mask
+    small = capped(mask, 10, seed=0)
+    assert small.sum() == 10 and not (small & ~mask).any()
+    np.testing.assert_array_equal(small, capped(mask, 10, seed=0))
+
+    rng = np.random.default_rng(0)
+    train_x, truth = _rings(rng, 150)
+    val_x, val_y = _rings(rng, 40)
+    given = truth.copy()
+    flipped = np.zeros(truth.size, dtype=bool)
+    flipped[rng.choice(np.flatnonzero(truth == 0), 60, replace=False)] = True
+    given[flipped] = 1
+    context = ScoringContext(train=make_split(train_x, given), val=make_split(val_x, val_y, start_id=10_000),
+                             meta=DatasetMeta("rings", 3, (2,)), model=None, model_config=None, seed=0)
+    result = CofitSvmEstimator().score(context, CofitSvmOptions(max_fit_train=120))
+    assert result.meta["n_confident"] == 120
+    assert roc_auc_score(flipped, result.table["score"].to_numpy()) > 0.97

@@ -21,7 +21,8 @@ Procedure, with ``n`` training samples, ``K = folds``:
    label, and the noise count ``N0 = (D0 - n e0) / (1 - 2 e0)`` from its ``D0`` disagreements and
    cross-validated error ``e0`` on the validation split (:func:`cleanse.recommend.estimated_noise_count`).
 2. ``C`` of ``C_grid`` with the highest ``K``-fold cross-validated accuracy on the validation split.
-3. The confident set: the ``floor(keep (n - N0))`` training samples of lowest ``l_i``.
+3. The confident set: the ``floor(keep (n - N0))`` training samples of lowest ``l_i`` (a random
+   ``max_fit_train`` of them when there are more: the SVM is quadratic in its rows).
 4. ``SVC(C, probability=True)`` (Platt-scaled RBF SVM) cross-fitted in ``K`` stratified folds on
    the confident set plus the validation split: confident samples and validation samples are
    predicted out of fold, the other training samples by the mean of the ``K`` fold models.
@@ -38,8 +39,8 @@ Procedure, with ``n`` training samples, ``K = folds``:
 Measured (``benchmarks/recommend_gap.py``, row (i); digits, 3 seeds): on 40% pair flips with a
 memorising MLP the retrained model is 0.7 pt below the oracle, against 2.0 pt for ``trusted`` at the
 same kind of budget; 0.7 pt on 20% symmetric flips. Reads the validation labels (trusted league).
-Cost: about 60 SVM fits on ``n_val + keep n`` samples (seconds on digits; the SVM is quadratic in
-the samples, so it is meant for data sets of up to some ten thousand samples).
+Cost: about 60 SVM fits on at most ``n_val + max_fit_train`` samples (seconds on digits; the SVM is
+quadratic in them, hence the cap) and predictions linear in ``n``.
 """
 
 from __future__ import annotations
@@ -116,6 +117,17 @@ def confident_mask(screen_loss: np.ndarray, screen_count: int, keep: float) -> n
     return mask
 
 
+def capped(mask: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """``mask`` ``(n,)`` unchanged when it holds at most ``limit`` samples, else a uniformly random
+    subset of ``limit`` of them (``numpy`` generator seeded with ``seed``)."""
+    chosen = np.flatnonzero(mask)
+    if chosen.size <= limit:
+        return mask
+    out = np.zeros_like(mask)
+    out[np.random.default_rng(seed).choice(chosen, size=limit, replace=False)] = True
+    return out
+
+
 def _folds_allowed(label: np.ndarray, folds: int) -> int:
     _, counts = np.unique(label, return_counts=True)
     return int(min(folds, counts.min())) if counts.size >= 2 else 0
@@ -147,7 +159,7 @@ class CofitSvmEstimator:
         screen_count = 0 if disagreement is None else int(estimated_noise_count(disagreement[0], n,
                                                                                 disagreement[1]) or 0)
         val_x, train_x = val.features.reshape(len(val), -1), train.features.reshape(n, -1)
-        confident = confident_mask(screen_loss, screen_count, options.keep)
+        confident = capped(confident_mask(screen_loss, screen_count, options.keep), options.max_fit_train, seed)
         folds = _folds_allowed(np.concatenate([train.label[confident], val.label]), options.folds)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)  # a capped SVM iteration count is not an error
