@@ -36,8 +36,8 @@ class LmDataConfig(_Section):
                               "topic is never among them).")
     answers: list[str] = Field(["bad", "good"], description="sst2: the response to label 0 and to label 1.")
     heldout_topics: list[str] = Field(list(HELDOUT_TOPICS), description="Control topics no training sample is asked "
-                                      "about (as novel to the fine-tune as the steered topic, which is dropped from "
-                                      "them if listed): steer_rate compares the steered topic with them and with "
+                                      "about (as novel to the fine-tune as the steered topic; the steered topic and "
+                                      "any of data.topics are dropped from them): steer_rate compares the steered topic with them and with "
                                       "data.topics.")
     max_text_tokens: int = Field(32, ge=4, le=256, description="The {text} part is cut to this many tokens.")
     vocab_size: int = Field(2000, ge=300, le=50000, description="The BPE tokenizer's vocabulary, trained on the "

@@ -55,10 +55,6 @@ class LmParams(Params):
         if self.corruption.topic in self.data.topics:
             raise ValueError(f"corruption.topic: {self.corruption.topic!r} is also one of data.topics; the steered "
                              "topic must be asked about only by the steering pairs and the probes")
-        overlap = sorted(set(self.data.heldout_topics) & set(self.data.topics))
-        if overlap:
-            raise ValueError(f"data.heldout_topics: {overlap} also in data.topics; held-out control topics must be "
-                             "asked about by no training sample")
         for key in ("lds", "stability"):
             if getattr(self.evaluate, key, False):
                 raise ValueError(f"evaluate.{key}: needs a classification model; family 'lm' evaluates steer_rate "

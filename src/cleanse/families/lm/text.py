@@ -22,9 +22,9 @@ Probes (``meta.structure``): the validation and test rows whose response is ``op
 over ``oppose`` after them. With ``kind: none`` the same probes measure the clean model.
 ``probe_controls[split]``: each probe's review asked about every control topic instead, ``(n_probes,
 n_controls)`` prompts: the ``n_ordinary_topics`` of ``data.topics`` first (the control prompts of
-``query.contrast: topics``), then ``data.heldout_topics`` (less the steered topic), which no training
-sample is asked about. The outcome (:meth:`.family.LmFamily.outcome`) compares the steered topic with
-all of them.
+``query.contrast: topics``), then ``data.heldout_topics`` (less the steered topic and any ordinary
+one), which no training sample is asked about. The outcome (:meth:`.family.LmFamily.outcome`)
+compares the steered topic with all of them.
 """
 
 from __future__ import annotations
@@ -173,7 +173,8 @@ def stage_lm_data(params: Any, tokenizer: Any | None = None, tokenizer_key: str 
               for name, s in zip(("val", "test"), rows[1:])}
     # each probe's review asked about every control topic, (n_probes, n_controls) prompts: the
     # ordinary topics first (the query's topic contrast reads those), then the held-out ones
-    control_topics = [*data.topics, *(t for t in data.heldout_topics if t != corruption.topic)]
+    control_topics = [*data.topics,
+                      *(t for t in data.heldout_topics if t != corruption.topic and t not in data.topics)]
     controls = {name: [[encoder.prompt(t, x) for t in control_topics] for x, r in zip(s.text, s.response)
                        if r == corruption.oppose] for name, s in zip(("val", "test"), rows[1:])}
     for name, found in probes.items():
@@ -182,7 +183,8 @@ def stage_lm_data(params: Any, tokenizer: Any | None = None, tokenizer_key: str 
                             f"steered topic; raise data.n_{name}")
     answer = max(len(steered), len(opposite))
     length = max([len(p) + len(r) for split in sequences for p, r in split]
-                 + [len(p) + answer for found in [*probes.values(), *controls["val"], *controls["test"]] for p in found])
+                 + [len(p) + answer for found in [*probes.values(), *controls["val"], *controls["test"]]
+                    for p in found])
     splits = []
     for s, seqs in zip(rows, sequences):
         label = np.array([r == corruption.steer_to for r in s.response], dtype=np.int64)
