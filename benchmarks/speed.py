@@ -830,7 +830,7 @@ def render(result: dict[str, Any], docs: Path, out: Path, image: Path) -> str:
         "**One epoch** = `train_model` for one epoch on the same data and batch size, the fastest of "
         f"{config['epoch_repeats']} runs before the detectors and one after them (other jobs only slow a run down, so "
         "the ratios err high); it is the denominator of every ratio. **One training run** (f-INE's denominator) = "
-        "the fastest of the timed training and one retraining after the detectors. Per-detector budget {config['budget_s']:,.0f} s "
+        f"the fastest of the timed training and one retraining after the detectors. Per-detector budget {config['budget_s']:,.0f} s "
         "and +" f"{config['memory_budget_mb']:,.0f} MiB of peak RSS: a detector predicted to exceed either (time linear in n "
         "from the previous n; memory only for methods that hold the whole training set at once) is skipped and the "
         "prediction recorded; the time budget is also a hard limit. cleanse's estimators run with their default "

@@ -21,7 +21,7 @@ class CofitSvmOptions(_Section):
         "highest cross-validated accuracy on the validation split is used (the first on ties).")
     keep: float = Field(0.8, gt=0, le=1, description="Share of the (n - N̂) training samples the screening "
                         "model finds least surprising that join the validation split as correctly labelled.")
-    max_fit_train: int = Field(5000, ge=1, description="At most this many confident training samples join the "
+    max_fit_train: int = Field(2000, ge=1, description="At most this many confident training samples join the "
                                "SVM's fit (a seeded random subset of them above it; the others are predicted by the "
                                "folds' mean like every unfitted sample): the RBF SVM's cost grows with the square "
                                "of its training rows.")
