@@ -89,3 +89,25 @@ def test_dvc_yaml_params_option_and_its_bad_input(tmp_path):
     bad.write_text("family: graph\ninfluence: {diffusion: XX}\n")
     refused = CliRunner().invoke(app, ["dvc-yaml", "--params", str(bad)])
     assert refused.exit_code != 0 and refused.output.count("\n") <= 2 and "influence" in refused.output
+
+
+def test_params_yaml_has_every_param_key_that_dvc_yaml_lists():
+    """``dvc repro`` refuses a stage whose listed params key is missing from params.yaml (e.g.
+    ``scorers.<estimator>`` of a newly listed estimator); checked here without running DVC."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    missing = []
+    for name, stage in stages.items():
+        body = stage.get("do", stage)
+        items = params["estimators"] if "foreach" in stage else [None]
+        for item in items:
+            for key in body.get("params", []):
+                if isinstance(key, dict):
+                    continue
+                node: object = params
+                for part in key.replace("${item}", str(item)).split("."):
+                    if not isinstance(node, dict) or part not in node:
+                        missing.append(f"{name}: {key.replace('${item}', str(item))}")
+                        break
+                    node = node[part]
+    assert not missing, missing
