@@ -208,6 +208,12 @@ class Family(ABC):
         every later stage's); none by default."""
         return ()
 
+    def dvc_params(self, params: Params) -> dict[str, tuple[str, ...]]:
+        """dvc.yaml's extra params keys per stage name (:func:`cleanse.stages.dvc.family_params`):
+        the params sections :meth:`train_inputs` and the like read, listed only when ``params``
+        has them (DVC refuses a listed key its params.yaml lacks); none by default."""
+        return {}
+
     def verify_inputs(self, params: Params) -> tuple[Any, ...]:
         """The params sections :meth:`verify_without` reads beyond ``params.model`` and the seed
         (parts of the retrain and references fingerprints); none by default."""

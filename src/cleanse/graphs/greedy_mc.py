@@ -130,11 +130,8 @@ def greedy_mc(kind: str, edge_index: np.ndarray, weights: np.ndarray, seeds: np.
             live[w, step] = False
             used[w], gains[w], reach[w] = _world_gains(live[w], src, dst, seeds, num_nodes)
             np.add.at(total, used[w], gains[w])
-    score = np.clip(total, 0, None) / max(float(total.max()), 1e-12) * 0.99
-    for k, edge in enumerate(picked):
-        score[edge] = 2.0 + (b - k) / b
-    return GreedyResult(np.array(picked, dtype=np.int64), score, before, float(reach.mean()),
-                        time.perf_counter() - began)
+    return GreedyResult(np.array(picked, dtype=np.int64), _ranked_scores(total, picked, b), before,
+                        float(reach.mean()), time.perf_counter() - began)
 
 
 def greedy_fixed_threshold(edge_index: np.ndarray, weights: np.ndarray, seeds: np.ndarray, num_nodes: int, b: int,
@@ -173,7 +170,14 @@ def greedy_fixed_threshold(edge_index: np.ndarray, weights: np.ndarray, seeds: n
         allowed[step] = False
         w[step] = 0.0
         now = active(w)
+    return GreedyResult(np.array(picked, dtype=np.int64), _ranked_scores(loss, picked, b), before, float(now.sum()),
+                        time.perf_counter() - began)
+
+
+def _ranked_scores(loss: np.ndarray, picked: list[int], b: int) -> np.ndarray:
+    """Edge scores (E,), higher = cut first: the ``picked`` edges in pick order above 2, every other
+    edge its last marginal ``loss`` scaled into [0, 0.99]."""
     score = np.clip(loss, 0, None) / max(float(loss.max()), 1e-12) * 0.99
     for k, edge in enumerate(picked):
         score[edge] = 2.0 + (b - k) / b
-    return GreedyResult(np.array(picked, dtype=np.int64), score, before, float(now.sum()), time.perf_counter() - began)
+    return score

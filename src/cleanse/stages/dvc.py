@@ -9,7 +9,7 @@ A stage's deps are the artifacts it reads plus the library files whose code shap
 
 A family whose stages read params sections beyond the graph's lists (the graph family's
 ``influence``, which the train stage measures) declares them through the family seam,
-``family.dvc_params(params) -> {stage name: (key, ...)}``; ``dvc_yaml(params)`` appends them to
+``Family.dvc_params(params) -> {stage name: (key, ...)}`` (none by default); ``dvc_yaml(params)`` appends them to
 those stages' ``params``. They come from a params file (``cleanse dvc-yaml --params FILE``) because
 DVC refuses a listed key that the project's params.yaml lacks, so only the sections that file has
 are listed; without a file, or for a family that declares nothing, the output is the plain graph's.
@@ -57,14 +57,13 @@ def _code_files(stage: Stage) -> list[str]:
 
 
 def family_params(params: Any | None) -> dict[str, tuple[str, ...]]:
-    """The extra params keys per stage name that ``params``'s family declares (``dvc_params``;
-    none for ``params=None`` or a family without the hook)."""
+    """The extra params keys per stage name that ``params``'s family declares
+    (:meth:`cleanse.families.base.Family.dvc_params`; none for ``params=None``)."""
     if params is None:
         return {}
     from cleanse import families
 
-    declare = getattr(families.get(params.family), "dvc_params", None)
-    extra = dict(declare(params)) if declare is not None else {}
+    extra = dict(families.get(params.family).dvc_params(params))
     unknown = sorted(set(extra) - {stage.name for stage in GRAPH})
     if unknown:
         raise ConfigError(f"family {params.family!r} declares dvc params for unknown stages: {', '.join(unknown)}")
