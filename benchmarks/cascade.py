@@ -58,7 +58,7 @@ def timed(select: Callable[[], np.ndarray]) -> tuple[np.ndarray, float, float]:
     return edges, float(np.median(wall)), float(np.median(cpu))
 
 
-def trained_surrogate(graph_name: str, kind: str, smoke: bool) -> tuple[Any, ...]:
+def trained_surrogate(graph_name: str, kind: str, smoke: bool, threshold: float | None = None) -> tuple[Any, ...]:
     """The case's graph, weights, seeds, the instance stream (after the training instances), the
     training instances, the fitted surrogate and its fit record (one torch thread)."""
     import torch
@@ -71,25 +71,41 @@ def trained_surrogate(graph_name: str, kind: str, smoke: bool) -> tuple[Any, ...
     w = edge_probabilities(g, "weighted_cascade")
     seeds = choose_seeds(g, 5 if not smoke else 2, "degree")
     gen = np.random.default_rng(0)
-    train = make_instances(kind, g.edge_index, w, g.num_nodes, seeds, 48 if not smoke else 12, 300, gen)
+    train = make_instances(kind, g.edge_index, w, g.num_nodes, seeds, 48 if not smoke else 12, 300, gen, threshold=threshold)
     model = SpreadSurrogate(g.edge_index, w, g.num_nodes, SurrogateConfig(kind="monstor", epochs=15 if not smoke else 3))
     return g, w, seeds, gen, train, model, fit_surrogate(model, train)
 
 
+def relax_passes(model: Any, relax: Callable[[], Any]) -> int:
+    """The surrogate passes one ``relax()`` call makes (the warm-start gradient is one; each Adam step one
+    batched pass of the relaxed weights and the rounded cut), counted by wrapping ``local_spread``."""
+    calls: list[int] = []
+    local = model.local_spread
+    model.local_spread = lambda *args: calls.append(1) or local(*args)
+    try:
+        relax()
+    finally:
+        del model.local_spread
+    return len(calls)
+
+
 def run_case(graph_name: str, kind: str, fractions: list[float], smoke: bool,
-             greedy_steps: int = 0, verify_runs: int = 10_000) -> list[dict[str, Any]]:
+             greedy_steps: int = 0, verify_runs: int = 10_000, threshold: float | None = None) -> list[dict[str, Any]]:
+    """``threshold``: LT with that fixed threshold for every node (deterministic: labels and verification
+    are one cascade, and the reference is the exact re-simulating greedy ``greedy_fixed_threshold``)."""
     from cleanse.graphs import selection as sel
-    from cleanse.graphs.greedy_mc import greedy_mc
+    from cleanse.graphs.greedy_mc import greedy_fixed_threshold, greedy_mc
     from cleanse.graphs.surrogate import evaluate_surrogate, make_instances, near
 
-    g, w, seeds, gen, train, model, record = trained_surrogate(graph_name, kind, smoke)
+    g, w, seeds, gen, train, model, record = trained_surrogate(graph_name, kind, smoke, threshold)
     ei, n = g.edge_index, g.num_nodes
     runs = verify_runs if not smoke else 1_000
-    test = make_instances(kind, ei, w, n, seeds, 24 if not smoke else 4, 1200, gen)
+    test = make_instances(kind, ei, w, n, seeds, 24 if not smoke else 4, 1200, gen, threshold=threshold)
     quality = evaluate_surrogate(model, test)
     t0 = time.perf_counter()
-    base, base_se = sel.verify_spread(kind, ei, w, seeds, n, np.zeros(0, np.int64), runs=runs, seed=7)
-    throughput = runs / (time.perf_counter() - t0)
+    base, base_se = sel.verify_spread(kind, ei, w, seeds, n, np.zeros(0, np.int64), runs=runs, seed=7, threshold=threshold)
+    throughput = runs / (time.perf_counter() - t0) if threshold is None else None
+    label = kind if threshold is None else f"{kind} theta={threshold:g}"
     out = []
     for fraction in fractions:
         b = max(1, int(round(fraction * g.num_edges)))
@@ -103,6 +119,9 @@ def run_case(graph_name: str, kind: str, fractions: list[float], smoke: bool,
                 score = sel.relax_scores(model, seeds, b)
             elif method == "sgreedy":
                 score = sel.surrogate_greedy_scores(model, seeds, b, per_step=max(1, b // 10))
+            elif method == "greedy_mc" and threshold is not None:
+                score = greedy_fixed_threshold(ei, w, seeds, n, b, threshold, candidates=near(ei, seeds, n, 1),
+                                               per_step=per_step).score
             elif method == "greedy_mc":
                 score = greedy_mc(kind, ei, w, seeds, n, b, worlds=500 if not smoke else 100,
                                   candidates=near(ei, seeds, n, 1), seed=3, per_step=per_step).score
@@ -122,16 +141,18 @@ def run_case(graph_name: str, kind: str, fractions: list[float], smoke: bool,
 
         for method in METHODS:
             picks[method] = timed(lambda: select(method))
+        passes = relax_passes(model, lambda: sel.relax_scores(model, seeds, b))
         for method, (edges, seconds, cpu_seconds) in picks.items():
-            spread, se = sel.verify_spread(kind, ei, w, seeds, n, edges, runs=runs, seed=7)
-            out.append({"graph": g.name, "nodes": n, "edges": g.num_edges, "model": kind, "fraction": fraction, "b": b,
+            spread, se = sel.verify_spread(kind, ei, w, seeds, n, edges, runs=runs, seed=7, threshold=threshold)
+            out.append({"graph": g.name, "nodes": n, "edges": g.num_edges, "model": label, "fraction": fraction, "b": b,
+                        **({"relax_passes": passes} if method == "relax" else {}),
                         "method": method, "spread": spread, "spread_se": se, "seconds": seconds,
                         "cpu_seconds": cpu_seconds,
                         "baseline": base, "baseline_se": base_se, "reduction": base - spread,
                         "greedy_per_step": per_step,
                         "surrogate": {**quality, "fit_seconds": record.seconds, "label_seconds": train.seconds},
                         "mc_cascades_per_s": throughput})
-            print(f"{g.name} {kind} b={b} {method}: {spread:.2f} +- {se:.2f} ({seconds:.4f} s, cpu {cpu_seconds:.4f} s)",
+            print(f"{g.name} {label} b={b} {method}: {spread:.2f} +- {se:.2f} ({seconds:.4f} s, cpu {cpu_seconds:.4f} s)",
                   flush=True)
     return out
 
@@ -169,7 +190,8 @@ def run_profile(graphs: list[str]) -> list[dict[str, Any]]:
     """Where the one-shot selection's CPU time goes, per graph (one torch thread; the surrogate's weights
     do not change the cost, so an untrained MONSTOR-style one): loading the graph, its probabilities,
     seeds and the surrogate (once, outside the timed selection), the forward pass alone, the gradient
-    (``oneshot_scores``: forward and backward, and the conversion to float64 numpy), the top-b cut
+    (``oneshot_scores``: the seeds' neighbourhood, forward and backward on it, and the scatter back to
+    float64 (E,)), the neighbourhood alone (``layers``-hop search and relabelling), the top-b cut
     (b = 2 %) and the whole selection as the table times it. Medians of 21 calls, CPU milliseconds."""
     import torch
 
@@ -195,14 +217,17 @@ def run_profile(graphs: list[str]) -> list[dict[str, Any]]:
         seeds = choose_seeds(g, 5, "degree")
         model = SpreadSurrogate(g.edge_index, w, g.num_nodes, SurrogateConfig(kind="monstor")).eval()
         build = 1e3 * (time.process_time() - began)
-        ones, row = torch.ones(1, g.num_edges), sel._seed_row(seeds, g.num_nodes)
+        hood = model.neighbourhood(seeds)
+        ones = torch.ones(1, int(hood.edges.shape[0]))
         grad, b = sel.oneshot_scores(model, seeds), max(1, int(round(0.02 * g.num_edges)))
 
         def forward() -> None:
             with torch.no_grad():
-                model.spread(row, ones)
+                model.local_spread(hood, ones)
 
         rows.append({"graph": g.name, "nodes": g.num_nodes, "edges": g.num_edges, "build_ms": build,
+                     "hood_nodes": int(hood.nodes.size), "hood_edges": int(hood.edges.shape[0]),
+                     "neighbourhood_ms": cpu_ms(lambda: model.neighbourhood(seeds)),
                      "forward_ms": cpu_ms(forward), "gradient_ms": cpu_ms(lambda: sel.oneshot_scores(model, seeds)),
                      "topk_ms": cpu_ms(lambda: sel.top_edges(grad, b)),
                      "oneshot_ms": cpu_ms(lambda: sel.top_edges(sel.oneshot_scores(model, seeds), b))})
@@ -212,21 +237,18 @@ def run_profile(graphs: list[str]) -> list[dict[str, Any]]:
 
 def run_passes(graphs: list[str], models: list[str], fractions: list[float]) -> list[dict[str, Any]]:
     """The relaxation's surrogate passes per case (the warm-start gradient counts as one; at most 1 +
-    60), on the same trained surrogate as the table, counted by wrapping its forward."""
+    60), on the same trained surrogate as the table, counted by wrapping its ``local_spread``
+    (the table's rows record the same count for their own fit as ``relax_passes``)."""
     from cleanse.graphs import selection as sel
 
     rows = []
     for name in graphs:
         for kind in models:
             g, _, seeds, _, _, model, _ = trained_surrogate(name, kind, False)
-            calls: list[int] = []
-            forward = model.forward
-            model.forward = lambda *args: calls.append(1) or forward(*args)  # type: ignore[method-assign]
             for fraction in fractions:
                 b = max(1, int(round(fraction * g.num_edges)))
-                calls.clear()
-                sel.relax_scores(model, seeds, b)
-                rows.append({"graph": g.name, "model": kind, "b": b, "passes": len(calls)})
+                rows.append({"graph": g.name, "model": kind, "b": b,
+                             "passes": relax_passes(model, lambda: sel.relax_scores(model, seeds, b))})
             print(f"passes {g.name} {kind}: {[r['passes'] for r in rows[-len(fractions):]]}", flush=True)
     return rows
 
@@ -253,6 +275,7 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         case = {r["method"]: r for r in runs if (r["graph"], r["model"], r["b"]) == (graph, kind, b)}
         greedy = case["greedy_mc"]
         rows.append({"graph": graph, "model": kind, "b": b, "fraction": greedy["fraction"],
+                     "relax_passes": case["relax"].get("relax_passes"),
                      **{f"{m}_share": case[m]["reduction"] / greedy["reduction"] if greedy["reduction"] > 0 else None
                         for m in ("oneshot", "relax", "sgreedy")},
                      **{f"{m}_speedup": greedy["seconds"] / max(case[m]["seconds"], 1e-9)
@@ -309,7 +332,7 @@ def render(result: dict[str, Any], docs: Path, out: Path, image: Path) -> str:
                       *[f"{fmt(case[m]['spread'], 1)} ({fmt(case[m]['seconds'], 3)} s)" for m in METHODS]])
     lines += ["Spread after the cuts (selection seconds):", "", md_table(headers, table), ""]
     s_headers = ["graph", "model", "b", "greedy cuts/step", "oneshot / greedy reduction", "speed-up wall (CPU)",
-                 "relax / greedy", "speed-up wall (CPU)", "sgreedy / greedy", "speed-up wall (CPU)"]
+                 "relax / greedy", "speed-up wall (CPU)", "relax passes", "sgreedy / greedy", "speed-up wall (CPU)"]
 
     def speedup(row: dict[str, Any], method: str) -> str:
         cpu = row.get(f"{method}_cpu_speedup")
@@ -320,7 +343,8 @@ def render(result: dict[str, Any], docs: Path, out: Path, image: Path) -> str:
 
     per_step = {(r["graph"], r["model"], r["b"]): r.get("greedy_per_step", 1) for r in result["runs"]}
     s_rows = [[r["graph"], r["model"], r["b"], per_step[(r["graph"], r["model"], r["b"])],
-               *[item for m in ("oneshot", "relax", "sgreedy") for item in (fmt(r[f"{m}_share"]), speedup(r, m))]]
+               *[item for m in ("oneshot", "relax", "sgreedy") for item in [fmt(r[f"{m}_share"]), speedup(r, m)]
+                 + ([fmt(r.get("relax_passes"), 0)] if m == "relax" else [])]]
               for r in result["summary"]]
     lines += ["Against greedy Monte Carlo (targets of issue 20: one-shot >= 0.9 of its reduction at >= 1,000x its "
               "speed; relaxation >= 1.0 at >= 100x):", "", md_table(s_headers, s_rows), ""]
@@ -346,9 +370,12 @@ def render(result: dict[str, Any], docs: Path, out: Path, image: Path) -> str:
     if result.get("profile"):
         lines += ["Where one-shot's CPU time goes (`--profile`; medians of 21 calls, one thread, CPU ms; build = loading "
                   "the graph and making the surrogate, once per graph, outside the timed selection):", "",
-                  md_table(["graph", "nodes", "edges", "build", "forward", "gradient (fwd + bwd)", "top-b", "one-shot"],
-                           [[r["graph"], fmt(r["nodes"], 0), fmt(r["edges"], 0), fmt(r["build_ms"], 1),
-                             fmt(r["forward_ms"], 2), fmt(r["gradient_ms"], 2), fmt(r["topk_ms"], 3), fmt(r["oneshot_ms"], 2)]
+                  md_table(["graph", "nodes", "edges", "neighbourhood nodes / edges", "build", "neighbourhood",
+                            "forward", "gradient (fwd + bwd)", "top-b", "one-shot"],
+                           [[r["graph"], fmt(r["nodes"], 0), fmt(r["edges"], 0),
+                             f"{fmt(r.get('hood_nodes'), 0)} / {fmt(r.get('hood_edges'), 0)}", fmt(r["build_ms"], 1),
+                             fmt(r.get("neighbourhood_ms"), 3), fmt(r["forward_ms"], 2), fmt(r["gradient_ms"], 2),
+                             fmt(r["topk_ms"], 3), fmt(r["oneshot_ms"], 2)]
                             for r in result["profile"]]), ""]
     if result.get("relax_passes"):
         lines += ["Relaxation passes of the surrogate (`--passes`; the warm-start gradient is one, at most 61): "
@@ -374,6 +401,10 @@ def main() -> None:
                         "merged into --out (default 1700 17000 170000: about 10k, 100k and 1M edges)")
     parser.add_argument("--profile", nargs="*", help="only the one-shot cost profile, on these graphs, merged into "
                         "--out (default jazz email_eu_core power_grid)")
+    parser.add_argument("--threshold", type=float, help="LT with this fixed threshold for every node (only with "
+                        "--models LT; deterministic, verified by one cascade, reference: the exact re-simulating greedy)")
+    parser.add_argument("--combine", nargs="+", help="merge the runs of these result files (a later file's "
+                        "graph and model replace an earlier one's) into --out, with the profile, passes and scale of --out")
     parser.add_argument("--passes", action="store_true", help="only the relaxation's pass counts for --graphs x "
                         "--models x --fractions, merged into --out")
     args = parser.parse_args()
@@ -398,11 +429,26 @@ def main() -> None:
         result["scale"] = run_scale(args.scale or [1700, 17000, 170000])
         publish(result, args.out, None if args.no_docs else args.docs, SECTION, plot, render)
         return
+    if args.combine:
+        import json
+
+        result = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+        merged: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for name in args.combine:
+            rows = json.loads(Path(name).read_text())["runs"]
+            for key in {(r["graph"], r["model"]) for r in rows}:
+                merged[key] = [r for r in rows if (r["graph"], r["model"]) == key]
+        result["runs"] = [row for rows in merged.values() for row in rows]
+        result["summary"] = summarise(result["runs"])
+        result["notes"] = result.get("notes", []) + args.note
+        publish(result, args.out, None if args.no_docs else args.docs, SECTION, plot, render)
+        return
     if args.render_only:
         render_saved(args, SECTION, summarise, plot, render, append_notes=False)
         return
     runs = [row for graph in args.graphs for kind in args.models
-            for row in run_case(graph, kind, args.fractions, args.smoke, args.greedy_steps, args.runs)]
+            for row in run_case(graph, kind, args.fractions, args.smoke, args.greedy_steps, args.runs,
+                                args.threshold)]
     env = environment(1)
     for row in runs:  # each row says where and under which load it was measured (merged results mix runs)
         row["measured_at"] = {"git_commit": env.get("git_commit"), "load_average_start": env.get("load_average_start")}
@@ -411,7 +457,7 @@ def main() -> None:
         import json
 
         saved = json.loads(Path(args.out).read_text())
-        kept = [r for r in saved["runs"] if r["graph"] not in {row["graph"] for row in runs}]
+        kept = [r for r in saved["runs"] if (r["graph"], r["model"]) not in {(row["graph"], row["model"]) for row in runs}]
         result = {**saved, "runs": kept + runs, "notes": saved.get("notes", []) + args.note}
     result["summary"] = summarise(result["runs"])
     publish(result, args.out, None if args.no_docs else args.docs, SECTION, plot, render)

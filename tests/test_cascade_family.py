@@ -145,13 +145,13 @@ def test_relaxation_cuts_the_bridge_and_stops_early(bridge_surrogate):
     for warm, patience in ((4.0, 3), (0.0, 0)):  # the warm, early-stopped default and the plain relaxation
         assert top_edges(relax_scores(model, seeds, 1, warm=warm, patience=patience), 1)[0] == bridge
     calls = []
-    forward = model.forward
-    model.forward = lambda *args: calls.append(1) or forward(*args)  # type: ignore[method-assign]
+    local = model.local_spread
+    model.local_spread = lambda *args: calls.append(1) or local(*args)  # type: ignore[method-assign]
     try:
         relax_scores(model, seeds, 1, steps=60)
     finally:
-        del model.forward
-    assert 1 + 3 < len(calls) < 1 + 60  # the gradient at x = 1, then stable after >= 3 steps, well before 60
+        del model.local_spread
+    assert 1 + 3 < len(calls) < 1 + 60  # the gradient at x = 1, then no better rounded cut for 3 steps, well before 60
 
 
 def _mean_field_tree():
@@ -190,11 +190,11 @@ def test_oneshot_gradient_is_the_exact_tree_marginal_even_for_certain_edges():
 def test_relaxation_stops_when_the_budget_exceeds_the_edges_with_an_effect():
     ei, p, model = _mean_field_tree()
     calls = []
-    forward = model.forward
-    model.forward = lambda *args: calls.append(1) or forward(*args)  # type: ignore[method-assign]
+    local = model.local_spread
+    model.local_spread = lambda *args: calls.append(1) or local(*args)  # type: ignore[method-assign]
     try:
         cut = top_edges(relax_scores(model, np.array([0]), 8, steps=60), 8)
     finally:
-        del model.forward
+        del model.local_spread
     assert {0, 1, 2} <= set(cut.tolist())  # the seed's three out-edges: the seed is then alone
-    assert len(calls) < 1 + 20, len(calls)  # the one-shot gradient, then a stable rounding well before 60 steps
+    assert len(calls) < 1 + 20, len(calls)  # the one-shot gradient, then no better rounded cut well before 60 steps

@@ -79,7 +79,8 @@ class RelaxEstimator(_EdgeEstimator):
 
         return relax_scores(context.model.surrogate, context.graph()[2], context.budget, steps=options.steps,
                             lr=options.lr, penalty=options.penalty, init=options.init,
-                            warm=options.warm, patience=options.patience, tolerance=options.tolerance)
+                            warm=options.warm, patience=options.patience, tolerance=options.tolerance,
+                            min_gain=options.min_gain)
 
 
 class SurrogateGreedyEstimator(_EdgeEstimator):

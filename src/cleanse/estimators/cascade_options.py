@@ -23,8 +23,11 @@ class RelaxOptions(_Section):
     init: float = Field(0.99, gt=0.5, lt=1.0, description="Initial keep-weight of an edge without gradient.")
     warm: float = Field(4.0, ge=0.0, description="One-shot warm start: logit(init) minus warm x the edge's "
                         "normalised gradient (0: every edge at init).")
-    patience: int = Field(3, ge=0, description="Stop once the b smallest weights are the same edges for this many "
-                          "steps in a row (0: run all steps).")
+    patience: int = Field(3, ge=0, description="Stop once the surrogate's value of the rounded cut (the b smallest "
+                          "weights cut) has not improved for this many steps in a row (0: run all steps); the best "
+                          "rounded cut seen is the one returned.")
+    min_gain: float = Field(0.01, ge=0.0, description="An improvement of the rounded cut's surrogate spread by at most "
+                            "this many nodes does not count for the stop.")
     tolerance: float = Field(1e-3, ge=0.0, lt=1.0, description="Edges whose spread gradient is below this share of "
                              "the largest one-shot gradient have no effect: not moved by it, not counted for the stop.")
 

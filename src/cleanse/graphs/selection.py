@@ -26,7 +26,7 @@ import torch
 
 from cleanse.errors import ConfigError
 from cleanse.graphs.cascades import simulate
-from cleanse.graphs.surrogate import SpreadSurrogate
+from cleanse.graphs.surrogate import Neighbourhood, SpreadSurrogate
 
 
 def top_edges(score: np.ndarray, b: int) -> np.ndarray:
@@ -42,61 +42,92 @@ def top_edges(score: np.ndarray, b: int) -> np.ndarray:
     return chosen[np.lexsort((chosen, -s[chosen]))]
 
 
-def _seed_row(seeds: np.ndarray, n: int) -> torch.Tensor:
-    s = torch.zeros(1, n)
-    s[0, torch.as_tensor(np.asarray(seeds, dtype=np.int64))] = 1.0
-    return s
+def _spread_gradient(model: SpreadSurrogate, hood: Neighbourhood, keep: float) -> np.ndarray:
+    """``d spread_hat / d x`` (m,) float64 at ``x = keep`` on the neighbourhood's edges."""
+    x = torch.full((1, int(hood.edges.shape[0])), keep, requires_grad=True)
+    # the gradient of x alone: .backward() would also fill every parameter's .grad (~10% of the time)
+    (grad,) = torch.autograd.grad(model.local_spread(hood, x).sum(), x)
+    return grad[0].double().numpy()
+
+
+def _whole(hood: Neighbourhood, local: np.ndarray, outside: float = 0.0) -> np.ndarray:
+    """Per-edge values (E,) from the neighbourhood's (m,); ``outside`` for the other edges."""
+    out = np.full(hood.num_edges, outside)
+    out[hood.edges.numpy()] = local
+    return out
 
 
 def oneshot_scores(model: SpreadSurrogate, seeds: np.ndarray, delta: float = 0.0) -> np.ndarray:
-    """``d spread_hat / d x_e`` at ``x = 1 - delta`` (E,): the spread lost per unit of weight cut."""
-    x = torch.full((1, int(model.p.shape[0])), 1.0 - delta, requires_grad=True)
-    # the gradient of x alone: .backward() would also fill every parameter's .grad (~10% of the time)
-    (grad,) = torch.autograd.grad(model.spread(_seed_row(seeds, model.num_nodes), x).sum(), x)
-    return grad[0].double().numpy()
+    """``d spread_hat / d x_e`` at ``x = 1 - delta`` (E,): the spread lost per unit of weight cut. Run
+    on the seeds' neighbourhood (:meth:`SpreadSurrogate.neighbourhood`); the edges outside it get their
+    gradient on the whole graph, exactly 0."""
+    hood = model.neighbourhood(seeds)
+    return _whole(hood, _spread_gradient(model, hood, 1.0 - delta))
 
 
 def relax_scores(model: SpreadSurrogate, seeds: np.ndarray, b: int, steps: int = 60, lr: float = 0.5,
                  penalty: float = 1.0, init: float = 0.99, warm: float = 4.0, patience: int = 3,
-                 tolerance: float = 1e-3) -> np.ndarray:
-    """Continuous relaxation: ``1 - x`` (E,) after at most ``steps`` Adam steps on ``spread_hat(sigmoid(a))
-    + penalty * scale * relu(sum(1 - x) - b)`` (``scale``: the largest one-shot gradient ``g``, so that
-    the budget term and the spread speak the same units).
+                 tolerance: float = 1e-3, min_gain: float = 0.01) -> np.ndarray:
+    """Continuous relaxation, (E,) scores whose top ``b`` is the best rounded cut it visited: at most
+    ``steps`` Adam steps on ``spread_hat(sigmoid(a)) + penalty * scale * relu(sum(1 - x) - b)`` (``scale``:
+    the largest one-shot gradient ``g``, so that the budget term and the spread speak the same units).
 
     Warm start ``a_e = logit(init) - warm * max(g_e, 0) / scale`` (``warm = 0``: every edge at
-    ``init``): the first rounding is then the one-shot choice and the steps only revise it, which is
-    what makes a few steps enough.
+    ``init``): the first rounding is then the one-shot choice and the steps only revise it.
 
     An edge whose spread gradient ``|d spread_hat / d x_e|`` is below ``tolerance * scale`` at a step has
-    no effect there: its spread gradient is dropped (only the budget term moves it), and it does not
-    count for the stop. Adam normalises each coordinate, so without this such edges moved by about
-    ``lr`` on float noise, and when ``b`` exceeds the edges that matter (power_grid, whose seeds can
-    be cut off completely) the rounding never settled. The loop stops once no edge with an effect
-    has entered or left the rounded set (the ``b`` smallest ``x``) for ``patience`` consecutive steps
-    (0: run all ``steps``). A ``1e-9 g / scale`` term breaks ties."""
-    s = _seed_row(seeds, model.num_nodes)
-    grad = oneshot_scores(model, seeds)
-    scale = float(max(np.abs(grad).max(), 1e-6))
+    no effect there: its spread gradient is dropped (only the budget term moves it; Adam normalises each
+    coordinate, so float noise would otherwise move it by about ``lr`` a step and reshuffle the rounding).
+
+    Stop: each step also evaluates the surrogate on its **rounded** cut (the ``b`` smallest ``x`` set to
+    0, the rest to 1; the same batched pass as the gradient, a second row). The loop keeps the rounded cut
+    of lowest ``spread_hat`` and stops once that has not fallen by more than ``min_gain`` (nodes) for
+    ``patience`` steps (0: run all ``steps``). Scores: ``1 - x`` of that step, plus 1 on the kept cut
+    (so the top ``b`` is exactly it), plus ``1e-9 g / scale`` to break ties.
+
+    Runs on the seeds' neighbourhood; the edges outside it have no spread gradient and the same start,
+    so they move as one: one shared coordinate counted ``E - m`` times in the budget, as on the whole graph."""
+    hood = model.neighbourhood(seeds)
+    grad = _spread_gradient(model, hood, 1.0)
+    m, outside = int(grad.size), hood.num_edges - int(grad.size)
+    scale = float(max(np.abs(grad).max(), 1e-6)) if m else 1e-6
     start = np.log(init / (1 - init)) - warm * np.clip(grad / scale, 0.0, None)
-    a = torch.tensor(start[None], dtype=torch.float32, requires_grad=True)
+    a = torch.tensor(np.append(start, np.log(init / (1 - init)))[None], dtype=torch.float32, requires_grad=True)
+    count = torch.ones(m + 1)
+    count[m] = outside  # the shared coordinate of the edges outside
     opt = torch.optim.Adam([a], lr=lr)
-    rounded, stable = torch.zeros(a.shape[1], dtype=torch.bool), 0
+    best, best_a, best_cut, since = np.inf, a.detach().clone(), torch.zeros(m, dtype=torch.bool), 0
     for _ in range(steps):
-        x = torch.sigmoid(a.detach()).requires_grad_()
-        (spread_grad,) = torch.autograd.grad(model.spread(s, x).sum(), x)
-        effect = spread_grad[0].abs() >= tolerance * scale
-        over = float((1 - x.detach()).sum()) > b  # relu's slope: the budget term's gradient in x is -penalty * scale
-        a.grad = (spread_grad * effect - penalty * scale * over) * x.detach() * (1 - x.detach())  # chain rule to a
-        opt.step()
-        if patience:
-            now = torch.zeros_like(effect)
-            now[torch.topk(a.detach()[0], min(b, a.shape[1]), largest=False).indices] = True
-            stable = 0 if bool(((now ^ rounded) & effect).any()) else stable + 1
-            rounded = now
-            if stable >= patience:
+        x = torch.sigmoid(a.detach())
+        cut = _rounded(x[0], b, outside)
+        rows = torch.cat([x[:, :m], (~cut).float()[None]]).requires_grad_()
+        spread = model.local_spread(hood, rows)
+        (spread_grad,) = torch.autograd.grad(spread[0], rows)
+        value = float(spread[1].detach())
+        if value < best - min_gain:
+            best, best_a, best_cut, since = value, a.detach().clone(), cut, 0
+        else:
+            since += 1
+            if patience and since >= patience:
                 break
-    kept = torch.sigmoid(a.detach())[0].double().numpy()
-    return (1.0 - kept) + 1e-9 * grad / scale
+        g = torch.cat([spread_grad[0], spread_grad.new_zeros(1)])
+        over = float(((1 - x[0]) * count).sum()) > b  # relu's slope: the budget term's gradient is -penalty * scale
+        a.grad = ((g * (g.abs() >= tolerance * scale) - penalty * scale * over) * x[0] * (1 - x[0]))[None]
+        opt.step()
+    kept = torch.sigmoid(best_a)[0].double().numpy()
+    local = 1.0 - kept[:m] + best_cut.double().numpy() + 1e-9 * grad / scale
+    return _whole(hood, local, 1.0 - kept[m])
+
+
+def _rounded(x: torch.Tensor, b: int, outside: int) -> torch.Tensor:
+    """Bool (m,): which of the neighbourhood's edges are among the ``b`` smallest keep-weights of the
+    whole graph (``x`` (m + 1,): theirs, then the one value of the ``outside`` edges)."""
+    m = x.shape[0] - 1
+    pool = torch.cat([x[:m], x[m:].expand(min(outside, b))])
+    chosen = torch.topk(pool, min(b, pool.shape[0]), largest=False).indices
+    cut = torch.zeros(m, dtype=torch.bool)
+    cut[chosen[chosen < m]] = True
+    return cut
 
 
 @torch.no_grad()
@@ -106,28 +137,33 @@ def surrogate_greedy_scores(model: SpreadSurrogate, seeds: np.ndarray, b: int, c
     and cuts the ``per_step`` lowest (1 = plain greedy), until ``b`` are cut; candidates = the top
     ``max(candidates, 2 b)`` edges by the one-shot gradient. Scores: the ``k``-th cut ``2 + (b - k) /
     b``; the rest their normalised gradient (< 1)."""
+    hood = model.neighbourhood(seeds)
     with torch.enable_grad():
-        grad = oneshot_scores(model, seeds)
+        local_grad = _spread_gradient(model, hood, 1.0)
+    grad = _whole(hood, local_grad)
     e = grad.size
+    where = np.full(e, -1, dtype=np.int64)  # an edge's column in the neighbourhood; -1: outside, no effect
+    where[hood.edges.numpy()] = np.arange(local_grad.size)
     pool = list(top_edges(grad, min(e, max(candidates, 2 * b))))
-    s = _seed_row(seeds, model.num_nodes)
-    keep = torch.ones(1, e)
+    keep = torch.ones(1, local_grad.size)
     score: np.ndarray = grad / max(float(np.abs(grad).max()), 1e-12) * 0.5
     cut = 0
     while cut < min(b, len(pool)):
         values = []
         for start in range(0, len(pool), chunk):
-            part = pool[start:start + chunk]
-            x = keep.repeat(len(part), 1)
-            x[torch.arange(len(part)), torch.as_tensor(part)] = 0.0
-            values.append(model.spread(s.expand(len(part), -1), x))
+            cols = torch.as_tensor(where[pool[start:start + chunk]])
+            x = keep.repeat(cols.shape[0], 1)
+            inside = cols >= 0  # a candidate outside the neighbourhood: its row is the graph as it is
+            x[torch.arange(cols.shape[0])[inside], cols[inside]] = 0.0
+            values.append(model.local_spread(hood, x))
         order = np.lexsort((np.asarray(pool), torch.cat(values).numpy()))
         for i in order[:max(1, min(per_step, b - cut))]:
             edge = pool[int(i)]
-            keep[0, edge] = 0.0
+            if where[edge] >= 0:
+                keep[0, where[edge]] = 0.0
             score[edge] = 2.0 + (b - cut) / b
             cut += 1
-        pool = [e for e in pool if keep[0, e] > 0]
+        pool = [e for e in pool if score[e] < 2.0]
     return score
 
 

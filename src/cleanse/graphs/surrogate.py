@@ -9,7 +9,10 @@ and keep-weights ``x`` float (B, E) in [0, 1] (edge ``e`` acts with weight ``w_e
 (continuous relaxation).
 
 Every step starts from the mean-field noisy-or update ``q_v = 1 - prod_u (1 - w_uv pi_u)`` (exact on
-trees for IC, an overestimate on graphs with cycles) and learns a correction on the logit scale:
+trees for IC, an overestimate on graphs with cycles) and learns a correction on the logit scale. A
+node without inflow (``sum_u w_uv pi_u = 0``) stays at 0: no correction can activate it, so after
+``layers`` steps only nodes within ``layers`` hops of a seed are non-zero, and the monstor kind can
+run on that neighbourhood alone with the same result (:meth:`SpreadSurrogate.neighbourhood`).
 
 - ``kind="axel"`` (AxelGNN-style, Hevapathige, arXiv 2509.19084, as the spec reconstructs it): a
   hidden state per node split into segments; message ``m_v^f = sum_u w_uv g_uv^f h_u^f`` where the
@@ -43,10 +46,34 @@ _EPS = 1e-6
 
 
 def _sigmoid(z: torch.Tensor) -> torch.Tensor:
-    """``sigmoid(z)``, as ``1 - sigmoid(-z)`` for ``z > 0``: autograd's ``y (1 - y)`` then uses the small
-    ``y``, so the gradient of a saturated node (``pi = 1 - 1e-6``) keeps its digits in float32 instead of
-    a 6% error from ``1 - y`` (one float32 step below 1 is 6e-8)."""
-    return torch.where(z > 0, 1 - torch.sigmoid(-z), torch.sigmoid(z))
+    """``sigmoid(z)`` as ``exp(logsigmoid(z))``: its gradient is then ``sigmoid(z) * sigmoid(-z)`` with
+    ``sigmoid(-z)`` from ``exp(-|z|)`` (torch's logsigmoid backward), so a saturated node (``pi = 1 -
+    1e-6``) keeps its digits in float32 instead of the 6% error of autograd's ``y (1 - y)`` (one float32
+    step below 1 is 6e-8). Two ops, where a ``where`` over both branches took six."""
+    return torch.exp(fn.logsigmoid(z))
+
+
+def _seed_row(seeds: np.ndarray, n: int) -> torch.Tensor:
+    """Seed indicators (1, n) float32 from seed ids."""
+    s = torch.zeros(1, n)
+    s[0, torch.as_tensor(np.asarray(seeds, dtype=np.int64))] = 1.0
+    return s
+
+
+@dataclass(frozen=True)
+class Neighbourhood:
+    """What :meth:`SpreadSurrogate.neighbourhood` keeps: ``nodes`` (n,) global ids, ascending;
+    ``edges`` (m,) long global edge ids in graph order; ``src``/``dst`` (m,) their local node ids;
+    ``p`` (m,) their base weights; ``seeds`` (1, n) float seed indicators; ``num_edges`` E of the
+    whole graph."""
+
+    nodes: np.ndarray
+    edges: torch.Tensor
+    src: torch.Tensor
+    dst: torch.Tensor
+    p: torch.Tensor
+    seeds: torch.Tensor
+    num_edges: int
 
 
 @dataclass(frozen=True)
@@ -78,6 +105,8 @@ class SpreadSurrogate(nn.Module):
         self.register_buffer("src", torch.as_tensor(edge_index[0], dtype=torch.long))
         self.register_buffer("dst", torch.as_tensor(edge_index[1], dtype=torch.long))
         self.register_buffer("p", torch.as_tensor(base_weights, dtype=torch.float32))
+        self._src_np = np.asarray(edge_index[0], dtype=np.int64)
+        self._dst_np = np.asarray(edge_index[1], dtype=np.int64)
         h = config.hidden
         if config.kind == "axel":
             self.encode = nn.Linear(3, h)
@@ -90,12 +119,14 @@ class SpreadSurrogate(nn.Module):
         else:
             self.step = nn.Sequential(nn.Linear(6, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 1))
 
-    def _scatter(self, values: torch.Tensor) -> torch.Tensor:
-        """Sum edge values (B, E, ...) into their targets: (B, N, ...)."""
-        out = values.new_zeros((values.shape[0], self.num_nodes, *values.shape[2:]))
-        return out.index_add_(1, self.dst, values)
+    @staticmethod
+    def _scatter(values: torch.Tensor, dst: torch.Tensor, n: int) -> torch.Tensor:
+        """Sum edge values (B, E, ...) into their targets ``dst`` (E,): (B, n, ...)."""
+        out = values.new_zeros((values.shape[0], n, *values.shape[2:]))
+        return out.index_add_(1, dst, values)
 
-    def _noisy_or(self, w: torch.Tensor, pi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _noisy_or(self, w: torch.Tensor, pi: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,
+                  n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``q_v = 1 - prod_u (1 - w_uv pi_u)``, its logit and ``a_v = sum_u w_uv pi_u``, each (B, N).
 
         Each factor is ``1 - (1 - eps) w_uv pi_u``: a scale, not a clamp, so that ``d q / d x_e`` is not 0
@@ -104,38 +135,89 @@ class SpreadSurrogate(nn.Module):
         clamped at ``1 - eps`` either: one saturated in-edge gives ``logit(1 - eps)`` with a gradient of
         ``1 / eps`` that the sigmoid's ``eps`` cancels, two give a gradient of about ``eps`` per edge
         (cutting one of two certain in-edges loses nothing)."""
-        flow = w * pi[:, self.src]
-        log_stay = self._scatter(torch.log1p(-(1 - _EPS) * flow))
+        flow = w * pi.index_select(1, src)  # not pi[:, src]: its backward (an accumulating index_put) was 3x slower
+        log_stay = self._scatter(torch.log1p(-(1 - _EPS) * flow), dst, n)
         q = -torch.expm1(log_stay)
-        return q, torch.log(q.clamp(min=_EPS)) - log_stay, self._scatter(flow)
+        return q, torch.log(q.clamp(min=_EPS)) - log_stay, self._scatter(flow, dst, n)
+
+    @staticmethod
+    def _activate(s: torch.Tensor, free: torch.Tensor, logit: torch.Tensor, inflow: torch.Tensor) -> torch.Tensor:
+        """Seeds 1; a node with no inflow exactly 0 (the learned correction cannot create influence, which
+        is what lets :meth:`local_spread` drop the nodes beyond ``layers`` hops); else ``sigmoid(logit)``.
+        ``free``: bool, not a seed. One ``where`` (the op count is the cost on small graphs)."""
+        return torch.where(free & (inflow > 0), _sigmoid(logit), s)
+
+    def _monstor(self, s: torch.Tensor, w: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, n: int) -> torch.Tensor:
+        indeg = torch.log1p(self._scatter(w, dst, n))
+        outdeg = torch.log1p(w.new_zeros(s.shape).index_add_(1, src, w))
+        pi, free = s, s == 0
+        for _ in range(self.config.layers):
+            q, q_logit, a = self._noisy_or(w, pi, src, dst, n)
+            feats = torch.stack([pi, s, q, a, indeg, outdeg], dim=-1)
+            pi = self._activate(s, free, q_logit + self.step(feats).squeeze(-1), a)
+        return pi
 
     def forward(self, seeds: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         s = seeds.float()
         w = self.p * keep  # (B, E)
-        indeg = torch.log1p(self._scatter(w))
-        outdeg = torch.log1p(w.new_zeros(s.shape).index_add_(1, self.src, w))
-        pi = s
         if self.config.kind == "monstor":
-            for _ in range(self.config.layers):
-                q, q_logit, a = self._noisy_or(w, pi)
-                feats = torch.stack([pi, s, q, a, indeg, outdeg], dim=-1)
-                logit = q_logit + self.step(feats).squeeze(-1)
-                pi = s + (1 - s) * _sigmoid(logit)
-            return pi
+            return self._monstor(s, w, self.src, self.dst, self.num_nodes)
         c = self.config
         width = c.hidden // c.segments
+        indeg = torch.log1p(self._scatter(w, self.dst, self.num_nodes))
+        outdeg = torch.log1p(w.new_zeros(s.shape).index_add_(1, self.src, w))
         h = torch.relu(self.encode(torch.stack([s, indeg, outdeg], dim=-1)))  # (B, N, H)
+        pi, free = s, s == 0
         for k in range(c.layers):
-            q, q_logit, _ = self._noisy_or(w, pi)
+            q, q_logit, a = self._noisy_or(w, pi, self.src, self.dst, self.num_nodes)
             unit = fn.normalize(h.view(*s.shape, c.segments, width), dim=-1)  # per node: cheaper than per edge
             cos = (unit[:, self.src] * unit[:, self.dst]).sum(-1)  # (B, E, F)
             gate = torch.sigmoid((cos - self.tau[k]) / self.log_temp[k].exp())
             hs = h[:, self.src].view(*w.shape, c.segments, width)
-            msg = self._scatter((w[..., None, None] * gate[..., None] * hs).reshape(*w.shape, c.hidden))
+            msg = self._scatter((w[..., None, None] * gate[..., None] * hs).reshape(*w.shape, c.hidden), self.dst,
+                                self.num_nodes)
             h = self.norms[k](h + self.steps[k](torch.cat([h, msg, q[..., None], pi[..., None]], dim=-1)))
-            logit = q_logit + self.heads[k](h).squeeze(-1)
-            pi = s + (1 - s) * _sigmoid(logit)
+            pi = self._activate(s, free, q_logit + self.heads[k](h).squeeze(-1), a)
         return pi
+
+    def neighbourhood(self, seeds: np.ndarray) -> Neighbourhood:
+        """The part of the graph that decides the spread from ``seeds`` (int ids): the nodes ``R`` within
+        ``layers`` out-hops of a seed, every edge with an end in ``R`` (their in- and out-degree
+        features) and those edges' other ends. Every node outside it has ``pi = 0`` at every layer (no
+        inflow) and every edge outside it a gradient of exactly 0, so :meth:`local_spread` on it equals
+        ``spread`` on the whole graph (up to float summation order). The axel kind's hidden state
+        moves without inflow, so for it the neighbourhood is the whole graph."""
+        e = int(self.p.shape[0])
+        s_ids = np.asarray(seeds, dtype=np.int64)
+        if self.config.kind != "monstor":
+            return Neighbourhood(np.arange(self.num_nodes), torch.arange(e), self.src, self.dst, self.p,
+                                 _seed_row(s_ids, self.num_nodes), e)
+        src, dst = self._src_np, self._dst_np
+        reached = np.zeros(self.num_nodes, dtype=bool)
+        reached[s_ids] = True
+        for _ in range(self.config.layers):
+            reached[dst[reached[src]]] = True
+        inside = reached[src] | reached[dst]
+        if inside.all():
+            return Neighbourhood(np.arange(self.num_nodes), torch.arange(e), self.src, self.dst, self.p,
+                                 _seed_row(s_ids, self.num_nodes), e)
+        edges = np.flatnonzero(inside)
+        reached[src[edges]] = True
+        reached[dst[edges]] = True
+        nodes = np.flatnonzero(reached)
+        local = np.zeros(self.num_nodes, dtype=np.int64)
+        local[nodes] = np.arange(nodes.size)
+        picked = torch.from_numpy(edges)
+        return Neighbourhood(nodes, picked, torch.from_numpy(local[src[edges]]), torch.from_numpy(local[dst[edges]]),
+                             self.p[picked], _seed_row(local[s_ids], nodes.size), e)
+
+    def local_spread(self, hood: Neighbourhood, keep: torch.Tensor) -> torch.Tensor:
+        """The spread estimate (B,) with keep-weights ``keep`` (B, m) on the neighbourhood's edges (the
+        edges outside it kept as they are: they cannot change the spread)."""
+        s = hood.seeds.expand(keep.shape[0], -1)
+        if self.config.kind != "monstor":
+            return self(s, keep).sum(dim=-1)
+        return self._monstor(s, hood.p * keep, hood.src, hood.dst, int(hood.nodes.size)).sum(dim=-1)
 
     def spread(self, seeds: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """The spread estimate (B,) = sum of ``pi``."""
