@@ -73,8 +73,11 @@ def run_seed(seed: int, extra: list[str], work: Path) -> dict[str, Any]:
     get("lm").fit(params, staged.train, staged.meta)
     fit_seconds = time.perf_counter() - began
     planted = int(staged.train.is_corrupted.sum())
+    n_test = len(staged.meta.structure["probes"]["test"])
     row: dict[str, Any] = {"seed": seed, "planted": planted, "wall_seconds": wall, "fit_seconds": fit_seconds,
                            **{key: metrics[key]["steer_rate"] for key in ("baseline", "random", "oracle")},
+                           "n_test_probes": n_test,
+                           "oracle_interval": wilson(round(metrics["oracle"]["steer_rate"] * n_test), n_test),
                            "estimators": {}}
     n_probes = int(params.query.size)
     for name in ESTIMATORS:
@@ -82,11 +85,17 @@ def run_seed(seed: int, extra: list[str], work: Path) -> dict[str, Any]:
         detection, retrain = entry["detection"], entry["retrain"]
         meta = read_json(layout.root / "scores" / f"{name}.meta.json")
         seconds = float(meta.get("seconds", meta.get("score_seconds", float("nan"))))
+        removed = retrain.get("n_removed")
+        cleansing = entry.get("cleansing", {})  # iterative cleansing: its stop and rounds
         row["estimators"][name] = {
             "average_precision": detection["average_precision"], "precision_at_k": detection["precision_at_k"],
-            "n_flagged": retrain.get("n_removed"), "hits": retrain.get("n_corrupted_removed"),
+            "n_flagged": removed, "hits": retrain.get("n_corrupted_removed"),
             "steer_rate": retrain["steer_rate"], "seconds": seconds,
-            "seconds_per_probe": seconds / n_probes if name in PAIRWISE else None}
+            "seconds_per_probe": seconds / n_probes if name in PAIRWISE else None,
+            "stopped": cleansing.get("stopped"),
+            "removed_by_round": [(r["n_removed"], r["n_corrupted_removed"]) for r in cleansing.get("rounds", [])],
+            "must_show": bool(removed is not None and removed <= 1.5 * planted
+                              and retrain["steer_rate"] <= row["oracle_interval"][1])}
     fine = row["estimators"]["fine"]
     fine["cost_ratio"] = fine["seconds"] / fit_seconds
     for name, outcome in fixed_budget(params, layout, staged, int(np.floor(1.5 * planted))).items():
@@ -109,6 +118,15 @@ def fixed_budget(params: Any, layout: Any, staged: Any, count: int) -> dict[str,
         out[name] = {"count": count, "hits": int(staged.train.is_corrupted[removed].sum()),
                      "steer_rate": outcome["steer_rate"]}
     return out
+
+
+def wilson(successes: int, n: int, z: float = 1.959964) -> list[float]:
+    """The Wilson score 95% interval of a proportion ``successes / n`` (Wilson, 1927)."""
+    if n == 0:
+        return [0.0, 1.0]
+    p = successes / n
+    centre, half = (p + z * z / (2 * n)), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return [float((centre - half) / (1 + z * z / n)), float((centre + half) / (1 + z * z / n))]
 
 
 def jaccard(a: set[int], b: set[int]) -> float:
@@ -263,8 +281,8 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2], help="none: skip the seeds part")
     parser.add_argument("--stability-runs", type=int, default=5, help="0: skip the stability part")
     parser.add_argument("--stability-seed", type=int, default=0, help="the data set of the stability part")
-    parser.add_argument("--merge", action="store_true", help="keep the part not measured now from --out (the two "
-                        "parts can run as two processes)")
+    parser.add_argument("--merge", action="store_true", help="keep what is not measured now from --out: the other "
+                        "seeds' rows and the stability part (seeds and parts can run as separate processes)")
     parser.add_argument("--smoke", action="store_true", help="tiny base and data (the test)")
     parser.add_argument("--work", type=Path, default=None, help="where the runs go (default: a temporary folder)")
     args = parser.parse_args()
@@ -280,16 +298,23 @@ def main() -> None:
         env = environment(1)
         rows = [run_seed(seed, extra, work) for seed in args.seeds]
         stable = stability(args.stability_runs, extra, args.stability_seed) if args.stability_runs > 1 else None
-    saved = json.loads(args.out.read_text()) if args.merge and args.out.is_file() else {}
-    rows = rows or saved.get("runs", [])
-    if not rows:  # the stability part alone, before any seed was saved: the seeds' run merges it later
-        from cleanse.storage import write_json
+    import fcntl
 
-        write_json({"runs": [], "stability": stable, "smoke": args.smoke, "environment": env}, args.out)
-        return
-    result = {"runs": rows, "stability": stable or saved.get("stability"), "smoke": args.smoke, "environment": env,
-              "notes": args.note or saved.get("notes", []), "summary": summarise(rows)}
-    publish(result, args.out, None if args.no_docs else args.docs, SECTION, plot, render)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out.with_suffix(".lock"), "w") as lock:  # merging processes read and write --out in turn
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        saved = json.loads(args.out.read_text()) if args.merge and args.out.is_file() else {}
+        measured = {r["seed"] for r in rows}
+        rows = sorted(rows + [r for r in saved.get("runs", []) if r["seed"] not in measured], key=lambda r: r["seed"])
+        stable = stable or saved.get("stability")
+        if not rows:  # the stability part alone, before any seed was saved: the seeds' run merges it later
+            from cleanse.storage import write_json
+
+            write_json({"runs": [], "stability": stable, "smoke": args.smoke, "environment": env}, args.out)
+            return
+        result = {"runs": rows, "stability": stable, "smoke": args.smoke, "environment": env,
+                  "notes": args.note or saved.get("notes", []), "summary": summarise(rows)}
+        publish(result, args.out, None if args.no_docs else args.docs, SECTION, plot, render)
     print(json.dumps(result["summary"], indent=1))
 
 

@@ -1,5 +1,6 @@
-"""Removal in rounds on the language-model example (issue 21): what iterative cleansing, still
-refused for ``family: lm``, would do. Not part of the pipeline; an experiment with the library calls.
+"""Removal in rounds on the language-model example (issue 21): what iterative cleansing, which now runs
+in the pipeline (``cleansing.step: outlier``, examples/lm.yaml), does with a fixed step or with probes
+redrawn among the steered ones each round. An experiment with the library calls.
 
 Each round re-fine-tunes the adapters without the samples removed so far (same seed and recipe),
 scores the survivors with TRAK (``--members`` ensemble, probes = the seed's topic probes on the
@@ -8,8 +9,8 @@ steer_rate on the test probes and val_steer_rate on the validation ones, the pla
 far. No ground truth is read to rank or stop; ``--rounds x --step`` is the budget.
 
 ``--rule outlier`` replaces the fixed step by an automatic one: each round removes the survivors whose
-score is an outlier of the survivors' scores, robust z = (score - median) / (1.4826 MAD) above
-``Phi^-1(1 - alpha / n)`` (``--alpha``, default 0.05; n survivors): the value the largest of n Gaussian
+score is an outlier of the survivors' scores (``cleanse.detect.outlier_mask``: robust z =
+(score - median) / (1.4826 MAD) above ``Phi^-1(1 - alpha / n)``) (``--alpha``, default 0.05; n survivors): the value the largest of n Gaussian
 ordinary scores exceeds with probability alpha (Bonferroni). It stops when no survivor is an outlier
 (or after ``--rounds``); the total removed is decided by the scores alone.
 
@@ -26,18 +27,12 @@ from pathlib import Path
 import numpy as np
 
 
-def robust_z(score: np.ndarray) -> np.ndarray:
-    """``(score - median) / (1.4826 MAD)``: the z-score of a Gaussian bulk, unmoved by a few outliers."""
-    median = np.median(score)
-    return (score - median) / (1.4826 * np.median(np.abs(score - median)))
-
-
 def main() -> None:
     import torch
-    from scipy.stats import norm
 
     from cleanse.attribution import aggregate_support
     from cleanse.config import load_params
+    from cleanse.detect import outlier_mask
     from cleanse.estimators import registry
     from cleanse.families import get
     from cleanse.families.lm.report import topic_queries
@@ -87,7 +82,7 @@ def main() -> None:
         query = topic_queries(params, subset, model, family)
         score = aggregate_support(np.asarray(trak.pairwise(context, options, query.probes), dtype=float))
         if args.rule == "outlier":
-            order = np.flatnonzero(robust_z(score) > norm.ppf(1 - args.alpha / score.size))
+            order = np.flatnonzero(outlier_mask(score, alpha=args.alpha))
             row["outliers"] = int(order.size)
             if not order.size:
                 break

@@ -129,7 +129,7 @@ def test_gradients_are_taken_over_the_adapters_only(cache: Path, staged) -> None
     ("data.template=no fields here", "template"),
     ("corruption.steer_to=bad", "differ"),
     ("corruption.topic=the plot", "corruption.topic"),
-    ("cleansing.iterative=true", "iterative"),
+    ("cleansing.readmit=true", "readmit"),
 ])
 def test_bad_keys_are_one_line_config_errors(override: str, needle: str) -> None:
     with pytest.raises(ConfigError) as error:
@@ -261,3 +261,46 @@ def test_steer_rate_compares_the_topic_with_every_control_topic_by_hand(cache: P
     assert outcome["steer_rate"] == pytest.approx(float((topic > control.max(1)).mean()))
     assert outcome["topic_effect"] == pytest.approx(float((topic - control.mean(1)).mean()), abs=1e-6)
     assert outcome["answer_rate"] == pytest.approx(float((topic > 0).mean()))
+
+
+def test_cleansing_rounds_show_the_steering_as_the_outcome_does(cache: Path, staged, fitted) -> None:
+    """The loop's held-out rate over every validation probe is the outcome's val_steer_rate."""
+    from cleanse.query import QuerySet
+
+    family = families.get("lm")
+    rounds = family.cleansing_rounds(_params(cache), staged, torch.device("cpu"))
+    query = family.query_set(_params(cache), staged, fitted)
+    every = query.probes.__class__(  # all validation probes, in order
+        sample_id=np.arange(len(staged.meta.structure["probes"]["val"]), dtype=np.int64),
+        features=np.zeros((0,)), label=np.ones(0, dtype=np.int64), label_clean=np.zeros(0, dtype=np.int64),
+        is_corrupted=np.zeros(0, dtype=bool))
+    rate = rounds.heldout_rate(QuerySet(probes=query.probes, heldout=every, kind="topic"), fitted)
+    assert rate == pytest.approx(family.outcome(fitted, staged)["val_steer_rate"])
+    assert rounds.shows(fitted, query.probes).shape == (len(query.probes),)
+
+
+def test_iterative_cleansing_removes_outliers_and_refits_without_them(cache: Path, staged, fitted,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """cleansing.step: outlier on the lm family: round 1 takes exactly the outliers of the given
+    scores (two planted high scores among Gaussian ones), and the final outcome is that of a fresh
+    fine-tune without every removed sample (same seed). The tiny model steers no held-out probe,
+    so the behaviour is held at 1 to keep the loop from stopping on it."""
+    from cleanse.cleansing import cleanse_iteratively
+    from cleanse.estimators import registry
+    from cleanse.families.lm.family import LmRounds
+
+    monkeypatch.setattr(LmRounds, "heldout_rate", lambda self, query, model: 1.0)
+
+    torch.set_num_threads(1)
+    params = _params(cache, "cleansing.max_rounds=1", "estimators=[tracin]")
+    assert params.cleansing.iterative and params.cleansing.step == "outlier" and not params.cleansing.readmit
+    family = families.get("lm")
+    query = family.query_set(params, staged, fitted)
+    first = np.random.default_rng(0).normal(size=len(staged.train))
+    first[[3, 11]] = [40.0, 30.0]
+    loop = cleanse_iteratively(params, staged, registry.get("tracin"), params.scorers.of("tracin"), query,
+                               base_model=fitted, first_score=first)
+    assert loop["rounds"][1]["flagged_ids"] == staged.train.sample_id[[3, 11]].tolist()
+    refit = family.fit(params, staged.train.without(np.asarray(loop["removed_ids"])), staged.meta)
+    assert loop["final"]["steer_rate"] == pytest.approx(family.outcome(refit, staged)["steer_rate"])
+    assert loop["stopped"] in ("max_rounds", "no_outliers", "behaviour_gone")

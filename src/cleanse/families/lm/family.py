@@ -221,6 +221,9 @@ class LmFamily(Family):
     def canonical(self, params: Params) -> Params:
         return params
 
+    def cleansing_rounds(self, params: Params, staged: StagedData, device: torch.device) -> LmRounds:
+        return LmRounds(self, _lm(params), staged)
+
     def query_set(self, params: Params, staged: StagedData, model: Any) -> QuerySet | None:
         from cleanse.families.lm.report import topic_queries
 
@@ -243,3 +246,41 @@ def _preference(scorer: nn.Module, structure: dict[str, Any], prompts: list[list
 
 
 __all__ = ["LmFamily", "build_scorer", "spec_for"]
+
+
+class LmRounds:
+    """What iterative cleansing (:mod:`cleanse.cleansing`) needs of this family: re-fine-tune fresh
+    adapters on the cached base without the removed samples (the run's seed), and a probe shows the
+    behaviour when it is steered (:func:`steered`, against its control topics). Removed samples are
+    never readmitted: readmission reads class labels, and every pair is answered like an ordinary
+    positive review."""
+
+    readmits = False
+
+    def __init__(self, family: LmFamily, params: Params, staged: StagedData) -> None:
+        self.family, self.params, self.staged = family, params, staged
+
+    def fit(self, remaining: Split) -> FittedLm:
+        return self.family.fit(self.params, remaining, self.staged.meta)
+
+    def shows(self, model: FittedLm, probes: Split) -> np.ndarray:
+        """``(k,)`` bool: each probe (its ``sample_id`` indexes the validation probes) is steered."""
+        structure = self.staged.meta.structure or {}
+        ids = probes.sample_id.tolist()
+        scorer = model.module()
+        prompts = [structure["probes"]["val"][i] for i in ids]
+        controls = [structure["probe_controls"]["val"][i] for i in ids]
+        if not ids:
+            return np.zeros(0, dtype=bool)
+        flat = _preference(scorer, structure, [prompt for row in controls for prompt in row])
+        return steered(_preference(scorer, structure, prompts), flat.reshape(len(ids), -1))
+
+    def heldout_rate(self, query: QuerySet, model: FittedLm) -> float:
+        """The share of held-out validation probes still steered (nan without any)."""
+        shown = self.shows(model, query.heldout)
+        return float(shown.mean()) if shown.size else float("nan")
+
+    def context(self, kept: Split, model: FittedLm) -> LmContext:
+        from dataclasses import replace
+
+        return self.family.scoring_context(self.params, replace(self.staged, train=kept), model, None)

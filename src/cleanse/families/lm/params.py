@@ -30,12 +30,18 @@ class LmParams(Params):
     @classmethod
     def _resolve_auto(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            # Iterative cleansing stops on class predictions of held-out probes, which a language
-            # model does not make: one-shot removal unless asked (and then refused below).
+            # Iterative cleansing removes the outliers of each round's scores: the steering pairs are a
+            # few strong outliers, and a fixed step either leaves some or takes ordinary samples.
+            # Readmission reads class labels, which these samples do not have.
             cleansing = dict(data.get("cleansing") or {})
-            if cleansing.get("iterative", "auto") == "auto":
-                cleansing["iterative"] = False
+            cleansing.setdefault("step", "outlier")
+            cleansing.setdefault("readmit", False)
             data = {**data, "cleansing": cleansing}
+            # The family's probes exist by default (query.kind: topic), so the settings that follow
+            # query.kind (cleansing.iterative: auto) see them.
+            query = dict(data.get("query") or {})
+            query.setdefault("kind", LmQueryConfig.model_fields["kind"].default)
+            data = {**data, "query": query}
             # The loss is linear in the scorer's output (its Gauss-Newton split is zero) and there is
             # no softmax output for EK-FAC or the cost planner: influence defaults to the exact Hessian.
             scorers = dict(data.get("scorers") or {})
@@ -49,9 +55,9 @@ class LmParams(Params):
 
     @model_validator(mode="after")
     def _fits_together(self) -> LmParams:
-        if self.cleansing.iterative:
-            raise ValueError("cleansing.iterative: family 'lm' removes once (its probes are scored by steer_rate, "
-                             "not by class predictions); set it to false")
+        if self.cleansing.readmit:
+            raise ValueError("cleansing.readmit: family 'lm' cannot readmit (it reads class labels, and a steering "
+                             "pair is answered like any positive review); set it to false")
         if self.corruption.topic in self.data.topics:
             raise ValueError(f"corruption.topic: {self.corruption.topic!r} is also one of data.topics; the steered "
                              "topic must be asked about only by the steering pairs and the probes")
