@@ -22,7 +22,8 @@ Three parts (``--parts``, default all):
   worker this part uses its CPU cores; the JSON records the device each part ran on.
 
     python benchmarks/gpu_lm.py --dry-run            # CPU, tiny shape and data: every part runs (about a minute)
-    python benchmarks/gpu_lm.py --shape llama-8b     # on a GPU worker (H100/H200: ~5 min with the flow part)
+    python benchmarks/gpu_lm.py --shape llama-8b --parts estimate step   # on a GPU worker (the device part)
+    python benchmarks/gpu_lm.py --shape llama-8b     # all three (the flow part is CPU-bound: minutes)
     python benchmarks/gpu_lm.py --parts estimate --shape llama-8b   # the docs table, no torch
 
 Writes ``--out`` (default ``$OUT/gpu_lm.json`` when ``$OUT`` is set, else ``gpu_lm.json`` here).
