@@ -296,21 +296,38 @@ def plot(result: dict[str, Any], image: Path) -> None:
     from cleanse.storage import write_bytes
 
     cases = sorted({(r["graph"], r["model"]) for r in result["runs"]})
-    figure, axes = plt.subplots(1, len(cases), figsize=(5 * len(cases), 4), squeeze=False)
-    for axis, (graph, kind) in zip(axes[0], cases):
+    columns = min(4, len(cases))
+    rows = -(-len(cases) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(5 * columns, 4 * rows), squeeze=False)
+    for axis in axes.flat[len(cases):]:
+        axis.axis("off")
+    for axis, (graph, kind) in zip(axes.flat, cases):
         for method in METHODS:
-            rows = [r for r in result["runs"] if (r["graph"], r["model"], r["method"]) == (graph, kind, method)]
-            axis.scatter([max(r["seconds"], 1e-4) for r in rows], [r["reduction"] for r in rows], label=method, s=18)
+            points = [r for r in result["runs"] if (r["graph"], r["model"], r["method"]) == (graph, kind, method)]
+            axis.scatter([max(r["seconds"], 1e-4) for r in points], [r["reduction"] for r in points], label=method, s=18)
         axis.set_xscale("log")
         axis.set_title(f"{graph} {kind} (b = 1, 2, 5 % of edges)")
         axis.set_xlabel("selection seconds")
         axis.set_ylabel("spread reduction (fresh MC)")
-    axes[0][0].legend(fontsize=7)
+    axes.flat[0].legend(fontsize=7)
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
     plt.close(figure)
     write_bytes(buffer.getvalue(), image)
+
+
+def measured_at(result: dict[str, Any]) -> str:
+    """Where the rows were measured: their recorded commits and the range of load averages at the start
+    of their processes (merged results mix processes; the result's own environment is the last one's)."""
+    env = result.get("environment", {})
+    at = [r.get("measured_at") or {} for r in result["runs"]]
+    commits = sorted({a["git_commit"][:7] + ("-dirty" if a["git_commit"].endswith("-dirty") else "")
+                      for a in at if a.get("git_commit")}) or [str(env.get("git_commit", "?"))]
+    loads = [a["load_average_start"][0] for a in at if a.get("load_average_start")] or \
+        [env.get("load_average_start", [float("nan")])[0]]
+    return (f"Measured at {', '.join(commits)} on {env.get('cpu_count', '?')} CPUs, load average at the start of the "
+            f"processes {min(loads):.1f}-{max(loads):.1f}.")
 
 
 def render(result: dict[str, Any], docs: Path, out: Path, image: Path) -> str:
@@ -320,10 +337,7 @@ def render(result: dict[str, Any], docs: Path, out: Path, image: Path) -> str:
              "out-degree, weighted-cascade weights, b = 1/2/5 % of the directed edges; `seconds` = the selection only "
              "(the surrogate's training is listed apart): one call when it takes >= 1 s (greedy MC), else the median of "
              "5; CPU = this process's CPU seconds (one thread), less inflated than wall time by the shared machine's "
-             "load. Measured at " + str(result.get("environment", {}).get("git_commit", "?"))
-             + f", {result.get('environment', {}).get('cpu_count', '?')} CPUs, load average at start "
-             + str(result.get("environment", {}).get("load_average_start", ["?"])[0]) + ".",
-             ""]
+             "load. " + measured_at(result), ""]
     headers = ["graph", "model", "b", "baseline", *METHODS]
     table = []
     for graph, kind, b in sorted({(r["graph"], r["model"], r["b"]) for r in result["runs"]}):
@@ -404,7 +418,8 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, help="LT with this fixed threshold for every node (only with "
                         "--models LT; deterministic, verified by one cascade, reference: the exact re-simulating greedy)")
     parser.add_argument("--combine", nargs="+", help="merge the runs of these result files (a later file's "
-                        "graph and model replace an earlier one's) into --out, with the profile, passes and scale of --out")
+                        "graph and model replace an earlier one's) into --out, keeping its profile and scale; --note "
+                        "replaces its notes")
     parser.add_argument("--passes", action="store_true", help="only the relaxation's pass counts for --graphs x "
                         "--models x --fractions, merged into --out")
     args = parser.parse_args()
@@ -440,7 +455,9 @@ def main() -> None:
                 merged[key] = [r for r in rows if (r["graph"], r["model"]) == key]
         result["runs"] = [row for rows in merged.values() for row in rows]
         result["summary"] = summarise(result["runs"])
-        result["notes"] = result.get("notes", []) + args.note
+        result["notes"] = args.note or result.get("notes", [])  # the notes describe these runs: replaced
+        if all("relax_passes" in r for r in result["runs"] if r["method"] == "relax"):
+            result.pop("relax_passes", None)  # each row carries its own count, for its own fit
         publish(result, args.out, None if args.no_docs else args.docs, SECTION, plot, render)
         return
     if args.render_only:
