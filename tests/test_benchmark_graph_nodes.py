@@ -80,8 +80,12 @@ def test_quick_run_measures_every_part_and_renders_its_section(tmp_path: Path) -
     assert ("texas" in ablated) == (88.36 - texas["models"]["axelgnn"]["mean"] > 2.0)
     if ablated:
         assert len(ablated["texas"]["divergence off"]["test"]) == 2
-    assert set(runs["depth"]["graphs"]["texas"]["curves"]) == {"axelgnn", "axelgnn+identity", "axelgnn+time",
-                                                                "axelgnn+time+shared", "gcn"}
+    curves = runs["depth"]["graphs"]["texas"]["curves"]
+    assert set(curves) == {"axelgnn", "axelgnn+identity", "axelgnn+time", "axelgnn+time+shared", "gcn",
+                           "axelgnn+time+norm"}
+    assert set(curves["axelgnn+time+norm"]) == {"4"}  # a screened candidate: the screening depth only
+    picked = result["summary"]["depth_selection"]["4"]
+    assert picked["selected"] == max(picked["val"], key=picked["val"].get)
     # DeepIM's LT labels are our threshold-0.5 simulation, on the training graph and the transfer graph
     assert runs["influence"]["label_check"] == {"jazz": 0.0, "netscience": 0.0}
     lt = runs["influence"]["runs"]["LT"]
@@ -161,12 +165,13 @@ def test_merge_combines_subset_runs_per_graph_curve_and_diffusion(tmp_path: Path
     import graph_nodes
 
     first = {"quick": False, "notes": ["kept"], "runs": {
-        "depth": {"graphs": {"texas": {"splits": 3, "curves": {"gcn": {"2": _cell(50, 60, 70)},
-                                                              "axelgnn": {"2": _cell(80, 80, 80)}}}}},
+        "depth": {"graphs": {"texas": {"splits": 3, "curves": {"gcn": {"2": _cell(50, 60, 70), "4": _cell(50, 50, 50)},
+                                                              "axelgnn": {"2": _cell(80, 80, 80), "4": _cell(80)}}}}},
         "classification": {"graphs": {"cora": {"models": {"gcn": _cell(85)}}}},
         "influence": {"graph": "jazz", "runs": {"LT": {"models": {}}}}}}
     second = {"quick": False, "notes": [], "runs": {
-        "depth": {"graphs": {"texas": {"splits": 10, "curves": {"axelgnn": {"2": _cell(*[90] * 10)}}},
+        "depth": {"graphs": {"texas": {"splits": 10, "curves": {"axelgnn": {"2": _cell(*[90] * 10),
+                                                                           "4": _cell(*[85] * 10)}}},
                              "cora": {"splits": 1, "curves": {"gcn": {"2": _cell(84)}}}}},
         "classification": {"graphs": {"texas": {"models": {"gcn": _cell(57)}}}},
         "influence": {"graph": "jazz", "runs": {"IC": {"models": {}}}},
@@ -189,3 +194,33 @@ def test_merge_combines_subset_runs_per_graph_curve_and_diffusion(tmp_path: Path
     quick.write_text(json.dumps(dict(second, quick=True)))
     with pytest.raises(SystemExit, match="never mix"):
         graph_nodes.main(["--merge", str(quick), "--out", str(out), "--no-docs"])
+
+
+@pytest.mark.parametrize("layers", [2, 8, 32])
+def test_norm_step_makes_the_layer_norm_an_euler_step_of_size_t_over_l(layers: int) -> None:
+    """norm_step (with fixed_time T): the LayerNorm is relaxed like the rest of the step,
+    h <- pre + dt (LN(pre) - pre) with dt = min(1, T / L), so dt = 1 (L = 2, T = 2) is the plain
+    LayerNorm bit for bit and small steps leave h near pre instead of renormalising it fully."""
+    torch.manual_seed(0)
+    ei, p = _ring()
+    n, d = p.shape[0], 4
+    cfg = AxelConfig(segments=1, gate=False, trait_copy=False, divergence=False, polarisation=False,
+                     update="linear", norm=True, eta=0.6, beta=0.2, fixed_time=2.0, norm_step=True)
+    model = AxelGNN(3, d, 2, layers=layers, config=cfg).double()
+    dt = min(1.0, 2.0 / layers)
+    layer = model.layers[-1]
+    with torch.no_grad():  # a non-trivial affine LayerNorm, so the test sees its parameters used
+        layer.norm.weight.uniform_(0.5, 1.5)
+        layer.norm.bias.uniform_(-0.5, 0.5)
+    h, h0 = torch.randn(n, d, dtype=torch.float64), torch.randn(n, d, dtype=torch.float64)
+    m = (p - torch.eye(n, dtype=torch.float64)) @ h
+    pre = (1 - 0.2 * dt) * (h + dt * 0.6 * (m @ layer.update.weight.T + layer.update.bias)) + 0.2 * dt * h0
+    normed = torch.nn.functional.layer_norm(pre, (d,), layer.norm.weight, layer.norm.bias, layer.norm.eps)
+    torch.testing.assert_close(layer(h, h0, ei), pre + dt * (normed - pre))
+    full = AxelGNN(3, d, 2, layers=layers, config=cfg.ablate(norm_step=False)).double()
+    full.load_state_dict(model.state_dict())
+    x = torch.randn(n, 3, dtype=torch.float64)
+    if layers == 2:
+        assert torch.equal(full.eval()(x, ei), model.eval()(x, ei))
+    else:
+        assert not torch.allclose(full.eval()(x, ei), model.eval()(x, ei))

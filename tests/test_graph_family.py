@@ -230,6 +230,9 @@ def test_model_fixed_time_reaches_every_axelgnn_layer():
     assert [layer.step for layer in net.layers] == [0.25] * 8
     plain = build_net(_params(SBM, model={"arch": "axelgnn", "hidden": 16, "layers": 8}).model, 8, 3, 240)
     assert [layer.step for layer in plain.layers] == [1.0] * 8
+    assert not any(layer.cfg.norm_step for layer in net.layers)
+    stepped = _params(SBM, model={"arch": "axelgnn", "hidden": 16, "layers": 8, "fixed_time": 2.0, "norm_step": True})
+    assert all(layer.cfg.norm_step for layer in build_net(stepped.model, 8, 3, 240).layers)
 
 
 def test_model_shared_makes_the_axelgnn_steps_one_layer():

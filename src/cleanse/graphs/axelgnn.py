@@ -22,6 +22,8 @@ Per edge and segment f, with ``a_ij = 1 / deg(i)``:
   ``h_i <- (1 - beta dt) (h_i + dt eta U(m_i)) + beta dt h_i^0`` (and the prototype pull times
   ``dt``), so L layers integrate the same diffusion time for every L; optionally (``shared``) the
   L layers are one layer applied L times (one vector field, GRAND's continuous-depth reading);
+  optionally (``norm_step``, with ``fixed_time``) the LayerNorm is scaled like the rest of the
+  step, ``h <- h + dt (LN(h) - h)``;
 - **polarisation**: K prototypes ``mu_k``, ``r_ik = softmax_k(-||h_i - mu_k||^2 / kappa)``,
   ``h_i <- h_i + rho sum_k r_ik (mu_k - h_i)``; :meth:`AxelGNN.regularizer` returns a penalty
   that keeps the prototypes apart (mean pairwise cosine similarity).
@@ -72,6 +74,10 @@ class AxelConfig:
     # True: one layer's parameters for every step (GRAND's ODE has one vector field for all t): with
     # fixed_time, more layers then only refine the Euler steps of one ODE instead of adding L maps
     shared: bool = False
+    # True (with fixed_time): the LayerNorm is an Euler step too, h <- h + dt (LN(h) - h), instead of a full
+    # renormalisation after every step: L steps then apply one unit of normalisation per unit of time instead
+    # of L full LayerNorms with L learned gains (dt = 1, e.g. fixed_time = 2 at L = 2, is LN itself)
+    norm_step: bool = False
 
     def ablate(self, **changes: object) -> AxelConfig:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -150,6 +156,8 @@ class AxelLayer(nn.Module):
             d2 = torch.cdist(out, self.prototypes).pow(2)  # (N, K)
             r = torch.softmax(-d2 / c.kappa, dim=1)
             out = out + self.step * torch.sigmoid(self.rho_logit) * (r @ self.prototypes - out)
+        if self.cfg.norm_step and self.step < 1.0:
+            return out + self.step * (self.norm(out) - out)
         return self.norm(out)
 
     def regularizer(self) -> torch.Tensor:

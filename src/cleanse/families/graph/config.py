@@ -94,6 +94,8 @@ class GraphModelConfig(_Section):
                               "they are); 0 = off.")
     shared: bool = Field(False, description="axelgnn: one layer's parameters for every step (AxelConfig.shared; with "
                          "fixed_time, more layers refine the steps of one ODE instead of adding parameters).")
+    norm_step: bool = Field(False, description="axelgnn: with fixed_time, each layer's LayerNorm is an Euler step "
+                            "of the same size, h + dt (LN(h) - h) (AxelConfig.norm_step; no change where dt = 1).")
 
 
 class GraphInfluenceConfig(_Section):

@@ -33,7 +33,8 @@ def axel_config(model: Any) -> AxelConfig:
     """The AxelGNN-style switches of a :class:`cleanse.families.graph.config.GraphModelConfig`."""
     return AxelConfig(segments=model.segments, gate=model.gate, trait_copy=model.trait_copy,
                       divergence=model.divergence, polarisation=model.polarisation, prototypes=model.prototypes,
-                      fixed_time=model.fixed_time, shared=model.shared)
+                      fixed_time=model.fixed_time, shared=model.shared,
+                      norm_step=model.norm_step)
 
 
 def build_net(model: Any, in_dim: int, n_classes: int, num_nodes: int) -> nn.Module:
