@@ -25,6 +25,7 @@ pairwise scores, also reported apart), per probe, and relative to one fine-tune 
 Agreement: Spearman correlation of each method's aggregated score with kronfluence's.
 
     .venv-bench/bin/python benchmarks/lm_peers.py                  # seeds 0 1 2 (a few minutes each)
+    .venv-bench/bin/python benchmarks/lm_peers.py --seeds 1 2 --cleanse tracin trak --merge   # add to --out
     .venv-bench/bin/python benchmarks/lm_peers.py --smoke --out /tmp/p.json --no-docs   # tiny (the test)
     .venv-bench/bin/python benchmarks/lm_peers.py --render-only
 
@@ -147,19 +148,19 @@ def kronfluence_scores(model: Any, train_x: np.ndarray, probe_x: np.ndarray, see
 # ----------------------------------------------------------------------------- measuring
 
 
-def params_for(seed: int, extra: list[str]) -> Any:
+def params_for(seed: int, extra: list[str], methods: list[str], solver: str = INFLUENCE_SOLVER) -> Any:
     from cleanse.config import load_params
 
-    return load_params(EXAMPLE, [f"seed={seed}", "tracking.enabled=false", f"estimators=[{','.join(CLEANSE)}]",
-                                 "scorers.influence.curvature=hessian", f"scorers.influence.solver={INFLUENCE_SOLVER}",
-                                 *extra])
+    return load_params(EXAMPLE, [f"seed={seed}", "tracking.enabled=false", f"estimators=[{','.join(methods)}]",
+                                 "scorers.influence.curvature=hessian", f"scorers.influence.solver={solver}", *extra])
 
 
-def run_seed(seed: int, extra: list[str], log: Any) -> dict[str, Any]:
+def run_seed(seed: int, extra: list[str], log: Any, methods: list[str] = CLEANSE,
+             solver: str = INFLUENCE_SOLVER) -> dict[str, Any]:
     from cleanse import api
     from cleanse.attribution import aggregate_support
 
-    params = params_for(seed, extra)
+    params = params_for(seed, extra, methods, solver)
     staged = api.stage(params)
     began = time.perf_counter()
     model = api.fit(params, staged)
@@ -171,12 +172,14 @@ def run_seed(seed: int, extra: list[str], log: Any) -> dict[str, Any]:
     row: dict[str, Any] = {"seed": seed, "n_train": len(staged.train), "planted": int(planted.sum()),
                            "n_probes": n_probes, "fit_seconds": fit_seconds, "methods": {}}
     scores: dict[str, np.ndarray] = {}
-    for name in CLEANSE:
+    for name in methods:
         started = time.perf_counter()
         result, _ = api.score_probes(prepared, name, query)
         seconds = time.perf_counter() - started
         scores[name] = result.table["score"].to_numpy()
         row["methods"][name] = {"seconds": seconds, **ranking_metrics(scores[name], planted)}
+        if name == "influence":
+            row["methods"][name]["solver"] = solver
         log(f"[seed {seed}] {name:<12} AP {row['methods'][name]['average_precision']:.3f} {seconds:.1f}s")
     try:
         matrix, cost = kronfluence_scores(model, staged.train.features, query.probes.features, seed)
@@ -194,6 +197,18 @@ def run_seed(seed: int, extra: list[str], log: Any) -> dict[str, Any]:
             if PEER in scores and name != PEER:
                 entry["spearman_with_kronfluence"] = spearman(scores[name], scores[PEER])
     return row
+
+
+def merge_runs(saved: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``saved`` rows with ``new`` ones added: a new seed is appended, a saved seed gains (or has
+    replaced) the methods measured now and keeps its other ones; sorted by seed."""
+    by_seed = {row["seed"]: {**row, "methods": dict(row["methods"])} for row in saved}
+    for row in new:
+        if row["seed"] in by_seed:
+            by_seed[row["seed"]]["methods"].update(row["methods"])
+        else:
+            by_seed[row["seed"]] = row
+    return [by_seed[seed] for seed in sorted(by_seed)]
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -249,7 +264,8 @@ def render(result: dict[str, Any], docs: Path, out: Path, image: Path) -> str:
         for name in [*CLEANSE, PEER]:
             e = r["methods"].get(name, {})
             if "seconds" not in e:
-                table.append([r["seed"], name, "failed: " + e.get("reason", "not run"), "", "", "", "", ""])
+                table.append([r["seed"], name, e.get("status", "not run") + (f": {e['reason']}" if "reason" in e else ""),
+                              "", "", "", "", ""])
                 continue
             seconds = fmt(e["seconds"], 1) + (f" (factors {fmt(e['factor_seconds'], 1)} + scores "
                                               f"{fmt(e['score_seconds'], 1)})" if name == PEER else "")
@@ -276,6 +292,11 @@ def main() -> None:
     output_arguments(parser, DEFAULT_OUT, DEFAULT_DOCS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--smoke", action="store_true", help="tiny base and data (the test)")
+    parser.add_argument("--cleanse", nargs="+", choices=CLEANSE, default=CLEANSE, help="the cleanse estimators to run")
+    parser.add_argument("--influence-solver", choices=["cg", "lissa", "exact", "auto"], default=INFLUENCE_SOLVER,
+                        help="cleanse influence's solver (lissa: minibatch Hessian-vector products, least memory)")
+    parser.add_argument("--merge", action="store_true", help="add to the seeds and methods saved at --out (the rest "
+                        "is kept): seeds and estimators can run as separate processes")
     args = parser.parse_args()
     docs = None if args.no_docs else args.docs
     if args.render_only:
@@ -294,8 +315,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         if args.smoke:
             extra.append(f"model.base.cache_dir={Path(scratch) / 'lm-cache'}")
-        rows = [run_seed(seed, extra, lambda line: print(line, flush=True)) for seed in args.seeds]
-    result = {"runs": rows, "smoke": args.smoke, "environment": env, "notes": args.note, "summary": summarise(rows)}
+        rows = [run_seed(seed, extra, lambda line: print(line, flush=True), args.cleanse, args.influence_solver)
+                for seed in args.seeds]
+    notes = args.note
+    if args.merge and args.out.is_file():
+        saved = json.loads(args.out.read_text())
+        rows, notes = merge_runs(saved["runs"], rows), saved.get("notes", []) + args.note
+        env = {**env, "merged_into": saved.get("environment")}
+    result = {"runs": rows, "smoke": args.smoke, "environment": env, "notes": notes, "summary": summarise(rows)}
     publish(result, args.out, docs, SECTION, plot, render)
     print(json.dumps(result["summary"], indent=1))
 

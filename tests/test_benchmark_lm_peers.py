@@ -54,6 +54,19 @@ def test_ranking_metrics_against_the_planted_set() -> None:
     assert worst["precision_at_k"] == 0.0 and worst["average_precision"] == pytest.approx((1 / 4 + 2 / 5) / 2)
 
 
+def test_merge_runs_adds_seeds_and_methods_and_keeps_the_rest() -> None:
+    saved = [{"seed": 0, "fit_seconds": 1.0, "methods": {"tracin": {"seconds": 2.0}, "kronfluence": {"seconds": 3.0}}}]
+    new = [{"seed": 2, "fit_seconds": 5.0, "methods": {"influence": {"seconds": 9.0}}},
+           {"seed": 0, "fit_seconds": 7.0, "methods": {"influence": {"seconds": 4.0}, "kronfluence": {"seconds": 3.5}}}]
+    merged = lm_peers.merge_runs(saved, new)
+    assert [row["seed"] for row in merged] == [0, 2]
+    assert merged[0]["fit_seconds"] == 1.0  # the saved row's own fine-tune
+    assert merged[0]["methods"] == {"tracin": {"seconds": 2.0}, "kronfluence": {"seconds": 3.5},
+                                    "influence": {"seconds": 4.0}}
+    assert merged[1]["methods"] == {"influence": {"seconds": 9.0}}
+    assert saved[0]["methods"] == {"tracin": {"seconds": 2.0}, "kronfluence": {"seconds": 3.0}}  # not mutated
+
+
 @pytest.mark.slow
 @pytest.mark.integration  # ~2 min: pretrains a tiny base, fine-tunes, four attributions
 def test_smoke_run_orients_kronfluence_like_cleanse_influence(tmp_path: Path) -> None:
