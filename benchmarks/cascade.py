@@ -6,10 +6,11 @@ Library calls only (``cleanse.graphs.*``): the surrogate (MONSTOR-style by defau
 per graph and diffusion model on MC-labelled perturbed instances (its training seconds are reported
 apart: amortised, as in the paper), then every method selects b edges:
 
-- ``oneshot`` (d spread_hat / d x at x = 1), ``relax`` (continuous relaxation from the one-shot warm start,
-  at most 60 Adam steps, spread gradients below 1e-3 of the largest dropped, stopped once no edge with an
-  effect has entered or left the rounded set for 3 steps: the library defaults),
-  ``sgreedy`` (surrogate greedy over 2b candidates, b/10 cuts per step);
+- ``oneshot`` (d spread_hat / d x at x = 1, on the seeds' neighbourhood), ``relax`` (continuous relaxation
+  from the one-shot warm start, at most 60 Adam steps, spread gradients below 1e-3 of the largest dropped,
+  the best rounded cut by the surrogate kept, stopped once it has not fallen by more than 0.01 nodes for 3
+  steps: the library defaults; its surrogate passes are recorded per row), ``sgreedy`` (surrogate greedy
+  over 2b candidates, b/10 cuts per step);
 - ``greedy_mc`` (greedy on 500 live-edge worlds, candidates: out-edges within 1 hop of S; the
   reference), ``degree``, ``betweenness``, ``pagerank``, ``eigen_drop``, ``random``.
 
@@ -23,6 +24,8 @@ deterministic function of its inputs; at milliseconds a single call mostly measu
     python benchmarks/cascade.py                        # jazz, IC and LT, b = 1, 2, 5 %
     python benchmarks/cascade.py --graphs jazz email_eu_core
     python benchmarks/cascade.py --smoke --out /tmp/c.json --docs /tmp/b.md
+    python benchmarks/cascade.py --graphs jazz --models LT --threshold 0.1 --greedy-steps 20 --out /tmp/t.json
+    python benchmarks/cascade.py --combine /tmp/a.json /tmp/t.json     # merge runs into --out, render
 """
 
 from __future__ import annotations
