@@ -76,7 +76,10 @@ def test_one_cell_end_to_end_renders_its_section(tmp_path: Path) -> None:
     assert cell["k"] == 215 and cell["runs"] == 2
     assert set(cell["methods"]) == {label for label, _, _ in stability.METHODS}
     for method in cell["methods"].values():
-        assert 0 <= method["top_k_jaccard"] <= 1 and 0 <= method["auto_jaccard"] <= 1
+        assert 0 <= method["top_k_jaccard"] <= 1
+        # None: every run flagged nothing (f-INE's self rule on this cell), so there is no agreement to read
+        assert method["auto_jaccard"] is None or 0 <= method["auto_jaccard"] <= 1
+        assert (method["auto_jaccard"] is None) == (max(method["auto_sizes"]) == 0)
         assert len(method["ordinary_flag_rate"]) == 2 and all(0 <= r <= 1 for r in method["ordinary_flag_rate"])
     # TracIn finds the flips on this cell (AP 0.98 in the quality grid): its top-k is far above chance
     assert cell["methods"]["tracin"]["top_k_jaccard"] > 0.5
