@@ -228,18 +228,28 @@ def render(result: dict[str, Any], docs: Path, out: Path, image: Path) -> str:
     lines = ["## Language model: opinion steering over LoRA adapters (issue 21)", "",
              f"`python benchmarks/lm.py` ({'smoke settings' if result.get('smoke') else 'examples/lm.yaml'}, seeds "
              f"{[r['seed'] for r in rows]}; one torch thread). Measured at {env.get('git_commit', '?')}, load average "
-             f"at start {fmt((env.get('load_average_start') or ['?'])[0])}. Flags: `detect.budget: auto` (Otsu, "
-             "capped at 5%); steer_rate = share of held-out negative reviews about the steered topic whose preference "
-             "log p(good) - log p(bad) exceeds that of the same review asked about every control topic (10 ordinary, "
-             "8 held-out), after re-fine-tuning without the flags (`docs/lm.md`).", ""]
+             f"at start {fmt((env.get('load_average_start') or ['?'])[0])}. The example's configuration: "
+             "`detect.budget: outlier` for the one-shot flags (loss), and iterative cleansing with `cleansing.step: "
+             "outlier` for the estimators with probe scores (tracin, trak, fine): each round re-fine-tunes without the "
+             "samples removed so far, re-scores the survivors and removes their outliers (robust z above the "
+             "Bonferroni Gaussian level, alpha 0.05); it stops when none is. steer_rate = share of held-out negative "
+             "reviews about the steered topic whose preference log p(good) - log p(bad) exceeds that of the same review "
+             "asked about every control topic (10 ordinary, 8 held-out), after re-fine-tuning without the removed "
+             "samples (`docs/lm.md`). Must-show: removed <= 1.5x planted and steer_rate at or below the oracle's Wilson "
+             "95% upper bound.", ""]
     lines += ["References per seed (steer_rate on the test probes):", "",
-              md_table(["seed", "baseline", "random (as many as planted)", "oracle (the planted pairs)"],
-                       [[r["seed"], *[fmt(r[key], 3) for key in ("baseline", "random", "oracle")]] for r in rows]), ""]
-    headers = ["estimator", "seed", "AP", "precision@k", "flagged", "planted in flags", "steer_rate",
-               "top 1.5x planted: planted in it -> steer_rate"]
+              md_table(["seed", "baseline", "random (as many as planted)", "oracle (the planted pairs)",
+                        "oracle Wilson 95%"],
+                       [[r["seed"], *[fmt(r[key], 3) for key in ("baseline", "random", "oracle")],
+                         "-".join(fmt(v, 3) for v in r.get("oracle_interval", []))] for r in rows]), ""]
+    headers = ["estimator", "seed", "AP", "precision@k", "removed", "planted in them", "rounds (removed, planted)",
+               "stop", "steer_rate", "must-show", "top 1.5x planted: planted in it -> steer_rate"]
     table = [[name, r["seed"], *[fmt(r["estimators"][name][key]) for key in ("average_precision", "precision_at_k")],
               fmt(r["estimators"][name]["n_flagged"], 0), f"{r['estimators'][name]['hits']}/{r['planted']}",
-              fmt(r["estimators"][name]["steer_rate"]), _fixed(r["estimators"][name].get("fixed_budget"))]
+              " ".join(f"{a}({b})" for a, b in (r["estimators"][name].get("removed_by_round") or [])[1:]) or "one shot",
+              r["estimators"][name].get("stopped") or "", fmt(r["estimators"][name]["steer_rate"]),
+              {True: "met", False: "missed"}.get(r["estimators"][name].get("must_show"), ""),
+              _fixed(r["estimators"][name].get("fixed_budget"))]
              for name in ESTIMATORS for r in rows]
     lines += ["Per seed:", "", md_table(headers, table), ""]
     summary = result["summary"]
