@@ -34,12 +34,15 @@ CONFIG; the split counts and epoch caps were cut for CPU time only.
 Every model shares lr 0.01, weight decay 5e-4, hidden 64, dropout 0.5, <= 300 epochs, patience 50;
 AxelGNN-style alone uses weight decay 5e-3, picked by mean validation accuracy over the 10 Texas
 splits among 7 one-change variants of the defaults (CONFIG["selection"]); the baselines were not
-tuned. The WebKB graphs use their 10 Geom-GCN splits, Cora its first 3 and CiteSeer its first 2
-(CPU time: on the shared 2-core machine a 10-split Cora run got ~5 % of a core per process and was
-stopped; ``--jobs`` and the ``splits`` entry are all it takes on a free machine); ablations on
-Cora and CiteSeer: split 0 only; depth: Texas 10 splits, Cora split 0 with <= 100 epochs;
-GraphSAGE is skipped on Cora and CiteSeer (~60 s per split). The identity mapping's theta (0.5)
-is GCNII's default, not tuned.
+tuned. The WebKB graphs and Cora use their 10 Geom-GCN splits, CiteSeer its first 2 (CPU time:
+on the shared 2-core machine a 10-split CiteSeer run did not finish; ``--jobs`` and the ``splits``
+entry are all it takes on a free machine); cora_ml (no published split: 10 drawn 60/20/20 splits,
+no paper number) runs AxelGNN-style, GCN and GAT only; ablations on Cora and CiteSeer: split 0
+only; depth: each curve's split count is in CONFIG["depth"]["curves"] (Texas 10, the plain and
++identity Texas curves 3, Cora split 0 with <= 100 epochs); the depth screening
+(CONFIG["depth"]["screen"]) fits one-change candidates against "+time" at L = 32 on the 10 Texas
+splits and picks by mean validation accuracy; GraphSAGE is skipped on Cora and CiteSeer (~60 s
+per split). The identity mapping's theta (0.5) is GCNII's default, not tuned.
 
 One command computes every row of benchmarks/results/graph_nodes.json and the docs section
 (hours on one core; ``--jobs N`` spreads the classification and depth fits over N processes,
@@ -51,6 +54,7 @@ Subsets of it (each merged into --out: per graph, per depth curve, per diffusion
 rest of the file stays as it was; the selection of a subset never changes a number):
 
     python benchmarks/graph_nodes.py --parts depth --graphs texas --depth-variants axelgnn+time,gcn --jobs 4
+    python benchmarks/graph_nodes.py --parts depth --graphs texas --depths 2,4 --depth-variants axelgnn+time+norm
     python benchmarks/graph_nodes.py --parts classification --graphs cora,citeseer --out /tmp/c.json --no-docs
     python benchmarks/graph_nodes.py --merge /tmp/c.json /tmp/d.json   # subset files (other processes or
                                                                       # machines) into --out, then render
@@ -95,7 +99,7 @@ NAMES = {"axelgnn": "AxelGNN-style", "gcn": "GCN", "gat": "GAT", "gcn2": "GCNII"
 CONFIG: dict[str, Any] = {
     "seed": 0,
     "graphs": ["cora", "citeseer", "texas", "wisconsin", "cornell", "cora_ml"],
-    "splits": {"cora": 10, "citeseer": 10, "texas": 10, "wisconsin": 10, "cornell": 10, "cora_ml": 10},
+    "splits": {"cora": 10, "citeseer": 2, "texas": 10, "wisconsin": 10, "cornell": 10, "cora_ml": 10},
     "models": ["axelgnn", "gcn", "gat", "gcn2", "linkx", "sage", "mlp"],
     "hidden": 64, "layers": 2, "dropout": 0.5,
     "train": {"lr": 0.01, "weight_decay": 5e-4, "epochs": 300, "patience": 50, "reg": 0.01},
@@ -469,7 +473,7 @@ def selection(curves: dict[str, Any], screen: dict[str, Any]) -> dict[str, Any]:
 
 
 CURVE_COLOURS = {"axelgnn": "C0", "axelgnn+identity": "C1", "axelgnn+time": "C2", "gcn": "C3",
-                 "axelgnn+time+shared": "C4"}  # same in every panel
+                 "axelgnn+time+shared": "C4", "axelgnn+time+norm": "C5"}  # same in every panel
 
 
 def _splits(curve: dict[str, Any]) -> int:
@@ -560,7 +564,9 @@ def render(result: dict[str, Any], docs: Path, out: Path, image: Path) -> str:
                   "mapping on the update of layer l, weight log(θ/l + 1); \"+time\": "
                   f"`AxelConfig(fixed_time={depth_spec.get('fixed_time')})`, every layer an Euler step of size "
                   "T/L (eta, beta and the prototype pull scaled), so L layers integrate one diffusion time; "
-                  "\"+shared\": `AxelConfig(shared=True)`, one layer's parameters for all L steps. Each curve's "
+                  "\"+shared\": `AxelConfig(shared=True)`, one layer's parameters for all L steps; \"+norm\": "
+                  "`AxelConfig(norm_step=True)`, each layer's LayerNorm an Euler step of the same size T/L, "
+                  "h + (T/L)(LN(h) − h). Each curve's "
                   "first splits of the graph (column splits).", "",
                   md_table(["graph", "model", "splits", *[f"L = {d}" for d in depths]], rows), "",
                   f"![depth curves]({relative_link(image, docs.parent)})", ""]
@@ -665,7 +671,7 @@ def merge(out: Path, docs: Path | None, part: str, value: dict[str, Any], base: 
 
 def combine(runs: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
     """``runs`` with ``other``'s parts merged in (``other`` wins where both have an entry): per graph
-    for the node-classification parts, per curve within a graph for depth, per diffusion model for
+    for the node-classification parts, per curve and depth within a graph for depth, per diffusion model for
     influence; a part without such keys (throughput) is replaced whole."""
     merged = dict(runs)
     for part, value in other.items():
@@ -677,8 +683,10 @@ def combine(runs: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
         if "graphs" in value:
             graphs = dict(mine.get("graphs", {}))
             for name, row in value["graphs"].items():
-                if part == "depth" and name in graphs:
-                    row = dict(row, curves={**graphs[name].get("curves", {}), **row.get("curves", {})})
+                if part == "depth" and name in graphs:  # per curve, and within a curve per depth
+                    kept = graphs[name].get("curves", {})
+                    row = dict(row, curves={**kept, **{label: {**kept.get(label, {}), **curve}
+                                                       for label, curve in row.get("curves", {}).items()}})
                 graphs[name] = row
             value["graphs"] = graphs
         if "runs" in value:

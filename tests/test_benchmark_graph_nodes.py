@@ -171,7 +171,8 @@ def test_merge_combines_subset_runs_per_graph_curve_and_diffusion(tmp_path: Path
         "influence": {"graph": "jazz", "runs": {"LT": {"models": {}}}}}}
     second = {"quick": False, "notes": [], "runs": {
         "depth": {"graphs": {"texas": {"splits": 10, "curves": {"axelgnn": {"2": _cell(*[90] * 10),
-                                                                           "4": _cell(*[85] * 10)}}},
+                                                                           "4": _cell(*[85] * 10)},
+                                                               "gcn": {"8": _cell(40, 40, 40)}}},
                              "cora": {"splits": 1, "curves": {"gcn": {"2": _cell(84)}}}}},
         "classification": {"graphs": {"texas": {"models": {"gcn": _cell(57)}}}},
         "influence": {"graph": "jazz", "runs": {"IC": {"models": {}}}},
@@ -185,6 +186,7 @@ def test_merge_combines_subset_runs_per_graph_curve_and_diffusion(tmp_path: Path
     runs = json.loads(out.read_text())["runs"]
     texas = runs["depth"]["graphs"]["texas"]["curves"]
     assert texas["gcn"]["2"]["test"] == [50, 60, 70] and texas["axelgnn"]["2"]["test"] == [90] * 10
+    assert set(texas["gcn"]) == {"2", "4", "8"}  # a curve's depths from both files
     assert set(runs["depth"]["graphs"]) == {"texas", "cora"}
     assert set(runs["classification"]["graphs"]) == {"cora", "texas"}
     assert set(runs["influence"]["runs"]) == {"LT", "IC"} and "throughput" in runs
