@@ -222,6 +222,13 @@ def _fixed(entry: dict[str, Any] | None) -> str:
     return "" if not entry else f"{entry['hits']}/{entry['count']} -> {fmt(entry['steer_rate'])}"
 
 
+def _rounds(removed_by_round: list[list[int]] | None) -> str:
+    """Cumulative removed (planted among them) after each round; round 0 is the model before any."""
+    if not removed_by_round:
+        return "one shot"
+    return " ".join(f"{a}({b})" for a, b in removed_by_round[1:]) or "none removed"
+
+
 def render(result: dict[str, Any], docs: Path, out: Path, image: Path) -> str:
     env = result.get("environment", {})
     rows = result["runs"]
@@ -246,7 +253,7 @@ def render(result: dict[str, Any], docs: Path, out: Path, image: Path) -> str:
                "stop", "steer_rate", "must-show", "top 1.5x planted: planted in it -> steer_rate"]
     table = [[name, r["seed"], *[fmt(r["estimators"][name][key]) for key in ("average_precision", "precision_at_k")],
               fmt(r["estimators"][name]["n_flagged"], 0), f"{r['estimators'][name]['hits']}/{r['planted']}",
-              " ".join(f"{a}({b})" for a, b in (r["estimators"][name].get("removed_by_round") or [])[1:]) or "one shot",
+              _rounds(r["estimators"][name].get("removed_by_round")),
               r["estimators"][name].get("stopped") or "", fmt(r["estimators"][name]["steer_rate"]),
               {True: "met", False: "missed"}.get(r["estimators"][name].get("must_show"), ""),
               _fixed(r["estimators"][name].get("fixed_budget"))]
