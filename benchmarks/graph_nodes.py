@@ -119,7 +119,7 @@ CONFIG: dict[str, Any] = {
     # candidates against "+time", measured at the screening depths only and compared by validation accuracy
     "depth": {"curves": {"texas": {"axelgnn": 3, "axelgnn+identity": 3, "axelgnn+time": 10, "axelgnn+time+shared": 10,
                                    "axelgnn+time+norm": 10, "gcn": 10},
-                         "cora": {"axelgnn+time": 1, "gcn": 1}},
+                         "cora": {"axelgnn+time": 1, "axelgnn+time+norm": 1, "gcn": 1}},
               "screen": {"graph": "texas", "splits": 10, "depths": [32],
                          "variants": ["axelgnn+time+norm", "axelgnn+time(T=1)", "axelgnn+time(T=4)",
                                       "axelgnn+time(beta=0.3)"]},
