@@ -69,14 +69,17 @@ from cleanse.estimators.trusted_options import TrustedOptions  # noqa: F401
 class DetectConfig(_Section):
     """How many samples each estimator flags."""
 
-    budget: Literal["auto", "fraction", "count"] = Field(
-        "auto", description="auto: chosen from the score distribution alone (never the ground truth)."
+    budget: Literal["auto", "fraction", "count", "outlier"] = Field(
+        "auto", description="auto: chosen from the score distribution alone (never the ground truth); outlier: "
+        "the scores whose robust z exceeds the Bonferroni Gaussian level for detect.alpha (may flag none)."
     )
     fraction: float = Field(0.1, description="budget=fraction: flag this fraction of the training set.")
     count: int = Field(50, ge=1, description="budget=count: flag this many samples.")
-    max_fraction: float = Field(0.5, description="budget=auto: never flag more than this fraction.")
+    max_fraction: float = Field(0.5, description="budget=auto or outlier: never flag more than this fraction.")
+    alpha: float = Field(0.05, description="budget=outlier (and cleansing.step: outlier): the chance that an "
+                         "all-ordinary Gaussian score set has any flag.")
 
-    @field_validator("fraction", "max_fraction")
+    @field_validator("fraction", "max_fraction", "alpha")
     @classmethod
     def _fraction(cls, value: float) -> float:
         return _open_fraction(value)
@@ -124,7 +127,9 @@ class CleansingConfig(_Section):
         description="auto (on iff query.kind names probes) | true | false. On: estimators with train -> probe "
         "scores (influence, tracin, ...) remove, retrain and re-score each round; the others are retrained once "
         "from their flags. Off: remove the detect stage's flags once.")
-    step: int = Field(12, ge=1, description="Samples removed per round.")
+    step: Annotated[int, Field(ge=1)] | Literal["outlier"] = Field(
+        12, description="Samples removed per round; outlier: the survivors whose score is a high outlier "
+        "(cleanse.detect.outlier_mask at detect.alpha), stopping when none is.")
     max_fraction: float = Field(0.15, description="Budget: never remove more than this fraction of the training set.")
     max_rounds: int = Field(20, ge=1)
     stop_rate: float = Field(0.02, ge=0, le=1, description="Stop once at most this share of held-out probes "

@@ -189,6 +189,15 @@ class Family(ABC):
             return [name for name in names if "lora_" in name]
         raise ValueError(f"layers {layers!r} is not one of 'all', 'last', 'adapters'")
 
+    def cleansing_rounds(self, params: Params, staged: StagedData, device: torch.device) -> Any:
+        """What iterative cleansing (:func:`cleanse.cleansing.cleanse_iteratively`) needs of this
+        family: ``fit(remaining)``, ``shows(model, probes)`` ``(k,)`` bool, ``heldout_rate(query,
+        model)``, ``context(kept, model)`` and ``readmits``. Classifiers by default
+        (:class:`cleanse.cleansing.ClassifierRounds`)."""
+        from cleanse.cleansing import ClassifierRounds
+
+        return ClassifierRounds(params, staged, device)
+
     def verify_without(self, params: Params, staged: StagedData, removed_ids: Any,
                        query: Any = None, base: Any = None) -> tuple[Any, dict[str, float]]:
         """"Without these units", verified: retrain with the same seed and recipe on the training
