@@ -205,9 +205,7 @@ class LmFamily(Family):
     def control_preferences(scorer: nn.Module, structure: dict[str, Any], split: str) -> np.ndarray:
         """``(n_probes, n_controls)``: the same preference after each probe's review asked about each
         control topic (:mod:`.text`: the ordinary topics, then the held-out ones)."""
-        controls = structure["probe_controls"][split]
-        flat = _preference(scorer, structure, [prompt for row in controls for prompt in row])
-        return flat.reshape(len(controls), -1)
+        return _control_preference(scorer, structure, structure["probe_controls"][split])
 
     def scoring_context(self, params: Params, staged: StagedData, model: Any, cache_dir: Path | None) -> Any:
         from cleanse.config import ModelConfig
@@ -245,6 +243,13 @@ def _preference(scorer: nn.Module, structure: dict[str, Any], prompts: list[list
             - response_logprob(scorer, prompts, structure["opposite"], length))
 
 
+
+def _control_preference(scorer: nn.Module, structure: dict[str, Any], controls: list[list[list[int]]]) -> np.ndarray:
+    """``(n_probes, n_controls)``: the preference after each probe's review asked about each control
+    topic, ``controls[probe][topic]`` the tokenised prompts."""
+    flat = _preference(scorer, structure, [prompt for row in controls for prompt in row])
+    return flat.reshape(len(controls), -1)
+
 __all__ = ["LmFamily", "build_scorer", "spec_for"]
 
 
@@ -265,15 +270,14 @@ class LmRounds:
 
     def shows(self, model: FittedLm, probes: Split) -> np.ndarray:
         """``(k,)`` bool: each probe (its ``sample_id`` indexes the validation probes) is steered."""
-        structure = self.staged.meta.structure or {}
         ids = probes.sample_id.tolist()
+        if not ids:
+            return np.zeros(0, dtype=bool)
+        structure = self.staged.meta.structure or {}
         scorer = model.module()
         prompts = [structure["probes"]["val"][i] for i in ids]
         controls = [structure["probe_controls"]["val"][i] for i in ids]
-        if not ids:
-            return np.zeros(0, dtype=bool)
-        flat = _preference(scorer, structure, [prompt for row in controls for prompt in row])
-        return steered(_preference(scorer, structure, prompts), flat.reshape(len(ids), -1))
+        return steered(_preference(scorer, structure, prompts), _control_preference(scorer, structure, controls))
 
     def heldout_rate(self, query: QuerySet, model: FittedLm) -> float:
         """The share of held-out validation probes still steered (nan without any)."""
