@@ -23,12 +23,14 @@ from cleanse.stages.fingerprints import (
     train_fingerprint,
 )
 from cleanse.stages.modelio import evaluate_model, load_model, random_ids, retrain_without, retrained_without
+from cleanse.stages.retrain_seeds import over_seeds
 from cleanse.storage import Layout, read_table, write_json
 
 
 @locked
 def run_retrain(params: Params, layout: Layout, estimator: str) -> Path:
-    """Retrain without the estimator's flags, and without a random set of the same size."""
+    """Retrain without the estimator's flags, and without a random set of the same size (each at
+    ``evaluate.retrain_seeds`` training seeds: :mod:`cleanse.stages.retrain_seeds`)."""
     staged = load_staged(layout, params)
     meta_path = layout.flags(estimator).with_suffix(".meta.json")
     require_fresh(meta_path, detect_fingerprint(params, estimator), f"{estimator} flags")
@@ -40,8 +42,10 @@ def run_retrain(params: Params, layout: Layout, estimator: str) -> Path:
     if iterates(params, estimator):
         return _retrain_iteratively(params, layout, estimator, staged, started)
     base = load_model(layout.base_model)
-    cleaned_model, cleaned = retrained_without(params, staged, flagged, probes(params, layout, staged), base)
-    random = retrain_without(params, staged, random_ids(staged, flagged.size, params.seed), base=base)
+    query = probes(params, layout, staged)
+    cleaned_model, cleaned = retrained_without(params, staged, flagged, query, base)
+    cleaned = over_seeds(params, cleaned, lambda seeded: retrain_without(seeded, staged, flagged, query, base))
+    random = _random_removal(params, staged, flagged.size, base)
     write_json({"estimator": estimator, "fingerprint": retrain_fingerprint(params, estimator),
                 "seconds": time.perf_counter() - started, "n_flagged": int(flagged.size),
                 "cleaned": cleaned, "random_same_count": random}, layout.retrain_result(estimator))
@@ -68,7 +72,9 @@ def _retrain_iteratively(params: Params, layout: Layout, estimator: str, staged:
     removed = np.asarray(loop["removed_ids"], dtype=np.int64)
     cleaned = {**loop["final"], "n_removed": int(removed.size),
                "n_corrupted_removed": int(staged.train.is_corrupted[np.isin(staged.train.sample_id, removed)].sum())}
-    random = retrain_without(params, staged, random_ids(staged, removed.size, params.seed))
+    # the loop's last fit is the retrain at the run seed; the other training seeds retrain the same removal
+    cleaned = over_seeds(params, cleaned, lambda seeded: retrain_without(seeded, staged, removed, query, model))
+    random = _random_removal(params, staged, removed.size, None)
     write_json({"estimator": estimator, "fingerprint": retrain_fingerprint(params, estimator),
                 "seconds": time.perf_counter() - started, "n_flagged": int(removed.size), "iterative": True,
                 "stopped": loop["stopped"], "rounds": loop["rounds"], "removed_ids": removed.tolist(),
@@ -85,13 +91,31 @@ def run_references(params: Params, layout: Layout) -> Path:
     staged = load_staged(layout, params)
     require_fresh(layout.base_model / STAGE_META_NAME, train_fingerprint(params), "base model")
     base = load_model(layout.base_model)
-    baseline = evaluate_model(base, staged, probes(params, layout, staged), family=params.family)
+    query = probes(params, layout, staged)
+    baseline = evaluate_model(base, staged, query, family=params.family)
+    nothing = np.zeros(0, dtype=np.int64)
+    baseline = over_seeds(params, baseline, lambda seeded: _without_counts(
+        retrain_without(seeded, staged, nothing, query, base)))
     out: dict[str, Any] = {"fingerprint": references_fingerprint(params), "baseline": baseline}
     corrupted = staged.train.sample_id[staged.train.is_corrupted]
     if corrupted.size:
-        out["oracle"] = retrain_without(params, staged, corrupted, base=base)
-        out["random"] = retrain_without(params, staged, random_ids(staged, corrupted.size, params.seed), base=base)
+        oracle = retrain_without(params, staged, corrupted, base=base)
+        out["oracle"] = over_seeds(params, oracle, lambda seeded: retrain_without(seeded, staged, corrupted, base=base))
+        out["random"] = _random_removal(params, staged, corrupted.size, base)
     write_json(out, layout.retrain_result("references"))
     track(params, layout, "references")
     layout.publish()
     return layout.retrain_result("references")
+
+
+def _random_removal(params: Params, staged: StagedData, count: int, base: Any) -> dict[str, Any]:
+    """Retrained without ``count`` random training samples (one set, drawn from the run seed);
+    ``base``: the base model, or None to let the family refit it (as the iterative path always has)."""
+    removed = random_ids(staged, count, params.seed)
+    return over_seeds(params, retrain_without(params, staged, removed, base=base),
+                      lambda seeded: retrain_without(seeded, staged, removed, base=base))
+
+
+def _without_counts(outcome: dict[str, Any]) -> dict[str, Any]:
+    """The baseline's outcome keys: a retrain without nothing, less its removal counts."""
+    return {key: value for key, value in outcome.items() if key not in ("n_removed", "n_corrupted_removed")}
