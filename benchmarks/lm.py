@@ -5,7 +5,11 @@ Two parts, both on ``examples/lm.yaml`` (a copy with ``tracking`` off and the es
 1. **Seeds** (``--seeds``): ``cleanse run`` end to end per seed (data draw, planted pairs, adapter init
    and order all follow the seed). Per estimator: detection AP and precision@k against the planted
    pairs (k = their number), the flagged count, and steer_rate after removing the flags and
-   re-fine-tuning; baseline, random removal and the oracle as references. Costs: f-INE's scoring
+   re-fine-tuning; baseline, random removal and the oracle as references. Every re-fine-tune is
+   repeated at the example's ``evaluate.retrain_seeds`` training seeds (``--retrain-seeds``
+   overrides it): steer_rate is the mean over them, and the must-show compares an estimator's mean
+   with the oracle's interval, where the mean of as many further oracle fine-tunes falls with 95%
+   probability (:mod:`cleanse.stages.retrain_seeds`). Costs: f-INE's scoring
    seconds over one fine-tuning run of the same process (``fine_cost_ratio``), and each
    estimator's scoring seconds per probe.
 2. **Stability** (``--stability-runs``): one staged data set (the first seed), fine-tuned
@@ -17,7 +21,8 @@ Two parts, both on ``examples/lm.yaml`` (a copy with ``tracking`` off and the es
    (its per-sample interval) is also run, and its auto rule's rate of flagging ordinary samples is
    compared with its nominal level ``(1 - level) / 2``.
 
-Usage: ``python benchmarks/lm.py`` (3 seeds, 5 stability runs; tens of minutes on 2 shared cores),
+Usage: ``python benchmarks/lm.py`` (3 seeds, 5 stability runs; tens of minutes on 2 shared cores;
+``--stability-runs 0 --merge`` re-measures the seeds and keeps the saved stability part),
 ``--smoke`` for the test (tiny base and data, 1 seed, 2 runs). Results: ``benchmarks/results/lm.json``
 and the ``lm`` section of ``docs/benchmarks.md``.
 """
@@ -56,6 +61,16 @@ def _params(seed: int, extra: list[str]) -> Any:
                                  *extra])
 
 
+def _spread(block: dict[str, Any]) -> dict[str, Any]:
+    """steer_rate's per-seed values and interval (``evaluate.retrain_seeds`` > 1), or the one value."""
+    from cleanse.stages.retrain_seeds import OVER_SEEDS
+
+    spread = block.get(OVER_SEEDS)
+    if not spread:
+        return {"values": [block["steer_rate"]], "interval": None}
+    return {"values": spread["values"]["steer_rate"], "interval": spread["interval"]["steer_rate"]}
+
+
 def run_seed(seed: int, extra: list[str], work: Path) -> dict[str, Any]:
     """One end-to-end run; its metrics, scoring seconds and one fine-tuning run's seconds."""
     from cleanse.families import get
@@ -77,8 +92,12 @@ def run_seed(seed: int, extra: list[str], work: Path) -> dict[str, Any]:
     row: dict[str, Any] = {"seed": seed, "planted": planted, "wall_seconds": wall, "fit_seconds": fit_seconds,
                            **{key: metrics[key]["steer_rate"] for key in ("baseline", "random", "oracle")},
                            "n_test_probes": n_test,
-                           "oracle_interval": wilson(round(metrics["oracle"]["steer_rate"] * n_test), n_test),
+                           "retrain_seeds": int(params.evaluate.retrain_seeds),
+                           "oracle_wilson": wilson(round(_spread(metrics["oracle"])["values"][0] * n_test), n_test),
+                           **{f"{key}_over_seeds": _spread(metrics[key]) for key in ("baseline", "random", "oracle")},
                            "estimators": {}}
+    # the oracle's interval over training seeds; with one seed, the test probes' Wilson interval
+    row["oracle_interval"] = row["oracle_over_seeds"]["interval"] or row["oracle_wilson"]
     n_probes = int(params.query.size)
     for name in ESTIMATORS:
         entry = metrics["estimators"][name]
@@ -90,7 +109,7 @@ def run_seed(seed: int, extra: list[str], work: Path) -> dict[str, Any]:
         row["estimators"][name] = {
             "average_precision": detection["average_precision"], "precision_at_k": detection["precision_at_k"],
             "n_flagged": removed, "hits": retrain.get("n_corrupted_removed"),
-            "steer_rate": retrain["steer_rate"], "seconds": seconds,
+            "steer_rate": retrain["steer_rate"], "steer_rate_over_seeds": _spread(retrain), "seconds": seconds,
             "seconds_per_probe": seconds / n_probes if name in PAIRWISE else None,
             "stopped": cleansing.get("stopped"),
             "removed_by_round": [(r["n_removed"], r["n_corrupted_removed"]) for r in cleansing.get("rounds", [])],
@@ -105,7 +124,7 @@ def run_seed(seed: int, extra: list[str], work: Path) -> dict[str, Any]:
 
 def fixed_budget(params: Any, layout: Any, staged: Any, count: int) -> dict[str, dict[str, Any]]:
     """Per estimator: steer_rate after removing its top ``count`` scores (``detect.budget: count``)
-    and re-fine-tuning with the run's seed, beside the automatic budget of the run itself."""
+    and re-fine-tuning with the run's seed only, beside the automatic budget of the run itself."""
     from cleanse.families import get
     from cleanse.storage import read_table
 
@@ -242,19 +261,27 @@ def render(result: dict[str, Any], docs: Path, out: Path, image: Path) -> str:
              "Bonferroni Gaussian level, alpha 0.05); it stops when none is. steer_rate = share of held-out negative "
              "reviews about the steered topic whose preference log p(good) - log p(bad) exceeds that of the same review "
              "asked about every control topic (10 ordinary, 8 held-out), after re-fine-tuning without the removed "
-             "samples (`docs/lm.md`). Must-show: removed <= 1.5x planted and steer_rate at or below the oracle's Wilson "
-             "95% upper bound.", ""]
-    lines += ["References per seed (steer_rate on the test probes):", "",
-              md_table(["seed", "baseline", "random (as many as planted)", "oracle (the planted pairs)",
-                        "oracle Wilson 95%"],
-                       [[r["seed"], *[fmt(r[key], 3) for key in ("baseline", "random", "oracle")],
-                         "-".join(fmt(v, 3) for v in r.get("oracle_interval", []))] for r in rows]), ""]
+             "samples (`docs/lm.md`). Every re-fine-tune is repeated at k training seeds (`evaluate.retrain_seeds`; "
+             "seed 0 is the run's): steer_rate is the mean over them. Must-show: removed <= 1.5x planted and "
+             "steer_rate at or below the upper bound of the oracle's interval over training seeds (where the mean of "
+             "k more oracle fine-tunes falls with 95% probability: mean ± t(0.975, k-1) sd sqrt(2/k); with k = 1 the "
+             "test probes' Wilson 95% interval).", ""]
+    lines += ["References per seed (steer_rate on the test probes; mean over the training seeds, then each seed):", "",
+              md_table(["seed", "k", "baseline", "random (as many as planted)", "oracle (the planted pairs)",
+                        "oracle per training seed", "oracle interval", "oracle Wilson 95% (run seed)"],
+                       [[r["seed"], r.get("retrain_seeds", 1),
+                         *[fmt(r[key], 3) for key in ("baseline", "random", "oracle")],
+                         " / ".join(fmt(v, 3) for v in r.get("oracle_over_seeds", {}).get("values", [])),
+                         "-".join(fmt(v, 3) for v in r.get("oracle_interval", [])),
+                         "-".join(fmt(v, 3) for v in r.get("oracle_wilson", []))] for r in rows]), ""]
     headers = ["estimator", "seed", "AP", "precision@k", "removed", "planted in them", "rounds (removed, planted)",
-               "stop", "steer_rate", "must-show", "top 1.5x planted: planted in it -> steer_rate"]
+               "stop", "steer_rate", "per training seed", "must-show",
+               "top 1.5x planted: planted in it -> steer_rate (run seed)"]
     table = [[name, r["seed"], *[fmt(r["estimators"][name][key]) for key in ("average_precision", "precision_at_k")],
               fmt(r["estimators"][name]["n_flagged"], 0), f"{r['estimators'][name]['hits']}/{r['planted']}",
               _rounds(r["estimators"][name].get("removed_by_round")),
               r["estimators"][name].get("stopped") or "", fmt(r["estimators"][name]["steer_rate"]),
+              " / ".join(fmt(v) for v in r["estimators"][name].get("steer_rate_over_seeds", {}).get("values", [])),
               {True: "met", False: "missed"}.get(r["estimators"][name].get("must_show"), ""),
               _fixed(r["estimators"][name].get("fixed_budget"))]
              for name in ESTIMATORS for r in rows]
@@ -301,6 +328,8 @@ def main() -> None:
     parser.add_argument("--merge", action="store_true", help="keep what is not measured now from --out: the other "
                         "seeds' rows and the stability part (seeds and parts can run as separate processes)")
     parser.add_argument("--smoke", action="store_true", help="tiny base and data (the test)")
+    parser.add_argument("--retrain-seeds", type=int, default=None, help="training seeds of every re-fine-tune "
+                        "(default: the example's evaluate.retrain_seeds)")
     parser.add_argument("--work", type=Path, default=None, help="where the runs go (default: a temporary folder)")
     args = parser.parse_args()
     if args.render_only:
@@ -308,6 +337,8 @@ def main() -> None:
         return
     torch.set_num_threads(1)
     extra = list(SMOKE) if args.smoke else []
+    if args.retrain_seeds is not None:
+        extra.append(f"evaluate.retrain_seeds={args.retrain_seeds}")
     with tempfile.TemporaryDirectory() as scratch:
         work = args.work or Path(scratch)
         if args.smoke:

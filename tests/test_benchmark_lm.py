@@ -1,4 +1,5 @@
-"""Smoke test of benchmarks/lm.py: a tiny base and data, one seed end to end and two stability runs."""
+"""Smoke test of benchmarks/lm.py: a tiny base and data, one seed end to end (every re-fine-tune at two
+training seeds) and two stability runs."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ def test_smoke_run_measures_and_renders_its_section(tmp_path: Path) -> None:
     docs = tmp_path / "benchmarks.md"
     docs.write_text("# Benchmarks\n\n<!-- speed:start -->\nkeep me\n<!-- speed:end -->\n")
     out = tmp_path / "lm.json"
-    command = [sys.executable, str(SCRIPT), "--smoke", "--seeds", "0", "--stability-runs", "2", "--out", str(out),
+    command = [sys.executable, str(SCRIPT), "--smoke", "--seeds", "0", "--stability-runs", "2", "--retrain-seeds", "2",
+               "--out", str(out),
                "--docs", str(docs), "--work", str(tmp_path / "work")]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1200,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -29,9 +31,15 @@ def test_smoke_run_measures_and_renders_its_section(tmp_path: Path) -> None:
     saved = json.loads(out.read_text())
     row = saved["runs"][0]
     assert row["planted"] == 3 and 0 <= row["oracle"] <= 1 and 0 <= row["baseline"] <= 1
+    # every re-fine-tune at 2 training seeds: steer_rate is their mean, judged against the oracle's interval
+    oracle = row["oracle_over_seeds"]
+    assert row["retrain_seeds"] == 2 and len(oracle["values"]) == 2 and row["oracle_interval"] == oracle["interval"]
+    assert row["oracle"] == pytest.approx(sum(oracle["values"]) / 2)
     for name in ("loss", "tracin", "trak", "fine"):
         entry = row["estimators"][name]
         assert 0 <= entry["average_precision"] <= 1 and 0 <= entry["steer_rate"] <= 1 and entry["seconds"] > 0
+        assert entry["steer_rate"] == pytest.approx(sum(entry["steer_rate_over_seeds"]["values"]) / 2)
+        assert entry["must_show"] == (entry["n_flagged"] <= 4.5 and entry["steer_rate"] <= oracle["interval"][1])
         fixed = entry["fixed_budget"]  # the top floor(1.5 x 3) = 4 removed and re-fine-tuned
         assert fixed["count"] == 4 and 0 <= fixed["hits"] <= 3 and 0 <= fixed["steer_rate"] <= 1
     assert row["estimators"]["fine"]["cost_ratio"] > 0
