@@ -79,17 +79,20 @@ def trained_surrogate(graph_name: str, kind: str, smoke: bool, threshold: float 
     return g, w, seeds, gen, train, model, fit_surrogate(model, train)
 
 
-def relax_passes(model: Any, relax: Callable[[], Any]) -> int:
-    """The surrogate passes one ``relax()`` call makes (the warm-start gradient is one; each Adam step one
-    batched pass of the relaxed weights and the rounded cut), counted by wrapping ``local_spread``."""
+def relax_passes(relax: Callable[[], Any]) -> int:
+    """The surrogate passes one ``relax()`` call makes: the warm-start gradient, then one per step (each
+    step evaluates its rounded cut, ``MonstorPass.spread``, and, unless it stops there, takes the
+    gradient at its relaxed weights), counted by wrapping ``MonstorPass.spread``."""
+    from cleanse.graphs.monstor_pass import MonstorPass
+
     calls: list[int] = []
-    local = model.local_spread
-    model.local_spread = lambda *args: calls.append(1) or local(*args)
+    spread = MonstorPass.spread
+    MonstorPass.spread = lambda self, x: calls.append(1) or spread(self, x)  # type: ignore[method-assign]
     try:
         relax()
     finally:
-        del model.local_spread
-    return len(calls)
+        MonstorPass.spread = spread  # type: ignore[method-assign]
+    return 1 + len(calls)
 
 
 def run_case(graph_name: str, kind: str, fractions: list[float], smoke: bool,
@@ -144,7 +147,7 @@ def run_case(graph_name: str, kind: str, fractions: list[float], smoke: bool,
 
         for method in METHODS:
             picks[method] = timed(lambda: select(method))
-        passes = relax_passes(model, lambda: sel.relax_scores(model, seeds, b))
+        passes = relax_passes(lambda: sel.relax_scores(model, seeds, b))
         for method, (edges, seconds, cpu_seconds) in picks.items():
             spread, se = sel.verify_spread(kind, ei, w, seeds, n, edges, runs=runs, seed=7, threshold=threshold)
             out.append({"graph": g.name, "nodes": n, "edges": g.num_edges, "model": label, "fraction": fraction, "b": b,
@@ -192,14 +195,17 @@ def run_scale(sizes: list[int]) -> list[dict[str, Any]]:
 def run_profile(graphs: list[str]) -> list[dict[str, Any]]:
     """Where the one-shot selection's CPU time goes, per graph (one torch thread; the surrogate's weights
     do not change the cost, so an untrained MONSTOR-style one): loading the graph, its probabilities,
-    seeds and the surrogate (once, outside the timed selection), the forward pass alone, the gradient
-    (``oneshot_scores``: the seeds' neighbourhood, forward and backward on it, and the scatter back to
-    float64 (E,)), the neighbourhood alone (``layers``-hop search and relabelling), the top-b cut
-    (b = 2 %) and the whole selection as the table times it. Medians of 21 calls, CPU milliseconds."""
+    seeds and the surrogate (once, outside the timed selection), the neighbourhood alone (``layers``-hop
+    search and relabelling), the numpy forward pass alone, the gradient (``oneshot_scores``: the
+    neighbourhood, the numpy forward and backward on it, and the scatter back to float64 (E,)), the same
+    with torch autograd instead of the numpy pass (the previous implementation, for the ratio in one
+    process), the top-b cut (b = 2 %) and the whole selection as the table times it. Medians of 21 calls,
+    CPU milliseconds."""
     import torch
 
     from cleanse.graphs import selection as sel
     from cleanse.graphs.generators import cascade_graph, choose_seeds, edge_probabilities
+    from cleanse.graphs.monstor_pass import MonstorPass
     from cleanse.graphs.surrogate import SpreadSurrogate, SurrogateConfig
 
     torch.set_num_threads(1)
@@ -221,17 +227,19 @@ def run_profile(graphs: list[str]) -> list[dict[str, Any]]:
         model = SpreadSurrogate(g.edge_index, w, g.num_nodes, SurrogateConfig(kind="monstor")).eval()
         build = 1e3 * (time.process_time() - began)
         hood = model.neighbourhood(seeds)
-        ones = torch.ones(1, int(hood.edges.shape[0]))
+        ones = np.ones(int(hood.edges.shape[0]))
         grad, b = sel.oneshot_scores(model, seeds), max(1, int(round(0.02 * g.num_edges)))
 
-        def forward() -> None:
-            with torch.no_grad():
-                model.local_spread(hood, ones)
+        def autograd() -> np.ndarray:
+            local = model.neighbourhood(seeds)
+            return sel._whole(local, sel.AutogradPass(model, local).spread_and_gradient(np.ones(local.edges.shape[0]))[1])
 
         rows.append({"graph": g.name, "nodes": g.num_nodes, "edges": g.num_edges, "build_ms": build,
                      "hood_nodes": int(hood.nodes.size), "hood_edges": int(hood.edges.shape[0]),
                      "neighbourhood_ms": cpu_ms(lambda: model.neighbourhood(seeds)),
-                     "forward_ms": cpu_ms(forward), "gradient_ms": cpu_ms(lambda: sel.oneshot_scores(model, seeds)),
+                     "forward_ms": cpu_ms(lambda: MonstorPass.of(model, hood).spread(ones)),
+                     "gradient_ms": cpu_ms(lambda: sel.oneshot_scores(model, seeds)),
+                     "autograd_ms": cpu_ms(autograd),
                      "topk_ms": cpu_ms(lambda: sel.top_edges(grad, b)),
                      "oneshot_ms": cpu_ms(lambda: sel.top_edges(sel.oneshot_scores(model, seeds), b))})
         print(f"profile {g.name}: {rows[-1]}", flush=True)
@@ -240,7 +248,7 @@ def run_profile(graphs: list[str]) -> list[dict[str, Any]]:
 
 def run_passes(graphs: list[str], models: list[str], fractions: list[float]) -> list[dict[str, Any]]:
     """The relaxation's surrogate passes per case (the warm-start gradient counts as one; at most 1 +
-    60), on the same trained surrogate as the table, counted by wrapping its ``local_spread``
+    60), on the same trained surrogate as the table, counted as :func:`relax_passes` does
     (the table's rows record the same count for their own fit as ``relax_passes``)."""
     from cleanse.graphs import selection as sel
 
@@ -251,7 +259,7 @@ def run_passes(graphs: list[str], models: list[str], fractions: list[float]) -> 
             for fraction in fractions:
                 b = max(1, int(round(fraction * g.num_edges)))
                 rows.append({"graph": g.name, "model": kind, "b": b,
-                             "passes": relax_passes(model, lambda: sel.relax_scores(model, seeds, b))})
+                             "passes": relax_passes(lambda: sel.relax_scores(model, seeds, b))})
             print(f"passes {g.name} {kind}: {[r['passes'] for r in rows[-len(fractions):]]}", flush=True)
     return rows
 
@@ -388,11 +396,11 @@ def render(result: dict[str, Any], docs: Path, out: Path, image: Path) -> str:
         lines += ["Where one-shot's CPU time goes (`--profile`; medians of 21 calls, one thread, CPU ms; build = loading "
                   "the graph and making the surrogate, once per graph, outside the timed selection):", "",
                   md_table(["graph", "nodes", "edges", "neighbourhood nodes / edges", "build", "neighbourhood",
-                            "forward", "gradient (fwd + bwd)", "top-b", "one-shot"],
+                            "forward", "gradient (fwd + bwd)", "same by autograd", "top-b", "one-shot"],
                            [[r["graph"], fmt(r["nodes"], 0), fmt(r["edges"], 0),
                              f"{fmt(r.get('hood_nodes'), 0)} / {fmt(r.get('hood_edges'), 0)}", fmt(r["build_ms"], 1),
                              fmt(r.get("neighbourhood_ms"), 3), fmt(r["forward_ms"], 2), fmt(r["gradient_ms"], 2),
-                             fmt(r["topk_ms"], 3), fmt(r["oneshot_ms"], 2)]
+                             fmt(r.get("autograd_ms"), 2), fmt(r["topk_ms"], 3), fmt(r["oneshot_ms"], 2)]
                             for r in result["profile"]]), ""]
     if result.get("relax_passes"):
         lines += ["Relaxation passes of the surrogate (`--passes`; the warm-start gradient is one, at most 61): "

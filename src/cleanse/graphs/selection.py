@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy.special import expit
 
 from cleanse.errors import ConfigError
 from cleanse.graphs.cascades import simulate
+from cleanse.graphs.monstor_pass import MonstorPass
 from cleanse.graphs.surrogate import Neighbourhood, SpreadSurrogate
 
 
@@ -36,18 +38,43 @@ def top_edges(score: np.ndarray, b: int) -> np.ndarray:
     b = max(0, min(int(b), s.size))
     if b == 0 or not np.isfinite(s).all():
         return np.lexsort((np.arange(s.size), -s))[:b]
-    kth = np.partition(s, s.size - b)[s.size - b]  # the b-th largest score
+    # the b-th largest score; partitioning -s at b - 1: at s.size - b numpy's introselect took 10x longer on
+    # one-shot scores, which are mostly exact zeros (the edges outside the seeds' neighbourhood)
+    kth = -np.partition(-s, b - 1)[b - 1]
     above = np.flatnonzero(s > kth)
     chosen = np.concatenate([above, np.flatnonzero(s == kth)[:b - above.size]])
     return chosen[np.lexsort((chosen, -s[chosen]))]
 
 
+class AutogradPass:
+    """The surrogate's spread and ``d spread / d x`` on a neighbourhood by torch autograd (float32): the
+    path for ``kind="axel"`` and the reference :class:`MonstorPass` is tested against. Same interface:
+    ``x`` (m,) keep-weights of the neighbourhood's edges."""
+
+    def __init__(self, model: SpreadSurrogate, hood: Neighbourhood) -> None:
+        self.model, self.hood = model, hood
+
+    def spread(self, x: np.ndarray) -> float:
+        with torch.no_grad():
+            return float(self.model.local_spread(self.hood, torch.as_tensor(x, dtype=torch.float32)[None])[0])
+
+    def spread_and_gradient(self, x: np.ndarray) -> tuple[float, np.ndarray]:
+        keep = torch.as_tensor(x, dtype=torch.float32)[None].requires_grad_()
+        spread = self.model.local_spread(self.hood, keep)
+        # the gradient of x alone: .backward() would also fill every parameter's .grad (~10% of the time)
+        (grad,) = torch.autograd.grad(spread.sum(), keep)
+        return float(spread.detach()[0]), grad[0].double().numpy()
+
+
+def surrogate_pass(model: SpreadSurrogate, hood: Neighbourhood) -> MonstorPass | AutogradPass:
+    """The fastest exact pass for ``model`` on ``hood``: the hand-written numpy one for the monstor kind
+    (:mod:`cleanse.graphs.monstor_pass`), autograd otherwise."""
+    return MonstorPass.of(model, hood) if model.config.kind == "monstor" else AutogradPass(model, hood)
+
+
 def _spread_gradient(model: SpreadSurrogate, hood: Neighbourhood, keep: float) -> np.ndarray:
     """``d spread_hat / d x`` (m,) float64 at ``x = keep`` on the neighbourhood's edges."""
-    x = torch.full((1, int(hood.edges.shape[0])), keep, requires_grad=True)
-    # the gradient of x alone: .backward() would also fill every parameter's .grad (~10% of the time)
-    (grad,) = torch.autograd.grad(model.local_spread(hood, x).sum(), x)
-    return grad[0].double().numpy()
+    return surrogate_pass(model, hood).spread_and_gradient(np.full(int(hood.edges.shape[0]), keep))[1]
 
 
 def _whole(hood: Neighbourhood, local: np.ndarray, outside: float = 0.0) -> np.ndarray:
@@ -88,44 +115,59 @@ def relax_scores(model: SpreadSurrogate, seeds: np.ndarray, b: int, steps: int =
     Runs on the seeds' neighbourhood; the edges outside it have no spread gradient and the same start,
     so they move as one: one shared coordinate counted ``E - m`` times in the budget, as on the whole graph."""
     hood = model.neighbourhood(seeds)
-    grad = _spread_gradient(model, hood, 1.0)
-    m, outside = int(grad.size), hood.num_edges - int(grad.size)
+    surrogate = surrogate_pass(model, hood)
+    m = int(hood.edges.shape[0])
+    grad = surrogate.spread_and_gradient(np.ones(m))[1]
+    outside = hood.num_edges - m
     scale = float(max(np.abs(grad).max(), 1e-6)) if m else 1e-6
-    start = np.log(init / (1 - init)) - warm * np.clip(grad / scale, 0.0, None)
-    a = torch.tensor(np.append(start, np.log(init / (1 - init)))[None], dtype=torch.float32, requires_grad=True)
-    count = torch.ones(m + 1)
+    start = np.log(init / (1 - init))
+    a = np.append(start - warm * np.clip(grad / scale, 0.0, None), start)
+    count = np.ones(m + 1)
     count[m] = outside  # the shared coordinate of the edges outside
-    opt = torch.optim.Adam([a], lr=lr)
-    best, best_a, best_cut, since = np.inf, a.detach().clone(), torch.zeros(m, dtype=torch.bool), 0
+    adam = _Adam(a.size, lr)
+    best, best_a, best_cut, since = np.inf, a.copy(), np.zeros(m, dtype=bool), 0
     for _ in range(steps):
-        x = torch.sigmoid(a.detach())
-        cut = _rounded(x[0], b, outside)
-        rows = torch.cat([x[:, :m], (~cut).float()[None]]).requires_grad_()
-        spread = model.local_spread(hood, rows)
-        (spread_grad,) = torch.autograd.grad(spread[0], rows)
-        value = float(spread[1].detach())
+        x = expit(a)
+        cut = _rounded(x, b, outside)
+        value = surrogate.spread((~cut).astype(np.float64))
         if value < best - min_gain:
-            best, best_a, best_cut, since = value, a.detach().clone(), cut, 0
+            best, best_a, best_cut, since = value, a.copy(), cut, 0
         else:
             since += 1
             if patience and since >= patience:
-                break
-        g = torch.cat([spread_grad[0], spread_grad.new_zeros(1)])
-        over = float(((1 - x[0]) * count).sum()) > b  # relu's slope: the budget term's gradient is -penalty * scale
-        a.grad = ((g * (g.abs() >= tolerance * scale) - penalty * scale * over) * x[0] * (1 - x[0]))[None]
-        opt.step()
-    kept = torch.sigmoid(best_a)[0].double().numpy()
-    local = 1.0 - kept[:m] + best_cut.double().numpy() + 1e-9 * grad / scale
+                break  # before the step's gradient: it would not be used
+        g = np.append(surrogate.spread_and_gradient(x[:m])[1], 0.0)
+        over = float(((1 - x) * count).sum()) > b  # relu's slope: the budget term's gradient is -penalty * scale
+        adam.step(a, (g * (np.abs(g) >= tolerance * scale) - penalty * scale * over) * x * (1 - x))
+    kept = expit(best_a)
+    local = 1.0 - kept[:m] + best_cut + 1e-9 * grad / scale
     return _whole(hood, local, 1.0 - kept[m])
 
 
-def _rounded(x: torch.Tensor, b: int, outside: int) -> torch.Tensor:
+class _Adam:
+    """torch.optim.Adam's update (defaults betas (0.9, 0.999), eps 1e-8, no weight decay) on a float64
+    array in place: the relaxation's few hundred coordinates do not need torch's optimiser machinery."""
+
+    def __init__(self, size: int, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        self.lr, self.betas, self.eps, self.t = lr, betas, eps, 0
+        self.first, self.second = np.zeros(size), np.zeros(size)
+
+    def step(self, param: np.ndarray, grad: np.ndarray) -> None:
+        (b1, b2), self.t = self.betas, self.t + 1
+        self.first += (1 - b1) * (grad - self.first)
+        self.second = b2 * self.second + (1 - b2) * grad * grad
+        denom = np.sqrt(self.second) / np.sqrt(1 - b2**self.t) + self.eps
+        param -= self.lr / (1 - b1**self.t) * self.first / denom
+
+
+def _rounded(x: np.ndarray, b: int, outside: int) -> np.ndarray:
     """Bool (m,): which of the neighbourhood's edges are among the ``b`` smallest keep-weights of the
     whole graph (``x`` (m + 1,): theirs, then the one value of the ``outside`` edges)."""
-    m = x.shape[0] - 1
-    pool = torch.cat([x[:m], x[m:].expand(min(outside, b))])
-    chosen = torch.topk(pool, min(b, pool.shape[0]), largest=False).indices
-    cut = torch.zeros(m, dtype=torch.bool)
+    m = x.size - 1
+    pool = np.concatenate([x[:m], np.repeat(x[m:], min(outside, b))])
+    k = min(b, pool.size)
+    chosen = np.argpartition(pool, k - 1)[:k] if k else np.zeros(0, dtype=np.int64)
+    cut = np.zeros(m, dtype=bool)
     cut[chosen[chosen < m]] = True
     return cut
 

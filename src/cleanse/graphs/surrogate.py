@@ -42,7 +42,8 @@ from torch import nn
 from cleanse.errors import ConfigError, TrainingDivergedError
 from cleanse.graphs.cascades import simulate
 
-_EPS = 1e-6
+NOISY_OR_EPS = 1e-6
+_EPS = NOISY_OR_EPS
 
 
 def _sigmoid(z: torch.Tensor) -> torch.Tensor:
@@ -54,18 +55,21 @@ def _sigmoid(z: torch.Tensor) -> torch.Tensor:
 
 
 def _seed_row(seeds: np.ndarray, n: int) -> torch.Tensor:
-    """Seed indicators (1, n) float32 from seed ids."""
-    s = torch.zeros(1, n)
-    s[0, torch.as_tensor(np.asarray(seeds, dtype=np.int64))] = 1.0
-    return s
+    """Seed indicators (1, n) float32 from seed ids (built in numpy: torch's zeros and index_put cost
+    more than the rest of the neighbourhood search on small graphs)."""
+    s = np.zeros((1, n), dtype=np.float32)
+    s[0, np.asarray(seeds, dtype=np.int64)] = 1.0
+    return torch.from_numpy(s)
 
 
 @dataclass(frozen=True)
 class Neighbourhood:
     """What :meth:`SpreadSurrogate.neighbourhood` keeps: ``nodes`` (n,) global ids, ascending;
-    ``edges`` (m,) long global edge ids in graph order; ``src``/``dst`` (m,) their local node ids;
-    ``p`` (m,) their base weights; ``seeds`` (1, n) float seed indicators; ``num_edges`` E of the
-    whole graph."""
+    ``edges`` (m,) long global edge ids, ordered by their source's hop distance from the seeds (graph
+    order within a hop); ``src``/``dst`` (m,) their local node ids; ``p`` (m,) their base weights;
+    ``seeds`` (1, n) float seed indicators; ``num_edges`` E of the whole graph; ``flowing`` (layers,):
+    layer ``k`` (from 0) can carry flow only on the first ``flowing[k]`` edges (sources within ``k`` hops
+    of a seed; every other source has ``pi = 0`` there, whatever the keep-weights)."""
 
     nodes: np.ndarray
     edges: torch.Tensor
@@ -74,6 +78,7 @@ class Neighbourhood:
     p: torch.Tensor
     seeds: torch.Tensor
     num_edges: int
+    flowing: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,7 @@ class SpreadSurrogate(nn.Module):
         self.register_buffer("p", torch.as_tensor(base_weights, dtype=torch.float32))
         self._src_np = np.asarray(edge_index[0], dtype=np.int64)
         self._dst_np = np.asarray(edge_index[1], dtype=np.int64)
+        self._p_np = self.p.numpy()
         h = config.hidden
         if config.kind == "axel":
             self.encode = nn.Linear(3, h)
@@ -187,29 +193,36 @@ class SpreadSurrogate(nn.Module):
         inflow) and every edge outside it a gradient of exactly 0, so :meth:`local_spread` on it equals
         ``spread`` on the whole graph (up to float summation order). The axel kind's hidden state
         moves without inflow, so for it the neighbourhood is the whole graph."""
-        e = int(self.p.shape[0])
+        e, layers = int(self.p.shape[0]), self.config.layers
         s_ids = np.asarray(seeds, dtype=np.int64)
         if self.config.kind != "monstor":
             return Neighbourhood(np.arange(self.num_nodes), torch.arange(e), self.src, self.dst, self.p,
-                                 _seed_row(s_ids, self.num_nodes), e)
+                                 _seed_row(s_ids, self.num_nodes), e, (e,) * layers)
         src, dst = self._src_np, self._dst_np
         reached = np.zeros(self.num_nodes, dtype=bool)
         reached[s_ids] = True
-        for _ in range(self.config.layers):
+        # hops from the seeds, capped at layers; uint8 so that the stable sort below is a radix sort
+        hop: np.ndarray = np.zeros(self.num_nodes, dtype=np.uint8 if layers < 255 else np.int64)
+        for _ in range(layers):
+            hop += ~reached
             reached[dst[reached[src]]] = True
         inside = reached[src] | reached[dst]
-        if inside.all():
-            return Neighbourhood(np.arange(self.num_nodes), torch.arange(e), self.src, self.dst, self.p,
-                                 _seed_row(s_ids, self.num_nodes), e)
-        edges = np.flatnonzero(inside)
-        reached[src[edges]] = True
-        reached[dst[edges]] = True
-        nodes = np.flatnonzero(reached)
-        local = np.zeros(self.num_nodes, dtype=np.int64)
-        local[nodes] = np.arange(nodes.size)
-        picked = torch.from_numpy(edges)
-        return Neighbourhood(nodes, picked, torch.from_numpy(local[src[edges]]), torch.from_numpy(local[dst[edges]]),
-                             self.p[picked], _seed_row(local[s_ids], nodes.size), e)
+        if inside.all():  # jazz, email_eu_core: every edge has an end within reach, local ids are global
+            edges = np.argsort(hop[src], kind="stable")
+            nodes, src_local, dst_local = np.arange(self.num_nodes), src[edges], dst[edges]
+        else:
+            edges = np.flatnonzero(inside)
+            edges = edges[np.argsort(hop[src[edges]], kind="stable")]
+            reached[src[edges]] = True
+            reached[dst[edges]] = True
+            nodes = np.flatnonzero(reached)
+            local = np.zeros(self.num_nodes, dtype=np.int64)
+            local[nodes] = np.arange(nodes.size)
+            src_local, dst_local = local[src[edges]], local[dst[edges]]
+        flowing = tuple(int(c) for c in np.searchsorted(hop[src[edges]], np.arange(layers), side="right"))
+        return Neighbourhood(nodes, torch.from_numpy(edges), torch.from_numpy(src_local), torch.from_numpy(dst_local),
+                             torch.from_numpy(self._p_np[edges]), _seed_row(np.searchsorted(nodes, s_ids), nodes.size), e,
+                             flowing)
 
     def local_spread(self, hood: Neighbourhood, keep: torch.Tensor) -> torch.Tensor:
         """The spread estimate (B,) with keep-weights ``keep`` (B, m) on the neighbourhood's edges (the
