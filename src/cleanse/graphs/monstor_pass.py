@@ -1,18 +1,20 @@
 """The MONSTOR-style spread surrogate's forward pass and its gradient in the edge keep-weights, written
-out by hand in numpy (float64) for one seed set (DiffIM's one-shot gradient and relaxation steps, Lee et
+out by hand in numpy for one seed set (DiffIM's one-shot gradient and relaxation steps, Lee et
 al., AAAI 2025, arXiv 2502.01031; the surrogate is :class:`cleanse.graphs.surrogate.SpreadSurrogate`
 with ``kind="monstor"``).
 
 Why: on the seeds' neighbourhood of a small graph (jazz 5,484 edges, power_grid 1,830) one autograd
 pass costs about 1.5-3 ms of CPU, most of it torch's per-op dispatch and graph bookkeeping, not
-arithmetic. The same computation in numpy, with the reverse pass derived once by hand, costs a fraction
+arithmetic. The same computation in numpy, with the reverse pass derived once by hand, costs about half
 of that. Two exact savings on top: the shared MLP runs only on the nodes whose output is used (not a
 seed, inflow > 0: elsewhere ``pi`` is the seed row whatever the MLP says, so its gradient there is 0),
-and its biases ride in the matrix products (a column of ones).
+and layer ``k`` only on the edges whose source lies within ``k`` hops of a seed (``Neighbourhood.flowing``:
+every other source has ``pi = 0`` at that layer, so its edges carry no flow and get no gradient there).
 
 It computes what ``SpreadSurrogate.local_spread`` computes (same formulas, same ``eps`` scale of the
-noisy-or, same clamp of ``q``), in float64 instead of float32: ``tests/test_cascade_monstor_pass.py``
-checks spread and gradient against autograd to float32 precision.
+noisy-or, same clamp of ``q``): the noisy-or, the logits and the sigmoid in float64, the MLP in float32
+as torch runs it (in float64 the MLP's matrix products made the pass about a third slower on power_grid).
+``tests/test_cascade_monstor_pass.py`` checks spread and gradient against autograd to float32 precision.
 
 Shapes (one row, the neighbourhood's ``n`` nodes and ``m`` edges): ``x`` (m,) keep-weights in [0, 1]
 (edge ``e`` acts with weight ``w_e = p_e x_e``); the spread ``sum_v pi_v`` is a float and its gradient
@@ -36,7 +38,7 @@ _KEEP = 1 - NOISY_OR_EPS
 
 @dataclass(frozen=True)
 class _Mlp:
-    """The shared MLP ``6 -> h -> h -> 1`` as float64: ``first`` (7, h) is the transposed weight with the
+    """The shared MLP ``6 -> h -> h -> 1`` as float32: ``first`` (7, h) is the transposed weight with the
     bias as its last row (the features carry a column of ones), ``second`` (h, h) the transposed weight
     and ``second_bias`` (h,); ``last`` (h,) and ``last_bias``; ``first_back`` (h, 6) and ``second_back``
     (h, h) the untransposed weights the reverse pass multiplies by, contiguous."""
@@ -60,8 +62,7 @@ def _mlp(model: SpreadSurrogate) -> _Mlp:
     version = tuple(t._version for layer in linear for t in (layer.weight, layer.bias))
     cached = _MLPS.get(model)
     if cached is None or cached[0] != version:
-        (w1, b1), (w2, b2), (w3, b3) = ((layer.weight.detach().double().numpy(), layer.bias.detach().double().numpy())
-                                        for layer in linear)
+        (w1, b1), (w2, b2), (w3, b3) = ((layer.weight.detach().numpy(), layer.bias.detach().numpy()) for layer in linear)
         cached = version, _Mlp(np.vstack([w1.T, b1]), np.ascontiguousarray(w2.T), b2, w3[0].copy(), float(b3[0]),
                                np.ascontiguousarray(w1), np.ascontiguousarray(w2))
         _MLPS[model] = cached
@@ -103,7 +104,7 @@ class MonstorPass:
         src, dst, s, n, mlp = self.src, self.dst, self.seeds, self.seeds.size, self.mlp
         w = self.p * x
         w_in, w_out = np.bincount(dst, w, n), np.bincount(src, w, n)
-        feats = np.empty((n, 7))  # [pi, s, q, inflow, in-degree, out-degree, 1 (the bias)]
+        feats = np.empty((n, 7), dtype=np.float32)  # [pi, s, q, inflow, in-degree, out-degree, 1 (the bias)]
         feats[:, 1], feats[:, 4], feats[:, 5], feats[:, 6] = s, np.log1p(w_in), np.log1p(w_out), 1.0
         free, pi = s == 0, s
         if tape is not None:
@@ -143,7 +144,7 @@ class MonstorPass:
             c = flow.size
             # sigmoid'(z) as sigmoid(z) sigmoid(-z): both factors keep their digits when the node saturates
             g_z = g_pi[rows] * expit(z) * expit(-z)
-            g_hidden1 = ((g_z[:, None] * mlp.last) * (relu2 > 0)) @ mlp.second_back * (relu1 > 0)
+            g_hidden1 = ((g_z.astype(np.float32)[:, None] * mlp.last) * (relu2 > 0)) @ mlp.second_back * (relu1 > 0)
             g_feats = g_hidden1 @ mlp.first_back  # (rows, 6); the MLP's other rows have no gradient
             g_q = g_feats[:, 2] + np.where(q >= NOISY_OR_EPS, g_z / np.maximum(q, NOISY_OR_EPS), 0.0)
             # 1-D per-node arrays: gathering rows of an (n, 3) array by dst was 10x slower than 1-D gathers

@@ -7,7 +7,7 @@ edges is the method's choice (ties broken by edge index, as the pipeline's detec
 - :func:`oneshot_scores`: ``d spread_hat / d x_e`` of the surrogate at ``x = 1 - delta`` (one
   forward and one backward pass; DiffIM's gradient-driven selection);
 - :func:`relax_scores`: ``x = sigmoid(a)`` optimised by Adam on ``spread_hat(x) + lambda *
-  relu(sum(1 - x) - b)`` from a one-shot warm start, stopped once the rounding is stable; score
+  relu(sum(1 - x) - b)`` from a one-shot warm start, stopped once the best rounded cut stops improving; score
   ``1 - x`` (the ``b`` smallest ``x`` are cut; DiffIM's relaxation);
 - :func:`surrogate_greedy_scores`: greedy on the surrogate over a candidate set (the top edges by
   the one-shot gradient), one batched forward per step;
@@ -106,10 +106,10 @@ def relax_scores(model: SpreadSurrogate, seeds: np.ndarray, b: int, steps: int =
     no effect there: its spread gradient is dropped (only the budget term moves it; Adam normalises each
     coordinate, so float noise would otherwise move it by about ``lr`` a step and reshuffle the rounding).
 
-    Stop: each step also evaluates the surrogate on its **rounded** cut (the ``b`` smallest ``x`` set to
-    0, the rest to 1; the same batched pass as the gradient, a second row). The loop keeps the rounded cut
-    of lowest ``spread_hat`` and stops once that has not fallen by more than ``min_gain`` (nodes) for
-    ``patience`` steps (0: run all ``steps``). Scores: ``1 - x`` of that step, plus 1 on the kept cut
+    Stop: each step first evaluates the surrogate on its **rounded** cut (the ``b`` smallest ``x`` set to
+    0, the rest to 1; a forward pass). The loop keeps the rounded cut of lowest ``spread_hat`` and stops
+    once that has not fallen by more than ``min_gain`` (nodes) for ``patience`` steps (0: run all
+    ``steps``), before that step's gradient (a forward and backward pass at ``x``), which it would not use. Scores: ``1 - x`` of that step, plus 1 on the kept cut
     (so the top ``b`` is exactly it), plus ``1e-9 g / scale`` to break ties.
 
     Runs on the seeds' neighbourhood; the edges outside it have no spread gradient and the same start,
