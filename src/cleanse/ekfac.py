@@ -25,13 +25,19 @@ pass and one set of ``(out, out)`` products per sample instead of ``C``; the dra
 ``fisher="empirical"`` uses the observed labels. The objective's L2 term
 ``weight_decay * I`` is added to every eigenvalue (it is isotropic, so it is exact in any basis).
 Layers are treated as independent (block-diagonal curvature).
+
+Sequence families (``Family.sequence_fisher``, the language model's LoRA matrices): a Linear layer
+applied to ``(n, T, in)`` sequences has one term ``delta_it a_it^T`` per position ``t``, like a
+convolution's patches, and the Fisher's labels are the response tokens, one softmax over the
+vocabulary per scored position (``Family.fisher_outputs``; Grosse et al., 2023, §3.1).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -91,8 +97,12 @@ def _layers(fm: FunctionalModel) -> list[_Layer]:
 
 
 def _unfold(layer: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """Layer inputs as ``(n, in, L)`` columns: ``L = 1`` for Linear, patches for Conv2d."""
+    """Layer inputs as ``(n, in, L)`` columns: ``L = 1`` for Linear on rows, the sequence positions
+    for Linear on ``(n, T, in)`` sequences (each position is one term of the gradient, like a
+    convolution's patch), patches for Conv2d."""
     if isinstance(layer, nn.Linear):
+        if inputs.dim() > 2:
+            return inputs.reshape(inputs.shape[0], -1, inputs.shape[-1]).transpose(1, 2)
         return inputs.reshape(inputs.shape[0], -1, 1)
     if not isinstance(layer, nn.Conv2d):
         raise TypeError(f"EK-FAC factors Linear and Conv2d layers, not {type(layer).__name__}")
@@ -102,10 +112,12 @@ def _unfold(layer: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
                                 stride=layer.stride)
 
 
-def _capture(fm: FunctionalModel, layers: list[_Layer], x: torch.Tensor, targets: list[torch.Tensor],
-             weights: list[torch.Tensor]) -> list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
-    """For each target labelling, each layer's ``(a, delta, weight)``: ``a`` ``(n, in+1, L)``,
-    ``delta`` ``(n, out, L)`` (the per-sample loss gradient w.r.t. the layer output), float64."""
+def _hooked(fm: FunctionalModel, layers: list[_Layer], forward: Callable[[torch.Tensor], tuple[Any, torch.Tensor | None]]
+            ) -> tuple[Any, list[torch.Tensor], list[torch.Tensor]]:
+    """``forward(theta) -> (result, used)`` at a leaf ``theta`` that requires grad (so the layer
+    outputs are differentiable nodes): the result, every layer's inputs as float64 columns
+    ``(n, in+1, L)`` (zeroed at positions outside ``used`` ``(n, L)`` unless it is None) and the
+    layers' outputs."""
     inputs: dict[int, torch.Tensor] = {}
     outputs: dict[int, torch.Tensor] = {}
     hooks = []
@@ -117,19 +129,27 @@ def _capture(fm: FunctionalModel, layers: list[_Layer], x: torch.Tensor, targets
         hooks.append(layer.module.register_forward_hook(keep))
     try:
         with torch.enable_grad():
-            # a leaf that requires grad, so the layer outputs are differentiable nodes
-            logits = fm.logits(fm.theta.detach().requires_grad_(True), x)
+            result, used = forward(fm.theta.detach().requires_grad_(True))
     finally:
         for hook in hooks:
             hook.remove()
     activations = []
     for index, layer in enumerate(layers):
         a = _unfold(layer.module, inputs[index]).double()
+        if used is not None and a.shape[2] == used.shape[1]:
+            a = a * used[:, None, :].to(a.dtype)
         if layer.bias_slice is not None:
             a = torch.cat([a, a.new_ones(a.shape[0], 1, a.shape[2])], dim=1)
         activations.append(a)
+    return result, activations, [outputs[i] for i in range(len(layers))]
+
+
+def _capture(fm: FunctionalModel, layers: list[_Layer], x: torch.Tensor, targets: list[torch.Tensor],
+             weights: list[torch.Tensor]) -> list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+    """For each target labelling, each layer's ``(a, delta, weight)``: ``a`` ``(n, in+1, L)``,
+    ``delta`` ``(n, out, L)`` (the per-sample loss gradient w.r.t. the layer output), float64."""
+    logits, activations, outs = _hooked(fm, layers, lambda theta: (fm.logits(theta, x), None))
     result = []
-    outs = [outputs[i] for i in range(len(layers))]
     for target, weight in zip(targets, weights):
         with torch.enable_grad():
             # The family's per-sample loss, summed: each row's output gradient is its own loss's.
@@ -138,10 +158,66 @@ def _capture(fm: FunctionalModel, layers: list[_Layer], x: torch.Tensor, targets
             deltas = torch.autograd.grad(loss, outs, retain_graph=True)
         per_layer = []
         for layer, a, delta in zip(layers, activations, deltas):
-            delta = delta.double().reshape(delta.shape[0], layer.out_features, -1)
-            per_layer.append((a, delta, weight))
+            per_layer.append((a, _output_columns(layer, delta), weight))
         result.append(per_layer)
     return result
+
+
+def _output_columns(layer: _Layer, delta: torch.Tensor) -> torch.Tensor:
+    """Output gradients as ``(n, out, L)`` float64, matching :func:`_unfold`'s columns."""
+    if isinstance(layer.module, nn.Linear) and delta.dim() > 2:
+        return delta.double().reshape(delta.shape[0], -1, layer.out_features).transpose(1, 2)
+    return delta.double().reshape(delta.shape[0], layer.out_features, -1)
+
+
+def _capture_tokens(fm: FunctionalModel, layers: list[_Layer], x: torch.Tensor, fisher: FisherKind,
+                    generator: torch.Generator) -> list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+    """:func:`_capture` for a family whose units are sequences scored by one softmax per position
+    (:meth:`~cleanse.families.base.Family.fisher_outputs`: logits ``(n, R, C)``, loss weights
+    ``(n, R)``, observed tokens ``(n, R)``, used input positions ``(n, T)``). A unit's loss under
+    labels ``y`` is ``-sum_r weight_r log softmax(logits_r)[y_r]``; the Fisher draws ``y`` from the
+    model (Grosse et al., 2023; Kronfluence). ``expected`` enumerates one position's ``C`` labels
+    at a time (``R C`` backward passes): the positions' labels are independent and each score has
+    zero mean, so the cross-position terms of ``E[DW DW^T]`` vanish and this is the exact
+    expectation. ``sampled`` draws every position's label at once (one backward pass). Inputs at
+    unused positions (padding after the last target) are zeroed: their output gradients are zero,
+    so only the ``A`` factor would see them."""
+    def forward(theta: torch.Tensor) -> tuple[Any, torch.Tensor]:
+        outputs = fm.task.fisher_outputs(fm, theta, x)
+        return outputs, outputs[3]
+
+    (logits, weight, observed, _), activations, outs = _hooked(fm, layers, forward)
+    ones = torch.ones(logits.shape[0], dtype=torch.float64, device=x.device)
+    labellings: list[tuple[torch.Tensor, torch.Tensor]] = []
+    with torch.enable_grad():
+        logp = torch.log_softmax(logits, dim=-1)
+        n, positions, classes = logp.shape
+        if fisher == "expected":
+            probs = logp.detach().exp().double()
+            labellings = [(-(weight[:, r] * logp[:, r, c]).sum(), probs[:, r, c])
+                          for r in range(positions) for c in range(classes)]
+        else:
+            labels = observed
+            if fisher == "sampled":
+                flat = logp.detach().exp().double().reshape(-1, classes).cpu()
+                labels = torch.multinomial(flat, 1, generator=generator).reshape(n, positions).to(x.device)
+            labellings = [(-(weight * logp.gather(-1, labels[..., None])[..., 0]).sum(), ones)]
+    result = []
+    for loss, label_weight in labellings:
+        with torch.enable_grad():
+            deltas = torch.autograd.grad(loss, outs, retain_graph=True, allow_unused=True)
+        result.append([(a, _output_columns(layer, torch.zeros_like(out) if delta is None else delta), label_weight)
+                       for layer, a, out, delta in zip(layers, activations, outs, deltas)])
+    return result
+
+
+def _captured(fm: FunctionalModel, layers: list[_Layer], x: torch.Tensor, y: torch.Tensor, fisher: FisherKind,
+              generator: torch.Generator) -> list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+    """Each labelling's per-layer ``(a, delta, weight)`` for the Fisher of ``fm``'s family."""
+    if getattr(fm.task, "sequence_fisher", False):  # the Family seam (families/base.py)
+        return _capture_tokens(fm, layers, x, fisher, generator)
+    targets, weights = _labellings(fm, x, y, fisher, generator)
+    return _capture(fm, layers, x, targets, weights)
 
 
 def _labellings(fm: FunctionalModel, x: torch.Tensor, y: torch.Tensor, fisher: FisherKind,
@@ -188,9 +264,7 @@ class EKFAC:
         # the eigenvalue correction
         generator = torch.Generator().manual_seed(self.seed)
         for start, stop in chunks:
-            xb, yb = x[start:stop], y[start:stop]
-            targets, weights = _labellings(self.fm, xb, yb, fisher, generator)
-            captured = _capture(self.fm, layers, xb, targets, weights)
+            captured = _captured(self.fm, layers, x[start:stop], y[start:stop], fisher, generator)
             for index in range(len(layers)):
                 a = captured[0][index][0]
                 a_cov[index] += torch.einsum("nil,njl->ij", a, a)
@@ -206,10 +280,8 @@ class EKFAC:
         self.seconds_eigh = time.perf_counter() - started
         generator = torch.Generator().manual_seed(self.seed)
         for start, stop in chunks:
-            xb, yb = x[start:stop], y[start:stop]
-            targets, weights = _labellings(self.fm, xb, yb, fisher, generator)
             rotated_inputs: dict[int, torch.Tensor] = {}  # (Q_A^T a)^2 per layer: label-independent
-            for per_label in _capture(self.fm, layers, xb, targets, weights):
+            for per_label in _captured(self.fm, layers, x[start:stop], y[start:stop], fisher, generator):
                 for index, (layer, (a, delta, weight)) in enumerate(zip(layers, per_label)):
                     if a.shape[2] == 1:
                         # Linear: the rotated gradient is the outer product (Q_S^T delta)(Q_A^T a)^T, so

@@ -100,13 +100,27 @@ class LmFamily(Family):
     selection: ClassVar[tuple[str, float]] = ("val_steer_rate", -1.0)
     flagged_plots: ClassVar[str] = "cleanse.families.lm.report:write_flagged_text"
     mlflow_pyfunc: ClassVar[bool] = False
+    # EK-FAC's Fisher is the response tokens' softmax over the vocabulary (fisher_outputs), with
+    # Kronecker factors per LoRA matrix over the sequence positions (Grosse et al., 2023).
+    supports_ekfac: ClassVar[bool] = True
+    sequence_fisher: ClassVar[bool] = True
 
     def per_sample_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return -output.sum(1)
 
     def output_curvature(self, output: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         raise ConfigError("family 'lm': the loss is linear in the scorer's output (weighted token log-probabilities), "
-                          "so its Gauss-Newton matrix is zero; set scorers.<influence>.curvature: hessian")
+                          "so its Gauss-Newton matrix is zero; set scorers.<influence>.curvature: hessian (or "
+                          "solver: ekfac, the Fisher of the response tokens' softmax)")
+
+    def fisher_outputs(self, fm: Any, theta: torch.Tensor,
+                       x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The LM head's logits ``(B, R, V)`` at the response positions, their loss weights
+        ``mask / n_response`` ``(B, R)``, the response tokens ``(B, R)`` and the positions up to the
+        last response token ``(B, L)`` (:meth:`.model.LmScorer.forward` with ``vocabulary``)."""
+        from torch.func import functional_call
+
+        return functional_call(fm.module, fm.unflatten(theta), (x,), {"vocabulary": True})
 
     def measurement(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return output.sum(1)  # the mean response log-probability

@@ -48,8 +48,12 @@ class LmScorer(nn.Module):
         logits = self.lm(input_ids=ids).logits[:, :-1]
         return torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[1] > 2:
+    def forward(self, x: torch.Tensor, vocabulary: bool = False) -> Any:
+        """``(B, R)`` weighted response log-probabilities; with ``vocabulary`` (training units only)
+        the pieces EK-FAC's Fisher needs instead: the LM head's logits ``(B, R, V)`` at the response
+        positions, the weights ``(B, R)``, the observed tokens ``(B, R)`` and the input positions
+        up to the last response token ``(B, L)`` bool (later ones are padding: no gradient)."""
+        if x.shape[1] > 2 and not vocabulary:
             # a contrast probe: several (prompt, response) sequences with signed weights, summed
             return self(x.reshape(-1, 2, x.shape[-1])).reshape(x.shape[0], -1, self.response_len).sum(1)
         ids, mask = x[:, 0].long(), x[:, 1, 1:]
@@ -63,8 +67,13 @@ class LmScorer(nn.Module):
         hidden = cast(nn.Module, model.transformer)(input_ids=ids).last_hidden_state  # (B, L, d)
         chosen = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
         head = cast(nn.Module, model.get_output_embeddings())
-        logp = torch.log_softmax(head(chosen), dim=-1)  # (B, R, V)
+        logits = head(chosen)  # (B, R, V)
         targets = ids[:, 1:].gather(1, positions)
+        if vocabulary:
+            last = (positions * (weight != 0)).amax(1, keepdim=True)
+            used = torch.arange(ids.shape[1], device=x.device)[None] <= last
+            return logits, weight, targets, used
+        logp = torch.log_softmax(logits, dim=-1)
         return logp.gather(-1, targets[..., None])[..., 0] * weight
 
 

@@ -42,13 +42,17 @@ class LmParams(Params):
             query = dict(data.get("query") or {})
             query.setdefault("kind", LmQueryConfig.model_fields["kind"].default)
             data = {**data, "query": query}
-            # The loss is linear in the scorer's output (its Gauss-Newton split is zero) and there is
-            # no softmax output for EK-FAC or the cost planner: influence defaults to the exact Hessian.
+            # Influence defaults to EK-FAC over the adapters with the Fisher of the response tokens'
+            # softmax, one label per token drawn from the model (Grosse et al., 2023; Kronfluence's
+            # default): the expected Fisher enumerates the vocabulary (R x V backward passes).
+            # The loss is linear in the scorer's output (its Gauss-Newton split is zero), so cg,
+            # lissa and exact take the Hessian.
             scorers = dict(data.get("scorers") or {})
             for name in ("influence", "influence_val"):
                 section = dict(scorers.get(name) or {})
                 section.setdefault("curvature", "hessian")
-                section.setdefault("solver", "exact")
+                section.setdefault("solver", "ekfac")
+                section.setdefault("ekfac_fisher", "sampled")
                 scorers[name] = section
             data = {**data, "scorers": scorers}
         return resolve_auto_outside_model(data)
