@@ -96,9 +96,11 @@ def relax_passes(relax: Callable[[], Any]) -> int:
 
 
 def run_case(graph_name: str, kind: str, fractions: list[float], smoke: bool,
-             greedy_steps: int = 0, verify_runs: int = 10_000, threshold: float | None = None) -> list[dict[str, Any]]:
+             greedy_steps: int = 0, verify_runs: int = 10_000, threshold: float | None = None,
+             skip: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """``threshold``: LT with that fixed threshold for every node (deterministic: labels and verification
-    are one cascade, and the reference is the exact re-simulating greedy ``greedy_fixed_threshold``)."""
+    are one cascade, and the reference is the exact re-simulating greedy ``greedy_fixed_threshold``).
+    ``skip``: methods not run (their cells read "-"; greedy_mc, oneshot and relax cannot be skipped)."""
     from cleanse.graphs import selection as sel
     from cleanse.graphs.greedy_mc import greedy_fixed_threshold, greedy_mc
     from cleanse.graphs.surrogate import evaluate_surrogate, make_instances, near
@@ -146,7 +148,8 @@ def run_case(graph_name: str, kind: str, fractions: list[float], smoke: bool,
             return sel.top_edges(score, b)
 
         for method in METHODS:
-            picks[method] = timed(lambda: select(method))
+            if method not in skip:
+                picks[method] = timed(lambda: select(method))
         passes = relax_passes(lambda: sel.relax_scores(model, seeds, b))
         for method, (edges, seconds, cpu_seconds) in picks.items():
             spread, se = sel.verify_spread(kind, ei, w, seeds, n, edges, runs=runs, seed=7, threshold=threshold)
@@ -288,11 +291,11 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         rows.append({"graph": graph, "model": kind, "b": b, "fraction": greedy["fraction"],
                      "relax_passes": case["relax"].get("relax_passes"),
                      **{f"{m}_share": case[m]["reduction"] / greedy["reduction"] if greedy["reduction"] > 0 else None
-                        for m in ("oneshot", "relax", "sgreedy")},
+                        for m in ("oneshot", "relax", "sgreedy") if m in case},
                      **{f"{m}_speedup": greedy["seconds"] / max(case[m]["seconds"], 1e-9)
-                        for m in ("oneshot", "relax", "sgreedy")},
+                        for m in ("oneshot", "relax", "sgreedy") if m in case},
                      **{f"{m}_cpu_speedup": greedy["cpu_seconds"] / max(case[m]["cpu_seconds"], 1e-9)
-                        for m in ("oneshot", "relax", "sgreedy") if "cpu_seconds" in greedy}})
+                        for m in ("oneshot", "relax", "sgreedy") if "cpu_seconds" in greedy and m in case}})
     return rows
 
 
@@ -354,13 +357,17 @@ def render(result: dict[str, Any], docs: Path, out: Path, image: Path) -> str:
     for graph, kind, b in sorted({(r["graph"], r["model"], r["b"]) for r in result["runs"]}):
         case = {r["method"]: r for r in result["runs"] if (r["graph"], r["model"], r["b"]) == (graph, kind, b)}
         table.append([graph, kind, b, fmt(next(iter(case.values()))["baseline"], 1),
-                      *[f"{fmt(case[m]['spread'], 1)} ({fmt(case[m]['seconds'], 3)} s)" for m in METHODS]])
+                      *[f"{fmt(case[m]['spread'], 1)} ({fmt(case[m]['seconds'], 3)} s)" if m in case else "-"
+                        for m in METHODS]])
     lines += ["Spread after the cuts (selection seconds):", "", md_table(headers, table), ""]
     s_headers = ["graph", "model", "b", "greedy cuts/step", "oneshot / greedy reduction", "speed-up wall (CPU)",
                  "relax / greedy", "speed-up wall (CPU)", "relax passes", "sgreedy / greedy", "speed-up wall (CPU)"]
 
     def speedup(row: dict[str, Any], method: str) -> str:
         cpu = row.get(f"{method}_cpu_speedup")
+        if f"{method}_speedup" not in row:
+            return "-"
+
         def times(value: float) -> str:
             return fmt(value, 0 if value >= 10 else 1)
 
@@ -368,7 +375,7 @@ def render(result: dict[str, Any], docs: Path, out: Path, image: Path) -> str:
 
     per_step = {(r["graph"], r["model"], r["b"]): r.get("greedy_per_step", 1) for r in result["runs"]}
     s_rows = [[r["graph"], r["model"], r["b"], per_step[(r["graph"], r["model"], r["b"])],
-               *[item for m in ("oneshot", "relax", "sgreedy") for item in [fmt(r[f"{m}_share"]), speedup(r, m)]
+               *[item for m in ("oneshot", "relax", "sgreedy") for item in [fmt(r.get(f"{m}_share")), speedup(r, m)]
                  + ([fmt(r.get("relax_passes"), 0)] if m == "relax" else [])]]
               for r in result["summary"]]
     lines += ["Against greedy Monte Carlo (targets of issue 20: one-shot >= 0.9 of its reduction at >= 1,000x its "
@@ -420,6 +427,8 @@ def main() -> None:
     parser.add_argument("--greedy-steps", type=int, default=0, help="greedy MC in this many steps of ceil(b / steps) "
                         "cuts (0: plain greedy, one cut per step; for the larger graphs)")
     parser.add_argument("--runs", type=int, default=10_000, help="verification cascades per removal")
+    parser.add_argument("--skip", nargs="+", default=[], choices=["sgreedy", "betweenness"],
+                        help="methods not run (for the largest graph: surrogate greedy took 21 of its 28 minutes)")
     parser.add_argument("--merge", action="store_true", help="replace these graphs' rows in --out, keep the others")
     parser.add_argument("--smoke", action="store_true", help="a BA graph of 80 nodes, few runs (the test)")
     parser.add_argument("--scale", nargs="*", type=int, help="only the scale part, on BA graphs of these node counts, "
@@ -476,7 +485,7 @@ def main() -> None:
         return
     runs = [row for graph in args.graphs for kind in args.models
             for row in run_case(graph, kind, args.fractions, args.smoke, args.greedy_steps, args.runs,
-                                args.threshold)]
+                                args.threshold, tuple(args.skip))]
     env = environment(1)
     for row in runs:  # each row says where and under which load it was measured (merged results mix runs)
         row["measured_at"] = {"git_commit": env.get("git_commit"), "load_average_start": env.get("load_average_start")}
