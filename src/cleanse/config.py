@@ -178,6 +178,7 @@ class EvaluateConfig(_Section):
     lds_queries: int = Field(16, ge=1, description="Test points the LDS averages over.")
     stability: bool = Field(False, description="Rank stability of every estimator across training seeds.")
     stability_seeds: int = Field(3, ge=2, description="Training seeds compared for stability.")
+    retrain_seeds: int = Field(1, ge=1, le=32, description="Training seeds of each retrain: stages/retrain_seeds.py")
 
 
 class TrackingConfig(_Section):

@@ -26,6 +26,7 @@ import numpy as np
 
 from cleanse.config import Params
 from cleanse.report_plots import write_plots
+from cleanse.stages.retrain_seeds import OVER_SEEDS, interval_text
 from cleanse.storage import Layout, read_json, read_table, write_json, write_text
 
 
@@ -61,7 +62,7 @@ def collect_metrics(params: Params, layout: Layout) -> dict[str, Any]:
     }
     for key in ("oracle", "random"):
         if key in references:
-            metrics[key] = {k: v for k, v in references[key].items() if k in (*outcomes, "n_removed")}
+            metrics[key] = {k: v for k, v in references[key].items() if k in (*outcomes, "n_removed", OVER_SEEDS)}
     for name in params.estimators:
         scores = read_table(layout.scores(name))
         is_corrupted = np.array([truth[i] for i in scores["sample_id"].to_list()], dtype=bool)
@@ -75,6 +76,7 @@ def collect_metrics(params: Params, layout: Layout) -> dict[str, Any]:
                 f"random_{headline}": retrain["random_same_count"][headline],
                 "n_removed": cleaned["n_removed"],
                 "n_corrupted_removed": cleaned["n_corrupted_removed"],
+                **({OVER_SEEDS: cleaned[OVER_SEEDS]} if OVER_SEEDS in cleaned else {}),
             },
             "n_flagged": retrain["n_flagged"],
             "seconds": score_meta["seconds"],
@@ -165,6 +167,13 @@ def comparison_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
         if asr:
             row["asr"] = result["retrain"].get("attack_success_rate")
         rows.append(row)
+    if OVER_SEEDS in metrics["baseline"]:  # evaluate.retrain_seeds > 1: the headline is a mean over training seeds
+        spread = f"{column} {metrics['baseline'][OVER_SEEDS]['level']:.0%} over seeds"
+        blocks = [metrics.get("recommended", {}).get("retrain", {})] if recommended is not None else []
+        blocks += [metrics[key] for key in ("baseline", "random", "oracle") if key in metrics]
+        blocks += [result["retrain"] for result in metrics["estimators"].values()]
+        for row, block in zip(rows, blocks):
+            row[spread] = interval_text(block, headline)
     return rows
 
 

@@ -58,6 +58,7 @@ PURPOSES = frozenset({
     "diffusion.train",  # diffusion family: the batch order, timesteps and noise of each training epoch (index = epoch)
     "diffusion.queries",  # diffusion family: the seed of each class's query generations (index = class)
     "diffusion.harm_queries",  # diffusion family: the seed of the harm queries' generations (watermark target class)
+    "evaluate.retrain",  # evaluate.retrain_seeds: training seed j >= 1 of every retrain (index = j; seed 0 is the run's)
     "fine.inclusion",  # f-INE: which units are in each round
     "gan.data",  # GAN family: the synthetic 2-D draws and the row order of image sets (families/gan/data.py)
     "gan.outliers",  # GAN family: which training rows become planted outliers, and their values

@@ -42,8 +42,13 @@ class Family(ABC):
     # The closed-form Gauss-Newton products of a lone linear head in :mod:`cleanse.grads` assume a
     # softmax cross-entropy; other families take the generic products.
     softmax_output: ClassVar[bool] = False
-    # EK-FAC (:mod:`cleanse.ekfac`) enumerates or samples labels from a softmax.
+    # EK-FAC (:mod:`cleanse.ekfac`) enumerates or samples labels from a softmax: the output's own
+    # (classification), or one per sequence position from :meth:`fisher_outputs` (sequence_fisher).
     supports_ekfac: ClassVar[bool] = False
+    sequence_fisher: ClassVar[bool] = False
+    # Hessian-vector products (:func:`cleanse.curvature.hvp_fn`) summed over chunks of this many
+    # units, bounding their memory; None: all units at once.
+    curvature_rows: ClassVar[int | None] = None
     # The report's per-sample figures and tables of the flagged units ("module:function", called
     # as ``fn(params, layout, metrics) -> [written paths under reports/]``).
     flagged_plots: ClassVar[str] = "cleanse.report_plots:write_flagged"
@@ -64,6 +69,15 @@ class Family(ABC):
         """``u -> d^2 l / d output^2 u`` per row, for ``u`` of ``output``'s shape ``(B, k)``: the
         output-space Hessian of the loss that the Gauss-Newton matrix ``J^T H_out J`` needs
         (Martens, 2010). It does not depend on the targets for the losses used here."""
+
+    def fisher_outputs(self, fm: Any, theta: torch.Tensor,
+                       x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For :attr:`sequence_fisher` families, the softmaxes EK-FAC's Fisher draws labels from, at
+        parameters ``theta`` of the :class:`cleanse.grads.FunctionalModel` ``fm``: logits ``(B, R, C)``
+        (``R`` scored positions), loss weights ``(B, R)`` (a unit's loss under labels ``y`` is
+        ``-sum_r weight_r log softmax(logits_r)[y_r]``, the per-unit loss at the observed ``y``),
+        the observed labels ``(B, R)`` and the input positions in use ``(B, T)`` bool."""
+        raise NotImplementedError(f"family {self.name!r} has no per-position softmax for EK-FAC's Fisher")
 
     @abstractmethod
     def measurement(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -122,10 +122,12 @@ RETRAIN_RESULT_VERSION = 2
 
 def _verify_inputs(params: Params) -> tuple[Any, ...]:
     """The params the family's "without these units" verification reads beyond the model (none
-    for classification and regression, so their fingerprints are as they were)."""
+    for classification and regression, so their fingerprints are as they were), and
+    ``evaluate.retrain_seeds`` when above 1."""
     from cleanse import families
 
-    return tuple(families.get(params.family).verify_inputs(params))
+    seeds = params.evaluate.retrain_seeds  # k = 1 adds nothing: fingerprints as they were
+    return tuple(families.get(params.family).verify_inputs(params)) + ((f"retrain_seeds={seeds}",) if seeds > 1 else ())
 
 
 def retrain_fingerprint(params: Params, estimator: str) -> str:
