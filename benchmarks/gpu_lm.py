@@ -17,13 +17,14 @@ Three parts (``--parts``, default all):
   ``--proj-dim`` dimensions, generated block by block from a seed (the ``(P, k)`` matrix of an 8B
   model's adapters is too large to hold), in seconds per sample.
 - ``flow``: ``cleanse run`` of ``examples/lm.yaml`` (the library's ``run_all``) with a larger base
-  (``--flow-set``), timed per stage. The lm family fits and scores on the CPU today
-  (``LmFamily.scoring_context`` pins ``cpu``, ``fit_lora`` does not move the model), so on a GPU
-  worker this part uses its CPU cores; the JSON records the device each part ran on.
+  (``--flow-set``), timed per stage. The lm family fine-tunes the adapters and scores on
+  ``cleanse.models.architectures.default_device()`` (CUDA when present: ``LmFamily.fit``,
+  ``scoring_context`` and the context's refits take the device); the base's pretraining and the
+  outcome measurements stay on the CPU. The JSON records the device each part ran on.
 
     python benchmarks/gpu_lm.py --dry-run            # CPU, tiny shape and data: every part runs (about a minute)
     python benchmarks/gpu_lm.py --shape llama-8b --parts estimate step   # on a GPU worker (the device part)
-    python benchmarks/gpu_lm.py --shape llama-8b     # all three (the flow part is CPU-bound: minutes)
+    python benchmarks/gpu_lm.py --shape llama-8b     # all three (the flow part: minutes)
     python benchmarks/gpu_lm.py --parts estimate --shape llama-8b   # the docs table, no torch
 
 Writes ``--out`` (default ``$OUT/gpu_lm.json`` when ``$OUT`` is set, else ``gpu_lm.json`` here).
@@ -293,7 +294,9 @@ def run_flow(overrides: list[str], work: Path) -> dict[str, Any]:
     stamps: list[tuple[float, str]] = []
     started = time.perf_counter()
     metrics = run_all(params, Layout.at(work), log=lambda line: stamps.append((time.perf_counter() - started, line)))
-    return {"overrides": overrides, "wall_seconds": time.perf_counter() - started, "log": [[round(t, 1), line] for t, line in stamps],
+    from cleanse.models.architectures import default_device
+
+    return {"overrides": overrides, "device": str(default_device()), "wall_seconds": time.perf_counter() - started, "log": [[round(t, 1), line] for t, line in stamps],
             "steer_rate": {key: metrics[key]["steer_rate"] for key in ("baseline", "random", "oracle")},
             "estimators": {name: {"average_precision": entry["detection"]["average_precision"],
                                   "steer_rate": entry["retrain"]["steer_rate"]}

@@ -5,7 +5,7 @@
 #   scripts/gpu_lm.sh --dry-run    here, on the CPU: the same parts at a tiny shape, plus the lm flow
 # The worker's image has torch, transformers and peft but not cleanse's own dependencies (polars,
 # pydantic), so the device run uses only benchmarks/gpu_lm.py's estimate and step parts; the flow
-# part (the lm family, CPU-bound today) runs where cleanse is installed.
+# part (the lm family, on CUDA when present) runs where cleanse is installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-$(mktemp -d)}"

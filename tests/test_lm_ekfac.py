@@ -109,10 +109,13 @@ def test_ekfac_influence_agrees_with_the_exact_fisher_solve(problem) -> None:
     from cleanse.estimators.influence import removal_effects
 
     params, staged, context, fm, x, y = problem
-    assert params.scorers.influence.solver == "ekfac" and params.scorers.influence.ekfac_fisher == "sampled"
+    defaults = params.scorers.influence
+    assert (defaults.solver, defaults.ekfac_fisher, defaults.ekfac_damping, defaults.damping) == (
+        "ekfac", "sampled", "relative", 0.1)
     fisher = exact_fisher(fm, x)
     damping = 0.1 * float(torch.linalg.eigvalsh(fisher).mean())
-    options = params.scorers.influence.model_copy(update={"ekfac_fisher": "expected", "damping": damping})
+    options = params.scorers.influence.model_copy(update={"ekfac_fisher": "expected", "damping": damping,
+                                                          "ekfac_damping": "absolute"})
     query = api.probes(api.Prepared(params, staged, context.model, context)).probes
     effects, inverse = removal_effects(context, options, query)
     xq, yq = context.tensors(query)
@@ -123,3 +126,34 @@ def test_ekfac_influence_agrees_with_the_exact_fisher_solve(problem) -> None:
     ekfac_error = 1 - np.corrcoef(effects.ravel(), exact.ravel())[0, 1]
     dot_error = 1 - np.corrcoef((query_grads @ train_grads.T).numpy().ravel(), exact.ravel())[0, 1]
     assert ekfac_error < 0.15 and ekfac_error < 0.8 * dot_error
+
+
+def test_hessian_products_over_chunks_of_units_equal_the_whole_batch(problem, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``curvature_rows`` (16 for lm) bounds the memory of exact/cg/lissa: the chunked product is
+    the same Hessian-vector product as over all 40 units at once."""
+    from cleanse.curvature import hvp_fn
+
+    _, _, context, fm, x, y = problem
+    assert type(context.task).curvature_rows == 16 < x.shape[0]
+    block = torch.randn(fm.n_params, 3, generator=torch.Generator().manual_seed(0))
+    chunked = hvp_fn(fm, x, y)(block)
+    monkeypatch.setattr(type(context.task), "curvature_rows", None)
+    whole = hvp_fn(fm, x, y)(block)
+    assert torch.allclose(chunked, whole, rtol=1e-4, atol=1e-6 * float(whole.abs().max()))
+    assert float(whole.abs().max()) > 0
+
+
+def test_relative_damping_is_a_tenth_of_each_layers_mean_eigenvalue(problem) -> None:
+    """The lm default (Kronfluence's heuristic): each layer's solve is ``Q (Q^T V Q / (Lambda +
+    0.1 mean(Lambda))) Q^T``, checked on a unit vector of every layer."""
+    _, _, _, fm, x, y = problem
+    ekfac = EKFAC(fm, x, y, damping=0.1, fisher="empirical", relative_damping=True)
+    for layer in ekfac.layers:
+        basis = torch.kron(layer.q_s, layer.q_a)
+        shift = 0.1 * float(layer.eigenvalues.mean())
+        inverse = basis @ torch.diag(1 / (layer.eigenvalues.reshape(-1) + shift)) @ basis.T
+        column = torch.zeros(fm.n_params, 1, dtype=torch.float64)
+        column[layer.weight_slice.start] = 1.0
+        solved = ekfac.solve(column)[layer.weight_slice, 0]
+        assert torch.allclose(solved, inverse[:, 0], rtol=1e-8)
+        assert ekfac.layer_shift(layer) == pytest.approx(shift)

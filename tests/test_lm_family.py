@@ -304,3 +304,38 @@ def test_iterative_cleansing_removes_outliers_and_refits_without_them(cache: Pat
     refit = family.fit(params, staged.train.without(np.asarray(loop["removed_ids"])), staged.meta)
     assert loop["final"]["steer_rate"] == pytest.approx(family.outcome(refit, staged)["steer_rate"])
     assert loop["stopped"] in ("max_rounds", "no_outliers", "behaviour_gone")
+
+
+def test_device_is_threaded_through_the_fit_the_context_and_the_refits(cache: Path, staged,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """An explicit device reaches the fine-tune, the scoring context, its refits and f-INE's fresh
+    adapters; without one, the default device (CUDA when present; ``CLEANSE_DEVICE``) is used. On
+    the CPU the fine-tune is the same whichever way the device arrives; the stored states stay on
+    the CPU (what save_model writes)."""
+    from cleanse.families.lm.model import fit_lora
+
+    family, params = families.get("lm"), _params(cache)
+    cpu = torch.device("cpu")
+    explicit = family.fit(params, staged.train, staged.meta, device=cpu)
+    monkeypatch.setenv("CLEANSE_DEVICE", "cpu")
+    by_default = family.fit(params, staged.train, staged.meta)
+    assert explicit.digest() == by_default.digest()
+    assert all(t.device == cpu for t in explicit.state.values())
+    chosen = torch.device("cpu", 0)  # a device object distinguishable from the plain CPU
+    monkeypatch.setattr("cleanse.models.architectures.default_device", lambda: chosen)
+    assert family.scoring_context(params, staged, explicit, None).device == chosen
+    context = family.scoring_context(params, staged, explicit, None, device=cpu)
+    assert context.device == cpu
+    seen: list[torch.device | None] = []
+
+    def spy(*args, **kwargs):
+        seen.append(args[5] if len(args) > 5 else kwargs.get("device"))
+        return fit_lora(*args, **kwargs)
+
+    monkeypatch.setattr("cleanse.families.lm.family.fit_lora", spy)
+    refit = context.refit(np.arange(20), seed=1)
+    fresh = context.fresh_model(seed=1)
+    assert seen == [cpu]
+    assert all(p.device == cpu for p in [*refit.parameters(), *fresh.parameters()])
+    family.fit(params, staged.train, staged.meta)
+    assert seen[-1] == chosen

@@ -19,7 +19,13 @@ HVP = Callable[[torch.Tensor], torch.Tensor]
 
 
 def hvp_fn(fm: FunctionalModel, x: torch.Tensor, y: torch.Tensor) -> HVP:
-    """``V -> H V`` for a block ``V`` of shape ``(p, k)``: forward-over-reverse, vmapped over columns."""
+    """``V -> H V`` for a block ``V`` of shape ``(p, k)``: forward-over-reverse, vmapped over columns.
+    A family with ``curvature_rows`` (the language model: every column holds a whole network's
+    activations per row) sums the product over chunks of that many rows, so memory is bounded by
+    ``k x curvature_rows`` rows instead of ``k x n``."""
+    rows = getattr(fm.task, "curvature_rows", None)  # the Family seam (families/base.py)
+    if rows is not None and x.shape[0] > rows:
+        return _chunked_hvp(fm, x, y, rows)
     objective_grad = grad(lambda t: fm.objective(t, x, y))
 
     def single(v: torch.Tensor) -> torch.Tensor:
@@ -29,6 +35,27 @@ def hvp_fn(fm: FunctionalModel, x: torch.Tensor, y: torch.Tensor) -> HVP:
 
     def apply(block: torch.Tensor) -> torch.Tensor:
         return batched(block)
+
+    return apply
+
+
+def _chunked_hvp(fm: FunctionalModel, x: torch.Tensor, y: torch.Tensor, rows: int) -> HVP:
+    """:func:`hvp_fn` as ``(1/n) sum_chunks H_chunk V + weight_decay V``, with ``H_chunk`` the
+    Hessian of a chunk's summed loss."""
+    n = x.shape[0]
+    chunks = [(x[s : s + rows], y[s : s + rows]) for s in range(0, n, rows)]
+
+    def chunk_product(xc: torch.Tensor, yc: torch.Tensor) -> HVP:
+        loss_grad = grad(lambda t: fm.losses(t, xc, yc).sum())
+        return vmap(lambda v: jvp(loss_grad, (fm.theta,), (v,))[1], in_dims=1, out_dims=1)
+
+    products = [chunk_product(xc, yc) for xc, yc in chunks]
+
+    def apply(block: torch.Tensor) -> torch.Tensor:
+        total = products[0](block)
+        for product in products[1:]:
+            total = total + product(block)
+        return total / n + fm.weight_decay * block
 
     return apply
 

@@ -243,8 +243,8 @@ class EKFAC:
     """
 
     def __init__(self, fm: FunctionalModel, x: torch.Tensor, y: torch.Tensor, *, damping: float,
-                 fisher: FisherKind = "expected", chunk_size: int = 512, seed: int = 0):
-        self.fm, self.damping, self.seed = fm, damping, seed
+                 fisher: FisherKind = "expected", chunk_size: int = 512, seed: int = 0, relative_damping: bool = False):
+        self.fm, self.damping, self.seed, self.relative_damping = fm, damping, seed, relative_damping
         self.layers = _layers(fm)
         # Where the fit's time goes, for the solver cost model: the passes over the data scale
         # with n, the factor eigendecompositions do not.
@@ -307,6 +307,15 @@ class EKFAC:
     def shift(self) -> float:
         return self.fm.weight_decay + self.damping
 
+    def layer_shift(self, layer: _Layer) -> float:
+        """What is added to the layer's eigenvalues: the L2 term plus ``damping``, or with
+        ``relative_damping`` plus ``damping`` times the mean of the layer's corrected eigenvalues
+        (Kronfluence's heuristic with ``damping`` 0.1; per layer, as the adapters' ``lora_A`` and
+        ``lora_B`` curvatures differ by orders of magnitude)."""
+        if self.relative_damping:
+            return self.fm.weight_decay + self.damping * float(layer.eigenvalues.mean())
+        return self.shift
+
     def _to_matrix(self, layer: _Layer, block: torch.Tensor) -> torch.Tensor:
         """Columns of ``block`` ``(p, k)`` -> ``(k, out, in+1)`` augmented matrices of this layer."""
         k = block.shape[1]
@@ -322,7 +331,7 @@ class EKFAC:
         for layer in self.layers:
             matrix = self._to_matrix(layer, block.double())
             rotated = layer.q_s.T @ matrix @ layer.q_a
-            scaled = rotated / (layer.eigenvalues + self.shift)
+            scaled = rotated / (layer.eigenvalues + self.layer_shift(layer))
             back = layer.q_s @ scaled @ layer.q_a.T  # (k, out, in+1)
             k = block.shape[1]
             out[layer.weight_slice] = back[:, :, : layer.in_features].reshape(k, -1).T
@@ -344,7 +353,7 @@ class EKFAC:
             [per_layer] = _capture(self.fm, self.layers, xb, [yb], [ones])
             total = torch.zeros(xb.shape[0], dtype=torch.float64, device=x.device)
             for layer, (a, delta, _) in zip(self.layers, per_layer):
-                inverse = 1.0 / (layer.eigenvalues + self.shift)
+                inverse = 1.0 / (layer.eigenvalues + self.layer_shift(layer))
                 if a.shape[2] == 1:
                     sa = (a[:, :, 0] @ layer.q_a).pow(2)
                     sd = (delta[:, :, 0] @ layer.q_s).pow(2)

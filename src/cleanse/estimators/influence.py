@@ -116,9 +116,11 @@ class InverseHessian:
             self.reports.append(self.exact.report)
         if solver == "ekfac" or (solver == "cg" and options.cg_preconditioner == "ekfac"):
             # EK-FAC's inverse includes the L2 term; as a preconditioner it targets H + damping I.
-            self.ekfac = EKFAC(fm, x, y, damping=options.damping, fisher=options.ekfac_fisher, seed=seed)
+            self.ekfac = EKFAC(fm, x, y, damping=options.damping, fisher=options.ekfac_fisher, seed=seed,
+                               relative_damping=options.ekfac_damping == "relative")
             if solver == "ekfac":
-                self.reports.append(SolverReport("ekfac", options.damping, True, note=f"fisher={options.ekfac_fisher}"))
+                self.reports.append(SolverReport("ekfac", options.damping, True, note=f"fisher={options.ekfac_fisher}"
+                                                 + (", damping relative" if self.ekfac.relative_damping else "")))
 
     def solve(self, block: torch.Tensor) -> torch.Tensor:
         """Solve for ``block`` ``(p, k)``; returns ``(repeats, p, k)`` (``repeats = 1`` unless LiSSA)."""

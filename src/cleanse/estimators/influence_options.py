@@ -52,6 +52,9 @@ class InfluenceOptions(_Section):
         None, description="LiSSA scaling s (must bound the Hessian's top eigenvalue); None = estimated."
     )
     lissa_batch_size: int = Field(128, ge=1)
+    ekfac_damping: Literal["absolute", "relative"] = Field(
+        "absolute", description="absolute: EK-FAC adds damping to every eigenvalue; relative: damping times the mean "
+        "of each layer's corrected eigenvalues (Kronfluence's heuristic with damping 0.1; the lm family's default).")
     ekfac_fisher: Literal["expected", "sampled", "empirical"] = Field(
         "expected", description="expected: labels enumerated from the model's softmax (true Fisher); sampled: one "
         "label per sample drawn from it (seeded; 1/C of the work); empirical: observed labels."

@@ -69,7 +69,7 @@ class LmContext(ScoringContext):
         lm = _lm(self.params)
         base = load_base(lm.model.base, lm.data)
         return fit_lora(spec_for(lm, self.meta, seed), base.state, self.train.features[rows], lm.model,
-                        seed).module(self.device)
+                        seed, self.device).module(self.device)
 
 
 def _lm(params: Params) -> Any:
@@ -104,6 +104,9 @@ class LmFamily(Family):
     # Kronecker factors per LoRA matrix over the sequence positions (Grosse et al., 2023).
     supports_ekfac: ClassVar[bool] = True
     sequence_fisher: ClassVar[bool] = True
+    # Hessian-vector products (exact, cg, lissa) over chunks of this many units: each column of a
+    # block carries the whole network's activations per unit (13.5 GiB for cg on all 400 at once).
+    curvature_rows: ClassVar[int | None] = 16
 
     def per_sample_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return -output.sum(1)
@@ -150,9 +153,12 @@ class LmFamily(Family):
             raise ConfigError(f"data.max_text_tokens: sequences of {meta.structure['length']} tokens exceed the base "
                               "model's 128 positions; lower it")
 
-    def fit(self, params: Params, split: Split, meta: DatasetMeta, *, seed: int | None = None) -> FittedLm:
-        """Fresh adapters on the cached base, fine-tuned on ``split`` with the run's seed."""
+    def fit(self, params: Params, split: Split, meta: DatasetMeta, *, seed: int | None = None,
+            device: torch.device | None = None) -> FittedLm:
+        """Fresh adapters on the cached base, fine-tuned on ``split`` with the run's seed, on
+        ``device`` (default :func:`~cleanse.models.architectures.default_device`: CUDA when present)."""
         from cleanse.families.lm.pretrain import load_base
+        from cleanse.models.architectures import default_device
 
         lm = _lm(params)
         seed = lm.seed if seed is None else seed
@@ -161,7 +167,7 @@ class LmFamily(Family):
         spec = spec_for(params, meta, seed)
         if structure.get("tokenizer") and base.key != spec["base_key"]:
             raise ArtifactError("family 'lm': the base model's key differs from the staged data's; rerun the stage")
-        return fit_lora(spec, base.state, split.features, lm.model, seed)
+        return fit_lora(spec, base.state, split.features, lm.model, seed, device or default_device())
 
     def save_model(self, model: FittedLm, directory: Path, extra: dict[str, Any]) -> None:
         """``model.safetensors`` (base and adapters), ``adapter_checkpoints.safetensors`` (the
@@ -221,14 +227,18 @@ class LmFamily(Family):
         control topic (:mod:`.text`: the ordinary topics, then the held-out ones)."""
         return _control_preference(scorer, structure, structure["probe_controls"][split])
 
-    def scoring_context(self, params: Params, staged: StagedData, model: Any, cache_dir: Path | None) -> Any:
+    def scoring_context(self, params: Params, staged: StagedData, model: Any, cache_dir: Path | None,
+                        device: torch.device | None = None) -> Any:
+        """The context on ``device`` (default :func:`~cleanse.models.architectures.default_device`):
+        the gradients, curvature, refits and f-INE's fresh adapters all run there."""
         from cleanse.config import ModelConfig
+        from cleanse.models.architectures import default_device
 
         recipe = _lm(params).model
         config = ModelConfig(epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr,
                              weight_decay=recipe.weight_decay, optimizer="adam", checkpoints=recipe.checkpoints)
         return LmContext(train=staged.train, val=staged.val, meta=staged.meta, model=model, model_config=config,
-                         seed=params.seed, device=torch.device("cpu"), cache_dir=cache_dir, params=params)
+                         seed=params.seed, device=device or default_device(), cache_dir=cache_dir, params=params)
 
     def canonical(self, params: Params) -> Params:
         return params

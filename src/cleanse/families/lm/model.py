@@ -128,11 +128,14 @@ class FittedLm(TrainedModel):
 
 
 def fit_lora(spec: dict[str, Any], base_state: dict[str, torch.Tensor], features: np.ndarray,
-             recipe: Any, seed: int) -> FittedLm:
-    """Fine-tune fresh adapters on ``features`` ``(n, 2, L)`` (see the module docstring)."""
+             recipe: Any, seed: int, device: torch.device | None = None) -> FittedLm:
+    """Fine-tune fresh adapters on ``features`` ``(n, 2, L)`` (see the module docstring) on
+    ``device`` (default the CPU); the order of the minibatches is drawn on the CPU whatever the
+    device, and the fitted states are kept on the CPU (what ``save_model`` writes)."""
     from cleanse.seeds import torch_seed
 
-    scorer = build_scorer(spec, base_state)
+    device = torch.device("cpu") if device is None else device
+    scorer = build_scorer(spec, base_state).to(device)
     x = torch.as_tensor(features, dtype=torch.float32)
     adapters = [p for p in scorer.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(adapters, lr=recipe.lr)
@@ -144,7 +147,7 @@ def fit_lora(spec: dict[str, Any], base_state: dict[str, torch.Tensor], features
         order = torch.randperm(x.shape[0], generator=generator)
         total, batches = 0.0, 0
         for start in range(0, x.shape[0], recipe.batch_size):
-            batch = x[order[start : start + recipe.batch_size]]
+            batch = x[order[start : start + recipe.batch_size]].to(device)
             loss = -scorer(batch).sum(1).mean()
             objective = loss + 0.5 * recipe.weight_decay * sum((p * p).sum() for p in adapters)
             optimizer.zero_grad()
@@ -159,7 +162,7 @@ def fit_lora(spec: dict[str, Any], base_state: dict[str, torch.Tensor], features
 
 
 def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+    return {name: tensor.detach().cpu().clone() for name, tensor in module.state_dict().items()}
 
 
 @torch.no_grad()
@@ -167,5 +170,5 @@ def response_logprob(scorer: nn.Module, prompts: list[list[int]], response: list
     """``(n,)`` float64: log p(response | prompt), summed over the response's tokens, per prompt."""
     from cleanse.families.lm.text import features
 
-    x = torch.as_tensor(features([(p, response) for p in prompts], length))
-    return (scorer(x) * x[:, 1, 1:].sum(1, keepdim=True)).sum(1).double().numpy()
+    x = torch.as_tensor(features([(p, response) for p in prompts], length)).to(next(scorer.parameters()).device)
+    return (scorer(x) * x[:, 1, 1:].sum(1, keepdim=True)).sum(1).double().cpu().numpy()

@@ -43,16 +43,22 @@ class LmParams(Params):
             query.setdefault("kind", LmQueryConfig.model_fields["kind"].default)
             data = {**data, "query": query}
             # Influence defaults to EK-FAC over the adapters with the Fisher of the response tokens'
-            # softmax, one label per token drawn from the model (Grosse et al., 2023; Kronfluence's
-            # default): the expected Fisher enumerates the vocabulary (R x V backward passes).
-            # The loss is linear in the scorer's output (its Gauss-Newton split is zero), so cg,
-            # lissa and exact take the Hessian.
+            # softmax, one label per token drawn from the model, and each layer damped by 0.1 x its
+            # mean eigenvalue (Grosse et al., 2023; Kronfluence's defaults): the expected Fisher
+            # enumerates the vocabulary (R x V backward passes), and an absolute damping means
+            # nothing across adapters whose lora_A and lora_B curvatures differ by orders of
+            # magnitude. The loss is linear in the scorer's output (its Gauss-Newton split is zero),
+            # so cg, lissa and exact take the Hessian.
             scorers = dict(data.get("scorers") or {})
             for name in ("influence", "influence_val"):
                 section = dict(scorers.get(name) or {})
                 section.setdefault("curvature", "hessian")
                 section.setdefault("solver", "ekfac")
                 section.setdefault("ekfac_fisher", "sampled")
+                if section["solver"] == "ekfac":
+                    section.setdefault("ekfac_damping", "relative")
+                    if section["ekfac_damping"] == "relative":
+                        section.setdefault("damping", 0.1)
                 scorers[name] = section
             data = {**data, "scorers": scorers}
         return resolve_auto_outside_model(data)
