@@ -155,11 +155,12 @@ def params_for(seed: int, extra: list[str], methods: list[str], solver: str = IN
 
 
 def run_seed(seed: int, extra: list[str], log: Any, methods: list[str] = CLEANSE,
-             solver: str = INFLUENCE_SOLVER) -> dict[str, Any]:
+             solver: str = INFLUENCE_SOLVER, influence_set: list[str] | None = None) -> dict[str, Any]:
     from cleanse import api
     from cleanse.attribution import aggregate_support
 
-    params = params_for(seed, extra, methods, solver)
+    influence_set = influence_set or []
+    params = params_for(seed, extra + [f"scorers.influence.{item}" for item in influence_set], methods, solver)
     staged = api.stage(params)
     began = time.perf_counter()
     model = api.fit(params, staged)
@@ -175,11 +176,12 @@ def run_seed(seed: int, extra: list[str], log: Any, methods: list[str] = CLEANSE
         started = time.perf_counter()
         result, _ = api.score_probes(prepared, name, query)
         seconds = time.perf_counter() - started
-        scores[name] = result.table["score"].to_numpy()
-        row["methods"][name] = {"seconds": seconds, **ranking_metrics(scores[name], planted)}
+        label = method_label(name, influence_set)
+        scores[label] = result.table["score"].to_numpy()
+        row["methods"][label] = {"seconds": seconds, **ranking_metrics(scores[label], planted)}
         if name == "influence":
-            row["methods"][name]["solver"] = solver
-        log(f"[seed {seed}] {name:<12} AP {row['methods'][name]['average_precision']:.3f} {seconds:.1f}s")
+            row["methods"][label].update(solver=solver, options=influence_set)
+        log(f"[seed {seed}] {label:<12} AP {row['methods'][label]['average_precision']:.3f} {seconds:.1f}s")
     try:
         matrix, cost = kronfluence_scores(model, staged.train.features, query.probes.features, seed)
     except Exception as exc:  # noqa: BLE001 - the peer's failure is a result, recorded with its reason
@@ -196,6 +198,20 @@ def run_seed(seed: int, extra: list[str], log: Any, methods: list[str] = CLEANSE
             if PEER in scores and name != PEER:
                 entry["spearman_with_kronfluence"] = spearman(scores[name], scores[PEER])
     return row
+
+
+def method_label(name: str, influence_set: list[str]) -> str:
+    """The row name of a method: ``influence`` with ``--influence-set`` options is another row,
+    ``influence[key=value,...]``, so that variants sit beside the default."""
+    return f"{name}[{','.join(influence_set)}]" if name == "influence" and influence_set else name
+
+
+def method_names(rows: list[dict[str, Any]]) -> list[str]:
+    """Every method measured in ``rows``: cleanse's in their order (variants after their method),
+    then the peer."""
+    seen = {name for r in rows for name in r["methods"]}
+    ordered = [n for base in CLEANSE for n in sorted(seen) if n == base or n.startswith(f"{base}[")]
+    return ordered + [PEER]
 
 
 def merge_runs(saved: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -215,7 +231,7 @@ def merge_runs(saved: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[d
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for name in [*CLEANSE, PEER]:
+    for name in method_names(rows):
         entries = [r["methods"][name] for r in rows if "seconds" in r["methods"].get(name, {})]
         out[name] = {key: float(np.mean([e[key] for e in entries])) if entries else None
                      for key in ("average_precision", "precision_at_k", "seconds_per_probe", "over_fine_tune")}
@@ -233,11 +249,13 @@ def plot(result: dict[str, Any], image: Path) -> None:
     from cleanse.storage import write_bytes
 
     summary = result["summary"]
-    names = [n for n in [*CLEANSE, PEER] if summary[n]["average_precision"] is not None]
+    names = [n for n in summary if summary[n]["average_precision"] is not None]
     figure, (left, right) = plt.subplots(1, 2, figsize=(8, 3))
     left.bar(names, [summary[n]["average_precision"] for n in names], color="tab:blue")
     left.set_ylabel("AP against the planted pairs")
     right.bar(names, [summary[n]["seconds_per_probe"] for n in names], color="tab:orange")
+    for axis in (left, right):
+        axis.tick_params(axis="x", labelrotation=30, labelsize=7)
     right.set_ylabel("seconds per probe")
     figure.tight_layout()
     buffer = io.BytesIO()
@@ -257,12 +275,12 @@ def render(result: dict[str, Any], docs: Path, out: Path, image: Path) -> str:
              "does); AP and precision@k against the planted steering pairs. kronfluence: EK-FAC over the "
              "`lora_A`/`lora_B` layers, empirical Fisher, damping heuristic (0.1 x mean eigenvalue); cleanse influence: "
              "EK-FAC over the same layers (the family's default: Fisher with response tokens drawn from the model, "
-             "damping 1e-3, the library's). Seconds are "
+             "each layer damped by 0.1 x its mean eigenvalue). Seconds are "
              "wall time in one process on a shared 2-core machine: read the ratios.", ""]
     headers = ["seed", "method", "AP", "precision@k", "s", "s/probe", "/ fine-tune", "Spearman with kronfluence"]
     table = []
     for r in rows:
-        for name in [*CLEANSE, PEER]:
+        for name in method_names(rows):
             e = r["methods"].get(name, {})
             if "seconds" not in e:
                 table.append([r["seed"], name, e.get("status", "not run") + (f": {e['reason']}" if "reason" in e else ""),
@@ -296,6 +314,9 @@ def main() -> None:
     parser.add_argument("--cleanse", nargs="+", choices=CLEANSE, default=CLEANSE, help="the cleanse estimators to run")
     parser.add_argument("--influence-solver", choices=["ekfac", "cg", "lissa", "exact", "auto"], default=INFLUENCE_SOLVER,
                         help="cleanse influence's solver (lissa: minibatch Hessian-vector products, least memory)")
+    parser.add_argument("--influence-set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="options of scorers.influence (e.g. ekfac_fisher=empirical): the row is named "
+                        "influence[KEY=VALUE,...] beside the default")
     parser.add_argument("--merge", action="store_true", help="add to the seeds and methods saved at --out (the rest "
                         "is kept): seeds and estimators can run as separate processes")
     args = parser.parse_args()
@@ -316,8 +337,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         if args.smoke:
             extra.append(f"model.base.cache_dir={Path(scratch) / 'lm-cache'}")
-        rows = [run_seed(seed, extra, lambda line: print(line, flush=True), args.cleanse, args.influence_solver)
-                for seed in args.seeds]
+        rows = [run_seed(seed, extra, lambda line: print(line, flush=True), args.cleanse, args.influence_solver,
+                         args.influence_set) for seed in args.seeds]
     notes = args.note
     if args.merge and args.out.is_file():
         saved = json.loads(args.out.read_text())
