@@ -23,7 +23,7 @@ def hvp_fn(fm: FunctionalModel, x: torch.Tensor, y: torch.Tensor) -> HVP:
     A family with ``curvature_rows`` (the language model: every column holds a whole network's
     activations per row) sums the product over chunks of that many rows, so memory is bounded by
     ``k x curvature_rows`` rows instead of ``k x n``."""
-    rows = getattr(fm.task, "curvature_rows", None)  # the Family seam (families/base.py)
+    rows = fm.task.curvature_rows
     if rows is not None and x.shape[0] > rows:
         return _chunked_hvp(fm, x, y, rows)
     objective_grad = grad(lambda t: fm.objective(t, x, y))

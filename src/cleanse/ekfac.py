@@ -214,7 +214,7 @@ def _capture_tokens(fm: FunctionalModel, layers: list[_Layer], x: torch.Tensor, 
 def _captured(fm: FunctionalModel, layers: list[_Layer], x: torch.Tensor, y: torch.Tensor, fisher: FisherKind,
               generator: torch.Generator) -> list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
     """Each labelling's per-layer ``(a, delta, weight)`` for the Fisher of ``fm``'s family."""
-    if getattr(fm.task, "sequence_fisher", False):  # the Family seam (families/base.py)
+    if fm.task.sequence_fisher:
         return _capture_tokens(fm, layers, x, fisher, generator)
     targets, weights = _labellings(fm, x, y, fisher, generator)
     return _capture(fm, layers, x, targets, weights)
