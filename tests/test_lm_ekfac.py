@@ -157,3 +157,21 @@ def test_relative_damping_is_a_tenth_of_each_layers_mean_eigenvalue(problem) -> 
         solved = ekfac.solve(column)[layer.weight_slice, 0]
         assert torch.allclose(solved, inverse[:, 0], rtol=1e-8)
         assert ekfac.layer_shift(layer) == pytest.approx(shift)
+
+
+def test_self_influence_is_each_units_quadratic_form_in_the_ekfac_inverse(problem) -> None:
+    """Without probes, ``influence`` scores ``g_i^T (F + shift)^-1 g_i`` from the captured
+    activations and output gradients per position (no per-sample gradient is formed): the same
+    numbers as the explicit gradients through the EK-FAC solve."""
+    from cleanse.estimators.influence import SelfInfluenceEstimator, _setup, Workload
+    from cleanse.grads import per_sample_grads
+
+    params, _, context, fm, x, y = problem
+    options = params.scorers.influence
+    result = SelfInfluenceEstimator().score(context, options)
+    _, _, _, inverse = _setup(context, options, Workload("self"))
+    grads = per_sample_grads(fm, x, y).double()
+    explicit = (grads * inverse.ekfac.solve(grads.T).T).sum(1).numpy()
+    scored = result.table["self_influence"].to_numpy()
+    assert scored == pytest.approx(explicit, rel=1e-4)
+    assert (scored > 0).all()
