@@ -12,7 +12,8 @@ steered topic, measured as the preference log p(good) - log p(bad)) to the train
   1e-3; ``--influence-solver cg|lissa|exact|auto`` take ``curvature: hessian``);
 - kronfluence 1.0.1 (Grosse et al., 2023, arXiv 2308.03296) EK-FAC with the LoRA matrices
   (``lora_A`` / ``lora_B`` linear layers) as the tracked modules, the empirical Fisher of the response
-  NLL as the curvature (sampling responses from the model has no counterpart in the family's loss),
+  NLL as the curvature (its Task sees the scorer's weighted target log-probabilities only, from
+  which no token can be drawn; cleanse's like-for-like row is ``--influence-set ekfac_fisher=empirical``),
   the damping heuristic (0.1 x the mean eigenvalue, ``damping_factor=None``), and as measurement
   minus the probe's preference, so that kronfluence's positive score ("helpful": up-weighting the
   sample lowers the measurement) means the sample pushes the steered answer, the orientation of

@@ -9,7 +9,9 @@ Seam (:mod:`cleanse.families.base`): the module is :class:`.model.LmScorer`, who
 per-unit loss is ``-output.sum(1)``, the mean NLL of the response tokens (prompt tokens masked).
 Gradient estimators differentiate the adapters only (``layers: all`` means every *trained*
 parameter here; the frozen base is held fixed). The loss is linear in this output, so the
-Gauss-Newton matrix of that split is zero: influence needs ``curvature: hessian``.
+Gauss-Newton matrix of that split is zero: influence defaults to EK-FAC with the Fisher of the
+response tokens' softmax (:meth:`LmFamily.fisher_outputs`; docs/lm-influence.md), and its
+exact, cg and lissa solvers take ``curvature: hessian``.
 
 Outcome keys. The preference of a prompt is log p(steer_to) - log p(oppose) after it (natural log).
 ``steer_rate`` (the headline): the share of test probes, prompts about the steered topic whose true
