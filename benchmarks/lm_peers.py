@@ -100,7 +100,15 @@ def _task(modules: list[str]) -> Any:
         probe's signed output sum, i.e. minus log p(good) + log p(bad) after the probe."""
 
         def compute_train_loss(self, batch: Any, model: torch.nn.Module, sample: bool = False) -> torch.Tensor:
-            return -model(batch[0]).sum()
+            if not sample:
+                return -model(batch[0]).sum()
+            # the true Fisher: every response position's token drawn from the model's softmax, from
+            # the scorer's vocabulary outputs (cleanse's ekfac_fisher: sampled)
+            logits, weight, _, _ = model(batch[0], vocabulary=True)
+            logp = torch.log_softmax(logits, dim=-1)
+            with torch.no_grad():
+                drawn = torch.multinomial(logp.exp().reshape(-1, logp.shape[-1]), 1).reshape(weight.shape)
+            return -(weight * logp.gather(-1, drawn[..., None])[..., 0]).sum()
 
         def compute_measurement(self, batch: Any, model: torch.nn.Module) -> torch.Tensor:
             return -model(batch[0]).sum()
@@ -111,9 +119,11 @@ def _task(modules: list[str]) -> Any:
     return SteeringTask()
 
 
-def kronfluence_scores(model: Any, train_x: np.ndarray, probe_x: np.ndarray, seed: int) -> tuple[np.ndarray, dict[str, float]]:
+def kronfluence_scores(model: Any, train_x: np.ndarray, probe_x: np.ndarray, seed: int,
+                       fisher: str = "empirical") -> tuple[np.ndarray, dict[str, float]]:
     """``(n_probes, n_train)`` kronfluence EK-FAC pairwise scores over the adapters, and the seconds
-    of factor fitting and scoring."""
+    of factor fitting and scoring; ``fisher``: ``empirical`` (the observed response tokens) or
+    ``sampled`` (tokens drawn from the model, kronfluence's default)."""
     import torch
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
@@ -132,7 +142,7 @@ def kronfluence_scores(model: Any, train_x: np.ndarray, probe_x: np.ndarray, see
                             output_dir=out, log_level=logging.WARNING)
         torch.manual_seed(seed)
         analyzer.fit_all_factors(factors_name="ekfac", dataset=train, per_device_batch_size=64,
-                                 factor_args=FactorArguments(strategy="ekfac", use_empirical_fisher=True),
+                                 factor_args=FactorArguments(strategy="ekfac", use_empirical_fisher=fisher == "empirical"),
                                  overwrite_output_dir=True)
         fitted = time.perf_counter()
         analyzer.compute_pairwise_scores(scores_name="pairwise", factors_name="ekfac", query_dataset=probes,
@@ -156,7 +166,8 @@ def params_for(seed: int, extra: list[str], methods: list[str], solver: str = IN
 
 
 def run_seed(seed: int, extra: list[str], log: Any, methods: list[str] = CLEANSE,
-             solver: str = INFLUENCE_SOLVER, influence_set: list[str] | None = None) -> dict[str, Any]:
+             solver: str = INFLUENCE_SOLVER, influence_set: list[str] | None = None,
+             peer_fishers: tuple[str, ...] = ("empirical",)) -> dict[str, Any]:
     from cleanse import api
     from cleanse.attribution import aggregate_support
 
@@ -183,15 +194,17 @@ def run_seed(seed: int, extra: list[str], log: Any, methods: list[str] = CLEANSE
         if name == "influence":
             row["methods"][label].update(solver=solver, options=influence_set)
         log(f"[seed {seed}] {label:<12} AP {row['methods'][label]['average_precision']:.3f} {seconds:.1f}s")
-    try:
-        matrix, cost = kronfluence_scores(model, staged.train.features, query.probes.features, seed)
-    except Exception as exc:  # noqa: BLE001 - the peer's failure is a result, recorded with its reason
-        row["methods"][PEER] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
-        log(f"[seed {seed}] {PEER} failed: {exc}")
-    else:
-        scores[PEER] = aggregate_support(matrix, params.query.aggregate)
-        row["methods"][PEER] = {**cost, **ranking_metrics(scores[PEER], planted)}
-        log(f"[seed {seed}] {PEER:<12} AP {row['methods'][PEER]['average_precision']:.3f} {cost['seconds']:.1f}s")
+    for fisher in peer_fishers:
+        peer = PEER if fisher == "empirical" else f"{PEER}[{fisher}]"
+        try:
+            matrix, cost = kronfluence_scores(model, staged.train.features, query.probes.features, seed, fisher)
+        except Exception as exc:  # noqa: BLE001 - the peer's failure is a result, recorded with its reason
+            row["methods"][peer] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
+            log(f"[seed {seed}] {peer} failed: {exc}")
+        else:
+            scores[peer] = aggregate_support(matrix, params.query.aggregate)
+            row["methods"][peer] = {**cost, **ranking_metrics(scores[peer], planted)}
+            log(f"[seed {seed}] {peer:<12} AP {row['methods'][peer]['average_precision']:.3f} {cost['seconds']:.1f}s")
     for name, entry in row["methods"].items():
         if "seconds" in entry:
             entry["seconds_per_probe"] = entry["seconds"] / n_probes
@@ -212,7 +225,7 @@ def method_names(rows: list[dict[str, Any]]) -> list[str]:
     then the peer."""
     seen = {name for r in rows for name in r["methods"]}
     ordered = [n for base in CLEANSE for n in sorted(seen) if n == base or n.startswith(f"{base}[")]
-    return ordered + [PEER]
+    return ordered + [PEER] + sorted(n for n in seen if n.startswith(f"{PEER}["))
 
 
 def merge_runs(saved: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -288,7 +301,7 @@ def render(result: dict[str, Any], docs: Path, out: Path, image: Path) -> str:
                               "", "", "", "", ""])
                 continue
             seconds = fmt(e["seconds"], 1) + (f" (factors {fmt(e['factor_seconds'], 1)} + scores "
-                                              f"{fmt(e['score_seconds'], 1)})" if name == PEER else "")
+                                              f"{fmt(e['score_seconds'], 1)})" if name.startswith(PEER) else "")
             table.append([r["seed"], name, fmt(e["average_precision"]), fmt(e["precision_at_k"]), seconds,
                           fmt(e["seconds_per_probe"], 2), fmt(e["over_fine_tune"]),
                           fmt(e.get("spearman_with_kronfluence"))])
@@ -318,6 +331,9 @@ def main() -> None:
     parser.add_argument("--influence-set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="options of scorers.influence (e.g. ekfac_fisher=empirical): the row is named "
                         "influence[KEY=VALUE,...] beside the default")
+    parser.add_argument("--peer-fisher", nargs="+", choices=["empirical", "sampled"], default=["empirical"],
+                        help="kronfluence's Fisher: empirical (the row 'kronfluence') and/or sampled "
+                        "('kronfluence[sampled]'), in the same process")
     parser.add_argument("--merge", action="store_true", help="add to the seeds and methods saved at --out (the rest "
                         "is kept): seeds and estimators can run as separate processes")
     args = parser.parse_args()
@@ -339,7 +355,7 @@ def main() -> None:
         if args.smoke:
             extra.append(f"model.base.cache_dir={Path(scratch) / 'lm-cache'}")
         rows = [run_seed(seed, extra, lambda line: print(line, flush=True), args.cleanse, args.influence_solver,
-                         args.influence_set) for seed in args.seeds]
+                         args.influence_set, tuple(args.peer_fisher)) for seed in args.seeds]
     notes = args.note
     if args.merge and args.out.is_file():
         saved = json.loads(args.out.read_text())
