@@ -126,9 +126,9 @@ class MonstorPass:
             z = np.log(np.maximum(q_rows, NOISY_OR_EPS)) - log_stay[rows] + relu2 @ mlp.last
             z += mlp.last_bias
             pi = s.copy()
-            pi[rows] = expit(z)
+            pi[rows] = sigmoid = expit(z)
             if tape is not None:
-                tape.append((pi_src, flow, rows, log_stay[rows], q_rows, relu1, relu2, z))
+                tape.append((pi_src, flow, rows, log_stay[rows], q_rows, relu1, relu2, z, sigmoid))
         return pi
 
     def _backward(self, tape: list[tuple[np.ndarray, ...]]) -> np.ndarray:
@@ -138,12 +138,12 @@ class MonstorPass:
         w, w_in, w_out = tape[0]
         g_pi: np.ndarray = np.ones(n)
         g_w = np.zeros(w.size)
-        g_in_degree, g_out_degree = np.zeros(n), np.zeros(n)
+        degree_rows, degree_grads = [], []  # summed into nodes once, after the layers
         for k in range(len(self.flowing), 0, -1):
-            pi_src, flow, rows, log_stay, q, relu1, relu2, z = tape[k]
+            pi_src, flow, rows, log_stay, q, relu1, relu2, z, sigmoid = tape[k]
             c = flow.size
             # sigmoid'(z) as sigmoid(z) sigmoid(-z): both factors keep their digits when the node saturates
-            g_z = g_pi[rows] * expit(z) * expit(-z)
+            g_z = g_pi[rows] * sigmoid * expit(-z)
             g_hidden1 = ((g_z.astype(np.float32)[:, None] * mlp.last) * (relu2 > 0)) @ mlp.second_back * (relu1 > 0)
             g_feats = g_hidden1 @ mlp.first_back  # (rows, 6); the MLP's other rows have no gradient
             g_q = g_feats[:, 2] + np.where(q >= NOISY_OR_EPS, g_z / np.maximum(q, NOISY_OR_EPS), 0.0)
@@ -151,12 +151,14 @@ class MonstorPass:
             g_log_stay, g_inflow = np.zeros(n), np.zeros(n)
             g_log_stay[rows] = -g_z - g_q * np.exp(log_stay)  # q = -expm1(log_stay)
             g_inflow[rows] = g_feats[:, 3]
-            g_in_degree[rows] += g_feats[:, 4]
-            g_out_degree[rows] += g_feats[:, 5]
+            degree_rows.append(rows)
+            degree_grads.append(g_feats[:, 4:])
             g_flow = g_inflow[dst[:c]] - _KEEP * g_log_stay[dst[:c]] / (1 - _KEEP * flow)
             g_w[:c] += g_flow * pi_src
             if k > 1:  # the first layer's pi is the seed row, a constant
                 g_pi = np.bincount(src[:c], g_flow * w[:c], n)
                 g_pi[rows] += g_feats[:, 0]
+        rows, g_degrees = np.concatenate(degree_rows), np.concatenate(degree_grads)
+        g_in_degree, g_out_degree = np.bincount(rows, g_degrees[:, 0], n), np.bincount(rows, g_degrees[:, 1], n)
         g_w += (g_in_degree / (1 + w_in))[dst] + (g_out_degree / (1 + w_out))[src]
         return g_w * self.p
