@@ -14,10 +14,13 @@ Parts (every number of docs/benchmarks.md "Graphs: node classification and influ
    GCNII / LINKX / GraphSAGE with the highest mean **validation** accuracy there.
 2. ``ablations``: one AxelGNN-style ingredient off at a time, on every graph where the full model is
    more than 2 points below the paper (read from part 1).
-3. ``depth``: L in 2..32 on Texas and Cora, AxelGNN-style without and with the identity mapping
-   (``AxelConfig.identity_theta``), with one diffusion time for every depth
+3. ``depth``: L in 2..32 on Texas, Wisconsin, Cornell and Cora, AxelGNN-style without and
+   with the identity mapping (``AxelConfig.identity_theta``), with one diffusion time for every depth
    (``AxelConfig.fixed_time``, "+time"), the same with one layer's parameters for every step
-   (``AxelConfig.shared``, "+time+shared"), and GCN; the curve is drawn into docs/img/graph_nodes.png.
+   (``AxelConfig.shared``, "+time+shared") or with the LayerNorm as a step too
+   (``AxelConfig.norm_step``, "+time+norm"), and GCN; the curves are drawn into
+   docs/img/graph_nodes.png. Per graph, norm_step is on or off by mean validation accuracy at
+   L = 32 (CONFIG["depth"]["choice"], ``summary.depth_choice``; test accuracy is never read).
 4. ``influence``: AxelGNN-style and GCN (sigmoid head, inputs: seed indicator, log degree, 1/degree)
    trained on 80 of DeepIM's 100 seed sets per seed rate (1, 5, 10, 20 %) and tested on the other 20,
    per diffusion model (IC, LT); per-node MAE (all nodes, seeds exact; and non-seed nodes), error
@@ -36,8 +39,8 @@ AxelGNN-style alone uses weight decay 5e-3, picked by mean validation accuracy o
 splits among 7 one-change variants of the defaults (CONFIG["selection"]); the baselines were not
 tuned. Every Geom-GCN graph uses its 10 splits; cora_ml (no published split: 10 drawn 60/20/20
 splits, no paper number) runs AxelGNN-style, GCN and GAT only; ablations on Cora and CiteSeer:
-split 0 only; depth: each curve's split count is in CONFIG["depth"]["curves"] (Texas 10, Cora
-split 0 with <= 100 epochs); the depth screening
+split 0 only; depth: each curve's split count is in CONFIG["depth"]["curves"] (Texas, Wisconsin,
+Cornell 10; Cora split 0 with <= 100 epochs); the depth screening
 (CONFIG["depth"]["screen"]) fits one-change candidates against "+time" at L = 32 on the 10 Texas
 splits and picks by mean validation accuracy; GraphSAGE is skipped on Cora and CiteSeer (~60 s
 per split). The identity mapping's theta (0.5) is GCNII's default, not tuned.
@@ -117,10 +120,15 @@ CONFIG: dict[str, Any] = {
     # candidates against "+time", measured at the screening depths only and compared by validation accuracy
     "depth": {"curves": {"texas": {"axelgnn": 10, "axelgnn+identity": 10, "axelgnn+time": 10, "axelgnn+time+shared": 10,
                                    "axelgnn+time+norm": 10, "gcn": 10},
-                         "cora": {"axelgnn+time": 1, "axelgnn+time+norm": 1, "gcn": 1}},
+                         "cora": {"axelgnn+time": 1, "axelgnn+time+norm": 1, "gcn": 1},
+                         "wisconsin": {"axelgnn+time": 10, "axelgnn+time+norm": 10, "gcn": 10},
+                         "cornell": {"axelgnn+time": 10, "axelgnn+time+norm": 10, "gcn": 10}},
               "screen": {"graph": "texas", "splits": 10, "depths": [32],
                          "variants": ["axelgnn+time+norm", "axelgnn+time(T=1)", "axelgnn+time(T=4)",
                                       "axelgnn+time(beta=0.3)"]},
+              # per graph: norm_step on or off, whichever curve has the higher mean validation accuracy at L = 32
+              # (over that graph's curve splits), so the depth configuration is chosen per graph, never on test
+              "choice": {"depths": [32], "variants": ["axelgnn+time+norm"]},
               "depths": [2, 4, 8, 16, 32], "identity_theta": 0.5, "fixed_time": 2.0, "epochs": {"cora": 100}},
     "influence": {"graph": "jazz", "models": ["axelgnn", "gcn"], "diffusion": ["LT", "IC"], "train_sets": 80,
                   "hidden": 32, "layers": 4, "epochs": 10, "batch": 16, "lr": 0.005, "transfer": ["netscience"]},
@@ -452,6 +460,28 @@ def summarise(runs: dict[str, Any]) -> dict[str, Any]:
     screen = runs.get("depth", {}).get("config", {}).get("depth", {}).get("screen")
     if screen:
         out["depth_selection"] = selection(runs["depth"]["graphs"].get(screen["graph"], {}).get("curves", {}), screen)
+    # the choice reads stored numbers only, so files measured before it was added get it too
+    choice = runs.get("depth", {}).get("config", {}).get("depth", {}).get("choice", CONFIG["depth"]["choice"])
+    if choice and "depth" in runs:
+        out["depth_choice"] = {name: chosen for name, row in runs["depth"]["graphs"].items()
+                               if (chosen := depth_choice(row["curves"], choice, out["depth"], name))}
+    return out
+
+
+def depth_choice(curves: dict[str, Any], choice: dict[str, Any], drops: dict[str, Any], name: str) -> dict[str, Any]:
+    """One graph's depth configuration: "+time" or a candidate of ``choice`` (norm_step), whichever has the
+    higher mean **validation** accuracy at ``choice["depths"][0]`` over the same splits (``selection``),
+    with the picked curve's drop from its best depth and GCN's test accuracy there; ``{}`` when the
+    graph lacks a full curve of every candidate."""
+    layers = str(choice["depths"][0])
+    labels = ["axelgnn+time", *choice["variants"]]
+    if any(f"{name}:{label}" not in drops for label in labels) or len({_splits(curves[lab]) for lab in labels}) > 1:
+        return {}
+    picked = selection(curves, choice)[layers]
+    curve = drops[f"{name}:{picked['selected']}"]
+    gcn = curves.get("gcn", {}).get(layers)
+    return dict(picked, depth=int(layers), best=curve["best"], at_deepest=curve["at_deepest"], drop=curve["drop"],
+                gcn=None if gcn is None else gcn["mean"], gcn_best=drops.get(f"{name}:gcn", {}).get("best"))
     return out
 
 
@@ -579,6 +609,18 @@ def render(result: dict[str, Any], docs: Path, out: Path, image: Path) -> str:
                       md_table(["candidate", "splits", "validation %", "test %", "picked"],
                                [[_curve_name(label), sel["splits"][label], fmt(v), fmt(sel["test"][label]),
                                  "yes" if label == sel["selected"] else ""] for label, v in sel["val"].items()]), ""]
+        chosen = summary.get("depth_choice", {})
+        if chosen:
+            lines += ["Depth configuration per graph: norm_step on (\"+time+norm\") or off (\"+time\"), whichever has the "
+                      "higher mean validation accuracy at L = 32 over the graph's curve splits; the picked curve's best "
+                      "depth and L = 32 (test %), beside GCN:", "",
+                      md_table(["graph", "splits", "val +time", "val +time+norm", "picked", "best depth", "L = 32",
+                                "drop", "within 2", "GCN best", "GCN L = 32"],
+                               [[n, c["splits"]["axelgnn+time"], fmt(c["val"]["axelgnn+time"]),
+                                 fmt(c["val"]["axelgnn+time+norm"]), _curve_name(c["selected"]), fmt(c["best"]),
+                                 fmt(c["at_deepest"]), fmt(c["drop"]), "yes" if c["drop"] <= 2.0 else "no",
+                                 fmt(c["gcn_best"]) if c["gcn_best"] is not None else "–",
+                                 fmt(c["gcn"]) if c["gcn"] is not None else "–"] for n, c in chosen.items()]), ""]
     inf = runs.get("influence")
     if inf:
         spec = inf.get("config", cfg)["influence"]

@@ -226,3 +226,33 @@ def test_norm_step_makes_the_layer_norm_an_euler_step_of_size_t_over_l(layers: i
         assert torch.equal(full.eval()(x, ei), model.eval()(x, ei))
     else:
         assert not torch.allclose(full.eval()(x, ei), model.eval()(x, ei))
+
+
+def _curve(test: list[float], val_at_32: float) -> dict[str, object]:
+    cells = {str(d): _cell(t) for d, t in zip([2, 4, 8, 16, 32], test, strict=True)}
+    cells["32"] = dict(cells["32"], val=[val_at_32], val_mean=val_at_32)
+    return cells
+
+
+def test_depth_choice_picks_norm_step_per_graph_by_validation_never_by_test(monkeypatch) -> None:
+    """The per-graph depth configuration: "+time" or "+time+norm", whichever has the higher mean
+    validation accuracy at L = 32; the picked curve's drop is its best test depth minus L = 32, even
+    where the other curve has the better test accuracy (the rule never reads it)."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import graph_nodes
+
+    curves = {"axelgnn+time": _curve([80, 81, 79, 78, 77], val_at_32=70.0),  # better test at 32, worse val
+              "axelgnn+time+norm": _curve([82, 80, 79, 75, 74], val_at_32=71.0),
+              "gcn": _curve([60, 50, 30, 20, 20], val_at_32=20.0)}
+    homophilic = {"axelgnn+time": _curve([84, 83, 82, 80, 79], val_at_32=80.0),
+                  "axelgnn+time+norm": _curve([84, 82, 76, 75, 72], val_at_32=76.6)}
+    only_norm = {"axelgnn+time+norm": _curve([84, 82, 76, 75, 72], val_at_32=76.6)}
+    runs = {"depth": {"graphs": {name: {"curves": c} for name, c in
+                                 [("het", curves), ("hom", homophilic), ("half", only_norm)]}}}
+    chosen = graph_nodes.summarise(runs)["depth_choice"]
+    assert set(chosen) == {"het", "hom"}  # "half" lacks the +time curve: no choice
+    assert chosen["het"]["selected"] == "axelgnn+time+norm"
+    assert chosen["het"]["best"] == 82 and chosen["het"]["at_deepest"] == 74 and chosen["het"]["drop"] == 8
+    assert chosen["het"]["gcn"] == 20 and chosen["het"]["gcn_best"] == 60
+    assert chosen["hom"]["selected"] == "axelgnn+time" and chosen["hom"]["drop"] == 5 and chosen["hom"]["gcn"] is None
+    assert "depth_choice" not in graph_nodes.summarise({"classification": {"graphs": {}}})  # no depth part measured
