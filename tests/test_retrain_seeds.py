@@ -90,3 +90,30 @@ def test_one_seed_writes_no_spread(tmp_path):
     references = read_json(layout.retrain_result("references"))
     assert all(OVER_SEEDS not in references[key] for key in ("baseline", "oracle", "random"))
     assert OVER_SEEDS not in json.dumps(json.loads(layout.metrics.read_text()))
+
+
+def test_iterative_cleansing_keeps_its_last_round_as_seed_0_and_retrains_its_removal_at_the_others(tmp_path):
+    from cleanse.config import load_params
+    from cleanse.families import get
+    from cleanse.pipeline import load_staged, run_all
+    from cleanse.storage import Layout, read_json
+
+    params = load_params(None, ["data.source=sklearn:wine", "corruption.kind=backdoor", "corruption.fraction=0.1",
+                                "corruption.trigger_size=3", "model.arch=logreg", "model.epochs=30", "model.lr=0.01",
+                                "model.checkpoints=5", "tracking.enabled=false", "query.kind=triggered",
+                                "query.size=8", "estimators=[tracin]", "evaluate.retrain_seeds=2"])
+    layout = Layout.at(tmp_path / "run")
+    run_all(params, layout, log=lambda line: None)
+    result = read_json(layout.retrain_result("tracin"))
+    assert result["iterative"] and result["removed_ids"]
+    spread = result["cleaned"][OVER_SEEDS]
+    last = result["rounds"][-1]
+    assert spread["values"]["test_accuracy"][0] == last["test_accuracy"]
+    assert spread["values"]["attack_success_rate"][0] == last["attack_success_rate"]
+    staged = load_staged(layout, params)
+    family = get(params.family)
+    kept = staged.train.without(np.asarray(result["removed_ids"]))
+    by_hand = family.outcome(family.fit(params, kept, staged.meta, seed=spread["training_seeds"][1]), staged)
+    assert spread["values"]["test_accuracy"][1] == pytest.approx(by_hand["test_accuracy"])
+    assert spread["values"]["attack_success_rate"][1] == pytest.approx(by_hand["attack_success_rate"])
+    assert result["cleaned"]["test_accuracy"] == pytest.approx(np.mean(spread["values"]["test_accuracy"]))
