@@ -117,3 +117,18 @@ def test_iterative_cleansing_keeps_its_last_round_as_seed_0_and_retrains_its_rem
     assert spread["values"]["test_accuracy"][1] == pytest.approx(by_hand["test_accuracy"])
     assert spread["values"]["attack_success_rate"][1] == pytest.approx(by_hand["attack_success_rate"])
     assert result["cleaned"]["test_accuracy"] == pytest.approx(np.mean(spread["values"]["test_accuracy"]))
+
+
+def test_changing_the_seed_count_makes_the_retrains_stale_and_one_seed_keeps_the_old_fingerprints():
+    from cleanse.config import fingerprint
+    from cleanse.stages.fingerprints import (RETRAIN_RESULT_VERSION, detect_fingerprint, references_fingerprint,
+                                             retrain_fingerprint, train_fingerprint)
+
+    one, three = small_params("estimators=[loss]"), small_params("estimators=[loss]", "evaluate.retrain_seeds=3")
+    # k = 1: the fingerprints as they were before the setting existed (no part added)
+    assert references_fingerprint(one) == fingerprint("references", train_fingerprint(one), RETRAIN_RESULT_VERSION)
+    assert retrain_fingerprint(one, "loss") == fingerprint("retrain", detect_fingerprint(one, "loss"),
+                                                           RETRAIN_RESULT_VERSION)
+    assert references_fingerprint(three) != references_fingerprint(one)
+    assert retrain_fingerprint(three, "loss") != retrain_fingerprint(one, "loss")
+    assert detect_fingerprint(three, "loss") == detect_fingerprint(one, "loss")  # the removal itself is unchanged
