@@ -155,16 +155,18 @@ GRAPH: tuple[Stage, ...] = (
         per_estimator=True,
         inputs=("data/probes_source.json", *STAGED, "flags/{e}.parquet", "flags/{e}.meta.json", "models/base",
                 "scores/{e}.parquet"),
-        outputs=("retrain/{e}.json",), params=("seed", "model", "query", "cleansing", "scorers.{e}"),
-        code=("data/dataset.py", "data/corruption.py", "evaluate.py", *MODEL_CODE[1:], "cleansing.py", "query.py"),
+        outputs=("retrain/{e}.json",), params=("seed", "model", "query", "cleansing", "scorers.{e}", "evaluate.retrain_seeds"),
+        code=("data/dataset.py", "data/corruption.py", "evaluate.py", *MODEL_CODE[1:], "cleansing.py", "query.py",
+              "stages/retrain_seeds.py"),
         fingerprint=f"{_FP}:retrain_fingerprint", marker="retrain/{e}.json", product="retrain/{e}.json",
         note="data/corruption.py: backdoor triggers at evaluation; cleansing.py: iterative cleansing\n"
              "re-scores the probes each round."),
     Stage(
         "references", "cleanse.stages.retrain:run_references",
         "Baseline, oracle and random-removal retrains -> retrain/references.json.",
-        inputs=(*STAGED, "models/base"), outputs=("retrain/references.json",), params=("seed", "model"),
-        code=("data/dataset.py", "data/corruption.py", "evaluate.py", *MODEL_CODE[1:]),
+        inputs=(*STAGED, "models/base"), outputs=("retrain/references.json",),
+        params=("seed", "model", "evaluate.retrain_seeds"),
+        code=("data/dataset.py", "data/corruption.py", "evaluate.py", *MODEL_CODE[1:], "stages/retrain_seeds.py"),
         fingerprint=f"{_FP}:references_fingerprint", marker="retrain/references.json",
         product="retrain/references.json"),
     Stage(
