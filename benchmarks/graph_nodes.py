@@ -14,7 +14,7 @@ Parts (every number of docs/benchmarks.md "Graphs: node classification and influ
    GCNII / LINKX / GraphSAGE with the highest mean **validation** accuracy there.
 2. ``ablations``: one AxelGNN-style ingredient off at a time, on every graph where the full model is
    more than 2 points below the paper (read from part 1).
-3. ``depth``: L in 2..32 on Texas, Wisconsin, Cornell and Cora, AxelGNN-style without and
+3. ``depth``: L in 2..32 on Texas, Wisconsin, Cornell, Cora and CiteSeer, AxelGNN-style without and
    with the identity mapping (``AxelConfig.identity_theta``), with one diffusion time for every depth
    (``AxelConfig.fixed_time``, "+time"), the same with one layer's parameters for every step
    (``AxelConfig.shared``, "+time+shared") or with the LayerNorm as a step too
@@ -40,7 +40,7 @@ splits among 7 one-change variants of the defaults (CONFIG["selection"]); the ba
 tuned. Every Geom-GCN graph uses its 10 splits; cora_ml (no published split: 10 drawn 60/20/20
 splits, no paper number) runs AxelGNN-style, GCN and GAT only; ablations on Cora and CiteSeer:
 split 0 only; depth: each curve's split count is in CONFIG["depth"]["curves"] (Texas, Wisconsin,
-Cornell 10; Cora split 0 with <= 100 epochs); the depth screening
+Cornell 10; Cora the first 3 splits and CiteSeer split 0, both <= 100 epochs); the depth screening
 (CONFIG["depth"]["screen"]) fits one-change candidates against "+time" at L = 32 on the 10 Texas
 splits and picks by mean validation accuracy; GraphSAGE is skipped on Cora and CiteSeer (~60 s
 per split). The identity mapping's theta (0.5) is GCNII's default, not tuned.
@@ -120,7 +120,8 @@ CONFIG: dict[str, Any] = {
     # candidates against "+time", measured at the screening depths only and compared by validation accuracy
     "depth": {"curves": {"texas": {"axelgnn": 10, "axelgnn+identity": 10, "axelgnn+time": 10, "axelgnn+time+shared": 10,
                                    "axelgnn+time+norm": 10, "gcn": 10},
-                         "cora": {"axelgnn+time": 1, "axelgnn+time+norm": 1, "gcn": 1},
+                         "cora": {"axelgnn+time": 3, "axelgnn+time+norm": 3, "gcn": 3},
+                         "citeseer": {"axelgnn+time": 1, "axelgnn+time+norm": 1, "gcn": 1},
                          "wisconsin": {"axelgnn+time": 10, "axelgnn+time+norm": 10, "gcn": 10},
                          "cornell": {"axelgnn+time": 10, "axelgnn+time+norm": 10, "gcn": 10}},
               "screen": {"graph": "texas", "splits": 10, "depths": [32],
@@ -129,7 +130,7 @@ CONFIG: dict[str, Any] = {
               # per graph: norm_step on or off, whichever curve has the higher mean validation accuracy at L = 32
               # (over that graph's curve splits), so the depth configuration is chosen per graph, never on test
               "choice": {"depths": [32], "variants": ["axelgnn+time+norm"]},
-              "depths": [2, 4, 8, 16, 32], "identity_theta": 0.5, "fixed_time": 2.0, "epochs": {"cora": 100}},
+              "depths": [2, 4, 8, 16, 32], "identity_theta": 0.5, "fixed_time": 2.0, "epochs": {"cora": 100, "citeseer": 100}},
     "influence": {"graph": "jazz", "models": ["axelgnn", "gcn"], "diffusion": ["LT", "IC"], "train_sets": 80,
                   "hidden": 32, "layers": 4, "epochs": 10, "batch": 16, "lr": 0.005, "transfer": ["netscience"]},
     "throughput": {"graphs": ["jazz", "power_grid"], "sets": 5, "rate": 0.05, "runs": 200},
