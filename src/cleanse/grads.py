@@ -198,28 +198,61 @@ def per_sample_sq_norms(
     return torch.cat(totals) if totals else x.new_zeros(0, dtype=torch.float64)
 
 
+# Rows per materialised gradient block in :func:`grad_dots`, capped so that a block holds at most
+# _BLOCK_ENTRIES entries (64 MiB of float32) however many parameters are differentiated.
+_BLOCK_ROWS = 64
+_BLOCK_ENTRIES = 1 << 24
+
+
+def materialises(fm: FunctionalModel, directions: int) -> bool:
+    """Whether :func:`grad_dots` forms the per-sample gradients in ``(rows, p)`` blocks for
+    ``directions`` vectors, rather than one forward-mode pass per direction.
+
+    True when only part of the network is differentiated (``not fm.complete``: LoRA adapters in a
+    frozen transformer, or ``layers: last``) and there are at least two directions. Forward mode
+    pushes a tangent through every layer downstream of the differentiated parameters once per
+    direction; one ``vmap(grad)`` pass gives all ``p`` entries of every row at once, and ``p`` is a
+    fraction of the network, so the block is small (at most :data:`_BLOCK_ENTRIES` entries). On
+    the lm family (examples/lm.yaml: 4,608 adapter parameters, 32 probes) this is what makes TracIn's
+    and influence's probe scores cheap (docs/benchmarks.md, ``lm-peers``). With one direction
+    forward mode is a single pass too and needs no block. Complete networks
+    keep their paths: all-Linear ones share one forward and backward pass between directions, and
+    for the others ``p`` is the whole network, whose per-sample gradients cost about ten times a
+    forward-mode pass per multiply-add (``vmap_mac`` against ``func_mac`` in
+    :data:`cleanse.estimators.influence_plan.COST_CONSTANTS`, calibrated on MLPs).
+    """
+    return not fm.complete and directions >= 2
+
+
 def grad_dots(
     fm: FunctionalModel, x: torch.Tensor, y: torch.Tensor, direction: torch.Tensor, *,
     chunk_size: int = 4096, theta: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``g_i . v`` for every sample and direction: ``direction`` ``(p,)`` gives ``(n,)``, a block
-    ``(p, k)`` gives ``(n, k)``. No per-sample gradient is materialised.
+    ``(p, k)`` gives ``(n, k)``. Three paths, chosen from the model and ``k`` alone (never from
+    the data), each exact up to float rounding:
 
-    For networks whose parameters all sit in ``nn.Linear`` layers fed 2-D inputs, ``g_i`` is
-    ``delta_il a_il^T`` per layer (plus ``delta_il`` for the bias), so one forward and one backward
-    pass per chunk give every ``a`` and ``delta``, and ``g_i . v = sum_l delta_il^T V_l a_il`` is one
-    matrix product per layer for all ``k`` directions at once: the k directions share the passes
-    (TracIn and influence score 8 probes in about the time of one). Other architectures take one
-    forward-mode derivative of the per-sample losses per direction (:func:`jvp`).
+    - all ``nn.Linear`` parameters fed 2-D inputs (complete models): ``g_i`` is ``delta_il a_il^T``
+      per layer (plus ``delta_il`` for the bias), so one forward and one backward pass per chunk
+      give every ``a`` and ``delta``, and ``g_i . v = sum_l delta_il^T V_l a_il`` is one matrix
+      product per layer for all ``k`` directions at once (TracIn and influence score 8 probes in
+      about the time of one); no per-sample gradient is materialised;
+    - part of the network differentiated and ``k >= 2`` (:func:`materialises`): per-sample
+      gradients in blocks of at most 64 rows (:func:`per_sample_grads`), times the ``(p, k)`` block;
+    - otherwise one forward-mode derivative of the per-sample losses per direction (:func:`jvp`).
     """
     theta = fm.theta if theta is None else theta
     single = direction.dim() == 1
     block = direction[:, None] if single else direction
     linears = _linear_only(fm.module) if fm.complete else None
+    rows = max(1, min(_BLOCK_ROWS, _BLOCK_ENTRIES // max(fm.n_params, 1)))
     out = []
     for s in range(0, x.shape[0], chunk_size):
         xb, yb = x[s : s + chunk_size], y[s : s + chunk_size]
         dots = _linear_grad_dots(fm, linears, xb, yb, block, theta) if linears is not None else None
+        if dots is None and materialises(fm, block.shape[1]):
+            dots = torch.cat([per_sample_grads(fm, xb[r : r + rows], yb[r : r + rows], theta=theta) @ block
+                              for r in range(0, xb.shape[0], rows)])
         if dots is None:
             dots = torch.stack([jvp(lambda t: fm.losses(t, xb, yb), (theta,), (block[:, j],))[1]
                                 for j in range(block.shape[1])], dim=1)
@@ -321,5 +354,5 @@ from cleanse.solvers import (  # noqa: E402
 
 __all__ = ["HVP", "ExactInverse", "FunctionalModel", "SolverReport", "_linear_head_ggn", "cg_solve", "curvature_fn",
            "exact_hessian", "exact_inverse", "forward_ad_wait_seconds", "ggn_fn", "grad_dots", "hvp_fn", "jvp",
-           "last_layer_name", "linear_head_ggn_matrix", "lissa_solve", "mean_grad", "on_active", "per_sample_grads",
-           "per_sample_sq_norms", "top_eigenvalue"]
+           "last_layer_name", "linear_head_ggn_matrix", "lissa_solve", "materialises", "mean_grad", "on_active",
+           "per_sample_grads", "per_sample_sq_norms", "top_eigenvalue"]

@@ -94,9 +94,6 @@ __all__ = ["ACCURACY_ORDER", "COST_CONSTANTS", "PREDICTION_MARGIN", "CostModel",
            "epoch_seconds", "layer_shapes", "plan_solver", "problem", "removal_effects", "train_query_effects"]
 
 
-_GRAD_ROWS = 64  # training rows per materialised gradient block in train_query_effects
-
-
 class InverseHessian:
     """``(H + damping I)^-1`` applied to blocks, by the configured solver (``exact``, ``cg``,
     ``lissa`` or ``ekfac``; ``auto`` is resolved by :func:`plan_solver` before construction)."""
@@ -230,20 +227,15 @@ def train_query_effects(fm: FunctionalModel, x: torch.Tensor, y: torch.Tensor, x
     ``inverse_hvp`` maps a block ``(p, k)`` to ``(H + lambda I)^-1`` applied to it, ``(p, k)``
     (exact, CG, LiSSA, EK-FAC, ...). Returns ``(n_query, n_train)``, float64; positive = training
     sample ``i`` supports query ``q``'s label. One solve for all queries, then one pass over the
-    training set for all of them (:func:`grad_dots`; no per-sample training gradient is materialised).
+    training set for all of them (:func:`grad_dots`: no per-sample training gradient is materialised for
+    complete Linear networks, blocks of them for adapters).
     """
     query_grads = per_sample_grads(fm, xq, yq)  # (n_query, p)
     solved = inverse_hvp(query_grads.T)  # (p, n_query)
     n = x.shape[0]
-    if not fm.complete:
-        # A few trained parameters in a frozen network (LoRA adapters): grad_dots has no shared pass
-        # there and would run forward mode through the whole network once per query, while the
-        # per-sample gradients are small; materialised per chunk of rows (bounded memory).
-        dots = [per_sample_grads(fm, x[s : s + _GRAD_ROWS], y[s : s + _GRAD_ROWS]) @ solved.to(fm.theta.dtype)
-                for s in range(0, n, _GRAD_ROWS)]
-        return (torch.cat(dots).T / n).detach().double().cpu().numpy()
     # every query's direction in one pass over the training set (a forward and a backward pass
-    # shared by all of them for Linear networks; see grad_dots)
+    # shared by all of them for Linear networks, materialised gradient blocks for adapters; see
+    # grad_dots)
     return (grad_dots(fm, x, y, solved.to(fm.theta.dtype)).T / n).detach().double().cpu().numpy()
 
 

@@ -6,8 +6,9 @@ over the saved checkpoints ``theta_c`` with learning rate ``lr_c``. Positive = p
 on ``i`` lowered ``q``'s loss). Self-influence ``sum_c lr_c ||g_i(theta_c)||^2`` is the mislabel
 score (higher = more harmful). Self-influence uses the layer-wise identity
 ``||delta a^T||^2 = ||delta||^2 ||a||^2`` for Linear layers (one forward and backward pass per
-chunk) and vmapped per-sample gradients otherwise; train -> query scores use one forward-mode
-product per query and checkpoint.
+chunk) and vmapped per-sample gradients otherwise; train -> query scores take one pass over the
+training set per checkpoint for all queries (:func:`cleanse.grads.grad_dots`: shared by all queries
+for Linear networks, materialised gradient blocks for adapters, forward mode per query otherwise).
 
 ``normalize`` changes the train -> query scores per checkpoint:
 
