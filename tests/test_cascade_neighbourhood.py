@@ -91,3 +91,43 @@ def test_relaxation_returns_a_rounded_cut_no_worse_than_one_shot_on_the_surrogat
         relaxed = top_edges(relax_scores(model, seeds, b), b)
         assert value(relaxed) <= value(top_edges(oneshot_scores(model, seeds), b)) + 1e-5
         assert len(set(relaxed.tolist())) == min(b, ei.shape[1])
+
+
+def _neighbourhood_by_scans(ei: np.ndarray, n: int, seeds: np.ndarray, layers: int) -> tuple[np.ndarray, tuple[int, ...]]:
+    """The neighbourhood's edge ids and ``flowing`` from their definition, by whole-graph scans: hop of
+    every node from the seeds (capped at ``layers``), the edges with an end within ``layers`` hops,
+    ordered by their source's hop, graph order within a hop."""
+    hop = np.full(n, layers)
+    hop[seeds] = 0
+    for k in range(layers):
+        reached_next = np.zeros(n, dtype=bool)
+        reached_next[ei[1, hop[ei[0]] == k]] = True
+        hop[reached_next & (hop > k + 1)] = k + 1
+    within = np.zeros(n, dtype=bool)
+    within[seeds] = True
+    for _ in range(layers):
+        within[ei[1, within[ei[0]]]] = True
+    edges = np.flatnonzero(within[ei[0]] | within[ei[1]])
+    edges = edges[np.argsort(hop[ei[0, edges]], kind="stable")]
+    return edges, tuple(int((hop[ei[0, edges]] <= k).sum()) for k in range(layers))
+
+
+@pytest.mark.parametrize("shuffled", [False, True])
+@pytest.mark.parametrize("layers", [1, 2, 4])
+def test_neighbourhood_search_matches_its_definition(shuffled, layers):
+    """The breadth-first search over the grouped edges (edges stored by source or in any order) finds the
+    edges, their order and ``flowing`` that whole-graph scans give, on a graph larger than the reach."""
+    ei, p = _ring(120, seed=4)
+    if shuffled:
+        order = np.random.default_rng(1).permutation(ei.shape[1])
+        ei, p = ei[:, order], p[order]
+    model = SpreadSurrogate(ei, p, 120, SurrogateConfig(kind="monstor", layers=layers))
+    for seeds in (np.array([0]), np.array([3, 50, 51]), np.array([7, 7, 90])):
+        hood = model.neighbourhood(seeds)
+        edges, flowing = _neighbourhood_by_scans(ei, 120, np.unique(seeds), layers)
+        assert 0 < edges.size < ei.shape[1]  # a part of the graph, so the relabelling is exercised
+        np.testing.assert_array_equal(hood.edges.numpy(), edges)
+        assert hood.flowing == flowing
+        np.testing.assert_array_equal(hood.nodes[hood.src.numpy()], ei[0, edges])
+        np.testing.assert_array_equal(hood.nodes[hood.dst.numpy()], ei[1, edges])
+        np.testing.assert_array_equal(hood.nodes[hood.seeds.numpy()[0] == 1], np.unique(seeds))

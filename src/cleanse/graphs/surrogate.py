@@ -63,6 +63,33 @@ def _seed_row(seeds: np.ndarray, n: int) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class _Adjacency:
+    """Edge ids grouped by one end: the edges of node ``v`` are ``order[start[v]:start[v + 1]]``, in graph
+    order (CSR without values); ``in_order``: the edges are already grouped so (``order`` is the identity,
+    as for sources in the stored graphs), so the edges of ascending nodes come out ascending."""
+
+    order: np.ndarray
+    start: np.ndarray
+    in_order: bool
+
+    @classmethod
+    def of(cls, ends: np.ndarray, num_nodes: int) -> _Adjacency:
+        start = np.zeros(num_nodes + 1, dtype=np.int64)
+        np.cumsum(np.bincount(ends, minlength=num_nodes), out=start[1:])
+        in_order = bool((ends[1:] >= ends[:-1]).all())
+        return cls(np.arange(ends.size) if in_order else np.argsort(ends, kind="stable"), start, in_order)
+
+    def edges(self, nodes: np.ndarray) -> np.ndarray:
+        """The ids of every edge at ``nodes`` (distinct, ascending), ascending."""
+        first = self.start.take(nodes)
+        count = self.start.take(nodes + 1) - first
+        # position i of the output is first[node of i] + (i - offset of that node's block)
+        position = np.repeat(first - np.cumsum(count) + count, count)
+        position += np.arange(position.size)
+        return position if self.in_order else np.sort(self.order.take(position))
+
+
+@dataclass(frozen=True)
 class Neighbourhood:
     """What :meth:`SpreadSurrogate.neighbourhood` keeps: ``nodes`` (n,) global ids, ascending;
     ``edges`` (m,) long global edge ids, ordered by their source's hop distance from the seeds (graph
@@ -113,6 +140,10 @@ class SpreadSurrogate(nn.Module):
         self._src_np = np.asarray(edge_index[0], dtype=np.int64)
         self._dst_np = np.asarray(edge_index[1], dtype=np.int64)
         self._p_np = self.p.numpy()
+        # edge ids grouped by source and by target (graph structure only, not the seeds): the neighbourhood
+        # search walks out from the seeds over these instead of scanning every edge once per hop
+        self._out = _Adjacency.of(self._src_np, self.num_nodes)
+        self._in = _Adjacency.of(self._dst_np, self.num_nodes)
         h = config.hidden
         if config.kind == "axel":
             self.encode = nn.Linear(3, h)
@@ -193,7 +224,7 @@ class SpreadSurrogate(nn.Module):
         inflow) and every edge outside it a gradient of exactly 0, so :meth:`local_spread` on it equals
         ``spread`` on the whole graph (up to float summation order). The axel kind's hidden state
         moves without inflow, so for it the neighbourhood is the whole graph."""
-        e, layers = int(self.p.shape[0]), self.config.layers
+        e, layers = self._src_np.size, self.config.layers
         s_ids = np.asarray(seeds, dtype=np.int64)
         if self.config.kind != "monstor":
             return Neighbourhood(np.arange(self.num_nodes), torch.arange(e), self.src, self.dst, self.p,
@@ -201,28 +232,30 @@ class SpreadSurrogate(nn.Module):
         src, dst = self._src_np, self._dst_np
         reached = np.zeros(self.num_nodes, dtype=bool)
         reached[s_ids] = True
-        # hops from the seeds, capped at layers; uint8 so that the stable sort below is a radix sort
-        hop: np.ndarray = np.zeros(self.num_nodes, dtype=np.uint8 if layers < 255 else np.int64)
-        for _ in range(layers):
-            hop += ~reached
-            reached[dst[reached[src]]] = True
-        inside = reached[src] | reached[dst]
-        if inside.all():  # jazz, email_eu_core: every edge has an end within reach, local ids are global
-            edges = np.argsort(hop[src], kind="stable")
-            nodes, src_local, dst_local = np.arange(self.num_nodes), src[edges], dst[edges]
+        frontier, by_hop = np.flatnonzero(reached), []
+        for _ in range(layers):  # breadth first: the out-edges of the nodes at hop k, in graph order
+            out = self._out.edges(frontier)
+            by_hop.append(out)
+            before = reached.copy()
+            reached[dst.take(out)] = True
+            frontier = np.flatnonzero(reached > before)  # ascending and distinct, unlike the targets
+        # the last group: sources at hop `layers` or out of reach; no flow on them at any layer
+        entering = self._in.edges(np.flatnonzero(reached))
+        edges = np.concatenate([*by_hop, np.sort(np.concatenate([self._out.edges(frontier),
+                                                                 entering[~reached.take(src.take(entering))]]))])
+        if edges.size == e:  # jazz, email_eu_core: every edge has an end within reach, local ids are global
+            nodes, src_local, dst_local = np.arange(self.num_nodes), src.take(edges), dst.take(edges)
         else:
-            edges = np.flatnonzero(inside)
-            edges = edges[np.argsort(hop[src[edges]], kind="stable")]
-            reached[src[edges]] = True
-            reached[dst[edges]] = True
+            reached[src.take(edges)] = True
+            reached[dst.take(edges)] = True
             nodes = np.flatnonzero(reached)
             local = np.zeros(self.num_nodes, dtype=np.int64)
             local[nodes] = np.arange(nodes.size)
-            src_local, dst_local = local[src[edges]], local[dst[edges]]
-        flowing = tuple(int(c) for c in np.searchsorted(hop[src[edges]], np.arange(layers), side="right"))
+            src_local, dst_local = local.take(src.take(edges)), local.take(dst.take(edges))
+        flowing = tuple(int(c) for c in np.cumsum([group.size for group in by_hop]))
         return Neighbourhood(nodes, torch.from_numpy(edges), torch.from_numpy(src_local), torch.from_numpy(dst_local),
-                             torch.from_numpy(self._p_np[edges]), _seed_row(np.searchsorted(nodes, s_ids), nodes.size), e,
-                             flowing)
+                             torch.from_numpy(self._p_np.take(edges)), _seed_row(np.searchsorted(nodes, s_ids), nodes.size),
+                             e, flowing)
 
     def local_spread(self, hood: Neighbourhood, keep: torch.Tensor) -> torch.Tensor:
         """The spread estimate (B,) with keep-weights ``keep`` (B, m) on the neighbourhood's edges (the
