@@ -134,6 +134,10 @@ def test_top_edges_is_the_stable_descending_order():
         score = gen.integers(0, 6, size).astype(np.float64)  # many ties, also across the b-th place
         expected = np.lexsort((np.arange(size), -score))[:b]
         assert np.array_equal(top_edges(score, b), expected)
+    for positives, b in ((40, 25), (40, 40), (40, 41), (0, 3)):  # mostly exact zeros, as one-shot's scores
+        score = np.zeros(500)
+        score[gen.choice(500, positives + 30, replace=False)] = np.r_[gen.integers(1, 4, positives), -gen.random(30)]
+        assert np.array_equal(top_edges(score, b), np.lexsort((np.arange(500), -score))[:b])
     with_nan = np.array([0.3, np.nan, 0.9, 0.3])
     assert np.array_equal(top_edges(with_nan, 2), np.lexsort((np.arange(4), -with_nan))[:2])
 
