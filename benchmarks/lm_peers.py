@@ -24,9 +24,14 @@ Every method's ``(n_probes, n_train)`` matrix is aggregated as ``cleanse run`` d
 (k = planted). Cost: wall seconds of the whole attribution (for kronfluence: factor fitting plus
 pairwise scores, also reported apart), per probe, and relative to one fine-tune in the same process.
 Agreement: Spearman correlation of each method's aggregated score with kronfluence's.
+``--tracin-forward-mode`` adds the row ``tracin[forward_mode]``: TracIn again with
+:func:`cleanse.grads.grad_dots` held on one forward-mode pass per probe (its path before commit
+8b8e655), to time both paths in one process; its scores must equal TracIn's up to float rounding
+(``max_relative_difference_to_tracin``).
 
     .venv-bench/bin/python benchmarks/lm_peers.py                  # seeds 0 1 2 (a few minutes each)
     .venv-bench/bin/python benchmarks/lm_peers.py --seeds 1 2 --cleanse tracin trak --merge   # add to --out
+    .venv-bench/bin/python benchmarks/lm_peers.py --seeds 0 1 2 --tracin-forward-mode --merge   # + TracIn's old path
     .venv-bench/bin/python benchmarks/lm_peers.py --smoke --out /tmp/p.json --no-docs   # tiny (the test)
     .venv-bench/bin/python benchmarks/lm_peers.py --render-only
 
@@ -63,6 +68,7 @@ CLEANSE = ["tracin", "trak", "influence"]
 # 23 GiB on examples/lm.yaml, and cg reached 13.5 GiB, before their products were batched).
 INFLUENCE_SOLVER = "ekfac"
 PEER = "kronfluence"
+FORWARD_MODE_TRACIN = "tracin[forward_mode]"  # --tracin-forward-mode: TracIn timed on the old path
 
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -167,7 +173,7 @@ def params_for(seed: int, extra: list[str], methods: list[str], solver: str = IN
 
 def run_seed(seed: int, extra: list[str], log: Any, methods: list[str] = CLEANSE,
              solver: str = INFLUENCE_SOLVER, influence_set: list[str] | None = None,
-             peer_fishers: tuple[str, ...] = ("empirical",)) -> dict[str, Any]:
+             peer_fishers: tuple[str, ...] = ("empirical",), tracin_forward_mode: bool = False) -> dict[str, Any]:
     from cleanse import api
     from cleanse.attribution import aggregate_support
 
@@ -194,6 +200,16 @@ def run_seed(seed: int, extra: list[str], log: Any, methods: list[str] = CLEANSE
         if name == "influence":
             row["methods"][label].update(solver=solver, options=influence_set)
         log(f"[seed {seed}] {label:<12} AP {row['methods'][label]['average_precision']:.3f} {seconds:.1f}s")
+    if tracin_forward_mode and "tracin" in scores:
+        started = time.perf_counter()
+        result = forward_mode_tracin(prepared, query)
+        label = FORWARD_MODE_TRACIN
+        scores[label] = result.table["score"].to_numpy()
+        row["methods"][label] = {"seconds": time.perf_counter() - started, **ranking_metrics(scores[label], planted),
+                                 "max_relative_difference_to_tracin": float(
+                                     np.abs(scores[label] - scores["tracin"]).max() / np.abs(scores[label]).max())}
+        log(f"[seed {seed}] {label} AP {row['methods'][label]['average_precision']:.3f} "
+            f"{row['methods'][label]['seconds']:.1f}s")
     for fisher in peer_fishers:
         peer = PEER if fisher == "empirical" else f"{PEER}[{fisher}]"
         try:
@@ -212,6 +228,19 @@ def run_seed(seed: int, extra: list[str], log: Any, methods: list[str] = CLEANSE
             if PEER in scores and name != PEER:
                 entry["spearman_with_kronfluence"] = spearman(scores[name], scores[PEER])
     return row
+
+
+def forward_mode_tracin(prepared: Any, query: Any) -> Any:
+    """TracIn's aggregated probe scores with :func:`cleanse.grads.grad_dots` held on forward mode
+    (one pass through the frozen network per probe and checkpoint, the path before
+    :func:`cleanse.grads.materialises`): the same scores up to float rounding, to time the two
+    paths in one process."""
+    from unittest import mock
+
+    from cleanse import api, grads
+
+    with mock.patch.object(grads, "materialises", lambda fm, directions: False):
+        return api.score_probes(prepared, "tracin", query)[0]
 
 
 def method_label(name: str, influence_set: list[str]) -> str:
@@ -334,6 +363,9 @@ def main() -> None:
     parser.add_argument("--peer-fisher", nargs="+", choices=["empirical", "sampled"], default=["empirical"],
                         help="kronfluence's Fisher: empirical (the row 'kronfluence') and/or sampled "
                         "('kronfluence[sampled]'), in the same process")
+    parser.add_argument("--tracin-forward-mode", action="store_true",
+                        help="also time tracin with grad_dots held on forward mode (one pass per probe; the path "
+                        "before materialised adapter gradients), row tracin[forward_mode], in the same process")
     parser.add_argument("--merge", action="store_true", help="add to the seeds and methods saved at --out (the rest "
                         "is kept): seeds and estimators can run as separate processes")
     args = parser.parse_args()
@@ -355,7 +387,8 @@ def main() -> None:
         if args.smoke:
             extra.append(f"model.base.cache_dir={Path(scratch) / 'lm-cache'}")
         rows = [run_seed(seed, extra, lambda line: print(line, flush=True), args.cleanse, args.influence_solver,
-                         args.influence_set, tuple(args.peer_fisher)) for seed in args.seeds]
+                         args.influence_set, tuple(args.peer_fisher), args.tracin_forward_mode)
+                for seed in args.seeds]
     notes = args.note
     if args.merge and args.out.is_file():
         saved = json.loads(args.out.read_text())
