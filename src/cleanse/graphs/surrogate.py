@@ -80,13 +80,14 @@ class _Adjacency:
         return cls(np.arange(ends.size) if in_order else np.argsort(ends, kind="stable"), start, in_order)
 
     def edges(self, nodes: np.ndarray) -> np.ndarray:
-        """The ids of every edge at ``nodes`` (distinct, ascending), ascending."""
+        """The ids of every edge at ``nodes`` (distinct), node by node in the order of ``nodes``, graph order
+        within a node (ascending overall when ``in_order`` and ``nodes`` ascend)."""
         first = self.start.take(nodes)
         count = self.start.take(nodes + 1) - first
         # position i of the output is first[node of i] + (i - offset of that node's block)
         position = np.repeat(first - np.cumsum(count) + count, count)
         position += np.arange(position.size)
-        return position if self.in_order else np.sort(self.order.take(position))
+        return position if self.in_order else self.order.take(position)
 
 
 @dataclass(frozen=True)
@@ -234,7 +235,7 @@ class SpreadSurrogate(nn.Module):
         reached[s_ids] = True
         frontier, by_hop = np.flatnonzero(reached), []
         for _ in range(layers):  # breadth first: the out-edges of the nodes at hop k, in graph order
-            out = self._out.edges(frontier)
+            out = self._out.edges(frontier) if self._out.in_order else np.sort(self._out.edges(frontier))
             by_hop.append(out)
             before = reached.copy()
             reached[dst.take(out)] = True
