@@ -35,10 +35,13 @@ def outcome_keys(metrics: dict[str, Any]) -> tuple[str, ...]:
     the first, its headline (``test_accuracy``, ``test_rmse``), is always in ``metrics["baseline"]``."""
     from cleanse import families
 
-    for name in families.names():
-        keys = families.get(name).outcome_keys_in(metrics["baseline"])
-        if keys is not None:
-            return tuple(keys)
+    # Families share key names (``test_loss`` is a GAN headline and an lm outcome): the family whose
+    # outcome keys the baseline carries most of is the run's; ties keep the registration order.
+    baseline = metrics["baseline"]
+    found = [keys for keys in (families.get(name).outcome_keys_in(baseline) for name in families.names())
+             if keys is not None]
+    if found:
+        return tuple(max(found, key=lambda keys: sum(key in baseline for key in keys)))
     raise KeyError(f"no family's outcome in the baseline's keys {sorted(metrics['baseline'])}")
 
 
