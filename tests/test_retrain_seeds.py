@@ -78,6 +78,11 @@ def test_pipeline_retrains_references_and_estimators_at_every_training_seed(tmp_
         assert low <= block["test_accuracy"] <= high
     rows = comparison_rows(metrics)
     assert all("test_acc 95% over seeds" in row for row in rows)
+    # The recommended model's outcome is a mean over the same training seeds as every other row's.
+    recommended = written["recommended"]["retrain"]
+    values = recommended[OVER_SEEDS]["values"]["test_accuracy"]
+    assert len(values) == 3 and recommended["test_accuracy"] == pytest.approx(np.mean(values))
+    assert rows[0]["test_acc 95% over seeds"] is not None
 
 
 def test_one_seed_writes_no_spread(tmp_path):

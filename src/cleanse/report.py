@@ -127,7 +127,7 @@ def recommended_metrics(layout: Layout, metrics: dict[str, Any], truth: dict[int
     keys = task.outcome_keys_in(cleaned) or task.outcome_keys
     headline = keys[0]
     retrain = {key: cleaned[key] for key in (*keys, task.selection_of(cleaned)[0], "heldout_behaviour_rate",
-                                             "n_removed", "n_corrupted_removed")
+                                             "n_removed", "n_corrupted_removed", OVER_SEEDS)
                if key in cleaned}
     if name != NO_REMOVAL:
         retrain[f"random_{headline}"] = metrics["estimators"][name]["retrain"][f"random_{headline}"]

@@ -174,8 +174,9 @@ GRAPH: tuple[Stage, ...] = (
         "Choose one cleaned model without ground truth -> recommend/recommend.json, models/recommended/.",
         inputs=(*STAGED, "models/base", "query", "scores", "flags", "retrain"),
         outputs=("recommend/recommend.json", "models/recommended"),
-        params=("seed", "model", "estimators", "detect", "query", "cleansing", "recommend", "scorers.trusted"),
-        code=("recommend.py", "estimators/trusted.py", "evaluate.py", "models/trainer.py"),
+        params=("seed", "model", "estimators", "detect", "query", "cleansing", "recommend", "scorers.trusted",
+                "evaluate.retrain_seeds"),
+        code=("recommend.py", "estimators/trusted.py", "evaluate.py", "models/trainer.py", "stages/retrain_seeds.py"),
         fingerprint=f"{_FP}:recommend_fingerprint", marker="recommend/recommend.json",
         product="recommend/recommend.json",
         note="One cleaned model chosen without ground truth: every estimator's cleaned model and \"no\n"

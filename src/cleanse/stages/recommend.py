@@ -18,6 +18,7 @@ from cleanse.stages.common import track as _track
 from cleanse.stages.fingerprints import recommend_fingerprint, references_fingerprint, retrain_fingerprint
 from cleanse.stages.fingerprints import require_fresh as _require_fresh
 from cleanse.stages.modelio import load_model, retrained_without, save_model
+from cleanse.stages.retrain_seeds import OVER_SEEDS, over_seeds
 from cleanse.storage import Layout, read_json, read_table, write_json
 
 
@@ -74,6 +75,7 @@ def run_recommend(params: Params, layout: Layout) -> Path:
         scores = read_table(layout.scores(name))
         removed = top_ids(scores["sample_id"].to_numpy(), scores["score"].to_numpy(), count)
         model, result = retrained_without(params, staged, removed, query, base)
+        result = over_seeds(params, result, lambda seeded: retrained_without(seeded, staged, removed, query, base)[1])
         own = max(candidates[index].n_removed, 1)
         candidates.append(candidate(name, removed, result, round(count / own, 3) if factor is None else factor))
         trained[len(candidates) - 1] = (model, result)
@@ -101,6 +103,10 @@ def run_recommend(params: Params, layout: Layout) -> Path:
         model, evaluation = base, dict(references["baseline"])
     else:  # the same seed and recipe as the retrain stage: the same model
         model, evaluation = retrained_without(params, staged, chosen.removed_ids, query, base)
+        seeded = results[chosen.estimator]["cleaned"]
+        if OVER_SEEDS in seeded:  # evaluate.retrain_seeds > 1: that stage's mean over the same training seeds
+            evaluation = {**evaluation, **{key: seeded[key] for key in seeded[OVER_SEEDS]["values"]},
+                          OVER_SEEDS: seeded[OVER_SEEDS]}
     evaluation = {**evaluation, "n_removed": chosen.n_removed,
                   "n_corrupted_removed": int(staged.train.is_corrupted[np.isin(staged.train.sample_id,
                                                                                chosen.removed_ids)].sum())}
