@@ -210,3 +210,17 @@ class AxelGNN(nn.Module):
         """Sum over layers of the prototype-separation penalty (add ``lambda *`` it to the loss)."""
         distinct = list({id(layer): layer for layer in self.layers}.values())  # a shared layer counts once
         return torch.stack([layer.regularizer() for layer in distinct]).sum()  # type: ignore[operator]
+
+
+def norm_step_matters(fixed_time: float, layers: int) -> bool:
+    """Whether ``norm_step`` changes an L-layer model: only where each layer is an Euler step shorter
+    than 1 (``0 < fixed_time < layers``); at dt = 1 the stepped LayerNorm is the LayerNorm itself."""
+    return 0.0 < fixed_time < layers
+
+
+def choose_norm_step(val_accuracy_off: float, val_accuracy_on: float) -> bool:
+    """The depth configuration's rule (docs/graphs.md): ``norm_step`` on iff the model with it has the
+    strictly higher **validation** accuracy than the model without it (same recipe, seeds and splits;
+    both accuracies on one scale, fractions or %); a tie keeps it off. Shared by the family's
+    ``model.norm_step: auto`` (one fit each way) and ``benchmarks/graph_nodes.py`` (means over splits)."""
+    return val_accuracy_on > val_accuracy_off

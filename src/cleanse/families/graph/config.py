@@ -94,8 +94,22 @@ class GraphModelConfig(_Section):
                               "they are); 0 = off.")
     shared: bool = Field(False, description="axelgnn: one layer's parameters for every step (AxelConfig.shared; with "
                          "fixed_time, more layers refine the steps of one ODE instead of adding parameters).")
-    norm_step: bool = Field(False, description="axelgnn: with fixed_time, each layer's LayerNorm is an Euler step "
-                            "of the same size, h + dt (LN(h) - h) (AxelConfig.norm_step; no change where dt = 1).")
+    norm_step: bool | Literal["auto"] = Field(
+        False, description="axelgnn: with fixed_time, each layer's LayerNorm is an Euler step of the same size, "
+        "h + dt (LN(h) - h) (AxelConfig.norm_step; no change where dt = 1). auto: fit both ways on the training "
+        "nodes and keep the one with the higher validation accuracy (a tie keeps it off; the benchmark's depth "
+        "configuration; needs fixed_time between 0 and layers, exclusive).")
+
+    @field_validator("norm_step", mode="before")
+    @classmethod
+    def _norm_step_value(cls, value: object) -> object:
+        if isinstance(value, bool) or value == "auto":
+            return value
+        if isinstance(value, int) and value in (0, 1):  # what pydantic's bool took before auto
+            return bool(value)
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ValueError(f"{value!r} is not one of auto, true, false")
 
 
 class GraphInfluenceConfig(_Section):

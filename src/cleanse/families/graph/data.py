@@ -13,7 +13,9 @@ What every unit shares goes to ``DatasetMeta.structure`` (JSON, in ``data/staged
   the message source ``j``, row 1 the receiver ``i``);
 - ``features``: every node's feature row (nodes in no split and nodes removed by cleansing included)
   as a sparse COO ``{"shape": [N, F], "rows": [...], "cols": [...], "values": [...]}``;
-- ``homophily``: the edge homophily of the clean labels; ``source``, ``split``.
+- ``homophily``: the edge homophily of the clean labels; ``source``, ``split``;
+- ``val_nodes`` and ``val_labels``: the validation nodes and their (clean) labels, which
+  ``model.norm_step: auto`` compares its two fits on (never the test nodes).
 
 So a model is fitted from a training split and the meta alone: nodes missing from the split (not
 in it, or removed) stay in the graph as unlabelled nodes.
@@ -65,6 +67,17 @@ def graph_tensors(meta: DatasetMeta) -> tuple[torch.Tensor, torch.Tensor]:
     return x, edge_index
 
 
+def validation_nodes(meta: DatasetMeta) -> dict[str, np.ndarray]:
+    """``val_nodes`` (k,) int64 and ``val_labels`` (k,) int64 of ``meta.structure`` (what
+    ``model.norm_step: auto`` compares its two fits on)."""
+    structure = meta.structure or {}
+    if "val_nodes" not in structure:
+        raise DataError(f"{meta.name}: staged meta has no validation nodes (staged before model.norm_step: auto "
+                        "existed); restage")
+    return {"val_nodes": np.asarray(structure["val_nodes"], dtype=np.int64),
+            "val_labels": np.asarray(structure["val_labels"], dtype=np.int64)}
+
+
 def stage_graph(params: Any) -> StagedData:
     """Load the graph, take split ``data.split`` of it, and corrupt the training nodes' labels
     (``params`` is a :class:`cleanse.families.graph.params.GraphParams`)."""
@@ -91,10 +104,12 @@ def stage_graph(params: Any) -> StagedData:
     if corruption.kind != "none":
         flip = CorruptionConfig(kind="label_flip", fraction=corruption.fraction, mode=corruption.mode)
         train, _ = corrupt(train, flip, n_classes=graph.num_classes, seed=params.seed)
+    val = split(graph.val_mask[data.split])
     structure = {"num_nodes": graph.num_nodes, "edge_index": graph.edge_index.tolist(), "features": sparse_rows(x),
-                 "homophily": graph.homophily(), "source": data.source, "split": data.split}
+                 "homophily": graph.homophily(), "source": data.source, "split": data.split,
+                 "val_nodes": val.sample_id.tolist(), "val_labels": val.label.tolist()}
     meta = DatasetMeta(name=graph.name, n_classes=graph.num_classes, feature_shape=(int(x.shape[1]),),
                        corruption={**corruption.model_dump(mode="json"), "n_corrupted": int(train.is_corrupted.sum())},
                        structure=structure)
-    return StagedData(train=train, val=split(graph.val_mask[data.split]), test=split(graph.test_mask[data.split]),
+    return StagedData(train=train, val=val, test=split(graph.test_mask[data.split]),
                       meta=meta)

@@ -6,7 +6,10 @@ labels; the units scored, removed and verified are the **training nodes**.
   ``meta.structure``).
 - ``fit``: transductive and full-batch (:func:`cleanse.families.graph.models.fit_nodes`): the
   whole graph is always present and only the training split's nodes contribute labels, so a node
-  removed by cleansing keeps its edges and features and loses its label.
+  removed by cleansing keeps its edges and features and loses its label. ``model.norm_step:
+  auto`` (:func:`cleanse.families.graph.models.fit_nodes_auto`) fits both ways with the same seed
+  and keeps the higher validation accuracy; every fit does so (the base model and each retrain,
+  which may choose differently on fewer labels), while cleanlab's folds train the base model's choice.
 - losses, curvature, TRAK's measurement: classification's (softmax cross-entropy of the logits).
 - outcome: ``test_accuracy`` (headline; clean test labels) and ``val_accuracy``.
 - ``verify_without``: the base class's retrain with the same seed and recipe on the training split
@@ -93,15 +96,22 @@ class GraphFamily(ClassificationFamily):
     def check_model(self, params: Params, meta: DatasetMeta) -> None:
         from cleanse.families.graph.models import build_net
 
-        build_net(params.model, meta.feature_shape[0], meta.n_classes, int((meta.structure or {}).get("num_nodes", 1)))
+        model: Any = params.model
+        if model.norm_step == "auto":  # both candidates have the same parameters
+            model = model.model_copy(update={"norm_step": False})
+        build_net(model, meta.feature_shape[0], meta.n_classes, int((meta.structure or {}).get("num_nodes", 1)))
 
     def fit(self, params: Params, split: Split, meta: DatasetMeta, *, seed: int | None = None) -> Any:
-        from cleanse.families.graph.data import graph_tensors
-        from cleanse.families.graph.models import fit_nodes
+        from cleanse.families.graph.data import graph_tensors, validation_nodes
+        from cleanse.families.graph.models import fit_nodes, fit_nodes_auto
 
         x, edge_index = graph_tensors(meta)
-        model = fit_nodes(params.model, x, edge_index, split.sample_id, split.label, meta.n_classes,
-                          seed=params.seed if seed is None else seed)
+        seed = params.seed if seed is None else seed
+        if cast(Any, params.model).norm_step == "auto":
+            model = fit_nodes_auto(params.model, x, edge_index, split.sample_id, split.label, meta.n_classes, seed=seed,
+                                   **validation_nodes(meta))
+        else:
+            model = fit_nodes(params.model, x, edge_index, split.sample_id, split.label, meta.n_classes, seed=seed)
         model.influence, model.influence_seed = cast(Any, params).influence, params.seed
         return model
 
@@ -151,6 +161,8 @@ class GraphFamily(ClassificationFamily):
         x, edge_index = graph_tensors(staged.meta)
         model.bind(x, edge_index)
         recipe = cast(Any, params.model)
+        if recipe.norm_step == "auto":  # refits (cleanlab's folds) train the base model's choice
+            recipe = recipe.model_copy(update={"norm_step": bool(model.recipe["norm_step"])})
         return GraphScoringContext(train=node_rows(staged.train), val=node_rows(staged.val), meta=staged.meta,
                                    model=model, model_config=trainer_config(recipe, len(staged.train)),
                                    seed=params.seed, device=torch.device("cpu"), cache_dir=cache_dir,
@@ -165,6 +177,8 @@ class GraphFamily(ClassificationFamily):
         (:func:`cleanse.graphs.node_surrogate.held_out_report`) on the same graph: measured once,
         here in the train stage, so re-rendering the report never retrains the surrogate."""
         record: dict[str, Any] = {"history": model.history}
+        if model.norm_step_choice is not None:
+            record["norm_step_choice"] = model.norm_step_choice
         if model.influence is not None:
             from cleanse.families.graph.models import one_thread
             from cleanse.graphs.node_surrogate import held_out_report
@@ -178,9 +192,13 @@ class GraphFamily(ClassificationFamily):
         """No per-estimator additions; for an influence-estimation run it puts the base model's
         recorded ``surrogate`` (``mae``, ``spread_error``, per rate, floor, label noise) at the top of
         ``metrics`` beside the classification entries: the report has no other hook for a
-        family's own top-level entry, and the surrogate belongs to no estimator."""
-        if cast(Any, params).influence is not None:
-            from cleanse.storage import read_json
+        family's own top-level entry, and the surrogate belongs to no estimator. With
+        ``model.norm_step: auto`` the base model's ``norm_step_choice`` (the choice and both
+        validation accuracies) goes there the same way."""
+        from cleanse.storage import read_json
 
+        if cast(Any, params).influence is not None:
             metrics["surrogate"] = read_json(layout.base_model / "meta.json")["surrogate"]
+        if cast(Any, params.model).norm_step == "auto":
+            metrics["norm_step_choice"] = read_json(layout.base_model / "meta.json")["norm_step_choice"]
         return {}

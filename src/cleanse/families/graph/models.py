@@ -15,14 +15,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from torch import nn
 
 from cleanse.errors import ConfigError, TrainingDivergedError
-from cleanse.graphs.axelgnn import AxelConfig
+from cleanse.graphs.axelgnn import AxelConfig, choose_norm_step
 from cleanse.graphs.baselines import node_classifier
 from cleanse.graphs.train import train_step
 from cleanse.models.architectures import INIT_LOCK, ModelSpec
@@ -30,7 +30,10 @@ from cleanse.models.trainer import Checkpoint, TrainedModel, checkpoint_epochs
 
 
 def axel_config(model: Any) -> AxelConfig:
-    """The AxelGNN-style switches of a :class:`cleanse.families.graph.config.GraphModelConfig`."""
+    """The AxelGNN-style switches of a :class:`cleanse.families.graph.config.GraphModelConfig`
+    (``norm_step: auto`` is resolved by :func:`fit_nodes_auto` before any net is built)."""
+    if model.norm_step == "auto":
+        raise ConfigError("model.norm_step: auto is a choice between two fits (fit_nodes_auto), not one net")
     return AxelConfig(segments=model.segments, gate=model.gate, trait_copy=model.trait_copy,
                       divergence=model.divergence, polarisation=model.polarisation, prototypes=model.prototypes,
                       fixed_time=model.fixed_time, shared=model.shared,
@@ -71,7 +74,9 @@ class GraphModel(TrainedModel):
     ``recipe`` the GraphModelConfig as JSON, and the graph it runs on (``x``, ``edge_index``),
     which is not saved (:meth:`bind` attaches it from the staged meta). ``influence`` (the params'
     influence section) and ``influence_seed``: what the base model's training record measures
-    (:meth:`cleanse.families.graph.family.GraphFamily.training_record`); not saved either."""
+    (:meth:`cleanse.families.graph.family.GraphFamily.training_record`); not saved either.
+    ``norm_step_choice``: for ``model.norm_step: auto``, the choice and both validation accuracies
+    (:func:`fit_nodes_auto`; ``recipe`` holds the chosen ``norm_step``)."""
 
     recipe: dict[str, Any] = field(default_factory=dict)
     num_nodes: int = 0
@@ -79,6 +84,7 @@ class GraphModel(TrainedModel):
     edge_index: torch.Tensor | None = None
     influence: Any = None
     influence_seed: int = 0
+    norm_step_choice: dict[str, Any] | None = None
 
     def bind(self, x: torch.Tensor, edge_index: torch.Tensor) -> GraphModel:
         self.x, self.edge_index = x, edge_index
@@ -151,3 +157,28 @@ def fit_nodes(model_config: Any, x: torch.Tensor, edge_index: torch.Tensor, node
     return GraphModel(spec=spec, state=_snapshot(model), checkpoints=checkpoints, final_train_loss=final,
                       history=history, recipe=model_config.model_dump(mode="json"), num_nodes=num_nodes,
                       x=x, edge_index=edge_index)
+
+
+@torch.no_grad()
+def node_accuracy(model: GraphModel, nodes: np.ndarray, labels: np.ndarray) -> float:
+    """Accuracy of ``model``'s eval-mode argmax on ``nodes`` (k,) against ``labels`` (k,)."""
+    predicted = cast(NodeModel, model.module()).logits().argmax(1).numpy()
+    return float(np.mean(predicted[np.asarray(nodes, dtype=np.int64)] == np.asarray(labels)))
+
+
+def fit_nodes_auto(model_config: Any, x: torch.Tensor, edge_index: torch.Tensor, nodes: np.ndarray,
+                   labels: np.ndarray, n_classes: int, *, seed: int, val_nodes: np.ndarray,
+                   val_labels: np.ndarray) -> GraphModel:
+    """``model.norm_step: auto``: :func:`fit_nodes` twice with the same ``seed`` (so the only
+    difference is the switch), ``norm_step`` off and on, and the one with the higher accuracy on
+    the validation nodes ``val_nodes`` (k,) / ``val_labels`` (k,) kept
+    (:func:`cleanse.graphs.axelgnn.choose_norm_step`, a tie keeps it off): bit for bit the model a
+    fixed ``norm_step`` of that value gives. Nothing but the validation labels is read to choose.
+    The kept model records ``norm_step_choice = {"norm_step": bool, "val_accuracy": {"off", "on"}}``."""
+    fits = {flag: fit_nodes(model_config.model_copy(update={"norm_step": flag}), x, edge_index, nodes, labels,
+                            n_classes, seed=seed) for flag in (False, True)}
+    accuracy = {flag: node_accuracy(model, val_nodes, val_labels) for flag, model in fits.items()}
+    chosen = choose_norm_step(accuracy[False], accuracy[True])
+    model = fits[chosen]
+    model.norm_step_choice = {"norm_step": chosen, "val_accuracy": {"off": accuracy[False], "on": accuracy[True]}}
+    return model

@@ -12,6 +12,7 @@ from cleanse.config import Params
 from cleanse.config_base import refuse_probes, resolve_auto_outside_model
 from cleanse.families.graph.config import (GraphCorruptionConfig, GraphDataConfig, GraphInfluenceConfig,
                                            GraphModelConfig)
+from cleanse.graphs.axelgnn import norm_step_matters
 
 
 class GraphParams(Params):
@@ -44,6 +45,11 @@ class GraphParams(Params):
         model = self.model
         if model.arch == "axelgnn" and model.hidden % model.segments:
             raise ValueError(f"model.segments: {model.segments} must divide model.hidden ({model.hidden})")
+        if model.norm_step == "auto" and model.arch != "axelgnn":
+            raise ValueError(f"model.norm_step: auto needs model.arch axelgnn, not {model.arch}")
+        if model.norm_step == "auto" and not norm_step_matters(model.fixed_time, model.layers):
+            raise ValueError(f"model.norm_step: auto needs 0 < model.fixed_time < model.layers (an Euler step below 1), "
+                             f"got fixed_time {model.fixed_time:g} with {model.layers} layers: both fits would be one model")
         if model.arch == "gat" and model.hidden % model.heads:
             raise ValueError(f"model.heads: {model.heads} must divide model.hidden ({model.hidden})")
         if model.arch == "mlp" and model.layers < 2:
