@@ -20,7 +20,8 @@ Parts (every number of docs/benchmarks.md "Graphs: node classification and influ
    (``AxelConfig.shared``, "+time+shared") or with the LayerNorm as a step too
    (``AxelConfig.norm_step``, "+time+norm"), and GCN; the curves are drawn into
    docs/img/graph_nodes.png. Per graph, norm_step is on or off by mean validation accuracy at
-   L = 32 (CONFIG["depth"]["choice"], ``summary.depth_choice``; test accuracy is never read).
+   L = 32 (CONFIG["depth"]["choice"], ``summary.depth_choice``; test accuracy is never read): the
+   rule of the family's ``model.norm_step: auto`` (``cleanse.graphs.axelgnn.choose_norm_step``).
 4. ``influence``: AxelGNN-style and GCN (sigmoid head, inputs: seed indicator, log degree, 1/degree)
    trained on 80 of DeepIM's 100 seed sets per seed rate (1, 5, 10, 20 %) and tested on the other 20,
    per diffusion model (IC, LT); per-node MAE (all nodes, seeds exact; and non-seed nodes), error
@@ -470,15 +471,21 @@ def summarise(runs: dict[str, Any]) -> dict[str, Any]:
 
 
 def depth_choice(curves: dict[str, Any], choice: dict[str, Any], drops: dict[str, Any], name: str) -> dict[str, Any]:
-    """One graph's depth configuration: "+time" or a candidate of ``choice`` (norm_step), whichever has the
-    higher mean **validation** accuracy at ``choice["depths"][0]`` over the same splits (``selection``),
-    with the picked curve's drop from its best depth and GCN's test accuracy there; ``{}`` when the
-    graph lacks a full curve of every candidate."""
+    """One graph's depth configuration: "+time" or ``choice["variants"]``' one curve ("+time+norm"),
+    by the family's ``model.norm_step: auto`` rule (:func:`cleanse.graphs.axelgnn.choose_norm_step`:
+    norm_step on iff its mean **validation** accuracy at ``choice["depths"][0]`` over the same splits
+    is strictly higher), with the picked curve's drop from its best depth and GCN's test accuracy
+    there; ``{}`` when the graph lacks a full curve of both."""
+    from cleanse.graphs.axelgnn import choose_norm_step
+
     layers = str(choice["depths"][0])
-    labels = ["axelgnn+time", *choice["variants"]]
+    (norm,) = choice["variants"]
+    labels = ["axelgnn+time", norm]
     if any(f"{name}:{label}" not in drops for label in labels) or len({_splits(curves[lab]) for lab in labels}) > 1:
         return {}
-    picked = selection(curves, choice)[layers]
+    measured = selection(curves, choice)[layers]  # both curves' validation and test means at that depth
+    picked = dict(measured, selected=norm if choose_norm_step(measured["val"]["axelgnn+time"], measured["val"][norm])
+                  else "axelgnn+time")
     curve = drops[f"{name}:{picked['selected']}"]
     gcn = curves.get("gcn", {}).get(layers)
     return dict(picked, depth=int(layers), best=curve["best"], at_deepest=curve["at_deepest"], drop=curve["drop"],
