@@ -1,15 +1,20 @@
-"""The hand-written numpy pass of the MONSTOR-style surrogate (issue 20's one-shot speed): its spread and
-its gradient in the keep-weights must be autograd's (float32) to float32 precision, at x = 1 (one-shot),
-at continuous weights and with edges cut (the relaxation's steps and rounded cuts), on a surrogate whose
-MLP matters; and its Adam must be torch's."""
+"""The hand-written pass of the MONSTOR-style surrogate (issue 20's one-shot speed), in both backends
+(numpy calls and the numba kernel, where numba imports): its spread and its gradient in the keep-weights
+must be autograd's (float32) to float32 precision, at x = 1 (one-shot), at continuous weights and with
+edges cut (the relaxation's steps and rounded cuts), on a surrogate whose MLP matters; and its Adam must
+be torch's."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from cleanse.graphs.monstor_pass import MonstorPass
+from cleanse.errors import ConfigError
+from cleanse.graphs.monstor_pass import BACKENDS, MonstorPass
 from cleanse.graphs.selection import AutogradPass, _Adam, oneshot_scores, top_edges
 from cleanse.graphs.surrogate import SpreadSurrogate, SurrogateConfig, fit_surrogate, make_instances
 
@@ -33,12 +38,17 @@ def _surrogate(ei: np.ndarray, p: np.ndarray, n: int, layers: int = 4) -> Spread
     return model
 
 
+def test_numba_is_the_default_backend():
+    assert BACKENDS == ("numba", "numpy")  # numba is in the graph extra, which the tests install
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layers", [1, 4, 6])
-def test_numpy_pass_is_autograds_spread_and_gradient(layers):
+def test_pass_is_autograds_spread_and_gradient(layers, backend):
     ei, p = _graph()
     model, seeds = _surrogate(ei, p, 60, layers), np.array([0, 7, 30])
     hood = model.neighbourhood(seeds)
-    fast, reference = MonstorPass.of(model, hood), AutogradPass(model, hood)
+    fast, reference = MonstorPass.of(model, hood, backend), AutogradPass(model, hood)
     m = int(hood.edges.shape[0])
     gen = np.random.default_rng(1)
     cut = np.ones(m)
@@ -52,7 +62,7 @@ def test_numpy_pass_is_autograds_spread_and_gradient(layers):
         np.testing.assert_allclose(grad, expected_grad, rtol=1e-4, atol=1e-5 * scale)
 
 
-def test_numpy_one_shot_ranks_as_autograd_on_a_trained_surrogate():
+def test_one_shot_ranks_as_autograd_on_a_trained_surrogate():
     """On a surrogate fitted to Monte Carlo labels (the benchmark's recipe, small), the one-shot
     scores and their top cut are autograd's."""
     ei, p = _graph(80, seed=3)
@@ -70,16 +80,38 @@ def test_numpy_one_shot_ranks_as_autograd_on_a_trained_surrogate():
         assert np.array_equal(top_edges(score, 10), top_edges(expected, 10))
 
 
-def test_mlp_conversion_follows_parameter_edits():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mlp_conversion_follows_parameter_edits(backend):
     ei, p = _graph()
     model, seeds = _surrogate(ei, p, 60), np.array([0])
     hood = model.neighbourhood(seeds)
     x = np.ones(int(hood.edges.shape[0]))
-    before = MonstorPass.of(model, hood).spread(x)
+    before = MonstorPass.of(model, hood, backend).spread(x)
     with torch.no_grad():
         model.step[-1].bias.fill_(-3.0)
-    after = MonstorPass.of(model, hood).spread(x)
+    after = MonstorPass.of(model, hood, backend).spread(x)
     assert after < before - 1 and after == pytest.approx(AutogradPass(model, hood).spread(x), rel=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_seeds_without_out_edges_spread_only_themselves(backend):
+    """No node has inflow at any layer: the MLP runs on no rows, the spread is the seed count and the
+    gradient is autograd's (only the seeds' degree features reach the MLP, whose output is unused)."""
+    ei, p = _graph()
+    sinks = np.setdiff1d(np.arange(60), ei[0])[:2]
+    model = _surrogate(ei, p, 60)
+    hood = model.neighbourhood(sinks)
+    x = np.ones(int(hood.edges.shape[0]))
+    value, grad = MonstorPass.of(model, hood, backend).spread_and_gradient(x)
+    assert value == len(sinks) == 2
+    np.testing.assert_allclose(grad, AutogradPass(model, hood).spread_and_gradient(x)[1], atol=1e-7)
+
+
+def test_unknown_backend_is_refused():
+    ei, p = _graph()
+    model = _surrogate(ei, p, 60)
+    with pytest.raises(ConfigError, match="backend must be one of"):
+        MonstorPass.of(model, model.neighbourhood(np.array([0])), "cuda")
 
 
 def test_adam_is_torchs():
@@ -93,3 +125,18 @@ def test_adam_is_torchs():
         opt.step()
         ours.step(a, grad)
     np.testing.assert_allclose(a, param.detach().numpy(), rtol=1e-12)
+
+
+def test_without_numba_the_numpy_pass_runs():
+    """Where numba does not import (it is in the graph extra), the numpy backend is the only one and the
+    default, and building a surrogate does not fail."""
+    code = ("import sys; sys.modules['numba'] = None\n"
+            "import numpy as np\n"
+            "from cleanse.graphs.monstor_pass import BACKENDS, MonstorPass, warm_kernel\n"
+            "from cleanse.graphs.surrogate import SpreadSurrogate, SurrogateConfig\n"
+            "model = SpreadSurrogate(np.array([[0, 1], [1, 2]]), np.array([0.5, 0.5]), 3, SurrogateConfig(kind='monstor'))\n"
+            "hood = model.neighbourhood(np.array([0]))\n"
+            "print(BACKENDS, MonstorPass.of(model, hood).backend, warm_kernel())\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["('numpy',)", "numpy", "0.0"]

@@ -11,6 +11,11 @@ seed, inflow > 0: elsewhere ``pi`` is the seed row whatever the MLP says, so its
 and layer ``k`` only on the edges whose source lies within ``k`` hops of a seed (``Neighbourhood.flowing``:
 every other source has ``pi = 0`` at that layer, so its edges carry no flow and get no gradient there).
 
+Two backends, one switch (``MonstorPass.backend``, :data:`BACKENDS`): ``"numba"``, the same maths compiled
+(:mod:`cleanse.graphs.monstor_kernel`: one call instead of about a hundred numpy calls of 1-3 us each), the
+default where numba imports; ``"numpy"``, the calls below, the fallback without numba and the reference the
+kernel is tested against. :func:`warm_kernel` pays the kernel's one-off compile or cache load.
+
 It computes what ``SpreadSurrogate.local_spread`` computes (same formulas, same ``eps`` scale of the
 noisy-or, same clamp of ``q``): the noisy-or, the logits and the sigmoid in float64, the MLP in float32
 as torch runs it (in float64 the MLP's matrix products made the pass about a third slower on power_grid).
@@ -32,9 +37,27 @@ from scipy.special import expit
 import torch
 from torch import nn
 
+from cleanse.errors import ConfigError
 from cleanse.graphs.surrogate import NOISY_OR_EPS, Neighbourhood, SpreadSurrogate
 
+try:  # numba is in the graph extra; without it every pass is the numpy one below
+    from cleanse.graphs import monstor_kernel as _kernel
+except ImportError:  # pragma: no cover - exercised only where numba is missing
+    _kernel = None  # type: ignore[assignment]
+
+BACKENDS: tuple[str, ...] = ("numba", "numpy") if _kernel is not None else ("numpy",)
 _KEEP = 1 - NOISY_OR_EPS
+_warm: list[float] = []  # the kernel's one-off compile (or cache load) seconds, once per process
+
+
+def warm_kernel() -> float:
+    """Compile the numba pass, or load it from numba's cache, once per process (a no-op without numba or
+    after the first call); returns the seconds this call spent. Called where a monstor surrogate is
+    built, so that no timed selection pays it."""
+    if _kernel is None or _warm:
+        return 0.0
+    _warm.append(_kernel.warm())
+    return _warm[0]
 
 
 @dataclass(frozen=True)
@@ -67,8 +90,10 @@ def _mlp(model: SpreadSurrogate) -> _Mlp:
     version = tuple(t._version for t in params)
     cached = _MLPS.get(model)
     if cached is None or cached[1] != version or any(a is not b for a, b in zip(cached[0], params)):
+        warm_kernel()
         (w1, b1), (w2, b2), (w3, b3) = ((layer.weight.detach().numpy(), layer.bias.detach().numpy()) for layer in linear)
-        cached = params, version, _Mlp(np.vstack([w1.T, b1]), np.ascontiguousarray(w2.T), b2, w3[0].copy(), float(b3[0]),
+        first = np.ascontiguousarray(np.vstack([w1.T, b1]))  # C order, the layout the kernel is compiled for
+        cached = params, version, _Mlp(first, np.ascontiguousarray(w2.T), b2, w3[0].copy(), float(b3[0]),
                                        np.ascontiguousarray(w1), np.ascontiguousarray(w2))
         _MLPS[model] = cached
     return cached[2]
@@ -86,24 +111,43 @@ class MonstorPass:
     seeds: np.ndarray
     mlp: _Mlp
     flowing: tuple[int, ...]
+    backend: str = BACKENDS[0]
 
     @classmethod
-    def of(cls, model: SpreadSurrogate, hood: Neighbourhood) -> MonstorPass:
-        """The pass of ``model`` (kind ``monstor``) on ``hood``: array views and two small copies."""
+    def of(cls, model: SpreadSurrogate, hood: Neighbourhood, backend: str = BACKENDS[0]) -> MonstorPass:
+        """The pass of ``model`` (kind ``monstor``) on ``hood``: array views and two small copies.
+        ``backend``: ``"numba"`` (the compiled :mod:`cleanse.graphs.monstor_kernel`, the default where
+        numba imports) or ``"numpy"`` (the same maths in numpy calls, below)."""
+        if backend not in BACKENDS:
+            raise ConfigError(f"monstor pass backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         return cls(hood.src.numpy(), hood.dst.numpy(), hood.p.numpy().astype(np.float64),
                    hood.seeds.numpy()[0].astype(np.float64),
-                   _mlp(model), hood.flowing)
+                   _mlp(model), hood.flowing, backend)
 
     def spread(self, x: np.ndarray) -> float:
         """The spread estimate with keep-weights ``x`` (m,)."""
+        if self.backend == "numba":
+            return self._compiled(x, False)[0]
         return float(self._forward(x, None).sum())
 
     def spread_and_gradient(self, x: np.ndarray) -> tuple[float, np.ndarray]:
         """The spread estimate and ``d spread / d x`` (m,) at ``x`` (m,): the forward pass keeps what the
         reverse pass needs, then the reverse pass runs the layers backwards."""
+        if self.backend == "numba":
+            return self._compiled(x, True)
         tape: list[tuple[np.ndarray, ...]] = []
         pi = self._forward(x, tape)
         return float(pi.sum()), self._backward(tape)
+
+    def _compiled(self, x: np.ndarray, gradient: bool) -> tuple[float, np.ndarray]:
+        # one argument type per array (float64 C-contiguous x, int64 flowing): each new combination
+        # would compile the kernel again
+        mlp = self.mlp
+        spread, grad = _kernel.monstor_pass(
+            self.src, self.dst, self.p, self.seeds, np.array(self.flowing, dtype=np.int64),
+            np.ascontiguousarray(x, dtype=np.float64), mlp.first, mlp.second, mlp.second_bias, mlp.last,
+            mlp.last_bias, mlp.first_back, mlp.second_back, gradient)
+        return float(spread), grad
 
     def _forward(self, x: np.ndarray, tape: list[tuple[np.ndarray, ...]] | None) -> np.ndarray:
         src, dst, s, n, mlp = self.src, self.dst, self.seeds, self.seeds.size, self.mlp
@@ -173,7 +217,8 @@ class MonstorPass:
             g_flow = g_inflow.take(targets) - g_log_stay.take(targets) / (1 + neg_flow)
             g_w[:c] += g_flow * pi_src
             if k > 1:  # the first layer's pi is the seed row, a constant
-                g_pi = np.bincount(src[:c], g_flow * w[:c], n)
+                # astype: bincount of no edges (seeds without out-edges) is an int array
+                g_pi = np.bincount(src[:c], g_flow * w[:c], n).astype(np.float64, copy=False)
                 g_pi[rows] += g_feats[:, 0]
         rows, g_degrees = np.concatenate(degree_rows), np.concatenate(degree_grads)
         g_in_degree, g_out_degree = np.bincount(rows, g_degrees[:, 0], n), np.bincount(rows, g_degrees[:, 1], n)
