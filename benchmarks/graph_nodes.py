@@ -620,8 +620,9 @@ def render(result: dict[str, Any], docs: Path, out: Path, image: Path) -> str:
         chosen = summary.get("depth_choice", {})
         if chosen:
             lines += ["Depth configuration per graph: norm_step on (\"+time+norm\") or off (\"+time\"), whichever has the "
-                      "higher mean validation accuracy at L = 32 over the graph's curve splits; the picked curve's best "
-                      "depth and L = 32 (test %), beside GCN:", "",
+                      "higher mean validation accuracy at L = 32 over the graph's curve splits (the rule of the graph "
+                      "family's `model.norm_step: auto`, which a `cleanse run` applies on its own split: docs/graphs.md); "
+                      "the picked curve's best depth and L = 32 (test %), beside GCN:", "",
                       md_table(["graph", "splits", "val +time", "val +time+norm", "picked", "best depth", "L = 32",
                                 "drop", "within 2", "GCN best", "GCN L = 32"],
                                [[n, c["splits"]["axelgnn+time"], fmt(c["val"]["axelgnn+time"]),
