@@ -131,3 +131,44 @@ def test_neighbourhood_search_matches_its_definition(shuffled, layers):
         np.testing.assert_array_equal(hood.nodes[hood.src.numpy()], ei[0, edges])
         np.testing.assert_array_equal(hood.nodes[hood.dst.numpy()], ei[1, edges])
         np.testing.assert_array_equal(hood.nodes[hood.seeds.numpy()[0] == 1], np.unique(seeds))
+
+
+def _random_mean_field(seed: int) -> tuple[np.ndarray, SpreadSurrogate]:
+    """A random 9-node digraph (each ordered pair an edge with probability 0.22, p ~ U(0.3, 1)) and a
+    surrogate with a zero learned correction: the mean-field noisy-or alone, whose redundant paths make
+    the edges' gains interact (a cut that isolates a node is worth more than its edges one at a time)."""
+    gen = np.random.default_rng(seed)
+    ei = np.array([(u, v) for u in range(9) for v in range(9) if u != v and gen.random() < 0.22]).T
+    model = SpreadSurrogate(ei, gen.uniform(0.3, 1.0, ei.shape[1]), 9, SurrogateConfig(kind="monstor", layers=4))
+    with torch.no_grad():
+        model.step[-1].weight.zero_()
+        model.step[-1].bias.zero_()
+    return ei, model
+
+
+def test_staged_rounding_reaches_the_surrogates_best_cut_where_one_shot_does_not():
+    import itertools
+
+    seeds, b = np.array([0]), 3
+    below_oneshot = at_optimum = 0
+    for graph in range(20):
+        ei, model = _random_mean_field(graph)
+        s = torch.zeros(1, 9)
+        s[0, 0] = 1.0
+
+        def value(cut: tuple[int, ...] | np.ndarray) -> float:
+            x = torch.ones(1, ei.shape[1])
+            x[0, torch.as_tensor(np.asarray(cut, dtype=np.int64))] = 0.0
+            with torch.no_grad():
+                return float(model.spread(s, x)[0])
+
+        best = min(value(cut) for cut in itertools.combinations(range(ei.shape[1]), b))  # brute force
+        oneshot = value(top_edges(oneshot_scores(model, seeds), b))
+        plain = value(top_edges(relax_scores(model, seeds, b, stages=0), b))
+        staged = value(top_edges(relax_scores(model, seeds, b, stages=3), b))
+        assert best - 1e-6 <= staged <= min(oneshot, plain) + 1e-6
+        below_oneshot += staged < oneshot - 1e-3
+        at_optimum += staged < best + 1e-6
+    # measured: one-shot and the unstaged relaxation miss the brute-force cut on 4 of these 20 graphs
+    # (graphs 2, 3, 11, 12); staged rounding improves all 4 and reaches the optimum on 3 of them
+    assert below_oneshot >= 4 and at_optimum >= 19

@@ -80,7 +80,7 @@ class RelaxEstimator(_EdgeEstimator):
         return relax_scores(context.model.surrogate, context.graph()[2], context.budget, steps=options.steps,
                             lr=options.lr, penalty=options.penalty, init=options.init,
                             warm=options.warm, patience=options.patience, tolerance=options.tolerance,
-                            min_gain=options.min_gain)
+                            min_gain=options.min_gain, stages=options.stages)
 
 
 class SurrogateGreedyEstimator(_EdgeEstimator):

@@ -97,7 +97,7 @@ def oneshot_scores(model: SpreadSurrogate, seeds: np.ndarray, delta: float = 0.0
 
 def relax_scores(model: SpreadSurrogate, seeds: np.ndarray, b: int, steps: int = 60, lr: float = 0.5,
                  penalty: float = 1.0, init: float = 0.99, warm: float = 4.0, patience: int = 3,
-                 tolerance: float = 1e-3, min_gain: float = 0.01) -> np.ndarray:
+                 tolerance: float = 1e-3, min_gain: float = 0.01, stages: int = 4) -> np.ndarray:
     """Continuous relaxation, (E,) scores whose top ``b`` is the best rounded cut it visited: at most
     ``steps`` Adam steps on ``spread_hat(sigmoid(a)) + penalty * scale * relu(sum(1 - x) - b)`` (``scale``:
     the largest one-shot gradient ``g``, so that the budget term and the spread speak the same units).
@@ -114,6 +114,11 @@ def relax_scores(model: SpreadSurrogate, seeds: np.ndarray, b: int, steps: int =
     once that has not fallen by more than ``min_gain`` (nodes) for ``patience`` steps (0: run all
     ``steps``), before that step's gradient (a forward and backward pass at ``x``), which it would not use. Scores: ``1 - x`` of that step, plus 1 on the kept cut
     (so the top ``b`` is exactly it), plus ``1e-9 g / scale`` to break ties.
+
+    Staged rounding (``stages`` >= 2; 0 or 1: off): beside the Adam steps, :func:`_staged_rounding`
+    rounds in ``stages`` stages (``stages - 1`` further gradients, from the warm start's); its cut is
+    scored by one forward pass and replaces the kept one when its ``spread_hat`` is lower. Scores then:
+    2 on that cut, 1 on the outside edges when it leaves budget to them, ``1e-9 g / scale`` elsewhere.
 
     Runs on the seeds' neighbourhood; the edges outside it have no spread gradient and the same start,
     so they move as one: one shared coordinate counted ``E - m`` times in the budget, as on the whole graph."""
@@ -142,9 +147,32 @@ def relax_scores(model: SpreadSurrogate, seeds: np.ndarray, b: int, steps: int =
         g = np.append(surrogate.spread_and_gradient(x[:m])[1], 0.0)
         over = float(((1 - x) * count).sum()) > b  # relu's slope: the budget term's gradient is -penalty * scale
         adam.step(a, (g * (np.abs(g) >= tolerance * scale) - penalty * scale * over) * x * (1 - x))
+    if stages >= 2:
+        staged = _staged_rounding(surrogate, grad, b, stages, tolerance * scale)
+        if surrogate.spread((~staged).astype(np.float64)) < best:
+            filler = 1.0 if int(staged.sum()) < b else 0.0  # the rest of the budget: edges without effect
+            return _whole(hood, 2.0 * staged + 1e-9 * grad / scale, filler)
     kept = expit(best_a)
     local = 1.0 - kept[:m] + best_cut + 1e-9 * grad / scale
     return _whole(hood, local, 1.0 - kept[m])
+
+
+def _staged_rounding(surrogate: MonstorPass | AutogradPass, grad: np.ndarray, b: int, stages: int,
+                     tolerance: float) -> np.ndarray:
+    """Iterative rounding, a bool (m,) cut from ``stages - 1`` further gradients: stage ``r`` ranks by the
+    gradient of ``spread_hat`` at the partly rounded point (``x`` = 0 on the edges fixed so far, 1
+    elsewhere; stage 1 by ``grad`` (m,), the one at ``x = 1``; the relaxation's warm start there ranks
+    by it) and fixes at 0 the ``round(r b / stages)`` - (fixed so far) edges of largest gradient (above
+    ``tolerance``; ties by index). An edge whose parallel paths were cut in an earlier stage regains
+    its weight in the ranking, which the single rounding at ``x = 1`` cannot see."""
+    cut = np.zeros(grad.size, dtype=bool)
+    for stage in range(1, stages + 1):
+        if stage > 1:
+            grad = surrogate.spread_and_gradient((~cut).astype(np.float64))[1]
+        open_ = np.flatnonzero(~cut & (grad > tolerance))
+        take = min(open_.size, max(0, round(stage * b / stages) - int(cut.sum())))
+        cut[open_[np.lexsort((open_, -grad[open_]))[:take]]] = True
+    return cut
 
 
 class _Adam:
