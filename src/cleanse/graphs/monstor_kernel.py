@@ -62,12 +62,14 @@ def monstor_pass(src, dst, p, seeds, flowing, x, first, second, second_bias, las
         w_out[src[e]] += w[e]
     no_bias = np.zeros(h, dtype=np.float32)
     # the tape of each layer: pi before it, its log-stay per node, the rows the MLP ran on, their
-    # ReLU outputs (relu(a) > 0 exactly where a > 0, so the masks need nothing else), z and sigmoid(z)
+    # ReLU outputs (relu(a) > 0 exactly where a > 0, so the masks need nothing else), z and q (kept, not
+    # recomputed: at 1M edges the scalar transcendental calls are what the kernel loses to numpy's SIMD ones)
     pi_before, log_stays = np.empty((layers, n)), np.empty((layers, n))
     tape_rows = []
     tape_relu1 = []
     tape_relu2 = []
     tape_z = []
+    tape_q = []
     pi = seeds.copy()
     for k in range(layers):
         c = flowing[k]
@@ -83,12 +85,14 @@ def monstor_pass(src, dst, p, seeds, flowing, x, first, second, second_bias, las
             if seeds[v] == 0 and inflow[v] > 0:  # the nodes whose MLP output is used
                 count += 1
         rows = np.empty(count, dtype=np.int64)
+        q_rows = np.empty(count)
         feats = np.empty((count, 7), dtype=np.float32)  # [pi, s, q, inflow, in-degree, out-degree, 1]
         i = 0
         for v in range(n):
             if seeds[v] == 0 and inflow[v] > 0:
                 rows[i] = v
-                feats[i, 0], feats[i, 1], feats[i, 2] = pi[v], seeds[v], -math.expm1(log_stay[v])
+                q_rows[i] = -math.expm1(log_stay[v])
+                feats[i, 0], feats[i, 1], feats[i, 2] = pi[v], seeds[v], q_rows[i]
                 feats[i, 3], feats[i, 4], feats[i, 5], feats[i, 6] = inflow[v], math.log1p(w_in[v]), math.log1p(w_out[v]), 1.0
                 i += 1
         relu1 = np.dot(feats, first)
@@ -102,13 +106,14 @@ def monstor_pass(src, dst, p, seeds, flowing, x, first, second, second_bias, las
             correction = np.float32(0.0)
             for j in range(h):
                 correction += relu2[i, j] * last[j]
-            z[i] = math.log(max(-math.expm1(log_stay[v]), NOISY_OR_EPS)) - log_stay[v] + correction + last_bias
+            z[i] = math.log(max(q_rows[i], NOISY_OR_EPS)) - log_stay[v] + correction + last_bias
             next_pi[v] = _sigmoid(z[i])
         pi = next_pi
         tape_rows.append(rows)
         tape_relu1.append(relu1)
         tape_relu2.append(relu2)
         tape_z.append(z)
+        tape_q.append(q_rows)
     spread = pi.sum()
     if not gradient:
         return spread, np.empty(0)
@@ -117,13 +122,14 @@ def monstor_pass(src, dst, p, seeds, flowing, x, first, second, second_bias, las
     g_pi, g_w = np.ones(n), np.zeros(m)
     g_in_degree, g_out_degree = np.zeros(n), np.zeros(n)
     for k in range(layers - 1, -1, -1):
-        rows, relu1, relu2, z = tape_rows[k], tape_relu1[k], tape_relu2[k], tape_z[k]
+        rows, relu1, relu2, z, q_rows = tape_rows[k], tape_relu1[k], tape_relu2[k], tape_z[k], tape_q[k]
         log_stay, pi, c, count = log_stays[k], pi_before[k], flowing[k], rows.size
         g_z = np.empty(count)
         g_hidden2 = np.empty((count, h), dtype=np.float32)
         for i in range(count):
             # sigmoid'(z) as sigmoid(z) sigmoid(-z): both factors keep their digits when the node saturates
-            g_z[i] = g_pi[rows[i]] * _sigmoid(z[i]) * _sigmoid(-z[i])
+            e = math.exp(-abs(z[i]))
+            g_z[i] = g_pi[rows[i]] * (e / (1.0 + e)) / (1.0 + e)  # sigmoid(z) sigmoid(-z), one exp
             g32 = np.float32(g_z[i])
             for j in range(h):
                 g_hidden2[i, j] = last[j] * g32 if relu2[i, j] > 0 else np.float32(0.0)
@@ -136,7 +142,7 @@ def monstor_pass(src, dst, p, seeds, flowing, x, first, second, second_bias, las
         g_log_stay, g_inflow = np.zeros(n), np.zeros(n)
         for i in range(count):
             v = rows[i]
-            q = -math.expm1(log_stay[v])
+            q = q_rows[i]
             g_q = g_feats[i, 2] + (g_z[i] / max(q, NOISY_OR_EPS) if q >= NOISY_OR_EPS else 0.0)
             g_log_stay[v] = _KEEP * (-g_z[i] - g_q * math.exp(log_stay[v]))  # q = -expm1(log_stay)
             g_inflow[v] = g_feats[i, 3]
