@@ -109,16 +109,18 @@ def relax_scores(model: SpreadSurrogate, seeds: np.ndarray, b: int, steps: int =
     no effect there: its spread gradient is dropped (only the budget term moves it; Adam normalises each
     coordinate, so float noise would otherwise move it by about ``lr`` a step and reshuffle the rounding).
 
-    Stop: each step first evaluates the surrogate on its **rounded** cut (the ``b`` smallest ``x`` set to
-    0, the rest to 1; a forward pass). The loop keeps the rounded cut of lowest ``spread_hat`` and stops
-    once that has not fallen by more than ``min_gain`` (nodes) for ``patience`` steps (0: run all
-    ``steps``), before that step's gradient (a forward and backward pass at ``x``), which it would not use. Scores: ``1 - x`` of that step, plus 1 on the kept cut
-    (so the top ``b`` is exactly it), plus ``1e-9 g / scale`` to break ties.
+    Staged rounding (``stages`` >= 2; 0 or 1: off), before the steps: :func:`_staged_rounding` rounds in
+    ``stages`` stages (``stages - 1`` further gradients, from the warm start's) and one forward pass scores
+    its cut, which is the first kept cut.
 
-    Staged rounding (``stages`` >= 2; 0 or 1: off): beside the Adam steps, :func:`_staged_rounding`
-    rounds in ``stages`` stages (``stages - 1`` further gradients, from the warm start's); its cut is
-    scored by one forward pass and replaces the kept one when its ``spread_hat`` is lower. Scores then:
-    2 on that cut, 1 on the outside edges when it leaves budget to them, ``1e-9 g / scale`` elsewhere.
+    Stop: each step first evaluates the surrogate on its **rounded** cut (the ``b`` smallest ``x`` set to
+    0, the rest to 1; a forward pass). The loop keeps the rounded cut of lowest ``spread_hat`` (the staged
+    one included) and stops once that has not fallen by more than ``min_gain`` (nodes) for ``patience``
+    steps (0: run all ``steps``), before that step's gradient (a forward and backward pass at ``x``), which
+    it would not use; so the steps run on only while they beat the staged cut. Scores: ``1 - x`` of the
+    kept step, plus 1 on its cut (so the top ``b`` is exactly it), plus ``1e-9 g / scale`` to break ties;
+    for the staged cut 2 on it, 1 on the outside edges when it leaves budget to them, ``1e-9 g / scale``
+    elsewhere.
 
     Runs on the seeds' neighbourhood; the edges outside it have no spread gradient and the same start,
     so they move as one: one shared coordinate counted ``E - m`` times in the budget, as on the whole graph."""
@@ -133,25 +135,25 @@ def relax_scores(model: SpreadSurrogate, seeds: np.ndarray, b: int, steps: int =
     count = np.ones(m + 1)
     count[m] = outside  # the shared coordinate of the edges outside
     adam = _Adam(a.size, lr)
-    best, best_a, best_cut, since = np.inf, a.copy(), np.zeros(m, dtype=bool), 0
+    best, best_a, best_cut, since, staged = np.inf, a.copy(), np.zeros(m, dtype=bool), 0, False
+    if stages >= 2:  # first, so that the steps run on only while they beat it
+        best_cut = _staged_rounding(surrogate, grad, b, stages, tolerance * scale)
+        best, staged = surrogate.spread((~best_cut).astype(np.float64)), True
     for _ in range(steps):
         x = expit(a)
         cut = _rounded(x, b, outside)
         value = surrogate.spread((~cut).astype(np.float64))
-        if value < best - min_gain:
-            best, best_a, best_cut, since = value, a.copy(), cut, 0
-        else:
-            since += 1
-            if patience and since >= patience:
-                break  # before the step's gradient: it would not be used
+        since = 0 if value < best - min_gain else since + 1
+        if value < best:
+            best, best_a, best_cut, staged = value, a.copy(), cut, False
+        if patience and since >= patience:
+            break  # before the step's gradient: it would not be used
         g = np.append(surrogate.spread_and_gradient(x[:m])[1], 0.0)
         over = float(((1 - x) * count).sum()) > b  # relu's slope: the budget term's gradient is -penalty * scale
         adam.step(a, (g * (np.abs(g) >= tolerance * scale) - penalty * scale * over) * x * (1 - x))
-    if stages >= 2:
-        staged = _staged_rounding(surrogate, grad, b, stages, tolerance * scale)
-        if surrogate.spread((~staged).astype(np.float64)) < best:
-            filler = 1.0 if int(staged.sum()) < b else 0.0  # the rest of the budget: edges without effect
-            return _whole(hood, 2.0 * staged + 1e-9 * grad / scale, filler)
+    if staged:
+        filler = 1.0 if int(best_cut.sum()) < b else 0.0  # the rest of the budget: edges without effect
+        return _whole(hood, 2.0 * best_cut + 1e-9 * grad / scale, filler)
     kept = expit(best_a)
     local = 1.0 - kept[:m] + best_cut + 1e-9 * grad / scale
     return _whole(hood, local, 1.0 - kept[m])
