@@ -140,3 +140,30 @@ def test_without_numba_the_numpy_pass_runs():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["('numpy',)", "numpy", "0.0"]
+
+
+@pytest.mark.skipif("numba" not in BACKENDS, reason="numba is not installed")
+@pytest.mark.parametrize("shuffled", [False, True])
+@pytest.mark.parametrize("layers", [1, 2, 4])
+def test_compiled_neighbourhood_search_is_the_numpy_one(shuffled, layers):
+    """The compiled search (the default where numba imports) returns the numpy search's edges, order,
+    ``flowing``, nodes and local ids, on part of the graph (1-2 layers) and on all of it (4 layers)."""
+    from cleanse.graphs.monstor_kernel import neighbourhood
+
+    ei, p = _graph(60, seed=2)
+    if shuffled:
+        order = np.random.default_rng(1).permutation(ei.shape[1])
+        ei, p = ei[:, order], p[order]
+    model = _surrogate(ei, p, 60, layers)
+    sizes = set()
+    for seeds in (np.array([0]), np.array([3, 50, 51]), np.array([7, 7, 40]), np.arange(60)):
+        expected = model._search(seeds)
+        hood = model.neighbourhood(seeds)
+        got = neighbourhood(model._out.order, model._out.start, model._in.order, model._in.start, model._src_np,
+                            model._dst_np, seeds, layers, 60)
+        assert tuple(got[1].tolist()) == expected[1] == hood.flowing
+        for a, b in zip((got[0], got[2], got[3], got[4]), (expected[0], expected[2], expected[3], expected[4])):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(hood.edges.numpy(), expected[0])
+        sizes.add(expected[0].size == ei.shape[1])
+    assert True in sizes and (layers == 4 or False in sizes)  # the relabelling and the global-id case

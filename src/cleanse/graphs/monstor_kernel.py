@@ -10,7 +10,8 @@ pass's: the noisy-or, logits and sigmoid in float64, the MLP in float32 (only su
 
 Compiled once per machine and cached next to this file (``cache=True``); :func:`warm` compiles or loads
 the cached code for the argument types :class:`~cleanse.graphs.monstor_pass.MonstorPass` passes, so the
-one-off cost is paid where the surrogate's weights are converted, not inside a timed selection.
+one-off cost is paid where a monstor surrogate is built, not inside a timed selection. The neighbourhood
+search of :meth:`~cleanse.graphs.surrogate.SpreadSurrogate.neighbourhood` is compiled here too.
 
 Shapes (one neighbourhood, ``n`` nodes, ``m`` edges, ``L`` layers, hidden width ``h``): ``src``/``dst``
 (m,) int64 local ids, ``p`` (m,) float64 base weights, ``seeds`` (n,) float64 0/1, ``flowing`` (L,)
@@ -163,12 +164,75 @@ def monstor_pass(src, dst, p, seeds, flowing, x, first, second, second_bias, las
 
 
 def warm() -> float:
-    """Compile (first process on a machine) or load from the cache the pass for the argument types
-    :class:`~cleanse.graphs.monstor_pass.MonstorPass` uses, on a 2-node graph; returns the seconds it took."""
+    """Compile (first process on a machine) or load from the cache the pass and the search for the argument
+    types :class:`~cleanse.graphs.monstor_pass.MonstorPass` and the surrogate use, on a 2-node graph; returns
+    the seconds it took."""
     began = time.perf_counter()
     one, h = np.ones(1), 2
     weights = np.ones((h, h), dtype=np.float32)
     monstor_pass(np.zeros(1, dtype=np.int64), np.ones(1, dtype=np.int64), one, np.array([1.0, 0.0]),
                  np.ones(1, dtype=np.int64), one, np.ones((7, h), dtype=np.float32), weights, np.zeros(h, dtype=np.float32),
                  np.ones(h, dtype=np.float32), 0.0, np.ones((h, 6), dtype=np.float32), weights, True)
+    ends, start = np.zeros(1, dtype=np.int64), np.array([0, 1, 1], dtype=np.int64)
+    neighbourhood(ends, start, ends, start, ends, np.ones(1, dtype=np.int64), ends, 2, 2)
     return time.perf_counter() - began
+
+
+@njit(cache=True)
+def neighbourhood(out_order, out_start, in_order, in_start, src, dst, seeds, layers, n):
+    """:meth:`SpreadSurrogate.neighbourhood`'s search compiled: the same edges in the same order (per hop the
+    out-edges of the nodes first reached at the hop before, ascending edge ids; then, ascending, the last
+    frontier's out-edges and the edges into a reached node from outside). ``out_order``/``out_start`` and
+    ``in_order``/``in_start``: the model's edges grouped by source and by target (CSR without values),
+    ``seeds`` (k,) global ids. Returns ``edges`` (m,), ``flowing`` (layers,) cumulative counts, ``nodes``
+    (the neighbourhood's ascending global ids, all ``n`` when every edge is in it) and ``src``/``dst`` (m,)
+    local ids."""
+    reached = np.zeros(n, dtype=np.bool_)
+    for s in seeds:
+        reached[s] = True
+    frontier = np.flatnonzero(reached)
+    edges = np.empty(src.size, dtype=np.int64)
+    flowing = np.empty(layers, dtype=np.int64)
+    count = 0
+    for k in range(layers):
+        start = count
+        for u in frontier:
+            for j in range(out_start[u], out_start[u + 1]):
+                edges[count] = out_order[j]
+                count += 1
+        edges[start:count].sort()
+        flowing[k] = count
+        fresh = np.empty(count - start, dtype=np.int64)
+        found = 0
+        for e in edges[start:count]:
+            if not reached[dst[e]]:
+                reached[dst[e]] = True
+                fresh[found] = dst[e]
+                found += 1
+        frontier = np.sort(fresh[:found])
+    start = count
+    for u in frontier:
+        for j in range(out_start[u], out_start[u + 1]):
+            edges[count] = out_order[j]
+            count += 1
+    for v in range(n):
+        if reached[v]:
+            for j in range(in_start[v], in_start[v + 1]):
+                if not reached[src[in_order[j]]]:
+                    edges[count] = in_order[j]
+                    count += 1
+    edges[start:count].sort()
+    edges = edges[:count].copy()
+    if count == src.size:  # every edge has an end within reach: local ids are global
+        return edges, flowing, np.arange(n), src[edges], dst[edges]
+    for e in edges:
+        reached[src[e]] = True
+        reached[dst[e]] = True
+    nodes = np.flatnonzero(reached)
+    local = np.zeros(n, dtype=np.int64)
+    for i in range(nodes.size):
+        local[nodes[i]] = i
+    src_local, dst_local = np.empty(count, dtype=np.int64), np.empty(count, dtype=np.int64)
+    for i in range(count):
+        src_local[i], dst_local[i] = local[src[edges[i]]], local[dst[edges[i]]]
+    return edges, flowing, nodes, src_local, dst_local
