@@ -1,6 +1,6 @@
 """One-shot selection's CPU time with the MONSTOR pass's two backends (numba kernel, numpy calls), in one
 process, alternating calls so that both see the same load: the whole one-shot as the benchmark times it
-(neighbourhood search, the pass's gradient at x = 1, scatter to (E,), top-b), b = 5 % of the edges, on
+(neighbourhood search and the pass's gradient at x = 1, both in that backend, scatter to (E,), top-b), b = 5 % of the edges, on
 power_grid, jazz and email_eu_core, and the 1M-edge Barabasi-Albert scale case (b = 1 %, as ``--scale``).
 An untrained surrogate (its weights do not change the cost), 5 degree seeds, one thread. Also the numba
 kernel's one-off cost in this process (compile, or load from numba's cache), the largest difference of
@@ -57,7 +57,7 @@ def main() -> None:
         b = max(1, int(round(fraction * g.num_edges)))
 
         def scores(backend: str) -> np.ndarray:
-            hood = model.neighbourhood(seeds)
+            hood = model.neighbourhood(seeds, backend)
             grad = monstor_pass.MonstorPass.of(model, hood, backend).spread_and_gradient(np.ones(int(hood.edges.shape[0])))[1]
             return sel._whole(hood, grad)
 

@@ -159,6 +159,11 @@ def test_compiled_neighbourhood_search_is_the_numpy_one(shuffled, layers):
     for seeds in (np.array([0]), np.array([3, 50, 51]), np.array([7, 7, 40]), np.arange(60)):
         expected = model._search(seeds)
         hood = model.neighbourhood(seeds)
+        numpy_hood = model.neighbourhood(seeds, "numpy")
+        assert numpy_hood.flowing == hood.flowing
+        for a, b in zip((hood.edges, hood.src, hood.dst, hood.p, hood.seeds), (numpy_hood.edges, numpy_hood.src,
+                                                                             numpy_hood.dst, numpy_hood.p, numpy_hood.seeds)):
+            assert torch.equal(a, b)
         got = neighbourhood(model._out.order, model._out.start, model._in.order, model._in.start, model._src_np,
                             model._dst_np, seeds, layers, 60)
         assert tuple(got[1].tolist()) == expected[1] == hood.flowing

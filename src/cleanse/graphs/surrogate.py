@@ -221,13 +221,14 @@ class SpreadSurrogate(nn.Module):
             pi = self._activate(s, free, q_logit + self.heads[k](h).squeeze(-1), a)
         return pi
 
-    def neighbourhood(self, seeds: np.ndarray) -> Neighbourhood:
+    def neighbourhood(self, seeds: np.ndarray, backend: str | None = None) -> Neighbourhood:
         """The part of the graph that decides the spread from ``seeds`` (int ids): the nodes ``R`` within
         ``layers`` out-hops of a seed, every edge with an end in ``R`` (their in- and out-degree
         features) and those edges' other ends. Every node outside it has ``pi = 0`` at every layer (no
         inflow) and every edge outside it a gradient of exactly 0, so :meth:`local_spread` on it equals
         ``spread`` on the whole graph (up to float summation order). The axel kind's hidden state
-        moves without inflow, so for it the neighbourhood is the whole graph."""
+        moves without inflow, so for it the neighbourhood is the whole graph. ``backend``: the search
+        compiled (``"numba"``, the default where numba imports) or in numpy, as ``MonstorPass.backend``."""
         e, layers = self._src_np.size, self.config.layers
         s_ids = np.asarray(seeds, dtype=np.int64)
         if self.config.kind != "monstor":
@@ -235,7 +236,10 @@ class SpreadSurrogate(nn.Module):
                                  _seed_row(s_ids, self.num_nodes), e, (e,) * layers)
         from cleanse.graphs.monstor_pass import BACKENDS  # not at the top: it imports this module
 
-        if "numba" in BACKENDS:  # the same search compiled (cleanse.graphs.monstor_kernel), without ~30 numpy calls
+        backend = backend or BACKENDS[0]
+        if backend not in BACKENDS:
+            raise ConfigError(f"neighbourhood search backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if backend == "numba":  # the same search compiled (cleanse.graphs.monstor_kernel), without ~30 numpy calls
             from cleanse.graphs.monstor_kernel import neighbourhood
 
             edges, counts, nodes, src_local, dst_local = neighbourhood(
