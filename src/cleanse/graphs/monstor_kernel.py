@@ -179,6 +179,15 @@ def warm() -> float:
 
 
 @njit(cache=True)
+def _sort_in_place(a):
+    """Sort ``a`` unless it is ascending already (edges stored by source are: one pass instead of a sort)."""
+    for i in range(1, a.size):
+        if a[i] < a[i - 1]:
+            a.sort()
+            return
+
+
+@njit(cache=True)
 def neighbourhood(out_order, out_start, in_order, in_start, src, dst, seeds, layers, n):
     """:meth:`SpreadSurrogate.neighbourhood`'s search compiled: the same edges in the same order (per hop the
     out-edges of the nodes first reached at the hop before, ascending edge ids; then, ascending, the last
@@ -200,7 +209,7 @@ def neighbourhood(out_order, out_start, in_order, in_start, src, dst, seeds, lay
             for j in range(out_start[u], out_start[u + 1]):
                 edges[count] = out_order[j]
                 count += 1
-        edges[start:count].sort()
+        _sort_in_place(edges[start:count])
         flowing[k] = count
         fresh = np.empty(count - start, dtype=np.int64)
         found = 0
@@ -221,7 +230,7 @@ def neighbourhood(out_order, out_start, in_order, in_start, src, dst, seeds, lay
                 if not reached[src[in_order[j]]]:
                     edges[count] = in_order[j]
                     count += 1
-    edges[start:count].sort()
+    _sort_in_place(edges[start:count])
     edges = edges[:count].copy()
     if count == src.size:  # every edge has an end within reach: local ids are global
         return edges, flowing, np.arange(n), src[edges], dst[edges]
