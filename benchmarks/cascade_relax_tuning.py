@@ -1,15 +1,15 @@
-"""The relaxation's settings (``relax_scores``: ``patience``, ``refine``) chosen on GENERATED graphs only
-(issue 20; the real graphs of benchmarks/cascade.py are the test): Barabasi-Albert and power-law cluster
-graphs (1,000 nodes, m = 3, both directions: about 6,000 directed edges), IC and LT, b = 1/2/5 %, a
-surrogate trained as benchmarks/cascade.py trains it (48 instances of 300 cascades, 15 epochs, one torch
-thread, 5 seeds of highest degree, weighted cascade).
+"""The relaxation's staged rounding (``relax_scores``: ``stages`` 0, 2, 3, 4, 6, 8) chosen on GENERATED graphs
+only (issue 20; the real graphs of benchmarks/cascade.py are the test): Barabasi-Albert and power-law
+cluster graphs (``--sizes`` nodes:m, default 1,000:3 and 300:2, both directions: about 6,000 and 1,200
+directed edges), IC and LT, b = 1/2/5 %, a surrogate trained as benchmarks/cascade.py trains it (48
+instances of 300 cascades, 15 epochs, one torch thread, 5 seeds of highest degree, weighted cascade).
 
 Each configuration is judged by the surrogate's spread of its rounded cut (what the relaxation
 optimises; the choice is made on that column) and its surrogate passes; every distinct cut is then
 verified by 10,000 fresh Monte Carlo cascades against greedy MC (500 live-edge worlds, out-edges within
 1 hop of S, plain greedy) on one stream (common random numbers), for the record.
 
-    python benchmarks/cascade_relax_tuning.py --out /tmp/relax_tuning.json
+    python benchmarks/cascade_relax_tuning.py --sizes 300:2 1000:3 --out /tmp/relax_tuning.json
 """
 
 from __future__ import annotations
