@@ -9,7 +9,7 @@ apart: amortised, as in the paper), then every method selects b edges:
 - ``oneshot`` (d spread_hat / d x at x = 1, on the seeds' neighbourhood), ``relax`` (continuous relaxation
   from the one-shot warm start, at most 60 Adam steps, spread gradients below 1e-3 of the largest dropped,
   the best rounded cut by the surrogate kept, stopped once it has not fallen by more than 0.01 nodes for 3
-  steps, beside a rounding in 4 stages that keeps the lower rounded cut: the library defaults; its
+  steps, after a rounding in 4 stages whose cut is the first kept one: the library defaults; its
   surrogate passes, and how many are gradients, are recorded per row), ``sgreedy`` (surrogate greedy
   over 2b candidates, b/10 cuts per step);
 - ``greedy_mc`` (greedy on 500 live-edge worlds, candidates: out-edges within 1 hop of S; the
@@ -83,8 +83,8 @@ def trained_surrogate(graph_name: str, kind: str, smoke: bool, threshold: float 
 def relax_passes(relax: Callable[[], Any]) -> tuple[int, int]:
     """The surrogate passes one ``relax()`` call makes, and how many of them are gradients (a forward
     and a backward pass; the rest are forward passes that score a rounded cut): the warm-start gradient,
-    then per Adam step a forward pass of its rounded cut and, unless it stops there, a gradient, then
-    the staged rounding's ``stages - 1`` gradients and one forward pass; counted by wrapping
+    then the staged rounding's ``stages - 1`` gradients and one forward pass, then per Adam step a
+    forward pass of its rounded cut and, unless it stops there, a gradient; counted by wrapping
     ``MonstorPass.spread`` and ``MonstorPass.spread_and_gradient``."""
     from cleanse.graphs.monstor_pass import MonstorPass
 
