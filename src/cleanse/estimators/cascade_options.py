@@ -30,10 +30,10 @@ class RelaxOptions(_Section):
                             "this many nodes does not count for the stop.")
     tolerance: float = Field(1e-3, ge=0.0, lt=1.0, description="Edges whose spread gradient is below this share of "
                              "the largest one-shot gradient have no effect: not moved by it, not counted for the stop.")
-    stages: int = Field(4, ge=0, le=64, description="Staged rounding beside the Adam steps: fix the cut at 0 in this "
+    stages: int = Field(4, ge=0, le=64, description="Staged rounding before the Adam steps: fix the cut at 0 in this "
                         "many stages, each ranked by the gradient at the partly rounded point (stages - 1 further "
-                        "gradients and one forward pass); kept when its rounded cut's surrogate spread is lower "
-                        "(0 or 1: off).")
+                        "gradients and one forward pass); its cut is the first kept one, and the steps run on only "
+                        "while they beat it (0 or 1: off).")
 
 
 class SurrogateGreedyOptions(_Section):
