@@ -212,12 +212,6 @@ class AxelGNN(nn.Module):
         return torch.stack([layer.regularizer() for layer in distinct]).sum()  # type: ignore[operator]
 
 
-def norm_step_matters(fixed_time: float, layers: int) -> bool:
-    """Whether ``norm_step`` changes an L-layer model: only where each layer is an Euler step shorter
-    than 1 (``0 < fixed_time < layers``); at dt = 1 the stepped LayerNorm is the LayerNorm itself."""
-    return 0.0 < fixed_time < layers
-
-
 def choose_norm_step(val_accuracy_off: float, val_accuracy_on: float) -> bool:
     """The depth configuration's rule (docs/graphs.md): ``norm_step`` on iff the model with it has the
     strictly higher **validation** accuracy than the model without it (same recipe, seeds and splits;

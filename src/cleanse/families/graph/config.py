@@ -149,3 +149,11 @@ class GraphInfluenceConfig(_Section):
         if self.threshold is not None and self.diffusion != "LT":
             raise ValueError(f"threshold applies to LT only, not {self.diffusion}")
         return self
+
+
+def norm_step_matters(fixed_time: float, layers: int) -> bool:
+    """Whether ``norm_step`` changes an L-layer AxelGNN-style model (``AxelConfig.norm_step``): only
+    where each layer is an Euler step shorter than 1 (``0 < fixed_time < layers``); at dt = 1 the
+    stepped LayerNorm is the LayerNorm itself. Here, not in :mod:`cleanse.graphs.axelgnn`, so that
+    validating params imports no torch."""
+    return 0.0 < fixed_time < layers

@@ -11,8 +11,7 @@ from pydantic import Field, model_validator
 from cleanse.config import Params
 from cleanse.config_base import refuse_probes, resolve_auto_outside_model
 from cleanse.families.graph.config import (GraphCorruptionConfig, GraphDataConfig, GraphInfluenceConfig,
-                                           GraphModelConfig)
-from cleanse.graphs.axelgnn import norm_step_matters
+                                           GraphModelConfig, norm_step_matters)
 
 
 class GraphParams(Params):
