@@ -50,6 +50,15 @@ _KEEP = 1 - NOISY_OR_EPS
 _warm: list[float] = []  # the kernel's one-off compile (or cache load) seconds, once per process
 
 
+def checked_backend(backend: str | None, what: str) -> str:
+    """``backend`` (None: the default, numba where it imports) if it is one of :data:`BACKENDS`; else a
+    one-line :class:`ConfigError` naming ``what`` chose it."""
+    backend = backend or BACKENDS[0]
+    if backend not in BACKENDS:
+        raise ConfigError(f"{what} backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    return backend
+
+
 def warm_kernel() -> float:
     """Compile the numba pass, or load it from numba's cache, once per process (a no-op without numba or
     after the first call); returns the seconds this call spent. Called where a monstor surrogate is
@@ -118,11 +127,9 @@ class MonstorPass:
         """The pass of ``model`` (kind ``monstor``) on ``hood``: array views and two small copies.
         ``backend``: ``"numba"`` (the compiled :mod:`cleanse.graphs.monstor_kernel`, the default where
         numba imports) or ``"numpy"`` (the same maths in numpy calls, below)."""
-        if backend not in BACKENDS:
-            raise ConfigError(f"monstor pass backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         return cls(hood.src.numpy(), hood.dst.numpy(), hood.p.numpy().astype(np.float64),
                    hood.seeds.numpy()[0].astype(np.float64),
-                   _mlp(model), hood.flowing, backend)
+                   _mlp(model), hood.flowing, checked_backend(backend, "monstor pass"))
 
     def spread(self, x: np.ndarray) -> float:
         """The spread estimate with keep-weights ``x`` (m,)."""

@@ -234,12 +234,9 @@ class SpreadSurrogate(nn.Module):
         if self.config.kind != "monstor":
             return Neighbourhood(np.arange(self.num_nodes), torch.arange(e), self.src, self.dst, self.p,
                                  _seed_row(s_ids, self.num_nodes), e, (e,) * layers)
-        from cleanse.graphs.monstor_pass import BACKENDS  # not at the top: it imports this module
+        from cleanse.graphs.monstor_pass import checked_backend  # not at the top: it imports this module
 
-        backend = backend or BACKENDS[0]
-        if backend not in BACKENDS:
-            raise ConfigError(f"neighbourhood search backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        if backend == "numba":  # the same search compiled (cleanse.graphs.monstor_kernel), without ~30 numpy calls
+        if checked_backend(backend, "neighbourhood search") == "numba":  # the same search compiled (cleanse.graphs.monstor_kernel), without ~30 numpy calls
             from cleanse.graphs.monstor_kernel import neighbourhood
 
             edges, counts, nodes, src_local, dst_local = neighbourhood(

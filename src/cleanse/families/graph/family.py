@@ -132,10 +132,11 @@ class GraphFamily(ClassificationFamily):
             model.bind(*graph_tensors(meta))
         return model
 
-    @torch.no_grad()
     def outcome(self, model: Any, staged: StagedData, query: Any = None) -> dict[str, float]:
         """``test_accuracy`` (clean test labels) and ``val_accuracy`` (the validation nodes' labels)."""
-        predicted = self._bound(model, staged.meta).module().logits().argmax(1).numpy()
+        from cleanse.families.graph.models import predicted_labels
+
+        predicted = predicted_labels(self._bound(model, staged.meta))
         return {"test_accuracy": float(np.mean(predicted[staged.test.sample_id] == staged.test.label_clean)),
                 "val_accuracy": float(np.mean(predicted[staged.val.sample_id] == staged.val.label))}
 
@@ -197,8 +198,9 @@ class GraphFamily(ClassificationFamily):
         validation accuracies) goes there the same way."""
         from cleanse.storage import read_json
 
-        if cast(Any, params).influence is not None:
-            metrics["surrogate"] = read_json(layout.base_model / "meta.json")["surrogate"]
-        if cast(Any, params.model).norm_step == "auto":
-            metrics["norm_step_choice"] = read_json(layout.base_model / "meta.json")["norm_step_choice"]
+        keys = (["surrogate"] if cast(Any, params).influence is not None else []) + (
+            ["norm_step_choice"] if cast(Any, params.model).norm_step == "auto" else [])
+        if keys:
+            recorded = read_json(layout.base_model / "meta.json")
+            metrics.update({key: recorded[key] for key in keys})
         return {}

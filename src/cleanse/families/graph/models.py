@@ -160,10 +160,14 @@ def fit_nodes(model_config: Any, x: torch.Tensor, edge_index: torch.Tensor, node
 
 
 @torch.no_grad()
+def predicted_labels(model: GraphModel) -> np.ndarray:
+    """``model``'s eval-mode argmax class of every node (N,) of the graph it is bound to."""
+    return cast(NodeModel, model.module()).logits().argmax(1).numpy()
+
+
 def node_accuracy(model: GraphModel, nodes: np.ndarray, labels: np.ndarray) -> float:
     """Accuracy of ``model``'s eval-mode argmax on ``nodes`` (k,) against ``labels`` (k,)."""
-    predicted = cast(NodeModel, model.module()).logits().argmax(1).numpy()
-    return float(np.mean(predicted[np.asarray(nodes, dtype=np.int64)] == np.asarray(labels)))
+    return float(np.mean(predicted_labels(model)[np.asarray(nodes, dtype=np.int64)] == np.asarray(labels)))
 
 
 def fit_nodes_auto(model_config: Any, x: torch.Tensor, edge_index: torch.Tensor, nodes: np.ndarray,

@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-import torch
 
 from cleanse.storage import read_table, write_bytes, write_text
 
@@ -37,13 +36,13 @@ def write_flagged(params: Any, layout: Any, metrics: dict[str, Any]) -> list[str
     import networkx as nx
 
     from cleanse.families.graph.data import graph_tensors
+    from cleanse.families.graph.models import predicted_labels
     from cleanse.pipeline import load_model, load_staged
 
     staged = load_staged(layout, params)
     x, edge_index = graph_tensors(staged.meta)
     model = load_model(layout.base_model).bind(x, edge_index)
-    with torch.no_grad():
-        predicted = model.module().logits().argmax(1).numpy()
+    predicted = predicted_labels(model)
     num_nodes = int(x.shape[0])
     degree = np.bincount(edge_index[1].numpy(), minlength=num_nodes)
     train = staged.train
